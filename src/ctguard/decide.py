@@ -1,0 +1,301 @@
+"""PURE decision core: (policy, sample, history, now, kernel events) -> Decision.
+
+No I/O, no clock: everything it knows arrives as arguments, so every branch is a row in a
+table-driven test. `advance` folds a decision and what carrying it out did back into the
+history, also purely.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ctguard.model import (
+    Action, BumpRecord, Capture, Decision, History, Instant, KernelLimits, Outcome, Persist,
+    Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
+)
+from ctguard.policy import Policy
+
+STEP = 1024                 # nf_conntrack_max moves in whole multiples of this
+RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
+HOUR = 3600.0
+REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
+MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
+HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
+
+
+def round_up(value: float, step: int = STEP) -> int:
+    return int(math.ceil(value / step)) * step
+
+
+def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> int:
+    """Largest max whose entries (and their share of buckets) fit in memory_fraction of MemTotal.
+
+    When /proc/slabinfo cannot be read, 320 bytes per entry is assumed: larger than the
+    nf_conntrack object on every 64-bit kernel we know of, so the cap errs low.
+    """
+    obj = limits.slab_object_size or default_object_size
+    per_entry = obj + (HASH_HEAD_BYTES / policy.buckets.ratio if policy.buckets.manage else 0)
+    return int(policy.bump.memory_fraction * limits.mem_total / per_entry)
+
+
+def upper_bound(policy: Policy, limits: KernelLimits) -> tuple[int, str]:
+    """The highest max ctguard may ever set, and what binds it ("ceiling" or "memory")."""
+    mem = memory_cap(policy, limits)
+    if mem < policy.bump.ceiling:
+        return mem, "memory"
+    return policy.bump.ceiling, "ceiling"
+
+
+def wanted_max(policy: Policy, old: int, count: int, rate: float) -> int:
+    """old x factor rounded up to 1024, and large enough that the current growth does not
+    bring the table back to `act` before the cooldown lets ctguard bump again."""
+    want = round_up(old * policy.bump.factor)
+    if rate > 0:
+        after_cooldown = count + rate * max(policy.bump.cooldown, 1.0)
+        want = max(want, round_up(after_cooldown / policy.thresholds.act))
+    return want
+
+
+def buckets_for(policy: Policy, max_value: int) -> int:
+    return int(math.ceil(max_value / policy.buckets.ratio))
+
+
+def growth_rate(history: History, sample: Sample, inode: int) -> float:
+    """Entries per second in namespace `inode`, over the samples of the last RATE_WINDOW seconds."""
+    now = sample.at.boot
+    current = next((ns.count for ns in sample.namespaces if ns.inode == inode), None)
+    if current is None:
+        return 0.0
+    for t, counts in history.points:          # oldest first: the longest baseline in the window
+        if now - t > RATE_WINDOW or now - t <= 0.0:
+            continue
+        before = dict(counts).get(inode)
+        if before is not None:
+            return (current - before) / (now - t)
+    return 0.0
+
+
+def _bumps_in_last_hour(history: History, now: Instant) -> int:
+    return sum(1 for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply") and now.since(b.at) < HOUR)
+
+
+def _last_attempt(history: History) -> BumpRecord | None:
+    auto = [b for b in history.bumps if b.trigger not in ("manual", "reapply")]
+    return auto[-1] if auto else None
+
+
+def _new_drops(history: History, sample: Sample) -> int:
+    before = dict(history.drops)
+    return sum(max(0, ns.drops - before[ns.inode]) for ns in sample.namespaces if ns.inode in before)
+
+
+def _trigger(policy: Policy, sample: Sample, history: History, events: Sequence[TableFull],
+             fill: float, rate: float) -> tuple[Trigger | None, str]:
+    t = policy.thresholds
+    live = [e for e in events if not e.backlog]
+    if live:
+        where = f" in netns {live[0].netns}" if live[0].netns else ""
+        return "table-full", f"the kernel reported the table full{where}"
+    if fill >= t.act:
+        return "fill", f"fill {fill:.1%} reached thresholds.act {t.act:.0%}"
+    if fill >= t.warn and _new_drops(history, sample) > 0:
+        return "drops", f"the kernel counted {_new_drops(history, sample)} new drops at fill {fill:.1%}"
+    if t.horizon > 0 and rate > 0:
+        seconds_left = (sample.limits.max - (sample.worst.count if sample.worst else 0)) / rate
+        if seconds_left <= t.horizon:
+            return "growth", f"growing {rate:.0f}/s, full in {seconds_left:.1f} s (horizon {t.horizon:g} s)"
+    return None, ""
+
+
+def decide(policy: Policy, sample: Sample, history: History, now: Instant,
+           events: Sequence[TableFull] = ()) -> Decision:
+    worst = sample.worst
+    worst_inode = worst.inode if worst else None
+    fill = sample.worst_fill
+    rate = growth_rate(history, sample, worst_inode) if worst_inode is not None else 0.0
+    # A table-full line names its namespace; trust it over the sample for which one is worst.
+    event_ns = next((e.netns for e in events if not e.backlog and e.netns), None)
+    netns = event_ns or worst_inode
+    actions: list[Action] = []
+    limits = sample.limits
+    pressure = fill >= policy.thresholds.warn
+
+    trigger, why = _trigger(policy, sample, history, events, fill, rate)
+    bumped_to: int | None = None
+    if trigger is not None:
+        action = _bump_or_refuse(policy, limits, history, now, trigger, why, netns, fill,
+                                 worst.count if worst else 0, rate)
+        actions.append(action)
+        if isinstance(action, SetMax):
+            bumped_to = action.new
+        elif action.kind not in ("cooldown",) and _capture_due(policy, history, now):
+            actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
+
+    for e in events:
+        if not e.backlog:
+            actions.append(Warn("table-full", e.netns, fill, "the kernel reported: table full, dropping packet"))
+            break
+
+    if policy.buckets.manage:
+        target_max = bumped_to or limits.max
+        want_buckets = buckets_for(policy, target_max)
+        if limits.buckets < want_buckets:
+            actions.append(SetBuckets(limits.buckets, want_buckets,
+                                      f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}"))
+
+    if bumped_to is not None:
+        if _capture_due(policy, history, now):
+            actions.append(Capture(reason="bump", netns=netns))
+        if policy.persist.mode == "immediate":
+            actions.append(Persist(bumped_to, buckets_for(policy, bumped_to) if policy.buckets.manage else None,
+                                   "persist.mode is immediate"))
+
+    if pressure and history.pressure_since is not None:
+        sustained = now.since(history.pressure_since)
+        if sustained >= policy.thresholds.sustain and (
+                history.last_warn is None or now.since(history.last_warn) >= REWARN_AFTER):
+            actions.append(Warn("pressure", worst_inode, fill,
+                                f"fill above {policy.thresholds.warn:.0%} for {sustained:.0f} s"))
+            if bumped_to is None and _capture_due(policy, history, now) and not any(isinstance(a, Capture) for a in actions):
+                actions.append(Capture(reason="pressure", netns=worst_inode))
+
+    if (policy.persist.mode == "stable" and bumped_to is None and history.unpersisted_max is not None
+            and history.unpersisted_max > (history.persisted_max or 0)):
+        quiet_since = [x for x in (history.last_drop, _last_ok_bump_at(history)) if x is not None]
+        quiet = min((now.since(x) for x in quiet_since), default=math.inf)
+        if quiet >= policy.persist.stable_for:
+            value = max(history.unpersisted_max, limits.max)
+            actions.append(Persist(value, buckets_for(policy, value) if policy.buckets.manage else None,
+                                   f"no drop for {policy.persist.stable_for:g} s since the last bump"))
+
+    summary = _summary(sample, fill, rate, actions)
+    return Decision(tuple(actions), netns, fill, rate, pressure, summary)
+
+
+def _last_ok_bump_at(history: History) -> Instant | None:
+    ok = [b for b in history.bumps if b.ok]
+    return ok[-1].at if ok else None
+
+
+def _capture_due(policy: Policy, history: History, now: Instant) -> bool:
+    gap = max(policy.bump.cooldown, MIN_CAPTURE_GAP)
+    return history.last_capture is None or now.since(history.last_capture) >= gap
+
+
+def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now: Instant,
+                    trigger: Trigger, why: str, netns: int | None, fill: float, count: int,
+                    rate: float) -> SetMax | Refuse:
+    old = limits.max
+    want = wanted_max(policy, old, count, rate)
+    last = _last_attempt(history)
+    if last is not None and now.since(last.at) < policy.bump.cooldown:
+        wait = policy.bump.cooldown - now.since(last.at)
+        return Refuse(want, old, "cooldown", trigger, netns, fill, f"{why}; cooldown: next bump allowed in {wait:.0f} s")
+    if _bumps_in_last_hour(history, now) >= policy.bump.max_per_hour:
+        return Refuse(want, old, "budget", trigger, netns, fill,
+                      f"{why}; bump budget spent ({policy.bump.max_per_hour} in the last hour)")
+    upper, binding = upper_bound(policy, limits)
+    new = min(want, upper)
+    if new <= old:
+        what = (f"bump.ceiling {policy.bump.ceiling}" if binding == "ceiling"
+                else f"memory cap {upper} ({policy.bump.memory_fraction:.0%} of MemTotal)")
+        return Refuse(want, old, binding, trigger, netns, fill, f"{why}; max {old} is already at the {what}")  # type: ignore[arg-type]
+    clipped = binding if new < want else None
+    note = f", clipped by the {binding}" if clipped else ""
+    return SetMax(old, new, trigger, netns, fill, f"{why}; {old} -> {new}{note}", clipped)
+
+
+def decide_manual(policy: Policy, limits: KernelLimits, to: int) -> Decision:
+    """`ctguard bump --to N`: the operator's increase, held to the same bounds (but no budget)."""
+    actions: list[Action] = []
+    upper, binding = upper_bound(policy, limits)
+    if to <= limits.max:
+        actions.append(Refuse(to, limits.max, "ceiling", "manual", None, 0.0,
+                              f"{to} is not above the current max {limits.max}; ctguard never lowers max"))
+    elif to > upper:
+        actions.append(Refuse(to, limits.max, binding, "manual", None, 0.0,  # type: ignore[arg-type]
+                              f"{to} is above the {binding} {upper}"))
+    else:
+        actions.append(SetMax(limits.max, to, "manual", None, 0.0, f"operator asked for {to}"))
+        if policy.buckets.manage and limits.buckets < buckets_for(policy, to):
+            actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
+        if policy.persist.mode != "never":
+            actions.append(Persist(to, buckets_for(policy, to) if policy.buckets.manage else None, "operator's bump"))
+    return Decision(tuple(actions), None, 0.0, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
+
+
+def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None) -> Decision:
+    """At start: a persisted max the kernel does not hold (nf_conntrack loaded after
+    systemd-sysctl ran) is applied again, still under the ceiling and the memory cap."""
+    actions: list[Action] = []
+    if persisted_max is not None and persisted_max > limits.max:
+        upper, binding = upper_bound(policy, limits)
+        target = min(persisted_max, upper)
+        if target > limits.max:
+            actions.append(SetMax(limits.max, target, "reapply", None, 0.0,
+                                  f"persisted max {persisted_max} is not in force (kernel has {limits.max})"
+                                  + (f", clipped by the {binding}" if target < persisted_max else "")))
+            if policy.buckets.manage and limits.buckets < buckets_for(policy, target):
+                actions.append(SetBuckets(limits.buckets, buckets_for(policy, target), "with the persisted max"))
+    return Decision(tuple(actions), None, 0.0, 0.0, False, "start")
+
+
+def advance(history: History, sample: Sample | None, events: Sequence[TableFull], outcomes: Sequence[Outcome],
+            now: Instant, policy: Policy) -> History:
+    """Fold one turn (a sample, kernel events, and what acting did) into the history."""
+    h = history
+    bumps = list(h.bumps)
+    changes: dict = {}
+    for o in outcomes:
+        a = o.action
+        if isinstance(a, SetMax):
+            bumps.append(BumpRecord(now, a.old, o.read_back if o.ok and o.read_back else a.new, a.trigger, o.ok))
+            if o.ok and a.trigger != "reapply":
+                changes["unpersisted_max"] = max(o.read_back or a.new, h.unpersisted_max or 0)
+        elif isinstance(a, Persist) and o.ok:
+            changes["persisted_max"] = a.max
+            changes["persisted_buckets"] = a.buckets
+            changes["unpersisted_max"] = None
+        elif isinstance(a, Capture) and o.ok:
+            changes["last_capture"] = now
+        elif isinstance(a, Warn) and a.kind == "pressure":
+            changes["last_warn"] = now
+    # Keep what budget, cooldown and `status` need: the last hour and at least the last 20.
+    keep = [b for b in bumps if now.since(b.at) < HOUR]
+    changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)
+
+    live_events = [e for e in events if not e.backlog]
+    if live_events:
+        changes["last_drop"] = now
+        changes["table_full_events"] = h.table_full_events + len(events) + sum(e.suppressed for e in events)
+    elif events:
+        changes["table_full_events"] = h.table_full_events + len(events) + sum(e.suppressed for e in events)
+
+    if sample is not None:
+        if _new_drops(h, sample) > 0:
+            changes["last_drop"] = now
+        changes["drops"] = tuple((ns.inode, ns.drops) for ns in sample.namespaces)
+        point = (sample.at.boot, tuple((ns.inode, ns.count) for ns in sample.namespaces))
+        changes["points"] = tuple(p for p in h.points if sample.at.boot - p[0] <= RATE_WINDOW) + (point,)
+        if sample.worst_fill >= policy.thresholds.warn:
+            if h.pressure_since is None:
+                changes["pressure_since"] = now
+        else:
+            changes["pressure_since"] = None
+            changes["last_warn"] = None
+    return h.with_(**changes)
+
+
+def _summary(sample: Sample, fill: float, rate: float, actions: list[Action]) -> str:
+    worst = sample.worst
+    where = worst.name if worst else "-"
+    head = f"worst {where} {fill:.0%} of max {sample.limits.max}"
+    if rate > 1:
+        head += f", +{rate:.0f}/s"
+    for a in actions:
+        if isinstance(a, SetMax):
+            return f"{head}; bump {a.old} -> {a.new} ({a.trigger})"
+        if isinstance(a, Refuse) and a.kind != "cooldown":
+            return f"{head}; bump refused: {a.kind}"
+    return head

@@ -1,0 +1,204 @@
+"""The nouns: readings, instants, journal events, actions, decisions, history.
+
+All frozen: a reading or a decision is a value that can be logged, compared and tested;
+nothing downstream can change what the core decided on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Union
+
+# Columns of /proc/net/stat/nf_conntrack that are per-CPU event counters (hex). The first
+# column, "entries", is the namespace's table count, not a counter, and is read separately.
+STAT_COUNTERS = (
+    "found", "invalid", "ignore", "insert", "insert_failed", "drop", "early_drop",
+    "icmp_error", "expect_new", "expect_create", "expect_delete", "search_restart",
+    "clashres", "chaintoolong", "new", "delete", "delete_list", "searched",
+)
+
+
+@dataclass(frozen=True)
+class Instant:
+    """A point in time on two clocks.
+
+    `wall` is for records read by people and for history across reboots; `boot` is
+    CLOCK_BOOTTIME, which never steps, so cooldowns and budgets measured within one boot
+    (`boot_id`) are immune to the wall clock being stepped back or forward.
+    """
+
+    wall: float
+    boot: float
+    boot_id: str = ""
+
+    def since(self, earlier: "Instant") -> float:
+        """Seconds from `earlier` to self; never negative (a wall clock stepped back counts as 0)."""
+        if self.boot_id and self.boot_id == earlier.boot_id:
+            return max(0.0, self.boot - earlier.boot)
+        return max(0.0, self.wall - earlier.wall)
+
+
+@dataclass(frozen=True)
+class NamespaceReading:
+    inode: int
+    name: str                       # "host", a /run/netns name, or "pid:N"
+    count: int
+    stats: tuple[tuple[str, int], ...] = ()
+
+    def stat(self, key: str) -> int:
+        for k, v in self.stats:
+            if k == key:
+                return v
+        return 0
+
+    @property
+    def drops(self) -> int:
+        return self.stat("drop")
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    max: int
+    buckets: int
+    slab_object_size: int | None    # bytes per nf_conntrack object; None when /proc/slabinfo is unreadable
+    mem_total: int                  # bytes
+    mem_available: int              # bytes
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: Instant
+    limits: KernelLimits
+    namespaces: tuple[NamespaceReading, ...]
+
+    def fill(self, ns: NamespaceReading) -> float:
+        return ns.count / self.limits.max if self.limits.max > 0 else 1.0
+
+    @property
+    def worst(self) -> NamespaceReading | None:
+        return max(self.namespaces, key=lambda n: n.count, default=None)
+
+    @property
+    def worst_fill(self) -> float:
+        worst = self.worst
+        return self.fill(worst) if worst else 0.0
+
+
+@dataclass(frozen=True)
+class TableFull:
+    """The kernel said `table full` (journald, kernel transport only)."""
+
+    at: Instant
+    netns: int | None               # inode from "table full in netns N", None for older wordings
+    suppressed: int = 0             # from "net_ratelimit: N callbacks suppressed"
+    backlog: bool = False           # written while ctguard was down: history, not an emergency
+
+
+Trigger = Literal["fill", "growth", "table-full", "drops", "manual", "reapply"]
+RefusalKind = Literal["ceiling", "memory", "budget", "cooldown", "observe"]
+
+
+@dataclass(frozen=True)
+class SetMax:
+    old: int
+    new: int
+    trigger: Trigger
+    netns: int | None
+    fill: float
+    reason: str
+    clipped_by: str | None = None   # "ceiling" / "memory" when the wanted value was cut down
+
+
+@dataclass(frozen=True)
+class SetBuckets:
+    old: int
+    new: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    wanted: int
+    current: int
+    kind: RefusalKind
+    trigger: Trigger
+    netns: int | None
+    fill: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Warn:
+    kind: Literal["pressure", "table-full"]
+    netns: int | None
+    fill: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Persist:
+    max: int
+    buckets: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Capture:
+    reason: str
+    netns: int | None
+
+
+Action = Union[SetMax, SetBuckets, Refuse, Warn, Persist, Capture]
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...]
+    worst_netns: int | None
+    worst_fill: float
+    rate: float                     # entries/s of the worst namespace, 0 when unknown
+    pressure: bool                  # above thresholds.warn
+    summary: str
+
+    def of(self, kind: type) -> list:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+
+@dataclass(frozen=True)
+class BumpRecord:
+    at: Instant
+    old: int
+    new: int
+    trigger: str
+    ok: bool = True                 # False when the write failed (counts for cooldown, not budget)
+
+
+@dataclass(frozen=True)
+class History:
+    """What the core remembers between decisions; pure data, advanced by `decide.advance`."""
+
+    bumps: tuple[BumpRecord, ...] = ()
+    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, count), ...))
+    drops: tuple[tuple[int, int], ...] = ()                               # last drop counter per inode
+    pressure_since: Instant | None = None
+    last_warn: Instant | None = None
+    last_drop: Instant | None = None
+    last_capture: Instant | None = None
+    persisted_max: int | None = None
+    persisted_buckets: int | None = None
+    unpersisted_max: int | None = None
+    table_full_events: int = 0
+
+    def with_(self, **changes) -> "History":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What carrying out one action did: written and read back, or failed with advice."""
+
+    action: Action
+    ok: bool
+    detail: str = ""
+    read_back: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)

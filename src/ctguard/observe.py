@@ -1,0 +1,62 @@
+"""Builds a Sample from the kernel and namespace adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ctguard.clock import Clock
+from ctguard.kernel import Kernel
+from ctguard.model import Sample
+from ctguard.netns import StatReaders, discover
+
+# A full /proc scan costs ~1 ms per few hundred processes; new namespaces that appear
+# through a process are found within this many seconds (those under /run/netns at once).
+DISCOVER_EVERY = 5.0
+
+
+class Observer:
+    def __init__(self, kernel: Kernel, clock: Clock, namespaces: str = "all",
+                 proc_root: str | Path = "/proc", run_netns: str | Path = "/run/netns") -> None:
+        self.kernel = kernel
+        self.clock = clock
+        self.namespaces = namespaces
+        self.proc_root = Path(proc_root)
+        self.run_netns = str(run_netns)
+        self.readers = StatReaders(proc_root)
+        self._last_discovery = -1e9
+        self._run_netns_mtime: float | None = None
+        self.problems: list[str] = []
+
+    def _run_netns_changed(self) -> bool:
+        try:
+            mtime = os.stat(self.run_netns).st_mtime
+        except OSError:
+            mtime = None
+        changed = mtime != self._run_netns_mtime
+        self._run_netns_mtime = mtime
+        return changed
+
+    def rediscover(self) -> None:
+        if self.namespaces == "host":
+            refs = [r for r in discover(self.proc_root, "/nonexistent") if r.name == "host"]
+        else:
+            refs = discover(self.proc_root, self.run_netns)
+        self.problems = self.readers.refresh(refs)
+        self._last_discovery = self.clock.monotonic()
+
+    def sample(self) -> Sample:
+        """One reading of every namespace; raises ConntrackNotLoaded while the module is absent."""
+        limits = self.kernel.limits()
+        due = self.clock.monotonic() - self._last_discovery >= DISCOVER_EVERY
+        if due or (self.namespaces == "all" and self._run_netns_changed()):
+            self.rediscover()
+        readings, failed = self.readers.read()
+        if failed:
+            # A namespace vanished mid-sample: drop it now, find the rest again next turn.
+            self._last_discovery = -1e9
+        return Sample(self.clock.now(), limits, tuple(readings))
+
+    def close(self) -> None:
+        self.readers.close()
+        self.kernel.close()
