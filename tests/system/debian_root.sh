@@ -1,0 +1,63 @@
+#!/bin/bash
+# Keep a debootstrapped Debian 13 (trixie) root in a cache for the system test.
+#
+#   debian_root.sh [CACHE_DIR]      prints the path of a ready root folder
+#
+# The root is made once (debootstrap, minbase + systemd as PID 1 + the tools the test
+# drives inside) and reused while it is younger than CTGUARD_ROOT_MAX_AGE_DAYS (default 14).
+# A flock on CACHE_DIR/lock keeps two runs from building it at once; the root is built in
+# a temporary folder and renamed into place, so an interrupted run never leaves half a root
+# behind. Downloaded .debs go to CACHE_DIR/apt-archives, which the test also binds into its
+# containers as /var/cache/apt/archives so later apt runs download nothing twice.
+#
+# Environment: CTGUARD_DEBIAN_MIRROR (default http://deb.debian.org/debian),
+#              CTGUARD_ROOT_MAX_AGE_DAYS (default 14).
+set -euo pipefail
+
+cache=${1:-/var/cache/ctguard-tests}
+mirror=${CTGUARD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+max_age=${CTGUARD_ROOT_MAX_AGE_DAYS:-14}
+suite=trixie
+root="$cache/$suite-base"
+stamp="$root/.ctguard-root-ready"
+
+# What the test needs inside besides minbase: systemd as init, D-Bus for systemctl's
+# friends, iproute2 + nftables for the flood namespaces, python3 for the flood sender.
+include=systemd-sysv,dbus,iproute2,nftables,python3,procps,ca-certificates
+
+mkdir -p "$cache" "$cache/apt-archives/partial"
+exec 9>"$cache/lock"
+flock 9
+
+if [ -f "$stamp" ] && [ -n "$(find "$stamp" -mtime -"$max_age" 2>/dev/null)" ]; then
+    echo "$root"
+    exit 0
+fi
+
+command -v debootstrap >/dev/null || { echo "debootstrap is not installed" >&2; exit 2; }
+
+tmp="$cache/.$suite-build.$$"
+trap 'rm -rf --one-file-system "$tmp"' EXIT
+rm -rf --one-file-system "$cache"/.$suite-build.*
+echo "debootstrap $suite from $mirror into $tmp" >&2
+debootstrap --variant=minbase --include="$include" --cache-dir="$cache/apt-archives" \
+    "$suite" "$tmp" "$mirror" >&2
+
+# A root that boots quietly under systemd-nspawn and lets apt work offline from the cache.
+echo "ctguard-test" >"$tmp/etc/hostname"
+rm -f "$tmp/etc/machine-id" && : >"$tmp/etc/machine-id"   # systemd makes one at boot
+printf 'deb %s %s main\n' "$mirror" "$suite" >"$tmp/etc/apt/sources.list"
+# Keep what apt downloads: the test binds CACHE_DIR/apt-archives over /var/cache/apt/archives.
+echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >"$tmp/etc/apt/apt.conf.d/90ctguard-keep"
+echo 'APT::Install-Recommends "false";' >"$tmp/etc/apt/apt.conf.d/90ctguard-norecommends"
+# Nothing in the container may try to manage the host's network or time.
+for unit in systemd-networkd.service systemd-resolved.service systemd-timesyncd.service; do
+    ln -sf /dev/null "$tmp/etc/systemd/system/$unit"
+done
+rm -f "$tmp/var/cache/apt/archives"/*.deb
+
+touch "$tmp/.ctguard-root-ready"
+rm -rf --one-file-system "$root"
+mv "$tmp" "$root"
+trap - EXIT
+echo "$root"
