@@ -1,0 +1,535 @@
+"""Evidence bundles on disk: capture, manifest, retention, listing, summary, export.
+
+Layout: `<dir>/<UTC YYYYmmddTHHMMSSZ>-<reason slug>[-N]/`, folder 0700, files 0600 (they hold
+addresses). The folder name is reserved first with mkdir (atomic, so two captures in one second
+never share a folder) and `manifest.toml` is written last, atomically: a folder without a
+manifest is a capture still running or one that crashed, and listings say so.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import stat
+import tarfile
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import tomli_w
+
+from ctguard.evidence import collect
+from ctguard.evidence.ctnetlink import TableBreakdown, Top, dump_table, open_ctnetlink
+from ctguard.evidence.nsutil import netns_inode, run_in_netns
+from ctguard.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
+
+FORMAT = 1
+MANIFEST = "manifest.toml"
+EVIDENCE = "evidence.toml"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+BUNDLE_NAME = re.compile(r"^\d{8}T\d{6}Z-[a-z0-9-]+$")
+# A folder with no manifest younger than this may be a capture still being written.
+INCOMPLETE_GRACE = 3600.0
+
+
+class EvidenceConfig(Protocol):
+    dir: Path
+    keep: int
+    max_bytes: int
+    top: int
+    budget: float
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    id: str
+    path: Path
+    created: str  # UTC, ISO 8601, from the manifest ("" when incomplete)
+    reason: str
+    netns: str
+    bytes: int
+    seconds: float
+    cut_short: bool
+    complete: bool
+    errors: int  # collectors that failed
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        return out
+
+
+class BundleError(Exception):
+    """A bundle the operator asked for cannot be used; the message says why."""
+
+
+def slug(reason: str) -> str:
+    words = re.findall(r"[a-z0-9]+", reason.lower())
+    return "-".join(words)[:48].strip("-") or "manual"
+
+
+def _reserve(folder: Path, stamp: str, reason_slug: str) -> Path:
+    base = f"{stamp}-{reason_slug}"
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        path = safe_child(folder, name)
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(path, DIR_MODE)  # whatever the umask said
+        return path
+    raise BundleError(f"more than 999 bundles named {base} in {folder}: clean the folder")
+
+
+def _top_table(top: Top) -> dict[str, Any]:
+    return {
+        "exact": top.exact,
+        "capacity": top.capacity,
+        "tracked": top.tracked,
+        "rows": [{"key": str(h.key), "count": h.count, "error": h.error} for h in top.rows],
+    }
+
+
+def table_to_toml(t: TableBreakdown) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "entries": t.entries,
+        "cut_short": t.cut_short,
+        "seconds": round(t.seconds, 4),
+        "unreplied": t.unreplied,
+        "assured": t.assured,
+        "interrupted": t.interrupted,
+        "notes": list(t.notes),
+        "by_family": t.by_family,
+        "by_proto": t.by_proto,
+        "by_tcp_state": t.by_tcp_state,
+        "top_sources": _top_table(t.top_sources),
+        "top_destinations": _top_table(t.top_destinations),
+        "top_dports": _top_table(t.top_dports),
+        "marks": _top_table(t.marks),
+        "zones": _top_table(t.zones),
+    }
+    if t.expected is not None:
+        out["expected"] = t.expected
+    return out
+
+
+def capture(
+    cfg: EvidenceConfig,
+    *,
+    reason: str,
+    netns_path: str | None,
+    policy_text: str,
+    decision: Mapping[str, object] | None,
+    progress: Callable[[str], None] | None = None,
+    proc_root: str | Path = "/proc",
+    sys_root: str | Path = "/sys",
+) -> Path:
+    """Capture a bundle of the namespace at `netns_path` (None: the caller's); return its folder."""
+    say = progress or (lambda _msg: None)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    budget = float(cfg.budget)
+    deadline = t0 + budget
+    folder = ensure_private_dir(Path(cfg.dir), DIR_MODE)
+    path = _reserve(folder, started.strftime("%Y%m%dT%H%M%SZ"), slug(reason))
+    ctx = collect.Context(
+        proc_root=Path(proc_root),
+        sys_root=Path(sys_root),
+        deadline=deadline,
+        policy_text=policy_text,
+        decision=decision,
+    )
+    results: list[collect.Collected] = []
+    cut: list[str] = []
+    netns_info: dict[str, Any] = {"path": netns_path or "(ctguard's own)"}
+    try:
+        netns_info["inode"] = netns_inode(netns_path, str(proc_root))
+    except OSError as exc:
+        netns_info["error"] = f"cannot stat the namespace: {exc}"
+
+    # The cheap per-namespace counters first, and the dump socket from the same visit.
+    say("reading the namespace's conntrack counters")
+    sock: socket.socket | None = None
+    sock_error: str | None = None
+
+    def visit() -> list[collect.Collected]:
+        nonlocal sock, sock_error
+        found = collect.run_all(collect.NAMESPACE_COLLECTORS, ctx)
+        try:
+            sock = open_ctnetlink(None)
+        except OSError as exc:
+            sock_error = f"cannot open a ctnetlink socket: {exc}"
+        return found
+
+    try:
+        results.extend(run_in_netns(netns_path, visit))
+    except OSError as exc:
+        sock_error = f"cannot enter the network namespace {netns_path}: {exc}"
+        results.append(collect.Collected("sysctl", error=sock_error))
+
+    expected: int | None = None
+    for r in results:
+        if r.name == "sysctl" and r.error is None:
+            try:
+                expected = int(r.data["sysctl"]["nf_conntrack_count"])
+            except (KeyError, ValueError):
+                pass
+
+    # The dump gets what is left of the budget, less a reserve for the rules and the journal.
+    table: TableBreakdown | None = None
+    table_error = sock_error
+    table_start = time.monotonic()
+    if sock is not None:
+        reserve = min(2.0, budget * 0.2)
+        dump_budget = deadline - time.monotonic() - reserve
+        say(f"dumping the conntrack table ({expected if expected is not None else '?'} entries)")
+
+        def dump_progress(entries: int, seconds: float) -> None:
+            share = f" of {expected}" if expected else ""
+            say(f"dumped {entries}{share} entries in {seconds:.1f} s")
+
+        try:
+            table = dump_table(None, budget=dump_budget, top=int(cfg.top), expected=expected,
+                               progress=dump_progress, sock=sock)
+        except OSError as exc:
+            table_error = f"conntrack dump failed: {exc}"
+        finally:
+            sock.close()
+    if table is not None and table.cut_short:
+        cut.extend(table.notes)
+    results.append(collect.Collected("conntrack", error=table_error, seconds=time.monotonic() - table_start))
+
+    say("reading rules, namespaces, memory and the kernel journal")
+    try:
+        results.extend(run_in_netns(netns_path, lambda: collect.run_all(collect.NAMESPACE_SLOW_COLLECTORS, ctx)))
+    except OSError as exc:
+        results.append(collect.Collected("rules", error=f"cannot enter the network namespace {netns_path}: {exc}"))
+    results.extend(collect.run_all(collect.HOST_COLLECTORS, ctx))
+
+    evidence: dict[str, Any] = {}
+    written: list[str] = []
+    for r in results:
+        if r.data:
+            evidence[r.name] = collect.tomlable(r.data)
+        for name, data in r.files.items():
+            atomic_write(safe_child(path, name), data, FILE_MODE)
+            written.append(name)
+    if table is not None:
+        evidence["table"] = table_to_toml(table)
+    atomic_write(path / EVIDENCE, tomli_w.dumps(evidence), FILE_MODE)
+    written.append(EVIDENCE)
+
+    elapsed = time.monotonic() - t0
+    if elapsed > budget and not cut:
+        cut.append(f"the capture took {elapsed:.2f} s, over its budget of {budget:.2f} s")
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "what": "ctguard evidence bundle",
+        "id": path.name,
+        "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "reason": reason,
+        "host": socket.gethostname(),
+        "netns": netns_info,
+        "seconds": round(elapsed, 4),
+        "budget": budget,
+        "cut_short": bool(cut),
+        "cut_short_what": cut,
+        "files": sorted(written) + [MANIFEST],
+        "collectors": {
+            r.name: {"ok": r.error is None, "seconds": round(r.seconds, 4), **({"error": r.error} if r.error else {})}
+            for r in results
+        },
+    }
+    if table is not None:
+        manifest["table"] = {
+            "entries_seen": table.entries,
+            "cut_short": table.cut_short,
+            **({"expected": table.expected} if table.expected is not None else {}),
+        }
+    if decision is not None:
+        manifest["decision"] = collect.tomlable(decision)
+    atomic_write(path / MANIFEST, tomli_w.dumps(collect.tomlable(manifest)), FILE_MODE)
+    say(f"bundle written in {elapsed:.1f} s: {path}")
+    try:
+        prune(folder, int(cfg.keep), int(cfg.max_bytes), protect=path)
+    except OSError as exc:
+        say(f"retention could not run: {exc}")
+    return path
+
+
+# --- reading bundles -------------------------------------------------------------------------
+
+
+def _bundle_bytes(path: Path) -> int:
+    total = 0
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    return total
+
+
+def _candidates(folder: Path) -> list[Path]:
+    """Real folders (never symlinks) named like bundles, oldest first (names start with UTC time)."""
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if BUNDLE_NAME.match(entry.name) and entry.is_dir(follow_symlinks=False):
+                    out.append(Path(entry.path))
+    except FileNotFoundError:
+        return []
+    return sorted(out, key=lambda p: p.name)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{path} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def _info(path: Path) -> BundleInfo:
+    try:
+        m = _load_toml(path / MANIFEST)
+    except (OSError, BundleError, tomllib.TOMLDecodeError):
+        return BundleInfo(path.name, path, "", "", "", _bundle_bytes(path), 0.0, False, False, 0)
+    netns = m.get("netns", {})
+    return BundleInfo(
+        id=path.name,
+        path=path,
+        created=str(m.get("created", "")),
+        reason=str(m.get("reason", "")),
+        netns=str(netns.get("path", "")) if isinstance(netns, dict) else str(netns),
+        bytes=_bundle_bytes(path),
+        seconds=float(m.get("seconds", 0.0)),
+        cut_short=bool(m.get("cut_short", False)),
+        complete=True,
+        errors=sum(1 for c in m.get("collectors", {}).values() if isinstance(c, dict) and not c.get("ok", True)),
+    )
+
+
+def list_bundles(folder: Path | str) -> list[BundleInfo]:
+    """Every bundle in `folder`, oldest first."""
+    return [_info(p) for p in _candidates(Path(folder))]
+
+
+def bundle_path(folder: Path | str, bundle_id: str) -> Path:
+    """The folder of bundle `bundle_id`; refuses anything that would leave `folder`."""
+    try:
+        path = safe_child(Path(folder), bundle_id)
+    except UnsafePathError as exc:
+        raise BundleError(f"refusing bundle id {bundle_id!r}: {exc.strerror}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BundleError(f"no bundle {bundle_id!r} in {folder} (see `ctguard bundles list`)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BundleError(f"{path} is not a bundle folder")
+    return path
+
+
+def prune(folder: Path | str, keep: int, max_bytes: int, protect: Path | None = None) -> list[Path]:
+    """Remove the oldest bundles until at most `keep` remain and they hold at most `max_bytes`.
+
+    `protect` (the bundle just written) is never removed, nor is a manifest-less folder younger
+    than an hour (another capture may be writing it). Returns what was removed.
+    """
+    folder = Path(folder)
+    now = time.time()
+    bundles = _candidates(folder)
+    sizes = {p: _bundle_bytes(p) for p in bundles}
+    total = sum(sizes.values())
+    count = len(bundles)
+    removed: list[Path] = []
+    for path in bundles:
+        if count <= keep and total <= max_bytes:
+            break
+        if protect is not None and path.name == Path(protect).name:
+            continue
+        if not (path / MANIFEST).exists():
+            try:
+                if now - os.lstat(path).st_mtime < INCOMPLETE_GRACE:
+                    continue
+            except OSError:
+                continue
+        shutil.rmtree(path)  # rmtree never follows symlinks inside the tree
+        removed.append(path)
+        count -= 1
+        total -= sizes[path]
+    return removed
+
+
+def export(folder: Path | str, bundle_id: str, out: Path | None = None) -> Path:
+    """Write bundle `bundle_id` as a .tar.gz (0600: it holds addresses); return the file."""
+    path = bundle_path(folder, bundle_id)
+    if out is None:
+        out = Path.cwd() / f"{path.name}.tar.gz"
+    elif Path(out).is_dir():
+        out = Path(out) / f"{path.name}.tar.gz"
+    out = Path(out)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        with os.scandir(path) as it:
+            names = sorted(e.name for e in it if e.is_file(follow_symlinks=False))
+        for name in names:
+            fd = os.open(path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read()
+                st = os.fstat(fh.fileno())
+            info = tarfile.TarInfo(f"{path.name}/{name}")
+            info.size = len(data)
+            info.mode = FILE_MODE
+            info.mtime = int(st.st_mtime)
+            tar.addfile(info, io.BytesIO(data))
+    atomic_write(out, buf.getvalue(), FILE_MODE)
+    return out
+
+
+# --- the readable summary --------------------------------------------------------------------
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def _top_lines(title: str, top: Mapping[str, Any], entries: int, what: str) -> list[str]:
+    rows = top.get("rows", [])
+    if not rows:
+        return []
+    if top.get("exact", True):
+        qual = "exact counts"
+    else:
+        qual = f"approximate: each count may overstate by its ±; {top.get('capacity')} counters kept"
+    lines = [f"{title} ({qual}):"]
+    width = max(len(str(r["key"])) for r in rows)
+    for r in rows:
+        err = f" ±{r['error']}" if r.get("error") else ""
+        lines.append(f"  {str(r['key']).ljust(width)}  {r['count']:>9}{err:<8} {_pct(r['count'], entries):>6} of {what}")
+    return lines
+
+
+def what_filled(table: Mapping[str, Any]) -> str:
+    """One sentence: the dominant protocol, TCP state and talker."""
+    entries = int(table.get("entries", 0))
+    if not entries:
+        return "the table was empty when it was read"
+    parts = []
+    protos = table.get("by_proto", {})
+    if protos:
+        name, n = max(protos.items(), key=lambda kv: kv[1])
+        parts.append(f"{name} {_pct(n, entries)}")
+    states = table.get("by_tcp_state", {})
+    if states:
+        name, n = max(states.items(), key=lambda kv: kv[1])
+        parts.append(f"mostly TCP {name} among TCP")
+    unreplied = int(table.get("unreplied", 0))
+    parts.append(f"{_pct(unreplied, entries)} never answered")
+    for key, label in (("top_sources", "from"), ("top_destinations", "to"), ("top_dports", "port")):
+        rows = table.get(key, {}).get("rows", [])
+        if rows and rows[0]["count"] - rows[0].get("error", 0) > entries * 0.2:
+            parts.append(f"{label} {rows[0]['key']} {_pct(rows[0]['count'], entries)}")
+    return ", ".join(parts)
+
+
+def show(folder: Path | str, bundle_id: str) -> str:
+    path = bundle_path(folder, bundle_id)
+    try:
+        m = _load_toml(path / MANIFEST)
+    except FileNotFoundError:
+        raise BundleError(f"{path.name} has no manifest: the capture is still running or it crashed") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BundleError(f"{path / MANIFEST} is damaged: {exc}") from None
+    try:
+        ev = _load_toml(path / EVIDENCE)
+    except (OSError, tomllib.TOMLDecodeError):
+        ev = {}
+    netns = m.get("netns", {})
+    out = [
+        f"Bundle {m.get('id', path.name)}",
+        f"  taken {m.get('created')} on {m.get('host')} because: {m.get('reason')}",
+        f"  namespace {netns.get('path')} (inode {netns.get('inode', '?')}), took {m.get('seconds', 0):.2f} s"
+        f" of a {m.get('budget', 0):g} s budget",
+    ]
+    for note in m.get("cut_short_what", []):
+        out.append(f"  CUT SHORT: {note}")
+    sysctl = ev.get("sysctl", {}).get("sysctl", {})
+    table = ev.get("table")
+    out.append("")
+    if table:
+        entries = int(table["entries"])
+        limit = sysctl.get("nf_conntrack_max")
+        fill = f", {_pct(int(sysctl.get('nf_conntrack_count', entries)), int(limit))} of nf_conntrack_max {limit}" if limit else ""
+        out.append(f"Table: {entries} entries read{fill}; {table.get('unreplied', 0)} unreplied, {table.get('assured', 0)} assured")
+        out.append(f"What filled it: {what_filled(table)}")
+        out.append("  by protocol: " + ", ".join(f"{k} {v} ({_pct(v, entries)})" for k, v in table.get("by_proto", {}).items()))
+        if table.get("by_tcp_state"):
+            out.append("  TCP states:  " + ", ".join(f"{k} {v}" for k, v in table["by_tcp_state"].items()))
+        for key, title, what in (
+            ("top_sources", "Top sources", "entries"),
+            ("top_destinations", "Top destinations", "entries"),
+            ("top_dports", "Top destination ports", "entries"),
+            ("marks", "Marks", "entries"),
+            ("zones", "Zones", "entries"),
+        ):
+            lines = _top_lines(title, table.get(key, {}), entries, what)
+            if lines:
+                out.append("")
+                out.extend(lines)
+    else:
+        err = m.get("collectors", {}).get("conntrack", {}).get("error", "no table in this bundle")
+        out.append(f"Table: not read ({err})")
+    out.append("")
+    rules = ev.get("rules", {})
+    out.append(f"NAT: {rules.get('nat_verdict', 'unknown (rules not collected)')}")
+    stats = ev.get("cpu_stats", {}).get("totals", {})
+    if stats:
+        keys = [k for k in ("drop", "insert_failed", "early_drop", "invalid", "search_restart", "clashres") if k in stats]
+        out.append("Per-CPU totals: " + ", ".join(f"{k} {stats[k]}" for k in keys))
+    if "hashsize" in ev.get("sysctl", {}):
+        out.append(f"Buckets (hashsize): {ev['sysctl']['hashsize']}")
+    slab_info = ev.get("slab", {}).get("slab")
+    mem = ev.get("memory", {}).get("bytes", {})
+    if slab_info:
+        out.append(
+            f"Slab: {slab_info['num_objs']} objects x {slab_info['objsize']} B = {slab_info['bytes'] / 1048576:.1f} MiB"
+            + (f" ({_pct(slab_info['bytes'], mem['MemTotal'])} of MemTotal)" if mem.get("MemTotal") else "")
+        )
+    if mem:
+        out.append(f"Memory: MemTotal {mem.get('MemTotal', 0) // 1048576} MiB, MemAvailable {mem.get('MemAvailable', 0) // 1048576} MiB")
+    jour = ev.get("journal", {})
+    if jour:
+        out.append(f"Kernel journal: {jour.get('lines', 0)} conntrack lines" + (f"; last: {jour['last']}" if jour.get("last") else ""))
+    decision = m.get("decision")
+    out.append("")
+    if decision:
+        out.append("Decision that led here:")
+        for k, v in decision.items():
+            out.append(f"  {k} = {v}")
+    else:
+        out.append("Decision: none recorded (manual capture)")
+    errors = {k: c["error"] for k, c in m.get("collectors", {}).items() if isinstance(c, dict) and c.get("error")}
+    if errors:
+        out.append("")
+        out.append("Collectors that failed:")
+        for k, e in errors.items():
+            out.append(f"  {k}: {e}")
+    out.append("")
+    out.append("Files: " + ", ".join(m.get("files", [])))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,145 @@
+"""`ctguard capture` and `ctguard bundles list|show|export`.
+
+`add_commands(subparsers)` registers them on the main parser; each handler has the signature
+`func(args, policy) -> int` and reads `policy.evidence` (dir, keep, max_bytes, top, budget).
+The daemon starts `ctguard capture --reason R --netns N --decision-file F` in a low-priority
+child, so a capture never holds up the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ctguard.evidence import bundle
+from ctguard.evidence.nsutil import resolve_netns
+from ctguard.files import read_text_nofollow
+
+
+def add_commands(subparsers: Any) -> None:
+    cap = subparsers.add_parser("capture", help="capture an evidence bundle now and print its path")
+    cap.add_argument("--netns", metavar="N", help="namespace: a name under /run/netns, an inode number, or a PID (default: ctguard's own)")
+    cap.add_argument("--reason", metavar="R", default="manual", help="why (becomes part of the folder name)")
+    cap.add_argument("--decision-file", metavar="PATH", type=Path, help="JSON object: the decision that led to this capture")
+    cap.set_defaults(func=cmd_capture)
+
+    bun = subparsers.add_parser("bundles", help="review evidence bundles")
+    sub = bun.add_subparsers(dest="bundles_command", metavar="{list,show,export}")
+    sub.required = True
+    lst = sub.add_parser("list", help="list bundles, oldest first")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=cmd_list)
+    shw = sub.add_parser("show", help="a readable summary of one bundle")
+    shw.add_argument("id", metavar="ID")
+    shw.set_defaults(func=cmd_show)
+    exp = sub.add_parser("export", help="write one bundle as a .tar.gz")
+    exp.add_argument("id", metavar="ID")
+    exp.add_argument("-o", "--output", metavar="FILE", type=Path, help="file or folder (default: ./ID.tar.gz)")
+    exp.set_defaults(func=cmd_export)
+
+
+def _fail(message: str) -> int:
+    print(f"ctguard: {message}", file=sys.stderr)
+    return 1
+
+
+def _policy_text(args: argparse.Namespace) -> str:
+    path = getattr(args, "policy", None)
+    if not path:
+        return ""
+    try:
+        return read_text_nofollow(path)
+    except FileNotFoundError:
+        return f"# {path} does not exist: the built-in defaults were in force\n"
+    except OSError as exc:
+        return f"# {path} could not be read: {exc}\n"
+
+
+def _decision(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    value = json.loads(read_text_nofollow(path, limit=1 << 20))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object (the decision), not {type(value).__name__}")
+    return value
+
+
+def _progress_printer():
+    if not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        # One line, rewritten in place: progress is for a watching operator, not for logs.
+        sys.stderr.write("\r\033[K" + message)
+        if message.startswith("bundle written"):
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
+    try:
+        decision = _decision(args.decision_file)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot use --decision-file: {exc}")
+    netns_path = None
+    if args.netns:
+        try:
+            netns_path = resolve_netns(args.netns)
+        except LookupError as exc:
+            return _fail(str(exc))
+    try:
+        path = bundle.capture(
+            policy.evidence,
+            reason=args.reason,
+            netns_path=netns_path,
+            policy_text=_policy_text(args),
+            decision=decision,
+            progress=_progress_printer(),
+        )
+    except (OSError, bundle.BundleError) as exc:
+        return _fail(f"capture failed: {exc} (the bundle folder is [evidence] dir = {policy.evidence.dir})")
+    print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, policy: Any) -> int:
+    bundles = bundle.list_bundles(policy.evidence.dir)
+    if args.json:
+        print(json.dumps([b.as_json() for b in bundles], indent=2))
+        return 0
+    if not bundles:
+        print(f"no bundles in {policy.evidence.dir}")
+        return 0
+    print(f"{'ID':<44} {'SIZE':>9} {'SECONDS':>8}  NOTES")
+    for b in bundles:
+        notes = []
+        if not b.complete:
+            notes.append("incomplete (running or crashed)")
+        if b.cut_short:
+            notes.append("cut short")
+        if b.errors:
+            notes.append(f"{b.errors} collector(s) failed")
+        print(f"{b.id:<44} {b.bytes:>9} {b.seconds:>8.2f}  {', '.join(notes)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, policy: Any) -> int:
+    try:
+        sys.stdout.write(bundle.show(policy.evidence.dir, args.id))
+    except (OSError, bundle.BundleError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, policy: Any) -> int:
+    try:
+        out = bundle.export(policy.evidence.dir, args.id, args.output)
+    except (OSError, bundle.BundleError) as exc:
+        return _fail(str(exc))
+    print(out)
+    return 0

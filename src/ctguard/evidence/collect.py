@@ -1,0 +1,486 @@
+"""Evidence collectors: one per source, each reporting its own failure.
+
+Like node_exporter's collectors, a collector that fails (tool missing, permission denied, a
+file the kernel does not have) records its error and the others go on. Each returns a small
+structured summary (for the manifest and `bundles show`) and raw attachments (files kept in the
+bundle verbatim, so the review can check the summary against the source).
+
+Collectors marked `in_netns` read what belongs to the inspected namespace; the bundle code runs
+them in a thread that has joined it (see nsutil), so they read /proc/sys/net and
+/proc/thread-self/net there, and the programs they start (nft, iptables-save) run there too.
+All paths hang off `proc_root` / `sys_root` so tests can point them at prepared trees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_FILE = 4 << 20  # never keep more than this much of one source
+JOURNAL_LINES = 50
+JOURNAL_SCAN = 20000
+PROCESSES_LISTED = 10
+UNITS_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Context:
+    proc_root: Path = Path("/proc")
+    sys_root: Path = Path("/sys")
+    netns_run_dir: Path = Path("/run/netns")
+    deadline: float = float("inf")  # time.monotonic() value after which slow collectors give up
+    policy_text: str = ""
+    decision: Mapping[str, object] | None = None
+
+    def remaining(self, cap: float) -> float:
+        return max(0.1, min(cap, self.deadline - time.monotonic()))
+
+    @property
+    def net_dir(self) -> Path:
+        # /proc/net follows the *process's* namespace (it is /proc/self/net); the thread's own
+        # view is /proc/thread-self/net. Prepared test trees may only have net/.
+        threaded = self.proc_root / "thread-self" / "net"
+        return threaded if threaded.exists() else self.proc_root / "net"
+
+
+@dataclass(frozen=True)
+class Collected:
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class CollectorError(Exception):
+    """A collector's failure, phrased for the operator."""
+
+
+Result = tuple[dict[str, Any], dict[str, bytes]]
+
+
+def _read(path: Path, limit: int = MAX_FILE) -> str:
+    try:
+        with open(path, "rb") as fh:
+            # Small reads for sysctls: the kernel allocates a buffer of the size asked for
+            # and answers ENOMEM to a multi-megabyte read of /proc/sys.
+            return fh.read(limit).decode("utf-8", errors="replace")
+    except PermissionError:
+        raise CollectorError(f"cannot read {path}: permission denied (run the capture as root)") from None
+    except FileNotFoundError:
+        raise CollectorError(f"{path} does not exist (is nf_conntrack loaded?)") from None
+
+
+# --- namespace-bound collectors -------------------------------------------------------------
+
+
+def sysctls(ctx: Context) -> Result:
+    """Every nf_conntrack_* sysctl of the namespace, and the (global) hashsize."""
+    folder = ctx.proc_root / "sys" / "net" / "netfilter"
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith("nf_conntrack_"))
+    except FileNotFoundError:
+        raise CollectorError(f"{folder} does not exist: nf_conntrack is not loaded (modprobe nf_conntrack)") from None
+    values: dict[str, str] = {}
+    errors: list[str] = []
+    for name in names:
+        try:
+            values[name] = _read(folder / name, 4096).strip()
+        except (CollectorError, OSError) as exc:
+            errors.append(f"{name}: {exc}")
+    data: dict[str, Any] = {"sysctl": values}
+    lines = [f"net.netfilter.{k} = {v}" for k, v in values.items()]
+    hashsize_path = ctx.sys_root / "module" / "nf_conntrack" / "parameters" / "hashsize"
+    try:
+        data["hashsize"] = int(_read(hashsize_path, 4096).strip())
+        lines.append(f"# {hashsize_path} = {data['hashsize']}")
+    except (CollectorError, OSError, ValueError) as exc:
+        errors.append(f"hashsize: {exc}")
+    if errors:
+        data["errors"] = errors
+    if not values:
+        raise CollectorError(f"no nf_conntrack_* sysctl could be read under {folder}: " + "; ".join(errors))
+    return data, {"sysctl.txt": ("\n".join(lines) + "\n").encode()}
+
+
+def parse_stat(text: str) -> dict[str, Any]:
+    """/proc/net/stat/nf_conntrack: a header, then one line of hex counters per CPU."""
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise CollectorError("the per-CPU conntrack statistics are empty")
+    header = lines[0]
+    per_cpu: list[dict[str, int]] = []
+    for cpu, row in enumerate(lines[1:]):
+        if len(row) != len(header):
+            raise CollectorError(f"per-CPU statistics line {cpu} has {len(row)} fields, the header {len(header)}")
+        per_cpu.append({name: int(value, 16) for name, value in zip(header, row)})
+    totals = {name: sum(c[name] for c in per_cpu) for name in header}
+    if "entries" in totals and per_cpu:
+        # `entries` is the namespace's count repeated on every line, not a per-CPU figure.
+        totals["entries"] = per_cpu[0]["entries"]
+    return {"columns": header, "per_cpu": per_cpu, "totals": totals}
+
+
+def cpu_stats(ctx: Context) -> Result:
+    path = ctx.net_dir / "stat" / "nf_conntrack"
+    text = _read(path)
+    return parse_stat(text), {"stat_nf_conntrack.txt": text.encode()}
+
+
+def sockstat(ctx: Context) -> Result:
+    files: dict[str, bytes] = {}
+    data: dict[str, Any] = {}
+    for name in ("sockstat", "sockstat6"):
+        try:
+            text = _read(ctx.net_dir / name)
+        except CollectorError:
+            if name == "sockstat":
+                raise
+            continue
+        files[f"{name}.txt"] = text.encode()
+        for line in text.splitlines():
+            label, _, rest = line.partition(":")
+            fields = rest.split()
+            data[f"{name}.{label.strip()}"] = {fields[i]: _int(fields[i + 1]) for i in range(0, len(fields) - 1, 2)}
+    return data, files
+
+
+def _int(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _run(argv: list[str], ctx: Context, cap: float = 5.0) -> subprocess.CompletedProcess[bytes]:
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=ctx.remaining(cap), env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise CollectorError(f"`{' '.join(argv)}` did not finish within the capture budget") from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise CollectorError(f"`{' '.join(argv)}` exited {proc.returncode}: {err[-1] if err else 'no message'}")
+    return proc
+
+
+NAT_STATEMENTS = ("masquerade", "snat", "dnat", "redirect")
+_IPT_NAT = re.compile(r"-j\s+(MASQUERADE|SNAT|DNAT|REDIRECT|NETMAP)\b")
+
+
+def nft_nat_rules(ruleset: Mapping[str, Any]) -> dict[str, int]:
+    """Count NAT statements per kind in `nft -j list ruleset` output."""
+    found: dict[str, int] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in NAT_STATEMENTS:
+                    found[key] = found.get(key, 0) + 1
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for item in ruleset.get("nftables", []):
+        if isinstance(item, dict) and "rule" in item:
+            walk(item["rule"].get("expr", []))
+    return found
+
+
+def iptables_nat_rules(text: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif table == "nat" and line.startswith("-A"):
+            m = _IPT_NAT.search(line)
+            if m:
+                found[m.group(1)] = found.get(m.group(1), 0) + 1
+    return found
+
+
+def nat_verdict(nft: dict[str, int] | None, ipt: dict[str, int] | None) -> str:
+    checked = [name for name, res in (("nft", nft), ("iptables-save", ipt)) if res is not None]
+    if not checked:
+        return "unknown: neither `nft` nor `iptables-save` could be read"
+    parts = []
+    for name, res in (("nft", nft), ("iptables", ipt)):
+        if res:
+            parts.append(f"{name} " + ", ".join(f"{k} x{v}" for k, v in sorted(res.items())))
+    if parts:
+        return "this host does NAT / masquerade (" + "; ".join(parts) + ")"
+    return "this host does no NAT / masquerade (checked " + " and ".join(checked) + ")"
+
+
+def rules(ctx: Context) -> Result:
+    """The ruleset (nft JSON, iptables-save) and the one-line NAT verdict."""
+    files: dict[str, bytes] = {}
+    data: dict[str, Any] = {}
+    problems: list[str] = []
+    nft_found: dict[str, int] | None = None
+    ipt_found: dict[str, int] | None = None
+    nft = shutil.which("nft")
+    if nft:
+        try:
+            out = _run([nft, "-j", "list", "ruleset"], ctx).stdout
+            files["nft-ruleset.json"] = out[:MAX_FILE]
+            nft_found = nft_nat_rules(json.loads(out or b"{}"))
+        except (CollectorError, ValueError, OSError) as exc:
+            problems.append(f"nft: {exc}")
+    else:
+        data["nft"] = "not installed"
+    ipt = shutil.which("iptables-save")
+    if ipt:
+        try:
+            out = _run([ipt], ctx).stdout
+            files["iptables-save.txt"] = out[:MAX_FILE]
+            ipt_found = iptables_nat_rules(out.decode(errors="replace"))
+        except (CollectorError, OSError) as exc:
+            problems.append(f"iptables-save: {exc}")
+    else:
+        data["iptables_save"] = "not installed"
+    data["nat_verdict"] = nat_verdict(nft_found, ipt_found)
+    if nft_found:
+        data["nft_nat"] = nft_found
+    if ipt_found:
+        data["iptables_nat"] = ipt_found
+    if problems:
+        data["errors"] = problems
+        if nft_found is None and ipt_found is None and (nft or ipt):
+            raise CollectorError("; ".join(problems))
+    return data, files
+
+
+# --- host-wide collectors --------------------------------------------------------------------
+
+
+def parse_slab_line(text: str) -> dict[str, int] | None:
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "nf_conntrack":
+            active, total, objsize = int(fields[1]), int(fields[2]), int(fields[3])
+            return {
+                "active_objs": active,
+                "num_objs": total,
+                "objsize": objsize,
+                "active_bytes": active * objsize,
+                "bytes": total * objsize,
+            }
+    return None
+
+
+def slab(ctx: Context) -> Result:
+    path = ctx.proc_root / "slabinfo"
+    text = _read(path)
+    parsed = parse_slab_line(text)
+    if parsed is None:
+        # SLUB merges caches of one size unless slab_nomerge: the objects are still there,
+        # only accounted under another name.
+        raise CollectorError(
+            f"no nf_conntrack line in {path}: the cache is merged with another (boot with slab_nomerge to see it)"
+        )
+    line = next(l for l in text.splitlines() if l.split()[:1] == ["nf_conntrack"])
+    head = next((l for l in text.splitlines() if l.startswith("# name")), "")
+    return {"slab": parsed, "line": line}, {"slabinfo.txt": (head + "\n" + line + "\n").encode()}
+
+
+def memory(ctx: Context) -> Result:
+    text = _read(ctx.proc_root / "meminfo")
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable"):
+            value = rest.split()
+            out[key] = int(value[0]) * (1024 if value[1:] == ["kB"] else 1)
+    if "MemTotal" not in out:
+        raise CollectorError(f"{ctx.proc_root / 'meminfo'} has no MemTotal line")
+    return {"bytes": out}, {}
+
+
+_CONTAINER_PATTERNS = (
+    (re.compile(r"docker-([0-9a-f]{12,})\.scope"), "docker"),
+    (re.compile(r"/docker/([0-9a-f]{12,})"), "docker"),
+    (re.compile(r"cri-containerd-([0-9a-f]{12,})\.scope"), "containerd"),
+    (re.compile(r"crio-(?:conmon-)?([0-9a-f]{12,})\.scope"), "cri-o"),
+    (re.compile(r"libpod-(?:conmon-)?([0-9a-f]{12,})\.scope"), "podman"),
+    (re.compile(r"machine-([^/]+)\.scope"), "machine"),
+    (re.compile(r"kubepods[^/]*/(?:[^/]*/)?[^/]*pod([0-9a-f_\-]{36})"), "k8s-pod"),
+)
+
+
+def parse_cgroup(text: str) -> tuple[str | None, list[str]]:
+    """The systemd unit and container labels one /proc/PID/cgroup names."""
+    unit: str | None = None
+    containers: list[str] = []
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        for part in reversed(path.split("/")):
+            if part.endswith((".service", ".scope")) and unit is None:
+                unit = part
+                break
+        for pattern, kind in _CONTAINER_PATTERNS:
+            m = pattern.search(path)
+            if m:
+                label = f"{kind}:{m.group(1)[:12] if kind != 'machine' else m.group(1)}"
+                if label not in containers:
+                    containers.append(label)
+    return unit, containers
+
+
+def namespaces(ctx: Context) -> Result:
+    """Every network namespace the processes are in (plus named ones), with processes and units."""
+    found: dict[int, dict[str, Any]] = {}
+
+    def slot(inode: int) -> dict[str, Any]:
+        return found.setdefault(inode, {"inode": inode, "names": [], "processes": 0, "listed": [], "units": [], "containers": []})
+
+    try:
+        for entry in sorted(os.listdir(ctx.netns_run_dir)):
+            try:
+                slot(os.stat(ctx.netns_run_dir / entry).st_ino)["names"].append(entry)
+            except OSError:
+                continue
+    except OSError:
+        pass
+    try:
+        pids = sorted((int(p) for p in os.listdir(ctx.proc_root) if p.isdigit()))
+    except OSError as exc:
+        raise CollectorError(f"cannot list {ctx.proc_root}: {exc}") from None
+    for pid in pids:
+        base = ctx.proc_root / str(pid)
+        try:
+            link = os.readlink(base / "ns" / "net")
+        except OSError:
+            continue  # gone, or a kernel thread we may not inspect
+        m = re.fullmatch(r"net:\[(\d+)\]", link)
+        if not m:
+            continue
+        ns = slot(int(m.group(1)))
+        ns["processes"] += 1
+        try:
+            comm = (base / "comm").read_text().strip()
+        except OSError:
+            comm = "?"
+        try:
+            unit, containers = parse_cgroup((base / "cgroup").read_text())
+        except OSError:
+            unit, containers = None, []
+        if len(ns["listed"]) < PROCESSES_LISTED:
+            ns["listed"].append({"pid": pid, "comm": comm, "unit": unit or ""})
+        if unit and unit not in ns["units"] and len(ns["units"]) < UNITS_LISTED:
+            ns["units"].append(unit)
+        for c in containers:
+            if c not in ns["containers"] and len(ns["containers"]) < UNITS_LISTED:
+                ns["containers"].append(c)
+    return {"namespaces": [found[k] for k in sorted(found)]}, {}
+
+
+KERNEL_MATCH = "nf_conntrack"
+
+
+def journal(ctx: Context) -> Result:
+    """The last kernel-transport lines mentioning nf_conntrack (table full and friends)."""
+    try:
+        from systemd import journal as sd_journal  # type: ignore[import-not-found]
+    except ImportError:
+        raise CollectorError("python3-systemd is not installed: kernel journal lines not collected") from None
+    try:
+        reader = sd_journal.Reader()
+    except OSError as exc:
+        raise CollectorError(f"journald is not available ({exc}): kernel journal lines not collected") from None
+    lines: list[str] = []
+    try:
+        # Kernel transport only: any local user can write the same words through syslog.
+        reader.add_match(_TRANSPORT="kernel")
+        reader.seek_tail()
+        scanned = 0
+        stop_at = min(ctx.deadline, time.monotonic() + 2.0)
+        while len(lines) < JOURNAL_LINES and scanned < JOURNAL_SCAN and time.monotonic() < stop_at:
+            entry = reader.get_previous()
+            if not entry:
+                break
+            scanned += 1
+            message = entry.get("MESSAGE", "")
+            if isinstance(message, bytes):
+                message = message.decode(errors="replace")
+            if KERNEL_MATCH in message:
+                when = entry.get("__REALTIME_TIMESTAMP")
+                stamp = when.isoformat() if hasattr(when, "isoformat") else str(when)
+                lines.append(f"{stamp} {message}")
+    finally:
+        reader.close()
+    lines.reverse()
+    data: dict[str, Any] = {"lines": len(lines), "scanned": scanned}
+    if lines:
+        data["last"] = lines[-1]
+    return data, {"journal-kernel.txt": ("\n".join(lines) + ("\n" if lines else "")).encode()}
+
+
+def tomlable(value: Any) -> Any:
+    """A copy of `value` that tomli-w can write (TOML has no null)."""
+    if isinstance(value, Mapping):
+        return {str(k): tomlable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [tomlable(v) for v in value if v is not None]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def policy_and_decision(ctx: Context) -> Result:
+    files = {"policy.toml": ctx.policy_text.encode()}
+    data: dict[str, Any] = {"policy_bytes": len(ctx.policy_text.encode())}
+    if ctx.decision is not None:
+        files["decision.json"] = (json.dumps(ctx.decision, indent=2, sort_keys=True, default=str) + "\n").encode()
+        data["decision"] = tomlable(ctx.decision)
+    return data, files
+
+
+Collector = Callable[[Context], Result]
+
+# (name, function, runs inside the inspected namespace)
+NAMESPACE_COLLECTORS: tuple[tuple[str, Collector], ...] = (
+    ("sysctl", sysctls),
+    ("cpu_stats", cpu_stats),
+    ("sockstat", sockstat),
+)
+NAMESPACE_SLOW_COLLECTORS: tuple[tuple[str, Collector], ...] = (("rules", rules),)
+HOST_COLLECTORS: tuple[tuple[str, Collector], ...] = (
+    ("slab", slab),
+    ("memory", memory),
+    ("namespaces", namespaces),
+    ("journal", journal),
+    ("policy", policy_and_decision),
+)
+
+
+def run_collector(name: str, fn: Collector, ctx: Context) -> Collected:
+    start = time.monotonic()
+    try:
+        data, files = fn(ctx)
+    except CollectorError as exc:
+        return Collected(name, error=str(exc), seconds=time.monotonic() - start)
+    except Exception as exc:  # one broken source must not sink the bundle
+        return Collected(name, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
+    return Collected(name, data, files, None, time.monotonic() - start)
+
+
+def run_all(collectors: tuple[tuple[str, Collector], ...], ctx: Context) -> list[Collected]:
+    return [run_collector(name, fn, ctx) for name, fn in collectors]
+
+
+__all__ = [
+    "Collected", "Context", "CollectorError", "run_collector", "run_all",
+    "NAMESPACE_COLLECTORS", "NAMESPACE_SLOW_COLLECTORS", "HOST_COLLECTORS",
+    "parse_stat", "parse_slab_line", "parse_cgroup", "nft_nat_rules", "iptables_nat_rules", "nat_verdict",
+]
