@@ -170,7 +170,18 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
                                    f"no drop for {policy.persist.stable_for:g} s since the last bump"))
 
     summary = _summary(sample, fill, rate, actions)
-    return Decision(tuple(actions), netns, fill, rate, pressure, summary)
+    left = limits.max - (worst.count if worst else 0)
+    to_full = left / rate if rate > 0 else math.inf
+    return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full)
+
+
+def next_interval(policy: Policy, decision: Decision) -> float:
+    """Sample fast above `warn`, and also while growth would fill the table within a few
+    horizons: a steep ramp must be seen again before it crosses `act`, not a second later."""
+    watch_window = max(policy.thresholds.horizon, policy.watch.interval) * 3
+    if decision.pressure or decision.seconds_to_full <= watch_window:
+        return policy.watch.fast_interval
+    return policy.watch.interval
 
 
 def _last_ok_bump_at(history: History) -> Instant | None:
@@ -253,6 +264,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             bumps.append(BumpRecord(now, a.old, o.read_back if o.ok and o.read_back else a.new, a.trigger, o.ok))
             if o.ok and a.trigger != "reapply":
                 changes["unpersisted_max"] = max(o.read_back or a.new, h.unpersisted_max or 0)
+                changes["bumps_total"] = changes.get("bumps_total", h.bumps_total) + 1
         elif isinstance(a, Persist) and o.ok:
             changes["persisted_max"] = a.max
             changes["persisted_buckets"] = a.buckets

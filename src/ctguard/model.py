@@ -159,6 +159,7 @@ class Decision:
     rate: float                     # entries/s of the worst namespace, 0 when unknown
     pressure: bool                  # above thresholds.warn
     summary: str
+    seconds_to_full: float = float("inf")   # at the current growth; inf when not growing
 
     def of(self, kind: type) -> list:
         return [a for a in self.actions if isinstance(a, kind)]
@@ -188,6 +189,7 @@ class History:
     persisted_buckets: int | None = None
     unpersisted_max: int | None = None
     table_full_events: int = 0
+    bumps_total: int = 0            # successful bumps ever (a counter for metrics; survives restarts)
 
     def with_(self, **changes) -> "History":
         return replace(self, **changes)

@@ -263,6 +263,10 @@ def load(path: Path | str) -> Policy:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
+        if path == DEFAULT_POLICY_PATH:
+            # Installed without the package's conffile (pip, a source checkout): every key
+            # has a default, so run on those rather than refuse to start.
+            return Policy(source=f"built-in defaults ({source} does not exist)")
         raise PolicyError([f"{source}: no such file; create it (an empty file is a valid policy) or pass --policy"]) from None
     except OSError as exc:
         raise PolicyError([f"{source}: cannot read: {exc.strerror}"]) from None

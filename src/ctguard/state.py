@@ -44,6 +44,7 @@ def history_to_json(h: History) -> dict:
         "persisted_buckets": h.persisted_buckets,
         "unpersisted_max": h.unpersisted_max,
         "table_full_events": h.table_full_events,
+        "bumps_total": h.bumps_total,
     }
 
 
@@ -71,6 +72,7 @@ def history_from_json(d: dict) -> History:
         persisted_buckets=_opt_int(d.get("persisted_buckets")),
         unpersisted_max=_opt_int(d.get("unpersisted_max")),
         table_full_events=_opt_int(d.get("table_full_events")) or 0,
+        bumps_total=_opt_int(d.get("bumps_total")) or 0,
     )
 
 

@@ -1,0 +1,207 @@
+"""The command line: argparse front for run, check-policy, status, capture, bundles, recommend, bump."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+from ctguard import __version__
+from ctguard import policy as policy_mod
+from ctguard.policy import DEFAULT_POLICY_PATH, Policy, PolicyError
+
+EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+
+
+def _load_or_report(path: Path, code: int) -> Policy | int:
+    try:
+        return policy_mod.load(path)
+    except PolicyError as exc:
+        print("ctguard: the policy has problems:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ctguard import daemon
+
+    return daemon.run(Path(args.policy))
+
+
+def cmd_check_policy(args: argparse.Namespace) -> int:
+    path = Path(args.file or args.policy)
+    try:
+        policy = policy_mod.load(path)
+    except PolicyError as exc:
+        for p in exc.problems:
+            print(p)
+        return EX_FAIL
+    from ctguard.kernel import Kernel
+
+    try:
+        kernel_max: int | None = Kernel().read_max()
+    except OSError:
+        kernel_max = None
+    print(policy_mod.summary(policy))
+    for w in policy_mod.warnings_for(policy, kernel_max):
+        print(f"warning: {w}")
+    return EX_OK
+
+
+def _live(policy: Policy):
+    from ctguard.clock import Clock
+    from ctguard.kernel import Kernel
+    from ctguard.observe import Observer
+
+    clock = Clock()
+    observer = Observer(Kernel(), clock, policy.watch.namespaces)
+    try:
+        return observer.sample(), clock.now()
+    finally:
+        observer.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ctguard import status
+    from ctguard.kernel import ConntrackNotLoaded
+    from ctguard.state import StateStore
+
+    loaded = _load_or_report(Path(args.policy), status.UNKNOWN)
+    if isinstance(loaded, int):
+        print("CTGUARD UNKNOWN - the policy cannot be read")
+        return loaded
+    policy = loaded
+    try:
+        sample, now = _live(policy)
+    except (ConntrackNotLoaded, OSError) as exc:
+        print(f"CTGUARD UNKNOWN - cannot read conntrack: {exc}")
+        return status.UNKNOWN
+    history = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr)).load_history()
+    view = status.build(policy, sample, history, now)
+    print(status.render_json(view) if args.json else status.render_text(view))
+    return view.code
+
+
+def cmd_bump(args: argparse.Namespace) -> int:
+    from ctguard.act import Actor
+    from ctguard.clock import Clock
+    from ctguard.decide import advance, decide_manual
+    from ctguard.kernel import ConntrackNotLoaded, Kernel
+    from ctguard.model import Refuse, SetMax
+    from ctguard.state import StateStore
+
+    loaded = _load_or_report(Path(args.policy), EX_CONFIG)
+    if isinstance(loaded, int):
+        return loaded
+    policy = loaded
+    kernel = Kernel()
+    try:
+        limits = kernel.limits()
+    except ConntrackNotLoaded as exc:
+        print(f"ctguard: {exc}", file=sys.stderr)
+        return EX_FAIL
+    decision = decide_manual(policy, limits, args.to)
+    for refusal in decision.of(Refuse):
+        print(f"ctguard: refused: {refusal.reason}", file=sys.stderr)
+        return EX_FAIL
+    outcomes = Actor(kernel, policy, wall_clock=__import__("time").time).carry_out(decision)
+    store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    history = advance(store.load_history(), None, [], outcomes, Clock().now(), policy)
+    try:
+        store.save_history(history)
+    except OSError as exc:
+        print(f"warning: cannot record the bump in {policy.state.dir}: {exc}", file=sys.stderr)
+    code = EX_OK
+    for o in outcomes:
+        print(("" if o.ok else "not done: ") + o.detail)
+        if isinstance(o.action, SetMax) and not o.ok:
+            code = EX_FAIL
+    try:
+        from ctguard.events import EventLog
+
+        for o in outcomes:
+            if isinstance(o.action, SetMax) and o.ok:
+                EventLog().emit("bump", f"operator raised nf_conntrack_max {o.action.old} -> {o.read_back}",
+                                CTGUARD_OLD_MAX=o.action.old, CTGUARD_NEW_MAX=o.read_back, CTGUARD_REASON="manual")
+    except ImportError:
+        pass
+    return code
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from ctguard import recommend
+
+    loaded = _load_or_report(Path(args.policy), EX_CONFIG)
+    if isinstance(loaded, int):
+        return loaded
+    return recommend.main(loaded, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--policy", default=str(DEFAULT_POLICY_PATH), metavar="P",
+                        help=f"policy file (default {DEFAULT_POLICY_PATH})")
+    parser = argparse.ArgumentParser(prog="ctguard", parents=[common],
+                                     description="Keeps Linux connection tracking from running out of room.")
+    parser.add_argument("--version", action="version", version=f"ctguard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check-policy", parents=[common], help="validate a policy")
+    p.add_argument("file", nargs="?", help="policy to check (default: --policy)")
+    p.set_defaults(func=cmd_check_policy)
+    p = sub.add_parser("status", parents=[common], help="live fill per namespace; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("bump", parents=[common], help="an operator's increase, held to the same ceiling")
+    p.add_argument("--to", type=_positive_int, required=True, metavar="N")
+    p.set_defaults(func=cmd_bump)
+    p = sub.add_parser("recommend", parents=[common], help="sizing advice from recorded peaks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
+    try:
+        from ctguard.evidence.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        try:
+            add_commands(sub, parents=[common])
+        except TypeError:
+            add_commands(sub)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 < value <= policy_mod.KERNEL_UINT_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..{policy_mod.KERNEL_UINT_LIMIT}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = args.func
+    # The evidence commands take the loaded policy as a second argument.
+    if len(inspect.signature(func).parameters) == 2:
+        loaded = _load_or_report(Path(args.policy), EX_CONFIG)
+        if isinstance(loaded, int):
+            return loaded
+        return func(args, loaded)
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EX_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""`ctguard run`: the event loop. It wires the adapters to the core and decides nothing.
+
+One selector holds the signal wake-up fd and the journal's fd; the sampling timer is the
+selector's timeout. A kernel `table full` line therefore leads to a sample and a decision in
+the same loop turn, not at the next tick, and nothing polls busily.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+from ctguard import metrics, persist
+from ctguard import policy as policy_mod
+from ctguard.act import Actor
+from ctguard.clock import Clock
+from ctguard.decide import advance, decide, decide_start, next_interval
+from ctguard.kernel import ConntrackNotLoaded, Kernel
+from ctguard.model import (
+    Capture, Decision, History, Instant, Outcome, Persist, Refuse, Sample, SetBuckets, SetMax, TableFull, Warn,
+)
+from ctguard.observe import Observer
+from ctguard.policy import Policy, PolicyError
+from ctguard.state import PeakRecorder, StateStore
+
+log = logging.getLogger("ctguard")
+
+EX_CONFIG = 78
+METRICS_EVERY = 1.0         # seconds: the textfile is rewritten at most this often, even at fast_interval
+CURSOR_EVERY = 5.0          # seconds between journal-cursor saves while lines keep coming
+NOT_LOADED_RETRY = 2.0      # seconds between looks for nf_conntrack while it is not loaded
+
+
+def jsonable(obj):
+    if is_dataclass(obj):
+        d = {k: jsonable(v) for k, v in asdict(obj).items()}
+        d["kind"] = type(obj).__name__
+        return d
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(x) for x in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class Paths:
+    proc_root: str = "/proc"
+    sys_root: str = "/sys"
+    run_netns: str = "/run/netns"
+
+
+@dataclass
+class Children:
+    """Capture processes started beside the loop; reaped without ever waiting on them."""
+
+    running: list[tuple[subprocess.Popen, str]] = field(default_factory=list)
+
+    def reap(self) -> list[tuple[str, int, str]]:
+        done = []
+        for proc, reason in list(self.running):
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace").strip() if proc.stdout else ""
+                done.append((reason, proc.returncode, out))
+                self.running.remove((proc, reason))
+        return done
+
+
+class Daemon:
+    def __init__(self, policy_path: Path, policy: Policy, paths: Paths | None = None,
+                 notifier=None, events=None) -> None:
+        from ctguard.events import EventLog
+        from ctguard.notify import Notifier
+
+        self.policy_path = policy_path
+        self.policy = policy
+        self.paths = paths or Paths()
+        self.notifier = notifier or Notifier()
+        self.events = events or EventLog()
+        self.clock = Clock(self.paths.proc_root)
+        self.kernel = Kernel(self.paths.proc_root, self.paths.sys_root)
+        self.observer = Observer(self.kernel, self.clock, policy.watch.namespaces,
+                                 self.paths.proc_root, self.paths.run_netns)
+        self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
+        self.history: History = self.store.load_history()
+        self.peaks = PeakRecorder(self.store.load_peaks())
+        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
+        self.children = Children()
+        self.follower = None
+        self.running = True
+        self.ready = False
+        self.last_sample: Sample | None = None
+        self.last_action = "none yet"
+        self._metrics_at = -1e9
+        self._cursor_at = -1e9
+        self._cursor_saved: str | None = None
+        self._not_loaded_said = False
+        self._sel = selectors.DefaultSelector()
+        self._sig_r, self._sig_w = socket.socketpair()
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def _open_journal(self) -> None:
+        from ctguard import journal
+
+        cursor = journal.load_cursor(self.policy.state.dir)
+        self.follower = journal.open_follower(cursor=cursor)
+        if self.follower is None:
+            self.events.emit("journal-unavailable", "no journald: running on sampling alone")
+            return
+        self._sel.register(self.follower.fileno(), selectors.EVENT_READ, "journal")
+        # Lines written while ctguard was down are history: count them, do not act on them.
+        backlog = self.follower.read_events()
+        if backlog:
+            self.history = advance(self.history, None, [self._table_full(e) for e in backlog], [],
+                                   self.clock.now(), self.policy)
+            log.info("%d kernel table-full lines were written while ctguard was not running", len(backlog))
+
+    def _table_full(self, ev) -> TableFull:
+        return TableFull(self.clock.now(), ev.netns, ev.suppressed, ev.backlog)
+
+    def _install_signals(self) -> None:
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wake-up fd carries the number
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self._sel.register(self._sig_r.fileno(), selectors.EVENT_READ, "signal")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self.events.emit("start", f"ctguard starting with {self.policy.source} (mode {self.policy.mode})")
+        for warning in policy_mod.warnings_for(self.policy, self._kernel_max()):
+            log.warning("%s", warning)
+        self._open_journal()
+        next_sample = time.monotonic()
+        wd = self.notifier.watchdog_interval()
+        next_watchdog = time.monotonic()
+        try:
+            while self.running:
+                now = time.monotonic()
+                wake = next_sample if not wd else min(next_sample, next_watchdog)
+                journal_timeout = self.follower.timeout() if self.follower else None
+                timeout = max(0.0, wake - now)
+                if journal_timeout is not None:
+                    timeout = min(timeout, journal_timeout)
+                kernel_events: list[TableFull] = []
+                for key, _ in self._sel.select(timeout):
+                    if key.data == "signal":
+                        self._signals()
+                    elif key.data == "journal":
+                        kernel_events.extend(self._read_journal())
+                if not self.running:
+                    break
+                now = time.monotonic()
+                if kernel_events or now >= next_sample:
+                    if self.follower is not None and not kernel_events:
+                        kernel_events = self._read_journal()   # a safety net for a missed wake-up
+                    interval = self._turn(kernel_events)
+                    next_sample = time.monotonic() + interval
+                if wd and time.monotonic() >= next_watchdog:
+                    # Only a loop that gets here pings: a stuck loop lets systemd's watchdog fire.
+                    self.notifier.watchdog()
+                    next_watchdog = time.monotonic() + wd
+        finally:
+            self._stop()
+        return 0
+
+    def _kernel_max(self) -> int | None:
+        try:
+            return self.kernel.read_max()
+        except OSError:
+            return None
+
+    def _read_journal(self) -> list[TableFull]:
+        if self.follower is None:
+            return []
+        try:
+            raw = self.follower.read_events()
+        except Exception as exc:  # the journal must never take the loop down
+            log.warning("reading the journal failed: %s", exc)
+            return []
+        # The follower may have reopened the journal (journald restarted): re-register its fd.
+        self._reregister_journal()
+        now = time.monotonic()
+        cursor = self.follower.cursor
+        if cursor and cursor != self._cursor_saved and now - self._cursor_at >= CURSOR_EVERY:
+            self._save_cursor()
+        return [self._table_full(e) for e in raw]
+
+    def _reregister_journal(self) -> None:
+        fd = self.follower.fileno()
+        keys = {k.fd: k for k in self._sel.get_map().values() if k.data == "journal"}
+        if fd not in keys:
+            for k in keys.values():
+                self._sel.unregister(k.fd)
+            self._sel.register(fd, selectors.EVENT_READ, "journal")
+
+    def _save_cursor(self) -> None:
+        from ctguard import journal
+
+        cursor = self.follower.cursor if self.follower else None
+        if not cursor or cursor == self._cursor_saved:
+            return
+        try:
+            journal.save_cursor(self.policy.state.dir, cursor)
+            self._cursor_saved = cursor
+            self._cursor_at = time.monotonic()
+        except OSError as exc:
+            log.warning("cannot save the journal cursor in %s: %s", self.policy.state.dir, exc)
+
+    def _signals(self) -> None:
+        try:
+            data = self._sig_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.running = False
+            elif signum == signal.SIGHUP:
+                self._reload()
+
+    def _turn(self, kernel_events: list[TableFull]) -> float:
+        """One observe-decide-act-record turn; returns the seconds until the next one."""
+        for reason, code, out in self.children.reap():
+            if code == 0 and out:
+                self.events.emit("bundle", f"evidence bundle captured ({reason}): {out}",
+                                 CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason)
+            else:
+                log.warning("evidence capture (%s) failed with exit code %s: %s", reason, code, out[-500:])
+        try:
+            sample = self.observer.sample()
+        except ConntrackNotLoaded as exc:
+            if not self._not_loaded_said:
+                log.warning("%s", exc)
+                self.events.emit("waiting", "nf_conntrack is not loaded; ctguard waits for it and starts guarding when it appears")
+                self._not_loaded_said = True
+            self.notifier.status("waiting for nf_conntrack to be loaded")
+            if not self.ready:
+                self.notifier.ready()   # running and healthy, just nothing to guard yet
+                self.ready = True
+            return NOT_LOADED_RETRY
+        now = self.clock.now()
+        if self.last_sample is None:
+            self._start(sample, now)
+        decision = decide(self.policy, sample, self.history, now, kernel_events)
+        outcomes = self.actor.carry_out(decision) if decision.actions else []
+        self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
+        self._report(decision, outcomes, kernel_events)
+        extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
+        if self.peaks.observe(sample, extra_drops):
+            self._safe(self.store.save_peaks, self.peaks.peaks, what="peaks")
+        if outcomes or kernel_events:
+            self._safe(self.store.save_history, self.history, what="state")
+        self.last_sample = sample
+        self._write_metrics(sample)
+        self.notifier.status(f"{decision.summary}; last action: {self.last_action}")
+        if not self.ready:
+            self.notifier.ready()
+            self.ready = True
+        return next_interval(self.policy, decision)
+
+    def _start(self, sample: Sample, now: Instant) -> None:
+        self._not_loaded_said = False
+        persisted = persist.read_persisted_max(self.policy.persist.sysctl_file)
+        start = decide_start(self.policy, sample.limits, persisted)
+        if start.actions:
+            outcomes = self.actor.carry_out(start)
+            self.history = advance(self.history, None, [], outcomes, now, self.policy)
+            self._report(start, outcomes, [])
+            self._safe(self.store.save_history, self.history, what="state")
+
+    def _safe(self, fn, arg, what: str) -> None:
+        try:
+            fn(arg)
+        except OSError as exc:
+            log.warning("cannot write the %s file under %s: %s; the previous file is unchanged",
+                        what, self.policy.state.dir, exc)
+
+    def _write_metrics(self, sample: Sample) -> None:
+        if not self.policy.metrics.textfile:
+            return
+        now = time.monotonic()
+        if now - self._metrics_at < METRICS_EVERY:
+            return
+        self._metrics_at = now
+        try:
+            metrics.write(self.policy.metrics.textfile, metrics.render(sample, self.history, self.policy.bump.ceiling))
+        except OSError as exc:
+            log.warning("cannot write metrics to %s: %s", self.policy.metrics.textfile, exc)
+
+    def _report(self, decision: Decision, outcomes: list[Outcome], kernel_events: list[TableFull]) -> None:
+        ev = self.events
+        for o in outcomes:
+            a = o.action
+            if isinstance(a, SetMax):
+                fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
+                              CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
+                if o.ok:
+                    self.last_action = f"bumped {a.old} -> {o.read_back} ({a.trigger})"
+                    ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}: {a.reason}", **fields)
+                else:
+                    self.last_action = f"bump to {a.new} not done"
+                    ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
+            elif isinstance(a, SetBuckets):
+                if o.ok:
+                    ev.emit("buckets", f"resized conntrack buckets {a.old} -> {o.read_back}",
+                            CTGUARD_OLD_MAX=a.old, CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.reason)
+                else:
+                    ev.emit("bump-failed", f"buckets not resized: {o.detail}", CTGUARD_REASON="buckets")
+            elif isinstance(a, Refuse):
+                if a.kind == "cooldown":
+                    log.debug("%s", a.reason)
+                    continue
+                self.last_action = f"bump refused ({a.kind})"
+                ev.emit("refused", f"bump refused ({a.kind}): {a.reason}", CTGUARD_NETNS=a.netns or "",
+                        CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
+                        CTGUARD_REASON=a.kind)
+            elif isinstance(a, Persist):
+                if o.ok:
+                    ev.emit("persisted", f"persisted nf_conntrack_max {a.max}: {o.detail}", CTGUARD_NEW_MAX=a.max,
+                            CTGUARD_REASON=a.reason)
+                elif "observe" not in o.detail and "never" not in o.detail:
+                    log.warning("%s", o.detail)
+            elif isinstance(a, Warn):
+                if a.kind == "pressure":
+                    ev.emit("pressure", f"conntrack pressure: {a.reason}", CTGUARD_NETNS=a.netns or "",
+                            CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="pressure")
+                else:
+                    ev.emit("table-full", f"kernel reported the conntrack table full: {a.reason}",
+                            CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="table-full")
+            elif isinstance(a, Capture) and not o.ok:
+                log.warning("%s", o.detail)
+
+    # -- evidence beside the loop -------------------------------------------------------------
+
+    def _start_capture(self, action: Capture, decision: Decision) -> str:
+        args = [sys.executable, "-m", "ctguard", "capture", "--policy", str(self.policy_path),
+                "--reason", action.reason, "--decision-file", "/dev/stdin"]
+        if action.netns:
+            args += ["--netns", str(action.netns)]
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                preexec_fn=_lower_priority, close_fds=True)
+        payload = json.dumps({"summary": decision.summary, "actions": jsonable(decision.actions),
+                              "worst_netns": decision.worst_netns, "worst_fill": decision.worst_fill,
+                              "rate": decision.rate, "policy": str(self.policy_path)})
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(payload.encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.children.running.append((proc, action.reason))
+        return f"capture started (pid {proc.pid})"
+
+    # -- reload and stop -------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = policy_mod.load(self.policy_path)
+        except PolicyError as exc:
+            self.events.emit("policy-rejected", f"policy reload rejected, the old policy stays in force: {exc}",
+                             CTGUARD_REASON="; ".join(exc.problems))
+        else:
+            self.policy = new
+            self.actor.policy = new
+            self.observer.namespaces = new.watch.namespaces
+            self.observer.rediscover()
+            if new.state.dir != self.store.folder:
+                self.store = StateStore(new.state.dir, warn=lambda m: log.warning("%s", m))
+            for warning in policy_mod.warnings_for(new, self._kernel_max()):
+                log.warning("%s", warning)
+            self.events.emit("policy-reloaded", f"policy reloaded from {self.policy_path}")
+        self.notifier.ready()
+
+    def _stop(self) -> None:
+        self.notifier.stopping()
+        self._safe(self.store.save_history, self.history, what="state")
+        self._safe(self.store.save_peaks, self.peaks.current(), what="peaks")
+        if self.follower is not None:
+            self._save_cursor()
+            self.follower.close()
+        deadline = time.monotonic() + 1.0
+        for proc, _ in self.children.running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        self.observer.close()
+        signal.set_wakeup_fd(-1)
+        self.events.emit("stop", "ctguard stopped")
+
+
+def _lower_priority() -> None:
+    # Evidence must never compete with the traffic or with the loop that bumps.
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
+def run(policy_path: Path, paths: Paths | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="ctguard: %(message)s", stream=sys.stderr)
+    try:
+        policy = policy_mod.load(policy_path)
+    except PolicyError as exc:
+        print(f"ctguard: refusing to start, the policy has problems:\n" + "\n".join(f"  {p}" for p in exc.problems),
+              file=sys.stderr)
+        return EX_CONFIG
+    try:
+        daemon = Daemon(policy_path, policy, paths)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            print(f"ctguard: {exc}; run as root", file=sys.stderr)
+            return 77
+        raise
+    return daemon.run()

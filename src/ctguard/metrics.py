@@ -1,0 +1,53 @@
+"""Prometheus node_exporter textfile: rendered purely, written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctguard.files import atomic_write
+from ctguard.model import History, Sample
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(sample: Sample, history: History, ceiling: int, drops_by_ns: dict[int, int] | None = None) -> str:
+    """The metrics of SPEC.md; `drops_total` is the kernel's per-namespace `drop` counter."""
+    lim = sample.limits
+    out = []
+
+    def head(name: str, kind: str, text: str) -> None:
+        out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
+
+    head("ctguard_conntrack_entries", "gauge", "Conntrack entries in the namespace.")
+    for ns in sample.namespaces:
+        out.append(f'ctguard_conntrack_entries{{netns="{ns.inode}",name="{_label(ns.name)}"}} {ns.count}\n')
+    head("ctguard_conntrack_fill_ratio", "gauge", "Entries divided by the global nf_conntrack_max.")
+    for ns in sample.namespaces:
+        out.append(f'ctguard_conntrack_fill_ratio{{netns="{ns.inode}",name="{_label(ns.name)}"}} {sample.fill(ns):.6f}\n')
+    head("ctguard_conntrack_drops_total", "counter", "Packets dropped because the table was full (kernel drop counter).")
+    for ns in sample.namespaces:
+        out.append(f'ctguard_conntrack_drops_total{{netns="{ns.inode}",name="{_label(ns.name)}"}} {ns.drops}\n')
+    head("ctguard_conntrack_max", "gauge", "net.netfilter.nf_conntrack_max.")
+    out.append(f"ctguard_conntrack_max {lim.max}\n")
+    head("ctguard_conntrack_buckets", "gauge", "net.netfilter.nf_conntrack_buckets.")
+    out.append(f"ctguard_conntrack_buckets {lim.buckets}\n")
+    head("ctguard_ceiling", "gauge", "The policy's bump.ceiling.")
+    out.append(f"ctguard_ceiling {ceiling}\n")
+    ok = [b for b in history.bumps if b.ok and b.trigger != "reapply"]
+    head("ctguard_bumps_total", "counter", "Bumps of nf_conntrack_max made by ctguard.")
+    out.append(f"ctguard_bumps_total {history.bumps_total}\n")
+    head("ctguard_table_full_events_total", "counter", "Kernel 'table full' lines seen in the journal.")
+    out.append(f"ctguard_table_full_events_total {history.table_full_events}\n")
+    head("ctguard_last_bump_timestamp_seconds", "gauge", "Unix time of the last bump, 0 if none.")
+    out.append(f"ctguard_last_bump_timestamp_seconds {ok[-1].at.wall if ok else 0:.3f}\n")
+    return "".join(out)
+
+
+def write(path: str, text: str) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, text, 0o644)

@@ -1,0 +1,109 @@
+"""`ctguard status`: the live view and its monitoring-plugin exit code.
+
+Built from a fresh sample (the same adapters the daemon uses) and the daemon's state on
+disk, so it answers even when the daemon is down, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from ctguard import persist
+from ctguard.decide import HOUR, upper_bound
+from ctguard.model import History, Instant, Sample
+from ctguard.policy import Policy
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+RECENT_DROPS = 300.0    # a drop seen this recently keeps the status CRITICAL
+
+
+@dataclass(frozen=True)
+class StatusView:
+    code: int
+    headline: str
+    data: dict
+
+
+def build(policy: Policy, sample: Sample, history: History, now: Instant) -> StatusView:
+    lim = sample.limits
+    upper, binding = upper_bound(policy, lim)
+    namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
+    auto = [b for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply") and now.since(b.at) < HOUR]
+    budget_left = max(0, policy.bump.max_per_hour - len(auto))
+    fill = sample.worst_fill
+    worst = sample.worst
+    recent_drop = history.last_drop is not None and now.since(history.last_drop) < RECENT_DROPS
+    persisted = persist.read_persisted_max(policy.persist.sysctl_file)
+
+    problems: list[tuple[int, str]] = []
+    if fill >= policy.thresholds.act:
+        problems.append((CRITICAL, f"fill {fill:.0%} at or above act {policy.thresholds.act:.0%}"))
+    elif fill >= policy.thresholds.warn:
+        problems.append((WARNING, f"fill {fill:.0%} above warn {policy.thresholds.warn:.0%}"))
+    if recent_drop:
+        problems.append((CRITICAL, f"table full {now.since(history.last_drop):.0f} s ago"))  # type: ignore[arg-type]
+    if lim.max >= upper:
+        problems.append((WARNING, f"max {lim.max} is at the {binding} {upper}: no room left to bump"))
+    if budget_left == 0:
+        problems.append((WARNING, "bump budget for this hour is spent"))
+    code = max((c for c, _ in problems), default=OK)
+    worst_txt = f"{worst.name} {fill:.1%}" if worst else "no namespace"
+    reasons = "; ".join(m for _, m in problems)
+    headline = f"CTGUARD {LABELS[code]} - worst {worst_txt} of max {lim.max}" + (f" ({reasons})" if reasons else "")
+
+    data = {
+        "status": LABELS[code],
+        "code": code,
+        "problems": [m for _, m in problems],
+        "mode": policy.mode,
+        "namespaces": [
+            {"inode": n.inode, "name": n.name, "count": n.count, "fill": round(sample.fill(n), 6), "drops": n.drops}
+            for n in namespaces
+        ],
+        "max": lim.max,
+        "buckets": lim.buckets,
+        "ceiling": policy.bump.ceiling,
+        "upper_bound": upper,
+        "upper_bound_by": binding,
+        "headroom": max(0, upper - lim.max),
+        "slab_object_size": lim.slab_object_size,
+        "mem_total": lim.mem_total,
+        "mem_available": lim.mem_available,
+        "last_bumps": [
+            {"at": b.at.wall, "old": b.old, "new": b.new, "trigger": b.trigger, "ok": b.ok}
+            for b in history.bumps[-5:]
+        ],
+        "bump_budget_left": budget_left,
+        "persisted_max": persisted,
+        "persisted_file": str(policy.persist.sysctl_file),
+        "table_full_events": history.table_full_events,
+        "last_drop": history.last_drop.wall if history.last_drop else None,
+    }
+    return StatusView(code, headline, data)
+
+
+def render_text(view: StatusView) -> str:
+    d = view.data
+    lines = [view.headline, ""]
+    lines.append(f"{'namespace':<32} {'entries':>10} {'fill':>7} {'drops':>10}")
+    for n in d["namespaces"]:
+        lines.append(f"{n['name'][:32]:<32} {n['count']:>10} {n['fill']:>7.1%} {n['drops']:>10}")
+    lines.append("")
+    lines.append(f"max {d['max']}  buckets {d['buckets']}  ceiling {d['ceiling']}  "
+                 f"headroom {d['headroom']} (bound by {d['upper_bound_by']})")
+    lines.append(f"bump budget left this hour: {d['bump_budget_left']}  mode: {d['mode']}")
+    persisted = d["persisted_max"]
+    lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
+    if d["last_bumps"]:
+        lines.append("last bumps:")
+        for b in d["last_bumps"]:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["at"]))
+            lines.append(f"  {stamp}  {b['old']} -> {b['new']}  ({b['trigger']}{'' if b['ok'] else ', FAILED'})")
+    return "\n".join(lines)
+
+
+def render_json(view: StatusView) -> str:
+    return json.dumps(view.data, indent=2, sort_keys=True)

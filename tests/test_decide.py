@@ -1,0 +1,242 @@
+"""The decision core, as tables of (readings, history) -> actions. No fakes: it is pure."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from ctguard import policy as policy_mod
+from ctguard.decide import (
+    advance, buckets_for, decide, decide_manual, decide_start, memory_cap, next_interval, round_up, wanted_max,
+)
+from ctguard.model import (
+    BumpRecord, Capture, History, Instant, KernelLimits, NamespaceReading, Outcome, Persist, Refuse, Sample,
+    SetBuckets, SetMax, TableFull, Warn,
+)
+
+GiB = 1 << 30
+T0 = 1_800_000_000.0
+
+
+def at(t: float, boot_id: str = "b1") -> Instant:
+    return Instant(T0 + t, 1000.0 + t, boot_id)
+
+
+def pol(text: str = "") -> policy_mod.Policy:
+    return policy_mod.loads(text, "t.toml")
+
+
+def sample(t: float, max_: int, *counts: int, buckets: int | None = None, mem: int = 16 * GiB, obj: int | None = 320,
+           drops: tuple[int, ...] = ()) -> Sample:
+    ns = tuple(
+        NamespaceReading(4026531000 + i, "host" if i == 0 else f"ns{i}", c,
+                         (("drop", drops[i] if i < len(drops) else 0),))
+        for i, c in enumerate(counts)
+    )
+    return Sample(at(t), KernelLimits(max_, buckets if buckets is not None else max_ // 4, obj, mem, mem // 2), ns)
+
+
+def kinds(decision) -> list[str]:
+    return [type(a).__name__ for a in decision.actions]
+
+
+def bumps(*times_and_trigger, ok: bool = True) -> History:
+    return History(bumps=tuple(BumpRecord(at(t), 1, 2, trig, ok) for t, trig in times_and_trigger))
+
+
+# --- pure arithmetic --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [(1, 1024), (1024, 1024), (1025, 2048), (8192.0, 8192), (8193.5, 9216)])
+def test_round_up(value, expected):
+    assert round_up(value) == expected
+
+
+@pytest.mark.parametrize(
+    "old, count, rate, expected",
+    [
+        (8192, 7000, 0.0, 16384),          # x2
+        (5000, 4300, 0.0, 10240),          # x2 rounded up to 1024
+        (8192, 7000, 1000.0, 44032),       # (7000 + 1000*30) / 0.85 = 43529 -> 44032
+        (8192, 7000, -50.0, 16384),        # shrinking: plain factor
+    ],
+)
+def test_wanted_max_covers_growth_over_the_cooldown(old, count, rate, expected):
+    assert wanted_max(pol(), old, count, rate) == expected
+
+
+def test_memory_cap_uses_slab_size_and_buckets():
+    p = pol("[bump]\nmemory_fraction = 0.1")
+    limits = KernelLimits(1024, 256, 256, 1 * GiB, GiB)
+    assert memory_cap(p, limits) == int(0.1 * GiB / (256 + 8 / 4))
+    assert memory_cap(p, replace(limits, slab_object_size=None)) == int(0.1 * GiB / (320 + 2))
+
+
+# --- the decision table ----------------------------------------------------------------------
+
+CASES = [
+    # id, policy, sample, history, events, expected action kinds, check
+    ("quiet", "", sample(10, 8192, 100), History(), (), [], None),
+    ("below act, no growth", "", sample(10, 8192, 6900), History(), (), [], None),
+    ("fill at act bumps x2 with buckets",
+     "", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].new == 16384 and d.actions[1].new == 4096 and d.actions[0].trigger == "fill"),
+    ("worst namespace decides, not the host",
+     "", sample(10, 8192, 10, 7500), History(), (), ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].netns == 4026531001),
+    ("immediate persistence",
+     "[persist]\nmode = 'immediate'", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture", "Persist"],
+     lambda d: d.of(Persist)[0].max == 16384 and d.of(Persist)[0].buckets == 4096),
+    ("buckets unmanaged", "[buckets]\nmanage = false", sample(10, 8192, 7000), History(), (), ["SetMax", "Capture"], None),
+    ("clipped by ceiling",
+     "[bump]\nceiling = 10000", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].new == 10000 and d.actions[0].clipped_by == "ceiling"),
+    ("refused at ceiling",
+     "[bump]\nceiling = 8192", sample(10, 8192, 8000), History(), (), ["Refuse", "Capture"],
+     lambda d: d.actions[0].kind == "ceiling"),
+    ("refused by memory",
+     "", sample(10, 8192, 8000, mem=8192 * 322 * 10), History(), (), ["Refuse", "Capture"],
+     lambda d: d.actions[0].kind == "memory"),
+    ("clipped by memory",
+     "", sample(10, 8192, 8000, mem=12288 * 322 * 10), History(), (), ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].clipped_by == "memory" and d.actions[0].new <= 12288),
+    ("cooldown holds quietly, no capture",
+     "", sample(10, 8192, 8000), bumps((0, "fill")), (), ["Refuse"],
+     lambda d: d.actions[0].kind == "cooldown"),
+    ("cooldown over",
+     "", sample(31, 8192, 8000), bumps((0, "fill")), (), ["SetMax", "SetBuckets", "Capture"], None),
+    ("budget spent",
+     "[bump]\nmax_per_hour = 2\ncooldown = 1", sample(100, 8192, 8000), bumps((0, "fill"), (50, "fill")), (),
+     ["Refuse", "Capture"], lambda d: d.actions[0].kind == "budget"),
+    ("budget: bumps older than an hour do not count",
+     "[bump]\nmax_per_hour = 2\ncooldown = 1", sample(3700, 8192, 8000), bumps((0, "fill"), (50, "fill")), (),
+     ["SetMax", "SetBuckets", "Capture"], None),
+    ("budget: failed writes do not count, but cool down",
+     "[bump]\nmax_per_hour = 1\ncooldown = 5", sample(10, 8192, 8000), bumps((0, "fill"), ok=False), (),
+     ["SetMax", "SetBuckets", "Capture"], None),
+    ("manual bumps spend no automatic budget",
+     "[bump]\nmax_per_hour = 1\ncooldown = 0", sample(10, 8192, 8000), bumps((5, "manual")), (),
+     ["SetMax", "SetBuckets", "Capture"], None),
+    ("kernel says table full: bump at once even below act",
+     "", sample(10, 8192, 5000), History(), (TableFull(at(10), 4026531000),),
+     ["SetMax", "SetBuckets", "Warn", "Capture"], lambda d: d.actions[0].trigger == "table-full"),
+    ("backlog table-full lines are history only",
+     "", sample(10, 8192, 5000), History(), (TableFull(at(10), 4026531000, backlog=True),), [], None),
+    ("drops at pressure bump",
+     "", sample(10, 8192, 6000, drops=(12,)), History(drops=((4026531000, 2),)), (),
+     ["SetMax", "SetBuckets", "Capture"], lambda d: d.actions[0].trigger == "drops"),
+    ("drops below warn do not bump (clash resolution also counts drops)",
+     "", sample(10, 8192, 100, drops=(12,)), History(drops=((4026531000, 2),)), (), [], None),
+    ("fast growth bumps before act",
+     "", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (),
+     ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].trigger == "growth" and d.actions[0].new >= round_up((4000 + 2000 * 30) / 0.85)),
+    ("growth with horizon 0 is ignored",
+     "[thresholds]\nhorizon = 0", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (), [], None),
+    ("slow growth is not urgent",
+     "", sample(10, 262144, 4000), History(points=((1009.0, ((4026531000, 3990),)),)), (), [], None),
+    ("observe mode still decides",
+     "mode = 'observe'", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture"], None),
+    ("buckets below max/ratio are fixed without a bump",
+     "", sample(10, 8192, 100, buckets=1024), History(), (), ["SetBuckets"], lambda d: d.actions[0].new == 2048),
+]
+
+
+@pytest.mark.parametrize("name, text, smp, hist, events, expected, check", CASES, ids=[c[0] for c in CASES])
+def test_decision_table(name, text, smp, hist, events, expected, check):
+    d = decide(pol(text), smp, hist, smp.at, events)
+    assert sorted(kinds(d)) == sorted(expected), d
+    if check:
+        assert check(d), d
+
+
+def test_never_above_ceiling_nor_below_current_whatever_the_growth():
+    p = pol("[bump]\nceiling = 100000")
+    for count, rate_from in [(90000, 0), (99000, 50000), (60000, 1000)]:
+        h = History(points=((1009.0, ((4026531000, rate_from),)),)) if rate_from else History()
+        d = decide(p, sample(10, 90112, count), h, at(10))
+        for a in d.of(SetMax):
+            assert 90112 < a.new <= 100000
+
+
+def test_sustained_pressure_warns_once_and_captures():
+    p = pol("[thresholds]\nsustain = 60")
+    h = History(pressure_since=at(0))
+    d = decide(p, sample(30, 8192, 6000), h, at(30))
+    assert d.of(Warn) == []
+    d = decide(p, sample(61, 8192, 6000), h, at(61))
+    assert [w.kind for w in d.of(Warn)] == ["pressure"] and d.of(Capture)[0].reason == "pressure"
+    h2 = advance(h, sample(61, 8192, 6000), [], [Outcome(a, True) for a in d.actions], at(61), p)
+    assert decide(p, sample(70, 8192, 6000), h2, at(70)).of(Warn) == []
+
+
+def test_stable_persistence_waits_for_quiet():
+    p = pol("[persist]\nmode = 'stable'\nstable_for = 600")
+    h = History(bumps=(BumpRecord(at(0), 8192, 16384, "fill"),), unpersisted_max=16384)
+    assert decide(p, sample(100, 16384, 100), h, at(100)).of(Persist) == []
+    h_drop = replace(h, last_drop=at(500))
+    assert decide(p, sample(700, 16384, 100), h_drop, at(700)).of(Persist) == []
+    got = decide(p, sample(601, 16384, 100), h, at(601)).of(Persist)
+    assert [x.max for x in got] == [16384]
+    assert decide(pol("[persist]\nmode = 'never'"), sample(601, 16384, 100), h, at(601)).of(Persist) == []
+
+
+def test_clock_stepped_back_keeps_cooldown_and_budget():
+    p = pol()
+    h = bumps((0, "fill"))
+    # Wall clock stepped back an hour, boot clock moved 5 s: still within the cooldown.
+    now = Instant(T0 - 3600, 1005.0, "b1")
+    assert decide(p, sample(5, 8192, 8000), h, now).actions[0].kind == "cooldown"
+    # Wall clock stepped forward a day, boot clock 5 s: same.
+    now = Instant(T0 + 86400, 1005.0, "b1")
+    assert decide(p, sample(5, 8192, 8000), h, now).actions[0].kind == "cooldown"
+    # After a reboot only the wall clock is comparable; a record from the future counts as now.
+    now = Instant(T0 - 100, 5.0, "b2")
+    assert decide(p, sample(5, 8192, 8000), h, now).actions[0].kind == "cooldown"
+
+
+def test_advance_records_bumps_and_persistence():
+    p = pol()
+    d = decide(p, sample(10, 8192, 7000), History(), at(10))
+    outs = [Outcome(a, True, read_back=a.new if isinstance(a, (SetMax, SetBuckets)) else None) for a in d.actions]
+    h = advance(History(), sample(10, 8192, 7000), [], outs, at(10), p)
+    assert h.bumps[-1].new == 16384 and h.bumps_total == 1 and h.unpersisted_max == 16384
+    assert h.last_capture == at(10)
+    h = advance(h, None, [], [Outcome(Persist(16384, 4096, "x"), True)], at(700), p)
+    assert h.persisted_max == 16384 and h.unpersisted_max is None
+    h = advance(h, None, [TableFull(at(701), None, suppressed=5)], [], at(701), p)
+    assert h.table_full_events == 6 and h.last_drop == at(701)
+
+
+def test_manual_bump_is_held_to_the_same_bounds():
+    p = pol("[bump]\nceiling = 65536")
+    limits = KernelLimits(8192, 2048, 320, 16 * GiB, GiB)
+    ok = decide_manual(p, limits, 32768)
+    assert kinds(ok) == ["SetMax", "SetBuckets", "Persist"] and ok.actions[0].trigger == "manual"
+    assert decide_manual(p, limits, 70000).actions[0].kind == "ceiling"
+    assert "never lowers" in decide_manual(p, limits, 4096).actions[0].reason
+
+
+def test_start_reapplies_a_persisted_max_within_bounds():
+    p = pol("[bump]\nceiling = 65536")
+    limits = KernelLimits(8192, 2048, 320, 16 * GiB, GiB)
+    d = decide_start(p, limits, 32768)
+    assert d.actions[0].new == 32768 and d.actions[0].trigger == "reapply"
+    assert decide_start(p, limits, 131072).actions[0].new == 65536
+    assert decide_start(p, limits, 4096).actions == ()
+    assert decide_start(p, limits, None).actions == ()
+
+
+def test_fast_sampling_under_pressure_or_steep_growth():
+    p = pol()
+    quiet = decide(p, sample(10, 262144, 100), History(), at(10))
+    assert next_interval(p, quiet) == 1.0
+    hot = decide(p, sample(10, 8192, 6000), History(), at(10))
+    assert next_interval(p, hot) == 0.1
+    steep = decide(p, sample(10, 262144, 20000), History(points=((1009.0, ((4026531000, 0),)),)), at(10))
+    assert next_interval(p, steep) == 0.1
+
+
+def test_buckets_for():
+    assert buckets_for(pol(), 16384) == 4096
+    assert buckets_for(pol("[buckets]\nratio = 3"), 10000) == 3334
