@@ -1,0 +1,547 @@
+"""The Debian 13 package, proven by building, installing and booting it.
+
+One test, in phases, each timed and printed:
+
+  base      a debootstrapped trixie root, made once and cached (tests/system/debian_root.sh)
+  build     a copy of it: build-deps with apt, dpkg-buildpackage -us -uc -b, lintian
+  boot      another copy booted with systemd-nspawn -b (systemd as PID 1)
+  install   apt installs the .deb inside the running system: enabled, started, Type=notify
+  policy    a changed policy, check-policy, `systemctl reload`
+  flood     a conntrack flood between two namespaces made inside the container meets a bump
+            that stays within the ceiling, and the bump is persisted
+  restart   `systemctl restart` keeps the bump budget
+  upgrade   a newer version of the same package: restarted, the changed policy kept
+  remove    stopped; the sysctl file and the state stay
+  purge     /var/lib/ctguard gone; the sysctl file and the value in force stay
+
+The container shares the host's kernel and network namespace (nf_conntrack_max can only be
+written from the initial network namespace), so the host's nf_conntrack_max and hashsize
+are saved before the boot and restored afterwards, under the shared kernel-test lock; the
+only traffic sent flows between the two namespaces the test creates inside the container.
+
+Environment: CTGUARD_TEST_CACHE (default /var/cache/ctguard-tests) holds the cached root and
+the apt archive; CTGUARD_KEEP_ROOTS=1 keeps the work copies for a post-mortem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernelenv import HASHSIZE, PROC_MAX, kernel_ready, saved_kernel_values
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+HELPER = Path(__file__).resolve().parent / "debian_root.sh"
+CACHE = Path(os.environ.get("CTGUARD_TEST_CACHE", "/var/cache/ctguard-tests"))
+APT_ARCHIVES = CACHE / "apt-archives"
+KEEP = os.environ.get("CTGUARD_KEEP_ROOTS") == "1"
+PATH_INSIDE = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UPGRADE_VERSION_SUFFIX = "+systemtest1"
+
+# The policy the test puts in force: small numbers so that a few thousand flows are a flood,
+# a short cooldown so two bumps fit in the test, bumps persisted at once.
+TEST_CEILING = 12288
+TEST_MAX_PER_HOUR = 4
+TEST_POLICY = textwrap.dedent(f"""\
+    # changed by the system test: must survive an upgrade
+    mode = "enforce"
+
+    [watch]
+    interval = 0.5
+    fast_interval = 0.1
+
+    [thresholds]
+    warn = 0.5
+    sustain = 5
+    act = 0.75
+    horizon = 0
+
+    [bump]
+    factor = 2.0
+    ceiling = {TEST_CEILING}
+    cooldown = 2
+    max_per_hour = {TEST_MAX_PER_HOUR}
+
+    [persist]
+    mode = "immediate"
+    """)
+LOW_MAX = 4096
+LOW_BUCKETS = 1024
+
+# One datagram per new flow from the sender namespace to the receiver's address; the
+# destination port walks and each wrap opens a new socket, so every tuple is new.
+FLOOD = textwrap.dedent("""\
+    import socket, sys, time
+    dst, n, rate, port = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    start = time.monotonic()
+    for i in range(n):
+        if port > 65535:
+            s.close(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); port = 1
+        try:
+            s.sendto(b"x", (dst, port))
+        except OSError:
+            pass
+        port += 1
+        if i % 64 == 0:
+            ahead = start + i / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+    """)
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (debootstrap, systemd-nspawn, the global nf_conntrack sysctls)"
+    for tool in ("debootstrap", "systemd-nspawn", "nsenter", "flock"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install debootstrap systemd-container util-linux)"
+    return kernel_ready()
+
+
+_skip = _missing()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class Phases:
+    """Times each phase and prints it at once, outside pytest's capture."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+        self.times: list[tuple[str, float]] = []
+        self.start = time.monotonic()
+
+    def say(self, text: str) -> None:
+        with self.capsys.disabled():
+            print(f"[system] {text}", flush=True)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        self.say(f"{name} ...")
+        try:
+            yield
+        finally:
+            took = time.monotonic() - t0
+            self.times.append((name, took))
+            self.say(f"{name}: {took:.1f} s")
+
+    def summary(self) -> None:
+        rows = ", ".join(f"{n} {t:.1f}s" for n, t in self.times)
+        self.say(f"phases: {rows}; total {time.monotonic() - self.start:.1f} s")
+
+
+def sh(*args: str, timeout: float = 600, check: bool = True, input: str | None = None,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, input=input,
+                          env=env, stdin=None if input is not None else subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)[:300]} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+            f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def copy_root(src: Path, dst: Path) -> None:
+    sh("cp", "-a", "--reflink=auto", str(src), str(dst), timeout=600)
+
+
+def remove_root(path: Path) -> None:
+    if KEEP or not path.exists():
+        return
+    sh("rm", "-rf", "--one-file-system", str(path), check=False, timeout=600)
+
+
+def nspawn(root: Path, script: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a shell script in `root` as a chroot-like container (no init), apt cache bound in."""
+    return sh(
+        "systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root),
+        f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
+        "--setenv=DEBIAN_FRONTEND=noninteractive", "--setenv=LC_ALL=C.UTF-8",
+        f"--setenv=PATH={PATH_INSIDE}",
+        "/bin/sh", "-ec", script, timeout=timeout, check=check)
+
+
+def source_files() -> list[str]:
+    """The files of the work tree that git knows or would know (not ignored, not .git)."""
+    if (REPO / ".git").exists() and shutil.which("git"):
+        out = sh("git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
+        return [f for f in out.split("\0") if f and (REPO / f).exists()]
+    skip = {".git", "__pycache__", ".pytest_cache", ".hypothesis", "build", "dist"}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(REPO):
+        dirnames[:] = [d for d in dirnames if d not in skip and not d.endswith(".egg-info")]
+        for name in filenames:
+            found.append(os.path.relpath(os.path.join(dirpath, name), REPO))
+    return found
+
+
+def copy_source(dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for rel in source_files():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target, follow_symlinks=False)
+
+
+class Machine:
+    """A root booted with `systemd-nspawn -b`; commands run inside through nsenter."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root = root
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.leader: int | None = None
+
+    def boot(self, timeout: float = 120) -> None:
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="1")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["systemd-nspawn", "--register=no", "--keep-unit", "-b", "-D", str(self.root),
+                 "--capability=all", "--link-journal=no", "--console=read-only",
+                 f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
+                 f"--machine=ctguard-{os.getpid()}"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while self.leader is None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"systemd-nspawn exited {self.proc.returncode}:\n{self.console()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no init in the container after {timeout} s:\n{self.console()}")
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            with contextlib.suppress(OSError):
+                pids = children.read_text().split()
+                for pid in pids:
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                        self.leader = int(pid)
+            time.sleep(0.1)
+        # Wait for the boot to finish ("degraded" is fine: some units do not fit a container).
+        while True:
+            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"system state {state!r} after {timeout} s:\n{self.console()}")
+            time.sleep(0.2)
+
+    def console(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        assert self.leader is not None
+        return sh("nsenter", "-t", str(self.leader), "-a",
+                  "env", "-i", f"PATH={PATH_INSIDE}", "LC_ALL=C.UTF-8", "DEBIAN_FRONTEND=noninteractive",
+                  *args, check=check, timeout=timeout, input=input)
+
+    def shell(self, script: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return self.run("/bin/sh", "-ec", script, check=check, timeout=timeout)
+
+    def show(self, prop: str, unit: str = "ctguard.service") -> str:
+        return self.run("systemctl", "show", "-P", prop, unit).stdout.strip()
+
+    def write(self, path: str, text: str) -> None:
+        self.run("/bin/sh", "-c", f"cat > '{path}'", input=text)
+
+    def wait_active(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.show("ActiveState")
+            if state == "active" or time.monotonic() > deadline:
+                return state
+            time.sleep(0.2)
+
+    def journal(self, unit: str = "ctguard.service", lines: int = 60) -> str:
+        return self.run("journalctl", "--no-pager", "-o", "short-precise", "-n", str(lines), "-u", unit,
+                        check=False).stdout
+
+    def status_json(self) -> tuple[int, dict]:
+        proc = self.run("ctguard", "status", "--json", check=False)
+        assert proc.returncode in (0, 1, 2, 3), f"ctguard status --json exited {proc.returncode}: {proc.stderr}"
+        return proc.returncode, json.loads(proc.stdout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.leader is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.leader, signal.SIGRTMIN + 4)   # systemd: poweroff
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+class MaxSampler:
+    """Reads the kernel's nf_conntrack_max (the container's is the host's) every 20 ms."""
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.seen: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            value = int(PROC_MAX.read_text())
+            if not self.seen or self.seen[-1] != value:
+                self.seen.append(value)
+            self.highest = max(self.highest, value)
+            time.sleep(0.02)
+
+    def __enter__(self) -> MaxSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+# ---------------------------------------------------------------- the test
+
+
+@pytest.mark.skipif(_skip is not None, reason=str(_skip))
+def test_debian_package_life_cycle(capsys: pytest.CaptureFixture[str]) -> None:
+    phase = Phases(capsys)
+    work = Path(tempfile.mkdtemp(prefix="ctguard-system-", dir="/var/tmp"))
+    try:
+        with phase("base (debootstrap trixie, cached)"):
+            base = Path(sh("bash", str(HELPER), str(CACHE), timeout=1800).stdout.strip().splitlines()[-1])
+            assert (base / "usr/lib/systemd/systemd").exists(), base
+
+        with phase("build (.deb and lintian)"):
+            debs = build_package(base, work / "build", phase)
+
+        machine = Machine(work / "root", work / "console.log")
+        with phase("copy root"):
+            copy_root(base, machine.root)
+            for deb in debs.values():
+                shutil.copy2(deb, machine.root / "root" / deb.name)
+            shutil.copytree(REPO / "debian" / "tests", machine.root / "root" / "debian-tests")
+        with saved_kernel_values():
+            try:
+                with phase("boot"):
+                    machine.boot()
+                check_life_cycle(machine, debs, phase)
+            except BaseException:
+                phase.say("container console:\n" + machine.console())
+                if machine.leader is not None and machine.proc and machine.proc.poll() is None:
+                    phase.say("ctguard journal:\n" + machine.journal(lines=120))
+                raise
+            finally:
+                with phase("poweroff"):
+                    machine.stop()
+    finally:
+        remove_root(work / "root")
+        remove_root(work / "build")
+        if not KEEP:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            phase.say(f"kept {work}")
+        phase.summary()
+
+
+def build_package(base: Path, build: Path, phase: Phases) -> dict[str, Path]:
+    copy_root(base, build)
+    copy_source(build / "src" / "ctguard")
+    nspawn(build, """
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends build-essential lintian >/dev/null
+        cd /src/ctguard
+        apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null
+        """, timeout=1800)
+    out = nspawn(build, "cd /src/ctguard && dpkg-buildpackage -us -uc -b 2>&1", check=False)
+    assert out.returncode == 0, f"dpkg-buildpackage failed:\n{out.stdout[-8000:]}"
+    lint = nspawn(build, "cd /src && rc=0 && lintian --fail-on error,warning -I --tag-display-limit 0 "
+                         "ctguard_*.changes >/tmp/lintian.out 2>&1 || rc=$?; "
+                         "grep -v 'running with root privileges' /tmp/lintian.out || true; exit $rc", check=False)
+    phase.say("lintian (trixie): " + (lint.stdout.strip() or "no tags"))
+    assert lint.returncode == 0, f"lintian found errors or warnings:\n{lint.stdout}{lint.stderr}"
+    # An "upgrade": the same package with a higher version, to exercise the upgrade path.
+    nspawn(build, f"""
+        cd /src
+        rm -rf up && dpkg-deb -R ctguard_*_all.deb up
+        sed -i 's/^Version: .*/&{UPGRADE_VERSION_SUFFIX}/' up/DEBIAN/control
+        dpkg-deb -b --root-owner-group up ctguard_upgrade_all.deb >/dev/null
+        """)
+    built = sorted((build / "src").glob("ctguard_*_all.deb"))
+    first = [d for d in built if "upgrade" not in d.name]
+    assert len(first) == 1, built
+    return {"first": first[0], "upgrade": build / "src" / "ctguard_upgrade_all.deb"}
+
+
+def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
+    with phase("install (apt inside the booted system)"):
+        m.shell("apt-get update -qq", timeout=600)
+        m.run("apt-get", "install", "-y", "-q", "--no-install-recommends", f"/root/{debs['first'].name}", timeout=900)
+        assert m.run("systemctl", "is-enabled", "ctguard.service", check=False).stdout.strip() == "enabled"
+        state = m.wait_active()
+        assert state == "active", f"ctguard.service is {state}:\n{m.journal()}"
+        assert m.show("Type") == "notify"
+        assert m.show("NotifyAccess") == "main"
+        assert m.show("WatchdogUSec") not in ("", "0", "infinity"), m.show("WatchdogUSec")
+        assert wait_for(lambda: m.show("StatusText") != "", 10), "no STATUS= line from the daemon"
+        phase.say(f"StatusText: {m.show('StatusText')}")
+        mode = m.shell("stat -c %a /var/lib/ctguard").stdout.strip()
+        assert mode == "700", f"/var/lib/ctguard has mode {mode}"
+        assert "/etc/ctguard/policy.toml" in m.run("dpkg-query", "--showformat=${Conffiles}", "-W", "ctguard").stdout
+        m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml")
+        plain = m.run("ctguard", "status", check=False)
+        assert plain.returncode in (0, 1, 2), f"ctguard status exited {plain.returncode}: {plain.stdout}{plain.stderr}"
+        phase.say(f"ctguard status ({plain.returncode}): {plain.stdout.strip().splitlines()[0] if plain.stdout else ''}")
+        code, data = m.status_json()
+        assert code in (0, 1, 2), data
+        for key in ("max", "buckets", "ceiling", "bump_budget_left"):
+            assert key in data, f"status --json lacks {key}: {sorted(data)}"
+        security = m.run("systemd-analyze", "security", "--no-pager", "ctguard.service", check=False).stdout
+        phase.say("systemd-analyze security: " + (security.strip().splitlines() or ["?"])[-1])
+        for script in ("policy", "service"):
+            out = m.shell(f"mkdir -p /tmp/apt && AUTOPKGTEST_TMP=/tmp/apt /root/debian-tests/{script} 2>&1",
+                          check=False, timeout=120)
+            assert out.returncode == 0, f"debian/tests/{script} failed:\n{out.stdout}"
+
+    with phase("policy change + reload"):
+        m.write("/etc/ctguard/policy.toml", TEST_POLICY)
+        m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml")
+        pid = m.show("MainPID")
+        m.run("systemctl", "reload", "ctguard.service", timeout=60)
+        assert m.wait_active() == "active"
+        assert m.show("MainPID") == pid, "reload restarted the daemon instead of reloading it"
+        assert wait_for(lambda: m.status_json()[1].get("ceiling") == TEST_CEILING, 10), "reloaded policy not in force"
+
+    with phase("flood"):
+        flood(m, phase)
+
+    with phase("restart keeps the budget"):
+        _, before = m.status_json()
+        invocation = m.show("InvocationID")
+        m.run("systemctl", "restart", "ctguard.service", timeout=60)
+        assert m.wait_active() == "active", m.journal()
+        assert m.show("InvocationID") != invocation
+        _, after = m.status_json()
+        phase.say(f"budget left: before restart {before['bump_budget_left']}, after {after['bump_budget_left']}")
+        assert before["bump_budget_left"] < TEST_MAX_PER_HOUR, before
+        assert after["bump_budget_left"] <= before["bump_budget_left"], (before, after)
+
+    with phase("upgrade"):
+        invocation = m.show("InvocationID")
+        m.run("apt-get", "install", "-y", "-q", f"/root/{debs['upgrade'].name}", timeout=600)
+        version = m.run("dpkg-query", "-W", "-f=${Version}", "ctguard").stdout
+        assert version.endswith(UPGRADE_VERSION_SUFFIX), version
+        assert m.wait_active() == "active", m.journal()
+        assert m.show("InvocationID") != invocation, "the upgrade did not restart the service"
+        assert m.run("cat", "/etc/ctguard/policy.toml").stdout == TEST_POLICY, "the upgrade replaced the changed policy"
+
+    sysctl_file = "/etc/sysctl.d/90-ctguard.conf"
+    with phase("remove"):
+        in_force = PROC_MAX.read_text().strip()
+        m.run("apt-get", "remove", "-y", "-q", "ctguard", timeout=600)
+        assert m.show("ActiveState") in ("inactive", "failed", ""), m.show("ActiveState")
+        assert m.show("LoadState") in ("not-found", ""), m.show("LoadState")
+        m.run("test", "-s", sysctl_file)
+        m.run("test", "-d", "/var/lib/ctguard")
+        m.run("test", "-f", "/etc/ctguard/policy.toml")
+        assert PROC_MAX.read_text().strip() == in_force
+
+    with phase("purge"):
+        m.run("apt-get", "purge", "-y", "-q", "ctguard", timeout=600)
+        assert m.run("test", "-e", "/var/lib/ctguard", check=False).returncode != 0, "purge left /var/lib/ctguard"
+        assert m.run("test", "-e", "/etc/ctguard/policy.toml", check=False).returncode != 0
+        m.run("test", "-s", sysctl_file)
+        assert PROC_MAX.read_text().strip() == in_force, "purge changed the nf_conntrack_max in force"
+
+
+def flood(m: Machine, phase: Phases) -> None:
+    """Two namespaces on a veth pair inside the container; flows from one to the other."""
+    m.run("python3", "-c", "pass")
+    # Room to bump: the kernel's table is made small (from inside: the container writes the
+    # host's value; saved_kernel_values puts it back).
+    m.shell(f"echo {LOW_BUCKETS} > /sys/module/nf_conntrack/parameters/hashsize; "
+            f"echo {LOW_MAX} > /proc/sys/net/netfilter/nf_conntrack_max")
+    assert int(PROC_MAX.read_text()) == LOW_MAX
+    m.shell("""
+        ip netns add ctgsnd
+        ip netns add ctgrcv
+        ip link add ctgsnd0 netns ctgsnd type veth peer name ctgrcv0 netns ctgrcv
+        ip -n ctgsnd addr add 10.231.77.1/30 dev ctgsnd0
+        ip -n ctgrcv addr add 10.231.77.2/30 dev ctgrcv0
+        for ns in ctgsnd ctgrcv; do ip -n $ns link set lo up; done
+        ip -n ctgsnd link set ctgsnd0 up
+        ip -n ctgrcv link set ctgrcv0 up
+        printf 'table inet ctgtest {\\n chain pre { type filter hook prerouting priority 0; ct state new counter; }\\n}\\n' \
+            | ip netns exec ctgrcv nft -f -
+        """)
+    m.write("/root/flood.py", FLOOD)
+
+    def send(flows: int, rate: int, first_port: int) -> None:
+        m.run("ip", "netns", "exec", "ctgsnd", "python3", "/root/flood.py", "10.231.77.2",
+              str(flows), str(rate), str(first_port), timeout=120)
+
+    def rcv_count() -> int:
+        return int(m.run("ip", "netns", "exec", "ctgrcv", "cat",
+                         "/proc/sys/net/netfilter/nf_conntrack_count").stdout)
+
+    try:
+        with MaxSampler() as sampler:
+            t0 = time.monotonic()
+            send(int(LOW_MAX * 0.95), 3000, 1)
+            bumped = wait_for(lambda: int(PROC_MAX.read_text()) > LOW_MAX, 20)
+            phase.say(f"first flood: {rcv_count()} entries in the receiver; max now {PROC_MAX.read_text().strip()} "
+                      f"after {time.monotonic() - t0:.1f} s")
+            assert bumped, f"no bump from {LOW_MAX}:\n{m.journal()}"
+            # Persisted at once (persist.mode = "immediate").
+            assert wait_for(lambda: m.run("cat", "/etc/sysctl.d/90-ctguard.conf", check=False).stdout.strip() != "", 10), \
+                f"the bump was not persisted:\n{m.journal()}"
+            # Push on towards the ceiling and past it: the max must stop at the ceiling.
+            time.sleep(2.5)    # cooldown
+            send(2 * TEST_CEILING, 6000, 20000)
+            wait_for(lambda: int(PROC_MAX.read_text()) >= TEST_CEILING, 15)
+            time.sleep(2)
+        phase.say(f"nf_conntrack_max values seen: {sampler.seen}; receiver has {rcv_count()} entries")
+        assert sampler.highest <= TEST_CEILING, f"max reached {sampler.highest} > ceiling {TEST_CEILING}"
+        assert sampler.highest > LOW_MAX
+        persisted = m.run("cat", "/etc/sysctl.d/90-ctguard.conf").stdout
+        phase.say(f"persisted: {persisted.strip()!r}")
+        assert "nf_conntrack_max" in persisted
+        code, data = m.status_json()
+        phase.say(f"status after flood: {code} max={data['max']} buckets={data['buckets']} "
+                  f"budget left={data['bump_budget_left']} bumps={data.get('last_bumps')}")
+        assert data["max"] <= TEST_CEILING
+        assert data["ceiling"] == TEST_CEILING
+        buckets = int(HASHSIZE.read_text())
+        phase.say(f"hashsize now {buckets}")
+        assert m.wait_active() == "active", m.journal()
+    finally:
+        m.shell("ip netns del ctgsnd; ip netns del ctgrcv", check=False)
