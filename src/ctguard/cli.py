@@ -141,7 +141,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--policy", default=str(DEFAULT_POLICY_PATH), metavar="P",
+    # SUPPRESS: a subcommand's copy of --policy must not overwrite one given before it.
+    common.add_argument("--policy", default=argparse.SUPPRESS, metavar="P",
                         help=f"policy file (default {DEFAULT_POLICY_PATH})")
     parser = argparse.ArgumentParser(prog="ctguard", parents=[common],
                                      description="Keeps Linux connection tracking from running out of room.")
@@ -188,6 +189,8 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "policy"):
+        args.policy = str(DEFAULT_POLICY_PATH)
     func = args.func
     # The evidence commands take the loaded policy as a second argument.
     if len(inspect.signature(func).parameters) == 2:

@@ -24,6 +24,7 @@ from ctguard import metrics, persist
 from ctguard import policy as policy_mod
 from ctguard.act import Actor
 from ctguard.clock import Clock
+from ctguard.files import atomic_write, ensure_private_dir
 from ctguard.decide import advance, decide, decide_start, next_interval
 from ctguard.kernel import ConntrackNotLoaded, Kernel
 from ctguard.model import (
@@ -64,15 +65,18 @@ class Paths:
 class Children:
     """Capture processes started beside the loop; reaped without ever waiting on them."""
 
-    running: list[tuple[subprocess.Popen, str]] = field(default_factory=list)
+    running: list[tuple[subprocess.Popen, str, Path]] = field(default_factory=list)
 
     def reap(self) -> list[tuple[str, int, str]]:
         done = []
-        for proc, reason in list(self.running):
+        for entry in list(self.running):
+            proc, reason, decision_file = entry
             if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace").strip() if proc.stdout else ""
-                done.append((reason, proc.returncode, out))
-                self.running.remove((proc, reason))
+                out, err = proc.communicate()
+                text = out.decode(errors="replace").strip() if proc.returncode == 0 else err.decode(errors="replace").strip()
+                done.append((reason, proc.returncode, text))
+                self.running.remove(entry)
+                decision_file.unlink(missing_ok=True)
         return done
 
 
@@ -107,6 +111,7 @@ class Daemon:
         self._not_loaded_said = False
         self._sel = selectors.DefaultSelector()
         self._sig_r, self._sig_w = socket.socketpair()
+        self._captures = 0
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -348,22 +353,22 @@ class Daemon:
     # -- evidence beside the loop -------------------------------------------------------------
 
     def _start_capture(self, action: Capture, decision: Decision) -> str:
-        args = [sys.executable, "-m", "ctguard", "capture", "--policy", str(self.policy_path),
-                "--reason", action.reason, "--decision-file", "/dev/stdin"]
-        if action.netns:
-            args += ["--netns", str(action.netns)]
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                preexec_fn=_lower_priority, close_fds=True)
+        # The decision goes to the capture in a private file (it names addresses and namespaces);
+        # the file is removed when the capture is reaped.
+        folder = ensure_private_dir(Path(self.policy.state.dir))
+        self._captures += 1
+        decision_file = folder / f"capture-decision-{os.getpid()}-{self._captures}.json"
         payload = json.dumps({"summary": decision.summary, "actions": jsonable(decision.actions),
                               "worst_netns": decision.worst_netns, "worst_fill": decision.worst_fill,
                               "rate": decision.rate, "policy": str(self.policy_path)})
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(payload.encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        self.children.running.append((proc, action.reason))
+        atomic_write(decision_file, payload, 0o600)
+        args = [sys.executable, "-m", "ctguard", "--policy", str(self.policy_path), "capture",
+                "--reason", action.reason, "--decision-file", str(decision_file)]
+        if action.netns:
+            args += ["--netns", str(action.netns)]
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_lower_priority, close_fds=True)
+        self.children.running.append((proc, action.reason, decision_file))
         return f"capture started (pid {proc.pid})"
 
     # -- reload and stop -------------------------------------------------------------------
@@ -395,7 +400,7 @@ class Daemon:
             self._save_cursor()
             self.follower.close()
         deadline = time.monotonic() + 1.0
-        for proc, _ in self.children.running:
+        for proc, _, _ in self.children.running:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
