@@ -331,7 +331,12 @@ def parse_cgroup(text: str) -> tuple[str | None, list[str]]:
         for pattern, kind in _CONTAINER_PATTERNS:
             m = pattern.search(path)
             if m:
-                label = f"{kind}:{m.group(1)[:12] if kind != 'machine' else m.group(1)}"
+                ident = m.group(1)
+                if kind == "k8s-pod":
+                    ident = ident.replace("_", "-")  # the systemd cgroup driver's spelling of the pod UID
+                elif kind != "machine":
+                    ident = ident[:12]  # container ids as `docker ps` / `crictl ps` show them
+                label = f"{kind}:{ident}"
                 if label not in containers:
                     containers.append(label)
     return unit, containers
