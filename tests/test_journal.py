@@ -235,7 +235,7 @@ class FakeReader:
         return 0
 
     def fileno(self) -> int:
-        return 0
+        return -1  # nothing to watch
 
     def get_events(self) -> int:
         return 1

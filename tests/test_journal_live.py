@@ -117,7 +117,8 @@ def test_real_table_full_line_is_seen_within_a_second(flooded: Flooder) -> None:
 def test_forged_lines_never_count(journald, flooded: Flooder) -> None:  # noqa: F811
     from systemd import journal as sdjournal
 
-    f = JournalFollower()
+    # With the /dev/kmsg fast path on, so both sources are held to the kernel facility.
+    f = JournalFollower(kmsg=Path("/dev/kmsg"))
     try:
         f.read_events()
         inode = flooded.pair.receiver_inode
@@ -217,5 +218,38 @@ def test_survives_journald_restart(journald, flooded: Flooder) -> None:  # noqa:
         journald.restart()
         evs = flooded.flood_until_seen(f)
         assert evs and evs[0].netns == flooded.pair.receiver_inode and not evs[0].backlog
+    finally:
+        f.close()
+
+
+def test_kmsg_fast_path_reports_each_line_once(flooded: Flooder) -> None:
+    f = JournalFollower(kmsg=Path("/dev/kmsg"))
+    try:
+        if f._kmsg is None:
+            pytest.skip("/dev/kmsg is not readable here")
+        start_cursor = f.cursor
+        evs = flooded.flood_until_seen(f)
+        assert evs[0].source == "kmsg"
+        assert time.monotonic() - evs[0].monotonic < 1.0
+        # journald's copies arrive up to ~0.5 s later: they move the cursor but are not new events.
+        deadline = time.monotonic() + 3
+        dupes = []
+        while time.monotonic() < deadline:
+            select.select([f.fileno()], [], [], 0.2)
+            dupes += [e for e in f.read_events() if e.netns == flooded.pair.receiver_inode
+                      and (e.monotonic, e.message) in {(x.monotonic, x.message) for x in evs}]
+        assert dupes == []
+        assert f.cursor != start_cursor  # the journal's copies were read (and deduplicated)
+    finally:
+        f.close()
+
+
+def test_fd_stays_the_same_across_reopen(journald) -> None:  # noqa: F811
+    f = JournalFollower(kmsg=Path("/dev/kmsg"))
+    try:
+        fd = f.fileno()
+        f.reopen()
+        assert f.fileno() == fd
+        assert f.read_events() == [] or True
     finally:
         f.close()

@@ -24,6 +24,7 @@ import datetime
 import logging
 import os
 import re
+import select
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -125,6 +126,7 @@ class TableFullEvent:
     backlog: bool
     cursor: str
     message: str
+    source: str = "journal"  # "journal", or "kmsg" for the fast path (see KmsgTap)
 
     @property
     def drops(self) -> int:
@@ -172,10 +174,92 @@ def _default_reader() -> Any:
     return sdjournal.Reader(flags=sdjournal.SYSTEM)
 
 
+def _current_boot_id() -> str:
+    try:
+        return uuid.UUID(Path("/proc/sys/kernel/random/boot_id").read_text().strip()).hex
+    except (OSError, ValueError):
+        return ""
+
+
 def _seconds(value: Any) -> float | None:
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
     return None
+
+
+@dataclass(frozen=True)
+class KmsgRecord:
+    facility: int
+    seq: int
+    usec: int
+    message: str
+
+
+def parse_kmsg_record(raw: bytes) -> KmsgRecord | None:
+    """One /dev/kmsg record: "prio,seq,usec,flags[,...];message\n[ KEY=value\n...]"."""
+    head, sep, rest = raw.partition(b";")
+    if not sep:
+        return None
+    parts = head.split(b",")
+    if len(parts) < 4:
+        return None
+    try:
+        prio, seq, usec = int(parts[0]), int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    message = rest.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    return KmsgRecord(facility=prio >> 3, seq=seq, usec=usec, message=message)
+
+
+class KmsgTap:
+    """A low-latency early warning from /dev/kmsg, beside the journal.
+
+    journald reads a kernel line within milliseconds, but only tells readers (inotify on its
+    files) after its post-change timer: 250 ms, up to ~500 ms with sd-event's timer slack.
+    /dev/kmsg wakes us as the kernel prints. Records here are unforgeable the same way as
+    in the journal (userspace writes never get facility 0). The journal stays the record:
+    it has the cursor, the backlog and the history; events seen here first are not reported
+    again when journald's copy arrives (same kernel timestamp and text).
+
+    Optional: needs CAP_SYSLOG (or kernel.dmesg_restrict=0) and a /dev/kmsg; without it the
+    follower works from the journal alone.
+    """
+
+    def __init__(self, path: Path = Path("/dev/kmsg")) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            # Only what the kernel prints from now on: history comes from the journal.
+            os.lseek(self.fd, 0, os.SEEK_END)
+            # An unreadable /dev/kmsg (dmesg_restrict without CAP_SYSLOG) fails here, not later.
+            self.read()
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def read(self) -> list[KmsgRecord]:
+        out: list[KmsgRecord] = []
+        for _ in range(100_000):  # bound one call even if the kernel talks without pause
+            try:
+                raw = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                continue  # records we had not read were overwritten in the ring buffer; go on
+            if not raw:
+                break
+            rec = parse_kmsg_record(raw)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# Kernel lines seen recently, from either source, to report each line once.
+DEDUP_KEEP = 4096
 
 
 class JournalFollower:
@@ -199,6 +283,7 @@ class JournalFollower:
         reader_factory: ReaderFactory = _default_reader,
         clock: Callable[[], float] = time.monotonic,
         watched_dirs: Iterable[Path] = (RUNTIME_JOURNAL_DIR, PERSISTENT_JOURNAL_DIR),
+        kmsg: Path | None = None,
     ) -> None:
         self._factory = reader_factory
         self._clock = clock
@@ -211,7 +296,25 @@ class JournalFollower:
         self._reader: Any = None
         self._signature: tuple[object, ...] = ()
         self.reopens = 0
-        self._open(cursor, backlog=cursor is not None)
+        self._seen: dict[tuple[str, int, str], None] = {}  # insertion-ordered: oldest first
+        # One fd for the daemon whatever we watch inside: an epoll set holding the journal's
+        # inotify fd and, when enabled, /dev/kmsg. It stays the same fd across reopen().
+        self._epoll = select.epoll()
+        self._journal_fd: int | None = None
+        self._kmsg: KmsgTap | None = None
+        self._boot_id = _current_boot_id()
+        try:
+            self._open(cursor, backlog=cursor is not None)
+            if kmsg is not None:
+                try:
+                    self._kmsg = KmsgTap(kmsg)
+                    self._epoll.register(self._kmsg.fd, select.EPOLLIN)
+                except OSError as exc:
+                    log.info("not reading %s for early warning (%s); the journal alone will do", kmsg, exc)
+                    self._kmsg = None
+        except BaseException:
+            self._epoll.close()
+            raise
 
     # -- opening and positioning ------------------------------------------------------------
 
@@ -244,6 +347,19 @@ class JournalFollower:
             if last:
                 self._cursor = last.get("__CURSOR", self._cursor)
         self._reader = reader
+        self._watch_journal_fd()
+
+    def _watch_journal_fd(self) -> None:
+        if self._journal_fd is not None:
+            try:
+                self._epoll.unregister(self._journal_fd)
+            except (OSError, ValueError):
+                pass  # the old fd is already closed
+        fd = int(self._reader.fileno())
+        mask = int(self._reader.get_events()) or select.EPOLLIN
+        if fd >= 0:
+            self._epoll.register(fd, mask)
+            self._journal_fd = fd
 
     def _dir_signature(self) -> tuple[object, ...]:
         """Identity of the journal folders and their per-machine subfolders.
@@ -266,6 +382,12 @@ class JournalFollower:
         """Close and reopen the reader after the current cursor (nothing is lost or replayed)."""
         old = self._reader
         self._reader = None
+        if self._journal_fd is not None:
+            try:
+                self._epoll.unregister(self._journal_fd)
+            except (OSError, ValueError):
+                pass
+            self._journal_fd = None
         try:
             old.close()
         except Exception:  # closing a broken reader must not stop the reopen
@@ -278,20 +400,19 @@ class JournalFollower:
     # -- selector integration ---------------------------------------------------------------
 
     def fileno(self) -> int:
-        """The inotify fd to register in the daemon's selector (it changes after `reopen`)."""
-        return int(self._reader.fileno())
+        """The fd to register in the daemon's selector for reading (EVENT_READ).
+
+        An epoll set holding the journal's inotify fd (added with the mask
+        `Reader.get_events()` asks for) and /dev/kmsg when that is enabled. It becomes
+        readable when either is; it stays the same fd across `reopen()`.
+        """
+        return self._epoll.fileno()
 
     def events(self) -> int:
-        """poll/selectors event mask for `fileno()` (EVENT_READ in practice)."""
+        """selectors event mask for `fileno()`."""
         import selectors
 
-        mask = int(self._reader.get_events())
-        out = 0
-        if mask & 0x001:  # POLLIN
-            out |= selectors.EVENT_READ
-        if mask & 0x004:  # POLLOUT
-            out |= selectors.EVENT_WRITE
-        return out or selectors.EVENT_READ
+        return selectors.EVENT_READ
 
     def timeout(self) -> float | None:
         """Longest the daemon may sleep before calling `read_events()` (None: no limit).
@@ -320,6 +441,13 @@ class JournalFollower:
         """Events for kernel entries that arrived since the last call. Never blocks."""
         from systemd import journal as sdjournal
 
+        # The epoll set is level-triggered: reading kmsg to EAGAIN and Reader.process()
+        # (which consumes the inotify events) are what make it quiet again.
+        if self._kmsg is not None:
+            for rec in self._kmsg.read():
+                if rec.facility == 0:
+                    self._take_kernel(rec.message, rec.usec / 1e6, self._boot_id, None,
+                                      cursor="", backlog=False, source="kmsg")
         if self._dir_signature() != self._signature:
             log.info("journal folders changed (journald restarted or storage moved); reopening the journal")
             self.reopen()
@@ -358,10 +486,7 @@ class JournalFollower:
         if entry.get("_TRANSPORT") != "kernel" or entry.get("SYSLOG_FACILITY") not in (0, "0"):
             return
         message = entry.get("MESSAGE", "")
-        if isinstance(message, list):  # a field may repeat; the kernel never does this
-            return
-        match = match_kernel_line(message)
-        if match is None:
+        if not isinstance(message, (str, bytes)):  # a repeated field; the kernel never does this
             return
         mono_field = entry.get("__MONOTONIC_TIMESTAMP")
         boot_id = ""
@@ -376,9 +501,34 @@ class JournalFollower:
             mono = journal_mono if journal_mono is not None else 0.0
         realtime = entry.get("__REALTIME_TIMESTAMP")
         if not isinstance(realtime, datetime.datetime):
+            realtime = None
+        self._take_kernel(message, mono, boot_id, realtime, cursor or "", backlog, "journal")
+
+    def _take_kernel(
+        self,
+        message: str | bytes,
+        mono: float,
+        boot_id: str,
+        realtime: datetime.datetime | None,
+        cursor: str,
+        backlog: bool,
+        source: str,
+    ) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", errors="replace")
+        match = match_kernel_line(message)
+        if match is None:
+            return
+        key = (boot_id, round(mono * 1e6), message)
+        if key in self._seen:
+            return  # already reported from the other source
+        self._seen[key] = None
+        if len(self._seen) > DEDUP_KEEP:
+            del self._seen[next(iter(self._seen))]
+        if realtime is None:
+            # kmsg carries only the monotonic time; wall clock now is within milliseconds.
             realtime = datetime.datetime.now(datetime.timezone.utc)
         realtime = realtime.astimezone(datetime.timezone.utc)
-
         netns = match.netns
         if match.suppressed:
             last = self._last_full
@@ -394,8 +544,9 @@ class JournalFollower:
             netns=netns,
             suppressed=match.suppressed,
             backlog=backlog,
-            cursor=cursor or "",
-            message=str(message),
+            cursor=cursor,
+            message=message,
+            source=source,
         )
         self._pending.append(event)
         if backlog and len(self._pending) > BACKLOG_LIMIT:
@@ -423,6 +574,10 @@ class JournalFollower:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._kmsg is not None:
+            self._kmsg.close()
+            self._kmsg = None
+        self._epoll.close()
 
     def __enter__(self) -> JournalFollower:
         return self
@@ -436,6 +591,7 @@ def open_follower(
     reader_factory: ReaderFactory = _default_reader,
     socket_dir: Path = JOURNAL_SOCKET_DIR,
     journal_dirs: Iterable[Path] = (RUNTIME_JOURNAL_DIR, PERSISTENT_JOURNAL_DIR),
+    kmsg: Path | None = Path("/dev/kmsg"),
 ) -> JournalFollower | None:
     """A follower, or None (logged once, here) when this host has no journald to follow."""
     journal_dirs = tuple(journal_dirs)
@@ -448,7 +604,7 @@ def open_follower(
         )
         return None
     try:
-        return JournalFollower(cursor=cursor, reader_factory=reader_factory, watched_dirs=journal_dirs)
+        return JournalFollower(cursor=cursor, reader_factory=reader_factory, watched_dirs=journal_dirs, kmsg=kmsg)
     except ImportError as exc:
         log.warning("python3-systemd is not installed (%s): ctguard runs on sampling alone; "
                     "install python3-systemd to react to the kernel's table-full lines at once", exc)
