@@ -469,6 +469,14 @@ def show(folder: Path | str, bundle_id: str) -> str:
     ]
     for note in m.get("cut_short_what", []):
         out.append(f"  CUT SHORT: {note}")
+    for ns in ev.get("namespaces", {}).get("namespaces", []):
+        if ns.get("inode") == netns.get("inode"):
+            who = f"  in it: {ns.get('processes', 0)} processes"
+            if ns.get("units"):
+                who += "; units " + ", ".join(ns["units"])
+            if ns.get("containers"):
+                who += "; containers " + ", ".join(ns["containers"])
+            out.append(who)
     sysctl = ev.get("sysctl", {}).get("sysctl", {})
     table = ev.get("table")
     out.append("")
@@ -478,7 +486,8 @@ def show(folder: Path | str, bundle_id: str) -> str:
         fill = f", {_pct(int(sysctl.get('nf_conntrack_count', entries)), int(limit))} of nf_conntrack_max {limit}" if limit else ""
         out.append(f"Table: {entries} entries read{fill}; {table.get('unreplied', 0)} unreplied, {table.get('assured', 0)} assured")
         out.append(f"What filled it: {what_filled(table)}")
-        out.append("  by protocol: " + ", ".join(f"{k} {v} ({_pct(v, entries)})" for k, v in table.get("by_proto", {}).items()))
+        if table.get("by_proto"):
+            out.append("  by protocol: " + ", ".join(f"{k} {v} ({_pct(v, entries)})" for k, v in table["by_proto"].items()))
         if table.get("by_tcp_state"):
             out.append("  TCP states:  " + ", ".join(f"{k} {v}" for k, v in table["by_tcp_state"].items()))
         for key, title, what in (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +20,25 @@ from ctguard.evidence.nsutil import resolve_netns
 from ctguard.files import read_text_nofollow
 
 
-def add_commands(subparsers: Any) -> None:
-    cap = subparsers.add_parser("capture", help="capture an evidence bundle now and print its path")
+def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Register the commands; `parents` (e.g. the one holding --policy) go on every (sub)command."""
+    parents = list(parents)
+    cap = subparsers.add_parser("capture", parents=parents, help="capture an evidence bundle now and print its path")
     cap.add_argument("--netns", metavar="N", help="namespace: a name under /run/netns, an inode number, or a PID (default: ctguard's own)")
     cap.add_argument("--reason", metavar="R", default="manual", help="why (becomes part of the folder name)")
     cap.add_argument("--decision-file", metavar="PATH", type=Path, help="JSON object: the decision that led to this capture")
     cap.set_defaults(func=cmd_capture)
 
-    bun = subparsers.add_parser("bundles", help="review evidence bundles")
+    bun = subparsers.add_parser("bundles", parents=parents, help="review evidence bundles")
     sub = bun.add_subparsers(dest="bundles_command", metavar="{list,show,export}")
     sub.required = True
-    lst = sub.add_parser("list", help="list bundles, oldest first")
+    lst = sub.add_parser("list", parents=parents, help="list bundles, oldest first")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=cmd_list)
-    shw = sub.add_parser("show", help="a readable summary of one bundle")
+    shw = sub.add_parser("show", parents=parents, help="a readable summary of one bundle")
     shw.add_argument("id", metavar="ID")
     shw.set_defaults(func=cmd_show)
-    exp = sub.add_parser("export", help="write one bundle as a .tar.gz")
+    exp = sub.add_parser("export", parents=parents, help="write one bundle as a .tar.gz")
     exp.add_argument("id", metavar="ID")
     exp.add_argument("-o", "--output", metavar="FILE", type=Path, help="file or folder (default: ./ID.tar.gz)")
     exp.set_defaults(func=cmd_export)

@@ -73,7 +73,7 @@ def netns_inode(netns_path: str | None, proc_root: str = "/proc") -> int:
 def resolve(spec: str, run_dir: Path = NETNS_RUN_DIR, proc_root: str = "/proc") -> str:
     """A namespace file for `spec`: a name under /run/netns, an inode number, or a PID.
 
-    Local stand-in for `ctguard.netns.resolve`, used only when that one is not available.
+    Local stand-in for `ctguard.netns.resolve`, used only when that module cannot be imported.
     """
     spec = spec.strip()
     if not spec.isdigit():
@@ -118,12 +118,19 @@ def _pids(proc_root: str) -> list[str]:
 
 
 def resolve_netns(spec: str) -> str:
-    """Prefer the lead's `ctguard.netns.resolve` when it exists; fall back to ours."""
+    """The namespace file for `spec`, through the shared `ctguard.netns.resolve` when present.
+
+    Raises LookupError with the operator-facing message either way.
+    """
     try:
-        from ctguard.netns import resolve as shared_resolve  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
+        from ctguard.netns import resolve as shared_resolve
+    except ImportError:
         return resolve(spec)
-    return str(shared_resolve(spec))
+    try:
+        ref = shared_resolve(spec)
+    except OSError as exc:
+        raise LookupError(exc.strerror or str(exc)) from None
+    return str(getattr(ref, "path", ref))
 
 
 __all__ = ["run_in_netns", "netns_inode", "resolve", "resolve_netns"]
