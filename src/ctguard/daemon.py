@@ -129,6 +129,7 @@ class Daemon:
         if backlog:
             self.history = advance(self.history, None, [self._table_full(e) for e in backlog], [],
                                    self.clock.now(), self.policy)
+            self._safe(self.store.save_history, self.history, what="state")
             log.info("%d kernel table-full lines were written while ctguard was not running", len(backlog))
 
     def _table_full(self, ev) -> TableFull:
