@@ -79,6 +79,7 @@ TEST_POLICY = textwrap.dedent(f"""\
     [persist]
     mode = "immediate"
     """)
+BAD_POLICY = TEST_POLICY.replace(f"ceiling = {TEST_CEILING}", 'ceiling = "lots"')
 LOW_MAX = 4096
 LOW_BUCKETS = 1024
 
@@ -102,6 +103,15 @@ FLOOD = textwrap.dedent("""\
             if ahead > 0:
                 time.sleep(ahead)
     """)
+
+
+def _message_id(name: str) -> str | None:
+    """The fixed MESSAGE_ID of a kind of entry, from the source tree (None if it has none)."""
+    try:
+        from ctguard import events
+    except ImportError:
+        return None
+    return getattr(events, f"MESSAGE_ID_{name}", None)
 
 
 def _missing() -> str | None:
@@ -168,10 +178,25 @@ def remove_root(path: Path) -> None:
     sh("rm", "-rf", "--one-file-system", str(path), check=False, timeout=600)
 
 
-def nspawn(root: Path, script: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a shell script in `root` as a chroot-like container (no init), apt cache bound in."""
+def remove_stale_work_dirs(hours: float = 6) -> None:
+    """Copies left by a run that was killed (a CI timeout) are removed after a while."""
+    for old in Path("/var/tmp").glob("ctguard-system-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > hours * 3600:
+                remove_root(old / "root")
+                remove_root(old / "build")
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def nspawn(root: Path, script: str, timeout: float = 900, check: bool = True,
+           offline: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a shell script in `root` as a chroot-like container (no init), apt cache bound in.
+
+    offline: in a network namespace of its own with nothing but loopback.
+    """
     return sh(
         "systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root),
+        *(["--private-network"] if offline else []),
         f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
         "--setenv=DEBIAN_FRONTEND=noninteractive", "--setenv=LC_ALL=C.UTF-8",
         f"--setenv=PATH={PATH_INSIDE}",
@@ -275,6 +300,14 @@ class Machine:
         return self.run("journalctl", "--no-pager", "-o", "short-precise", "-n", str(lines), "-u", unit,
                         check=False).stdout
 
+    def entries(self, message_id: str | None) -> list[dict]:
+        """ctguard's journal entries with this MESSAGE_ID (none known: an empty list)."""
+        if message_id is None:
+            return []
+        out = self.run("journalctl", "--no-pager", "-o", "json", "-u", "ctguard.service",
+                       f"MESSAGE_ID={message_id}", check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
     def status_json(self) -> tuple[int, dict]:
         proc = self.run("ctguard", "status", "--json", check=False)
         assert proc.returncode in (0, 1, 2, 3), f"ctguard status --json exited {proc.returncode}: {proc.stderr}"
@@ -335,6 +368,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
 @pytest.mark.skipif(_skip is not None, reason=str(_skip))
 def test_debian_package_life_cycle(capsys: pytest.CaptureFixture[str]) -> None:
     phase = Phases(capsys)
+    remove_stale_work_dirs()
     work = Path(tempfile.mkdtemp(prefix="ctguard-system-", dir="/var/tmp"))
     try:
         with phase("base (debootstrap trixie, cached)"):
@@ -382,7 +416,8 @@ def build_package(base: Path, build: Path, phase: Phases) -> dict[str, Path]:
         cd /src/ctguard
         apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null
         """, timeout=1800)
-    out = nspawn(build, "cd /src/ctguard && dpkg-buildpackage -us -uc -b 2>&1", check=False)
+    # The build itself runs without a network: everything comes from the build-deps.
+    out = nspawn(build, "cd /src/ctguard && dpkg-buildpackage -us -uc -b 2>&1", check=False, offline=True)
     assert out.returncode == 0, f"dpkg-buildpackage failed:\n{out.stdout[-8000:]}"
     lint = nspawn(build, "cd /src && rc=0 && lintian --fail-on error,warning -I --tag-display-limit 0 "
                          "ctguard_*.changes >/tmp/lintian.out 2>&1 || rc=$?; "
@@ -433,13 +468,28 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
             assert out.returncode == 0, f"debian/tests/{script} failed:\n{out.stdout}"
 
     with phase("policy change + reload"):
+        reloaded_id, rejected_id = _message_id("POLICY_RELOADED"), _message_id("POLICY_REJECTED")
         m.write("/etc/ctguard/policy.toml", TEST_POLICY)
         m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml")
         pid = m.show("MainPID")
+        reloads = len(m.entries(reloaded_id))
         m.run("systemctl", "reload", "ctguard.service", timeout=60)
         assert m.wait_active() == "active"
         assert m.show("MainPID") == pid, "reload restarted the daemon instead of reloading it"
-        assert wait_for(lambda: m.status_json()[1].get("ceiling") == TEST_CEILING, 10), "reloaded policy not in force"
+        if reloaded_id:
+            assert wait_for(lambda: len(m.entries(reloaded_id)) > reloads, 10), f"no policy-reloaded entry:\n{m.journal()}"
+        # A bad policy on reload: logged, the old one stays in force, the daemon runs on.
+        m.write("/etc/ctguard/policy.toml", BAD_POLICY)
+        bad = m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml", check=False)
+        assert bad.returncode == 1 and "ceiling" in bad.stdout + bad.stderr, bad
+        m.run("systemctl", "reload", "ctguard.service", timeout=60)
+        if rejected_id:
+            assert wait_for(lambda: len(m.entries(rejected_id)) > 0, 10), f"no policy-rejected entry:\n{m.journal()}"
+        time.sleep(0.5)
+        assert m.show("ActiveState") == "active" and m.show("MainPID") == pid, m.journal()
+        m.write("/etc/ctguard/policy.toml", TEST_POLICY)
+        m.run("systemctl", "reload", "ctguard.service", timeout=60)
+        assert m.wait_active() == "active"
 
     with phase("flood"):
         flood(m, phase)
@@ -454,6 +504,19 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
         phase.say(f"budget left: before restart {before['bump_budget_left']}, after {after['bump_budget_left']}")
         assert before["bump_budget_left"] < TEST_MAX_PER_HOUR, before
         assert after["bump_budget_left"] <= before["bump_budget_left"], (before, after)
+
+    with phase("bad policy at start: exit 78, no restart loop"):
+        m.write("/etc/ctguard/policy.toml", BAD_POLICY)
+        m.run("systemctl", "restart", "ctguard.service", check=False, timeout=60)
+        assert wait_for(lambda: m.show("ActiveState") in ("failed", "inactive"), 15), m.show("ActiveState")
+        assert m.show("ExecMainStatus") == "78", (m.show("ExecMainStatus"), m.journal())
+        time.sleep(6)     # RestartSec=5s: a restart would have happened by now
+        assert m.show("ActiveState") in ("failed", "inactive") and m.show("NRestarts") == "0", \
+            (m.show("ActiveState"), m.show("NRestarts"))
+        m.write("/etc/ctguard/policy.toml", TEST_POLICY)
+        m.run("systemctl", "reset-failed", "ctguard.service", check=False)
+        m.run("systemctl", "start", "ctguard.service", timeout=60)
+        assert m.wait_active() == "active", m.journal()
 
     with phase("upgrade"):
         invocation = m.show("InvocationID")
@@ -542,6 +605,20 @@ def flood(m: Machine, phase: Phases) -> None:
         assert data["ceiling"] == TEST_CEILING
         buckets = int(HASHSIZE.read_text())
         phase.say(f"hashsize now {buckets}")
+        bump_id = _message_id("BUMP")
+        if bump_id:
+            bumps = m.entries(bump_id)
+            assert bumps, f"no bump entry in the journal:\n{m.journal()}"
+            first = bumps[0]
+            assert first.get("CTGUARD_OLD_MAX") == str(LOW_MAX), first
+            assert LOW_MAX < int(first["CTGUARD_NEW_MAX"]) <= TEST_CEILING, first
+        bundle_id = _message_id("BUNDLE")
+        if bundle_id:
+            assert wait_for(lambda: m.entries(bundle_id), 20), f"no evidence bundle:\n{m.journal()}"
+            bundle = m.entries(bundle_id)[0]["CTGUARD_BUNDLE"]
+            mode = m.run("stat", "-c", "%a", bundle).stdout.strip()
+            assert mode == "700", f"bundle {bundle} has mode {mode}"
+            m.run("test", "-s", f"{bundle}/manifest.toml")
         assert m.wait_active() == "active", m.journal()
     finally:
         m.shell("ip netns del ctgsnd; ip netns del ctgrcv", check=False)
