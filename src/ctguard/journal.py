@@ -9,7 +9,9 @@ Two parts:
   itself wrote (`_TRANSPORT=kernel` *and* `SYSLOG_FACILITY=0`), whose fd sits in the
   daemon's selector, that resumes after a saved cursor (lines written while ctguard was down
   come back flagged `backlog=True`) and that survives rotation, vacuuming and a journald
-  restart.
+  restart. Beside it, by default (`open_follower`), a `/dev/kmsg` tap gives the same lines
+  ~0.3 s sooner than journald's change notification does; both sit behind one epoll fd and
+  each kernel line is reported once.
 
 Why both `_TRANSPORT=kernel` and `SYSLOG_FACILITY=0`: journald stamps `_TRANSPORT` itself, so
 the journal API, syslog and stdout cannot claim `kernel`; but anything written to /dev/kmsg
@@ -25,7 +27,6 @@ import logging
 import os
 import re
 import select
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -273,20 +274,25 @@ class JournalFollower:
         for ev in follower.read_events(): ...
         save_cursor(state_dir, follower.cursor)   # when it changed, e.g. once per cycle
 
-    `read_events()` never blocks. The fd is inotify-based: it becomes readable when journal
-    files change; `read_events()` calls `Reader.process()` to consume that before reading.
+    `read_events()` never blocks. `fileno()` is an epoll set around the journal's inotify fd
+    (readable when journal files change; `read_events()` calls `Reader.process()` to consume
+    that, then reads every new entry) and, with `kmsg=Path("/dev/kmsg")`, the kernel's log
+    device (read to EAGAIN). It is the same fd for the follower's whole life.
+
+    Call `read_events()` on every sample tick too: it is cheap when nothing is new, it is
+    where a journal that changed under us (folders recreated, journald moved to
+    /var/log/journal) is noticed and reopened, and it covers file systems where sd-journal
+    cannot rely on inotify (`timeout()` then says how often to call).
     """
 
     def __init__(
         self,
         cursor: str | None = None,
         reader_factory: ReaderFactory = _default_reader,
-        clock: Callable[[], float] = time.monotonic,
         watched_dirs: Iterable[Path] = (RUNTIME_JOURNAL_DIR, PERSISTENT_JOURNAL_DIR),
         kmsg: Path | None = None,
     ) -> None:
         self._factory = reader_factory
-        self._clock = clock
         self._watched_dirs = tuple(Path(d) for d in watched_dirs)
         self._cursor: str | None = cursor
         self._pending: list[TableFullEvent] = []
