@@ -384,7 +384,10 @@ def test_debian_package_life_cycle(capsys: pytest.CaptureFixture[str]) -> None:
             for deb in debs.values():
                 shutil.copy2(deb, machine.root / "root" / deb.name)
             shutil.copytree(REPO / "debian" / "tests", machine.root / "root" / "debian-tests")
+        t_lock = time.monotonic()
         with saved_kernel_values():
+            phase.times.append(("kernel-test lock wait", time.monotonic() - t_lock))
+            phase.say(f"kernel-test lock held after {phase.times[-1][1]:.1f} s")
             try:
                 with phase("boot"):
                     machine.boot()
@@ -398,8 +401,10 @@ def test_debian_package_life_cycle(capsys: pytest.CaptureFixture[str]) -> None:
                 with phase("poweroff"):
                     machine.stop()
     finally:
+        t_clean = time.monotonic()
         remove_root(work / "root")
         remove_root(work / "build")
+        phase.times.append(("cleanup", time.monotonic() - t_clean))
         if not KEEP:
             shutil.rmtree(work, ignore_errors=True)
         else:
@@ -494,12 +499,18 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
     with phase("flood"):
         flood(m, phase)
 
-    with phase("restart keeps the budget"):
+    with phase("restart keeps the budget, re-applies the persisted max"):
         _, before = m.status_json()
+        persisted = _persisted_max(m.run("cat", "/etc/sysctl.d/90-ctguard.conf").stdout)
+        # As if nf_conntrack had been loaded after systemd-sysctl ran: the kernel holds less
+        # than the persisted value, and ctguard applies it again at start.
+        m.shell(f"echo {LOW_MAX} > /proc/sys/net/netfilter/nf_conntrack_max")
         invocation = m.show("InvocationID")
         m.run("systemctl", "restart", "ctguard.service", timeout=60)
         assert m.wait_active() == "active", m.journal()
         assert m.show("InvocationID") != invocation
+        assert wait_for(lambda: int(PROC_MAX.read_text()) == persisted, 10), \
+            f"persisted max {persisted} not re-applied at start (kernel has {PROC_MAX.read_text().strip()}):\n{m.journal()}"
         _, after = m.status_json()
         phase.say(f"budget left: before restart {before['bump_budget_left']}, after {after['bump_budget_left']}")
         assert before["bump_budget_left"] < TEST_MAX_PER_HOUR, before
@@ -534,7 +545,9 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
         assert m.show("ActiveState") in ("inactive", "failed", ""), m.show("ActiveState")
         assert m.show("LoadState") in ("not-found", ""), m.show("LoadState")
         m.run("test", "-s", sysctl_file)
+        m.run("test", "-s", "/etc/modprobe.d/ctguard.conf")
         m.run("test", "-d", "/var/lib/ctguard")
+        m.run("sh", "-c", "ls -d /var/lib/ctguard/bundles/*/manifest.toml")
         m.run("test", "-f", "/etc/ctguard/policy.toml")
         assert PROC_MAX.read_text().strip() == in_force
 
@@ -543,7 +556,16 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
         assert m.run("test", "-e", "/var/lib/ctguard", check=False).returncode != 0, "purge left /var/lib/ctguard"
         assert m.run("test", "-e", "/etc/ctguard/policy.toml", check=False).returncode != 0
         m.run("test", "-s", sysctl_file)
+        m.run("test", "-s", "/etc/modprobe.d/ctguard.conf")
         assert PROC_MAX.read_text().strip() == in_force, "purge changed the nf_conntrack_max in force"
+
+
+def _persisted_max(text: str) -> int:
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "net.netfilter.nf_conntrack_max":
+            return int(value)
+    raise AssertionError(f"no net.netfilter.nf_conntrack_max in the sysctl file:\n{text}")
 
 
 def flood(m: Machine, phase: Phases) -> None:
