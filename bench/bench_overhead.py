@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""What `ctguard run` costs: CPU time and memory, idle and under pressure.
+
+    sudo python3 bench/bench_overhead.py [--duration 600] [--cases idle1,idle50,pressure] [--pressure-duration 120]
+    sudo python3 bench/bench_overhead.py --quick     # 3 s per case (the smoke test)
+
+Cases (each a fresh `python3 -m ctguard run --policy P`, every path in a temporary folder,
+default [watch] and [thresholds]; persist.mode = "never"):
+  idle1      the namespaces the machine has (normally only the host's), default intervals
+  idle50     49 more made with `ip netns add` (50 in all), default intervals
+  pressure   one namespace held at ~73% of nf_conntrack_max (above thresholds.warn, below act)
+             by a steady 300 new UDP flows/s expiring after the 30 s UDP timeout: fast
+             sampling (fast_interval) for the whole case; holds the tests' kernel lock, so it
+             has its own, shorter duration
+
+Measured from /proc/PID after the daemon took its first sample (pressure: once the fill is
+steady): CPU = utime + stime over the case, as % of one core; children = reaped evidence
+captures (the pressure case captures once after thresholds.sustain); RSS = VmRSS at the end,
+HWM = VmHWM (peak). `namespaces` is how many the daemon reported in its metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import Daemon, Flood, header, kernelenv, proc_times, write_policy  # noqa: E402
+
+from kernelenv import netns_pair, saved_kernel_values, set_max  # noqa: E402
+
+PRESSURE_MAX = 12288
+PRESSURE_RATE = 300         # x 30 s UDP timeout = 9,000 entries = 73% of 12,288
+
+
+def measure(daemon: Daemon, seconds: float) -> dict:
+    pid = daemon.proc.pid
+    cpu0, ch0, _, _ = proc_times(pid)
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    cpu1, ch1, rss, hwm = proc_times(pid)
+    wall = time.monotonic() - t0
+    ns = sum(1 for line in daemon.metrics.read_text().splitlines() if line.startswith("ctguard_conntrack_entries{"))
+    return {"cpu_s": cpu1 - cpu0, "children_s": ch1 - ch0, "wall": wall, "pct": 100 * (cpu1 - cpu0) / wall,
+            "rss": rss, "hwm": hwm, "namespaces": ns}
+
+
+def idle(folder: Path, extra: int, seconds: float) -> dict:
+    names = []
+    try:
+        for i in range(extra):
+            name = f"ctgo{os.getpid() % 1000}x{i}"
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            names.append(name)
+        with Daemon(write_policy(folder, "")) as d:
+            time.sleep(1.0)
+            return measure(d, seconds)
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def pressure(folder: Path, seconds: float, warmup: float) -> dict:
+    with saved_kernel_values(), netns_pair("ctgo") as pair:
+        set_max(PRESSURE_MAX)
+        flows = int(PRESSURE_RATE * (warmup + seconds + 5))
+        flood = Flood(pair, flows, PRESSURE_RATE)
+        try:
+            with Daemon(write_policy(folder, "")) as d:
+                time.sleep(warmup)
+                r = measure(d, seconds)
+                r["fill"] = pair.count() / PRESSURE_MAX
+                return r
+        finally:
+            for p in flood.procs:
+                p.terminate()
+                p.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=600.0, help="seconds per idle case")
+    ap.add_argument("--pressure-duration", type=float, default=120.0, help="seconds of the pressure case")
+    ap.add_argument("--cases", default="idle1,idle50,pressure")
+    ap.add_argument("--quick", action="store_true", help="3 s per case, short warm-up (smoke test)")
+    args = ap.parse_args()
+    warmup = 35.0                 # the table fills to its steady level over one UDP timeout
+    if args.quick:
+        args.duration = args.pressure_duration = 3.0
+        warmup = 2.0
+    if os.geteuid() != 0:
+        print("bench_overhead: needs root (namespaces, nf_conntrack_max)", file=sys.stderr)
+        return 77
+    reason = kernelenv.kernel_ready()
+    if reason:
+        print(f"bench_overhead: {reason}", file=sys.stderr)
+        return 77
+    print(header())
+    print(f"{'case':<9} {'namespaces':>10} {'seconds':>8} {'cpu s':>7} {'% core':>7} {'children s':>10} "
+          f"{'RSS MB':>7} {'HWM MB':>7}  note")
+    with tempfile.TemporaryDirectory(prefix="ctguard-overhead-") as tmp:
+        for case in [c for c in args.cases.split(",") if c]:
+            folder = Path(tmp) / case
+            if case == "idle1":
+                r, note = idle(folder, 0, args.duration), "default intervals"
+            elif case == "idle50":
+                r, note = idle(folder, 49, args.duration), "default intervals"
+            elif case == "pressure":
+                r = pressure(folder, args.pressure_duration, warmup)
+                note = f"fill {r['fill']:.0%} of {PRESSURE_MAX}: fast_interval"
+            else:
+                print(f"unknown case {case}", file=sys.stderr)
+                return 2
+            print(f"{case:<9} {r['namespaces']:>10} {r['wall']:>8.0f} {r['cpu_s']:>7.2f} {r['pct']:>6.2f}% "
+                  f"{r['children_s']:>10.2f} {r['rss'] / 2**20:>7.1f} {r['hwm'] / 2**20:>7.1f}  {note}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

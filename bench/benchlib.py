@@ -1,0 +1,172 @@
+"""Shared pieces of the benchmarks: a paced UDP flood that reports what it achieved, and
+`ctguard run` in the background with every path in a temporary folder.
+
+The kernel helpers (lock + restore, namespaces, drop counters) are the tests' own
+`tests/kernelenv.py`, imported, not copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(SRC))
+
+import kernelenv  # noqa: E402
+
+# One datagram per new flow, paced at `rate` flows/s by checking the schedule every 32
+# packets; each wrap of the destination port opens a new socket (a new source port), so
+# every tuple is new. Prints its own start/end on CLOCK_MONOTONIC (system-wide, so the
+# benchmark can compare it with what it sees) and how many sendto calls failed.
+_SENDER = r"""
+import json, socket, sys, time
+dst, n, rate, port = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+start_at = float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+while time.monotonic() < start_at:
+    time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
+start = time.monotonic()
+errors = 0
+for i in range(n):
+    if port > 65535:
+        s.close(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); port = 1
+    try:
+        s.sendto(b"x", (dst, port))
+    except OSError:
+        errors += 1
+    port += 1
+    if rate and i % 32 == 0:
+        ahead = start + i / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+print(json.dumps({"start": start, "end": time.monotonic(), "sent": n, "errors": errors}))
+"""
+
+
+@dataclass
+class FloodResult:
+    start: float        # CLOCK_MONOTONIC of the first datagram (earliest sender)
+    end: float          # CLOCK_MONOTONIC of the last one (latest sender)
+    sent: int
+    errors: int
+
+    @property
+    def rate(self) -> float:
+        return self.sent / max(1e-9, self.end - self.start)
+
+
+class Flood:
+    """`senders` processes in the sender namespace sharing `flows` at `rate` flows/s in all.
+
+    Every process waits for a common start time, so the start is known to the millisecond
+    and does not include interpreter start-up.
+    """
+
+    def __init__(self, pair, flows: int, rate: float, senders: int = 1, first_port: int = 1) -> None:
+        self.start_at = time.monotonic() + 0.4
+        share = flows // senders
+        self.procs = []
+        for i in range(senders):
+            n = share if i < senders - 1 else flows - share * (senders - 1)
+            self.procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", pair.sender, sys.executable, "-c", _SENDER, pair.receiver_addr,
+                 str(n), str(rate / senders), str(first_port), repr(self.start_at)],
+                stdout=subprocess.PIPE, text=True))
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def wait(self, timeout: float = 120) -> FloodResult:
+        results = []
+        for p in self.procs:
+            out, _ = p.communicate(timeout=timeout)
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return FloodResult(min(r["start"] for r in results), max(r["end"] for r in results),
+                           sum(r["sent"] for r in results), sum(r["errors"] for r in results))
+
+
+def stat_totals(pair, *columns: str) -> dict[str, int]:
+    """The receiver's per-CPU conntrack counters, summed (kernelenv's `drops()` reads only `drop`)."""
+    text = pair.exec(pair.receiver, "cat", "/proc/net/stat/nf_conntrack").stdout.split("\n")
+    header = text[0].split()
+    return {c: sum(int(line.split()[header.index(c)], 16) for line in text[1:] if line.strip()) for c in columns}
+
+
+def write_policy(folder: Path, body: str) -> Path:
+    """A policy whose every path is under `folder`, plus `body` (whole TOML tables)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / "policy.toml"
+    p.write_text(f"""{body}
+[state]
+dir = "{folder}/state"
+[evidence]
+dir = "{folder}/bundles"
+[persist]
+mode = "never"
+sysctl_file = "{folder}/etc/sysctl.d/90-ctguard.conf"
+modprobe_file = "{folder}/etc/modprobe.d/ctguard.conf"
+[metrics]
+textfile = "{folder}/ctguard.prom"
+""")
+    return p
+
+
+class Daemon:
+    """`python3 -m ctguard run --policy P` in the background; SIGTERM (then SIGKILL) on exit."""
+
+    def __init__(self, policy: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        env.pop("NOTIFY_SOCKET", None)
+        self.log = policy.parent / "daemon.log"
+        self.metrics = policy.parent / "ctguard.prom"
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "ctguard", "run", "--policy", str(policy)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._logf, env=env)
+
+    def __enter__(self) -> "Daemon":
+        if not kernelenv.wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 20):
+            raise RuntimeError(f"ctguard did not take its first sample within 20 s; see {self.log}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"ctguard exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def proc_times(pid: int) -> tuple[float, float, int, int]:
+    """(utime + stime, cutime + cstime (reaped children) in seconds, VmRSS, VmHWM in bytes)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / tck
+    children = (int(fields[13]) + int(fields[14])) / tck
+    rss = hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith("VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+    return cpu, children, rss, hwm
+
+
+def header() -> str:
+    return f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, kernel {os.uname().release}, Python {sys.version.split()[0]}"
