@@ -137,6 +137,12 @@ CASES = [
      "", sample(10, 262144, 4000), History(points=((1009.0, ((4026531000, 3990),)),)), (), [], None),
     ("observe mode still decides",
      "mode = 'observe'", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture"], None),
+    ("a failed buckets write is not retried every sample",
+     "", sample(10, 8192, 100, buckets=1024), History(buckets_failed=at(0)), (), [], None),
+    ("a failed buckets write is retried after a while",
+     "", sample(400, 8192, 100, buckets=1024), History(buckets_failed=at(0)), (), ["SetBuckets"], None),
+    ("a failed buckets write is retried with a bump",
+     "", sample(10, 8192, 7000, buckets=1024), History(buckets_failed=at(0)), (), ["SetMax", "SetBuckets", "Capture"], None),
     ("buckets below max/ratio are fixed without a bump",
      "", sample(10, 8192, 100, buckets=1024), History(), (), ["SetBuckets"], lambda d: d.actions[0].new == 2048),
 ]

@@ -274,6 +274,7 @@ class Daemon:
         self.last_sample = sample
         self._write_metrics(sample)
         self.notifier.status(f"{decision.summary}; last action: {self.last_action}")
+        self.events.flush()
         if not self.ready:
             self.notifier.ready()
             self.ready = True
@@ -339,7 +340,8 @@ class Daemon:
                 if o.ok:
                     ev.emit("persisted", f"persisted nf_conntrack_max {a.max}: {o.detail}", CTGUARD_NEW_MAX=a.max,
                             CTGUARD_REASON=a.reason)
-                elif "observe" not in o.detail and "never" not in o.detail:
+                elif not o.detail.startswith(("observe", "persist.mode", "not persisted")):
+                    # (A max that failed to apply was reported already; nothing new to say.)
                     log.warning("%s", o.detail)
             elif isinstance(a, Warn):
                 if a.kind == "pressure":
@@ -409,6 +411,7 @@ class Daemon:
         self.observer.close()
         signal.set_wakeup_fd(-1)
         self.events.emit("stop", "ctguard stopped")
+        self.events.flush_all()
 
 
 def _lower_priority() -> None:

@@ -21,6 +21,7 @@ RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
+BUCKETS_RETRY = 300.0       # a hashsize write that failed (read-only /sys) is retried this rarely, or with a bump
 HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
 
 
@@ -144,7 +145,9 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             actions.append(Warn("table-full", e.netns, fill, "the kernel reported: table full, dropping packet"))
             break
 
-    if policy.buckets.manage:
+    retry_buckets = (bumped_to is not None or history.buckets_failed is None
+                     or now.since(history.buckets_failed) >= BUCKETS_RETRY)
+    if policy.buckets.manage and retry_buckets:
         target_max = bumped_to or limits.max
         want_buckets = buckets_for(policy, target_max)
         if limits.buckets < want_buckets:
@@ -272,6 +275,8 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             if o.ok and a.trigger != "reapply":
                 changes["unpersisted_max"] = max(o.read_back or a.new, h.unpersisted_max or 0)
                 changes["bumps_total"] = changes.get("bumps_total", h.bumps_total) + 1
+        elif isinstance(a, SetBuckets):
+            changes["buckets_failed"] = None if o.ok else now
         elif isinstance(a, Persist) and o.ok:
             changes["persisted_max"] = a.max
             changes["persisted_buckets"] = a.buckets

@@ -53,7 +53,7 @@ def parse_stat_table(text: str) -> tuple[int, tuple[tuple[str, int], ...]]:
 def _advice(err: int, what: str) -> str:
     if err in (errno.EROFS,):
         return (f"{what} is read-only here (a container, or ProtectKernelTunables=): raise the limit on the host, "
-                "or give ctguard a writable /proc/sys")
+                "or make it writable for ctguard")
     if err in (errno.EPERM, errno.EACCES):
         return "ctguard needs root with CAP_NET_ADMIN (and /sys writable for hashsize) in the host's network namespace"
     if err == errno.EINVAL:

@@ -189,7 +189,8 @@ class History:
     persisted_buckets: int | None = None
     unpersisted_max: int | None = None
     table_full_events: int = 0
-    bumps_total: int = 0            # successful bumps ever (a counter for metrics; survives restarts)
+    bumps_total: int = 0
+    buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
 
     def with_(self, **changes) -> "History":
         return replace(self, **changes)
