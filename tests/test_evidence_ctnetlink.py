@@ -123,3 +123,56 @@ def test_aggregator_totals() -> None:
     assert [(h.key, h.count) for h in r.top_dports.rows] == [("tcp/22", 3), ("tcp/443", 2), ("udp/53", 1)]
     assert [(h.key, h.count) for h in r.marks.rows] == [("0x7", 1)]
     assert [(h.key, h.count) for h in r.zones.rows] == [("9", 1)]
+
+
+class FakeSock:
+    """Stands in for the netlink socket: hands out prepared batches, one per recv."""
+
+    def __init__(self, batches: list[bytes]) -> None:
+        self.batches = list(batches)
+
+    def send(self, data: bytes) -> int:
+        return len(data)
+
+    def recv_into(self, buf: bytearray, size: int, flags: int = 0) -> int:
+        data = self.batches.pop(0)
+        buf[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        pass
+
+
+def _batch(n: int, start: int = 0) -> bytes:
+    return b"".join(
+        message(Entry(4, 17, struct.pack("!I", 0x0A000000 + i), b"\x0a\xff\x00\x01", 1000, 53, None, 0, 0, 0))
+        for i in range(start, start + n)
+    )
+
+
+def test_dump_table_streams_batches_through_the_reader() -> None:
+    from ctguard.evidence.ctnetlink import dump_table
+
+    sock = FakeSock([_batch(100), _batch(100, 100), _batch(10, 200) + DONE])
+    r = dump_table(None, budget=10, top=3, sock=sock, expected=210)  # type: ignore[arg-type]
+    assert r.entries == 210 and not r.cut_short
+    assert r.top_destinations.rows[0].count == 210
+    assert r.top_sources.exact and len(r.top_sources.rows) == 3
+
+
+def test_dump_table_hands_kernel_errors_to_the_caller() -> None:
+    from ctguard.evidence.ctnetlink import dump_table
+
+    err = struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -errno.EPERM) + b"\0" * 16
+    with pytest.raises(OSError) as info:
+        dump_table(None, budget=10, sock=FakeSock([err]))  # type: ignore[arg-type]
+    assert info.value.errno == errno.EPERM
+
+
+def test_dump_table_budget_zero_reads_one_batch_and_says_so() -> None:
+    from ctguard.evidence.ctnetlink import dump_table
+
+    sock = FakeSock([_batch(50), _batch(50, 50), _batch(50, 100) + DONE])
+    r = dump_table(None, budget=0, sock=sock, expected=150)  # type: ignore[arg-type]
+    assert r.cut_short and r.entries == 50
+    assert r.notes and "50 of about 150 entries seen" in r.notes[0]
