@@ -25,7 +25,7 @@ from ctguard import policy as policy_mod
 from ctguard.act import Actor
 from ctguard.clock import Clock
 from ctguard.files import atomic_write, ensure_private_dir
-from ctguard.decide import advance, decide, decide_start, next_interval
+from ctguard.decide import advance, budget_left, decide, decide_start, next_interval, upper_bound
 from ctguard.kernel import ConntrackNotLoaded, Kernel
 from ctguard.model import (
     Capture, Decision, History, Instant, Outcome, Persist, Refuse, Sample, SetBuckets, SetMax, TableFull, Warn,
@@ -305,7 +305,10 @@ class Daemon:
             return
         self._metrics_at = now
         try:
-            metrics.write(self.policy.metrics.textfile, metrics.render(sample, self.history, self.policy.bump.ceiling))
+            text = metrics.render(sample, self.history, self.policy.bump.ceiling,
+                                  budget_left(self.policy, self.history, sample.at),
+                                  upper_bound(self.policy, sample.limits)[0])
+            metrics.write(self.policy.metrics.textfile, text)
         except OSError as exc:
             log.warning("cannot write metrics to %s: %s", self.policy.metrics.textfile, exc)
 

@@ -88,6 +88,10 @@ def _bumps_in_last_hour(history: History, now: Instant) -> int:
     return sum(1 for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply") and now.since(b.at) < HOUR)
 
 
+def budget_left(policy: Policy, history: History, now: Instant) -> int:
+    return max(0, policy.bump.max_per_hour - _bumps_in_last_hour(history, now))
+
+
 def _last_attempt(history: History) -> BumpRecord | None:
     auto = [b for b in history.bumps if b.trigger not in ("manual", "reapply")]
     return auto[-1] if auto else None

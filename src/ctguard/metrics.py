@@ -12,8 +12,12 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(sample: Sample, history: History, ceiling: int, drops_by_ns: dict[int, int] | None = None) -> str:
-    """The metrics of SPEC.md; `drops_total` is the kernel's per-namespace `drop` counter."""
+def render(sample: Sample, history: History, ceiling: int, budget_left: int | None = None,
+           upper_bound: int | None = None) -> str:
+    """The metrics of SPEC.md, plus budget, bound and freshness for alerting.
+
+    `drops_total` is the kernel's per-namespace `drop` counter (it restarts with the namespace).
+    """
     lim = sample.limits
     out = []
 
@@ -42,6 +46,14 @@ def render(sample: Sample, history: History, ceiling: int, drops_by_ns: dict[int
     out.append(f"ctguard_table_full_events_total {history.table_full_events}\n")
     head("ctguard_last_bump_timestamp_seconds", "gauge", "Unix time of the last bump, 0 if none.")
     out.append(f"ctguard_last_bump_timestamp_seconds {ok[-1].at.wall if ok else 0:.3f}\n")
+    if budget_left is not None:
+        head("ctguard_bump_budget_remaining", "gauge", "Automatic bumps still allowed in the current hour.")
+        out.append(f"ctguard_bump_budget_remaining {budget_left}\n")
+    if upper_bound is not None:
+        head("ctguard_upper_bound", "gauge", "Highest max ctguard may set: the ceiling or the memory cap, the lower.")
+        out.append(f"ctguard_upper_bound {upper_bound}\n")
+    head("ctguard_last_update_timestamp_seconds", "gauge", "Unix time of the sample these metrics come from.")
+    out.append(f"ctguard_last_update_timestamp_seconds {sample.at.wall:.3f}\n")
     return "".join(out)
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from ctguard import persist
-from ctguard.decide import HOUR, upper_bound
+from ctguard.decide import budget_left as budget_left_of, upper_bound
 from ctguard.model import History, Instant, Sample
 from ctguard.policy import Policy
 
@@ -31,8 +31,7 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant) -> Sta
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
-    auto = [b for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply") and now.since(b.at) < HOUR]
-    budget_left = max(0, policy.bump.max_per_hour - len(auto))
+    budget_left = budget_left_of(policy, history, now)
     fill = sample.worst_fill
     worst = sample.worst
     recent_drop = history.last_drop is not None and now.since(history.last_drop) < RECENT_DROPS
