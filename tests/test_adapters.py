@@ -225,3 +225,39 @@ def test_status_codes(max_, counts, history, code) -> None:
     data = json.loads(status_mod.render_json(view))
     assert data["namespaces"][0]["count"] == max(counts), "worst first"
     assert "worst" in status_mod.render_text(view)
+
+
+def test_status_on_a_terminal_has_bars_and_sparklines() -> None:
+    p = policy_mod.loads("[bump]\nceiling = 65536", "t.toml")
+    s = sample_of(8192, 100, 6000)
+    view = status_mod.build(p, s, History(), now(10))
+    minute = int(s.at.wall // 60) * 60
+    hour = {4026531001: [(minute - 120, 0.1), (minute - 60, 0.5), (minute, 0.99)]}
+    text = status_mod.render_tty(view, hour, s.at.wall, 0.7, 0.85)
+    first_ns = [line for line in text.splitlines() if line.startswith('n"1')][0]
+    assert "█" * 15 in first_ns and "73.2%" in first_ns
+    assert first_ns.endswith("▁▅█")
+    assert "\x1b[33m" in text, "warning colour for a namespace above warn"
+    assert "max 8192" in text
+    assert status_mod.sparkline([], minute) == " " * 60
+
+
+def test_recommend_from_recorded_peaks() -> None:
+    from ctguard import recommend
+
+    p = policy_mod.loads("[bump]\nceiling = 65536", "t.toml")
+    t = 1_800_000_000
+    peaks = [Peak(t - 60 * i, 1000 + (i % 100), 8192, 0) for i in range(200)]
+    a = recommend.advise(p, peaks, 8192, 2048, 256, t)
+    assert a["enough_history"] and a["p99_peak"] == 1098 and a["factor"] == 2
+    assert a["recommended_max"] == 3072 and a["recommended_buckets"] == 768
+    assert a["memory_bytes"] == 3072 * 256 + 768 * 8
+    assert a["sysctl_line"] == "net.netfilter.nf_conntrack_max = 3072"
+    stormy = peaks + [Peak(t, 40000, 65536, 12)]
+    b = recommend.advise(p, stormy, 8192, 2048, 256, t)
+    assert b["factor"] == 3 and b["above_ceiling"] is False
+    assert "ABOVE the ceiling" in recommend.render(recommend.advise(p, [Peak(t, 30000, 8192, 1)] * 5, 8192, 2048, 256, t))
+    few = recommend.advise(p, peaks[:10], 8192, 2048, 256, t)
+    assert not few["enough_history"] and "Too little history" in recommend.render(few)
+    old = recommend.advise(p, [Peak(t - 8 * 86400, 50000, 65536, 0)], 8192, 2048, 256, t)
+    assert old["p99_peak"] == 0, "peaks older than 7 days are ignored"

@@ -80,7 +80,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return status.UNKNOWN
     history = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr)).load_history()
     view = status.build(policy, sample, history, now)
-    print(status.render_json(view) if args.json else status.render_text(view))
+    if args.json:
+        print(status.render_json(view))
+    elif sys.stdout.isatty():
+        hour = StateStore(policy.state.dir).load_hour()
+        print(status.render_tty(view, hour, now.wall, policy.thresholds.warn, policy.thresholds.act))
+    else:
+        print(status.render_text(view))
     return view.code
 
 

@@ -97,7 +97,7 @@ class Daemon:
                                  self.paths.proc_root, self.paths.run_netns)
         self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
         self.history: History = self.store.load_history()
-        self.peaks = PeakRecorder(self.store.load_peaks())
+        self.peaks = PeakRecorder(self.store.load_peaks(), self.store.load_hour())
         self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
         self.children = Children()
         self.follower = None
@@ -268,7 +268,7 @@ class Daemon:
         self._report(decision, outcomes, kernel_events)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
-            self._safe(self.store.save_peaks, self.peaks.peaks, what="peaks")
+            self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
         if outcomes or kernel_events:
             self._safe(self.store.save_history, self.history, what="state")
         self.last_sample = sample
@@ -401,7 +401,7 @@ class Daemon:
     def _stop(self) -> None:
         self.notifier.stopping()
         self._safe(self.store.save_history, self.history, what="state")
-        self._safe(self.store.save_peaks, self.peaks.current(), what="peaks")
+        self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.current(), what="peaks")
         if self.follower is not None:
             self._save_cursor()
             self.follower.close()

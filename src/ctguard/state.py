@@ -137,17 +137,29 @@ class StateStore:
             self._set_aside(self.folder / PEAKS_FILE, f"unexpected content: {exc}")
             return []
 
-    def save_peaks(self, peaks: list[Peak]) -> None:
+    def load_hour(self) -> dict[int, list[tuple[int, float]]]:
+        """Per-namespace peak fill of each of the last 60 minutes (for sparklines)."""
+        d = self._load_json(PEAKS_FILE)
+        try:
+            return {int(k): [(int(m), float(f)) for m, f in v] for k, v in (d or {}).get("hour", {}).items()}
+        except (AttributeError, TypeError, ValueError):
+            return {}
+
+    def save_peaks(self, peaks: list[Peak], hour: dict[int, list[tuple[int, float]]] | None = None) -> None:
         ensure_private_dir(self.folder)
         rows = [[p.minute, p.count, p.max, p.drops] for p in peaks]
-        atomic_write(self.folder / PEAKS_FILE, json.dumps({"format": FORMAT, "minutes": rows}) + "\n", 0o600)
+        doc = {"format": FORMAT, "minutes": rows,
+               "hour": {str(k): [[m, round(f, 4)] for m, f in v] for k, v in (hour or {}).items()}}
+        atomic_write(self.folder / PEAKS_FILE, json.dumps(doc) + "\n", 0o600)
 
 
 class PeakRecorder:
     """Per-minute peaks of the worst namespace; hands back a finished minute to be saved."""
 
-    def __init__(self, peaks: list[Peak]) -> None:
+    def __init__(self, peaks: list[Peak], hour: dict[int, list[tuple[int, float]]] | None = None) -> None:
         self.peaks = peaks
+        self.hour: dict[int, list[tuple[int, float]]] = hour or {}
+        self._ns_fill: dict[int, float] = {}
         self._minute: int | None = None
         self._count = 0
         self._max = 0
@@ -169,6 +181,15 @@ class PeakRecorder:
             cutoff = minute - PEAK_DAYS * 86400
             while self.peaks and self.peaks[0].minute < cutoff:
                 self.peaks.pop(0)
+            for inode, fill in self._ns_fill.items():
+                self.hour.setdefault(inode, []).append((self._minute, fill))
+            for inode in list(self.hour):
+                kept = [(m, f) for m, f in self.hour[inode] if m > minute - 3600]
+                if kept:
+                    self.hour[inode] = kept
+                else:
+                    del self.hour[inode]
+            self._ns_fill = {}
             self._count = self._drops = 0
             finished = True
         self._minute = minute
@@ -177,6 +198,10 @@ class PeakRecorder:
             self._count = worst.count
             self._max = sample.limits.max
         self._drops += drops + extra_drops
+        for ns in sample.namespaces:
+            fill = sample.fill(ns)
+            if fill > self._ns_fill.get(ns.inode, -1.0):
+                self._ns_fill[ns.inode] = fill
         return finished
 
     def current(self) -> list[Peak]:

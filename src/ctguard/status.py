@@ -104,5 +104,44 @@ def render_text(view: StatusView) -> str:
     return "\n".join(lines)
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+_COLOURS = {OK: "32", WARNING: "33", CRITICAL: "31", UNKNOWN: "35"}
+
+
+def bar(fill: float, width: int = 20) -> str:
+    filled = min(width, round(fill * width))
+    return "█" * filled + "░" * (width - filled)
+
+
+def sparkline(points: list[tuple[int, float]], now_minute: int, minutes: int = 60) -> str:
+    """One character per minute of the last hour; blank where nothing was recorded."""
+    by_minute = dict(points)
+    out = []
+    for m in range(now_minute - (minutes - 1) * 60, now_minute + 1, 60):
+        f = by_minute.get(m)
+        out.append(" " if f is None else SPARKS[min(len(SPARKS) - 1, int(f * len(SPARKS)))])
+    return "".join(out)
+
+
+def render_tty(view: StatusView, hour: dict[int, list[tuple[int, float]]], now_wall: float,
+               warn: float, act: float) -> str:
+    """For a terminal: colour, a fill bar per namespace and a sparkline of its last hour."""
+    d = view.data
+
+    def colour(code: int, text: str) -> str:
+        return f"\x1b[{_COLOURS[code]}m{text}\x1b[0m"
+
+    now_minute = int(now_wall // 60) * 60
+    lines = [colour(view.code, view.headline), ""]
+    lines.append(f"{'namespace':<28} {'entries':>9}  {'fill':<27} last hour (per-minute peak fill)")
+    for n in d["namespaces"]:
+        code = CRITICAL if n["fill"] >= act else WARNING if n["fill"] >= warn else OK
+        spark = sparkline(hour.get(n["inode"], []), now_minute)
+        lines.append(f"{n['name'][:28]:<28} {n['count']:>9}  {colour(code, bar(n['fill']))} {n['fill']:>5.1%}  {spark}")
+    rest = render_text(view).split("\n")
+    tail_start = next(i for i, line in enumerate(rest) if line.startswith("max "))
+    return "\n".join(lines + [""] + rest[tail_start:])
+
+
 def render_json(view: StatusView) -> str:
     return json.dumps(view.data, indent=2, sort_keys=True)
