@@ -136,8 +136,22 @@ def test_nat_verdicts() -> None:
             {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "eth0"}}, {"masquerade": None}]}},
         {"rule": {"family": "ip", "table": "nat", "chain": "pre", "expr": [{"dnat": {"addr": "10.0.0.2"}}]}},
     ]}
-    assert collect.nft_nat_rules(ruleset) == {"masquerade": 1, "dnat": 1}
-    assert collect.nft_nat_rules({"nftables": []}) == {}
+    raw = json.dumps(ruleset).encode()
+    assert collect.nft_nat_rules(raw) == {"masquerade": 1, "dnat": 1}
+    assert collect.nft_nat_rules(b'{"nftables": [{"chain": {"name": "dnat", "comment": "\\"snat\\": no"}}]}') == {}
+    # Chunk boundaries anywhere: every split of the stream counts each statement once.
+    for cut in range(1, len(raw)):
+        counter = collect.NftNatCounter()
+        counter.feed(raw[:cut])
+        counter.feed(raw[cut:])
+        assert counter.found == {"masquerade": 1, "dnat": 1}, cut
+    text = IPTABLES.encode()
+    for cut in range(1, len(text)):
+        ipt = collect.IptablesNatCounter()
+        ipt.feed(text[:cut])
+        ipt.feed(text[cut:])
+        ipt.close()
+        assert ipt.found == {"MASQUERADE": 1, "DNAT": 1}, cut
     assert collect.iptables_nat_rules(IPTABLES) == {"MASQUERADE": 1, "DNAT": 1}
     assert collect.nat_verdict({}, {}) == "this host does no NAT / masquerade (checked nft and iptables-save)"
     assert collect.nat_verdict({"masquerade": 2}, None) == "this host does NAT / masquerade (nft masquerade x2)"
@@ -147,3 +161,41 @@ def test_nat_verdicts() -> None:
 def test_parse_stat_rejects_ragged_lines() -> None:
     with pytest.raises(collect.CollectorError):
         collect.parse_stat("entries drop\n00000001\n")
+
+
+def test_a_hanging_tool_is_killed_at_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    nft = tmp_path / "nft"
+    nft.write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    nft.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    ctx = collect.Context(deadline=time.monotonic() + 0.3)
+    start = time.monotonic()
+    got = collect.run_collector("rules", collect.rules, ctx)
+    assert time.monotonic() - start < 3
+    assert got.error is not None and "within the capture budget" in got.error
+
+
+def test_journald_absent_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "systemd", None)  # import fails as on a host without python3-systemd
+    got = collect.run_collector("journal", collect.journal, collect.Context())
+    assert got.error is not None and "kernel journal lines not collected" in got.error
+
+
+def test_big_ruleset_keeps_only_the_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ipt = tmp_path / "iptables-save"
+    # ~6 MB of rules, the NAT rule at the very end (past what is kept).
+    ipt.write_text(
+        "#!/bin/sh\n/usr/bin/yes -- '-A INPUT -s 10.0.0.1/32 -j ACCEPT' | /usr/bin/head -c 6000000\n"
+        "printf '\\n*nat\\n-A POSTROUTING -o eth0 -j MASQUERADE\\nCOMMIT\\n'\n"
+    )
+    ipt.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    got = collect.run_collector("rules", collect.rules, collect.Context())
+    assert got.error is None, got.error
+    assert got.data["iptables_nat"] == {"MASQUERADE": 1}
+    assert len(got.files["iptables-save.txt"]) == collect.MAX_FILE
+    assert "kept the first" in got.data["iptables_save_truncated"]

@@ -17,7 +17,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -160,53 +163,123 @@ def _int(text: str) -> int | str:
         return text
 
 
-def _run(argv: list[str], ctx: Context, cap: float = 5.0) -> subprocess.CompletedProcess[bytes]:
+class _Streamed:
+    """A program's output read in chunks: the first MAX_FILE bytes kept, every chunk scanned.
+
+    A Kubernetes node's ruleset can run to tens of megabytes; holding it whole (let alone
+    parsing it as JSON) would break the capture's memory bound, so the NAT counters look at
+    each chunk as it passes and only the head is kept as the attachment.
+    """
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.total = 0
+
+    def keep(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = MAX_FILE - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+
+
+def _stream(argv: list[str], ctx: Context, on_chunk: Callable[[bytes], None], cap: float = 5.0) -> _Streamed:
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=ctx.remaining(cap), env=env, check=False)
-    except subprocess.TimeoutExpired:
-        raise CollectorError(f"`{' '.join(argv)}` did not finish within the capture budget") from None
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise CollectorError(f"`{' '.join(argv)}` exited {proc.returncode}: {err[-1] if err else 'no message'}")
-    return proc
+    out = _Streamed()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=env)
+        timer = threading.Timer(ctx.remaining(cap), proc.kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            while True:
+                chunk = proc.stdout.read1(1 << 20)
+                if not chunk:
+                    break
+                out.keep(chunk)
+                on_chunk(chunk)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if code == -signal.SIGKILL:
+            raise CollectorError(f"`{' '.join(argv)}` did not finish within the capture budget")
+        if code != 0:
+            err.seek(0)
+            lines = err.read(65536).decode(errors="replace").strip().splitlines()
+            raise CollectorError(f"`{' '.join(argv)}` exited {code}: {lines[-1] if lines else 'no message'}")
+    return out
 
 
 NAT_STATEMENTS = ("masquerade", "snat", "dnat", "redirect")
+_NFT_NAT = re.compile(rb'"(masquerade|snat|dnat|redirect)"\s*:')
 _IPT_NAT = re.compile(r"-j\s+(MASQUERADE|SNAT|DNAT|REDIRECT|NETMAP)\b")
 
 
-def nft_nat_rules(ruleset: Mapping[str, Any]) -> dict[str, int]:
-    """Count NAT statements per kind in `nft -j list ruleset` output."""
-    found: dict[str, int] = {}
+class NftNatCounter:
+    """Counts NAT statements in `nft -j list ruleset` output, chunk by chunk.
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in NAT_STATEMENTS:
-                    found[key] = found.get(key, 0) + 1
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
+    In nft's JSON a statement is an object key (`{"masquerade": null}`, `{"snat": {...}}`);
+    names and comments are string values, so a key pattern does not mistake them.
+    """
 
-    for item in ruleset.get("nftables", []):
-        if isinstance(item, dict) and "rule" in item:
-            walk(item["rule"].get("expr", []))
-    return found
+    OVERLAP = 32
+
+    def __init__(self) -> None:
+        self.found: dict[str, int] = {}
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> None:
+        text = self._tail + chunk
+        for m in _NFT_NAT.finditer(text):
+            if m.end() > len(self._tail):  # not already counted in the previous chunk
+                kind = m.group(1).decode()
+                self.found[kind] = self.found.get(kind, 0) + 1
+        self._tail = text[-self.OVERLAP:]
+
+
+class IptablesNatCounter:
+    """Counts NAT targets in the *nat table of `iptables-save` output, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, int] = {}
+        self._table = ""
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            self._line(raw.decode(errors="replace"))
+
+    def close(self) -> None:
+        if self._partial:
+            self._line(self._partial.decode(errors="replace"))
+            self._partial = b""
+
+    def _line(self, line: str) -> None:
+        if line.startswith("*"):
+            self._table = line[1:].strip()
+        elif self._table == "nat" and line.startswith("-A"):
+            m = _IPT_NAT.search(line)
+            if m:
+                self.found[m.group(1)] = self.found.get(m.group(1), 0) + 1
+
+
+def nft_nat_rules(output: bytes) -> dict[str, int]:
+    counter = NftNatCounter()
+    counter.feed(output)
+    return counter.found
 
 
 def iptables_nat_rules(text: str) -> dict[str, int]:
-    found: dict[str, int] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif table == "nat" and line.startswith("-A"):
-            m = _IPT_NAT.search(line)
-            if m:
-                found[m.group(1)] = found.get(m.group(1), 0) + 1
-    return found
+    counter = IptablesNatCounter()
+    counter.feed(text.encode())
+    counter.close()
+    return counter.found
 
 
 def nat_verdict(nft: dict[str, int] | None, ipt: dict[str, int] | None) -> str:
@@ -231,20 +304,27 @@ def rules(ctx: Context) -> Result:
     ipt_found: dict[str, int] | None = None
     nft = shutil.which("nft")
     if nft:
+        counter = NftNatCounter()
         try:
-            out = _run([nft, "-j", "list", "ruleset"], ctx).stdout
-            files["nft-ruleset.json"] = out[:MAX_FILE]
-            nft_found = nft_nat_rules(json.loads(out or b"{}"))
-        except (CollectorError, ValueError, OSError) as exc:
+            out = _stream([nft, "-j", "list", "ruleset"], ctx, counter.feed)
+            files["nft-ruleset.json"] = bytes(out.head)
+            nft_found = counter.found
+            if out.total > len(out.head):
+                data["nft_truncated"] = f"kept the first {len(out.head)} of {out.total} bytes"
+        except (CollectorError, OSError) as exc:
             problems.append(f"nft: {exc}")
     else:
         data["nft"] = "not installed"
     ipt = shutil.which("iptables-save")
     if ipt:
+        ipt_counter = IptablesNatCounter()
         try:
-            out = _run([ipt], ctx).stdout
-            files["iptables-save.txt"] = out[:MAX_FILE]
-            ipt_found = iptables_nat_rules(out.decode(errors="replace"))
+            out = _stream([ipt], ctx, ipt_counter.feed)
+            ipt_counter.close()
+            files["iptables-save.txt"] = bytes(out.head)
+            ipt_found = ipt_counter.found
+            if out.total > len(out.head):
+                data["iptables_save_truncated"] = f"kept the first {len(out.head)} of {out.total} bytes"
         except (CollectorError, OSError) as exc:
             problems.append(f"iptables-save: {exc}")
     else:
