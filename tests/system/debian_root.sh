@@ -29,7 +29,10 @@ mkdir -p "$cache" "$cache/apt-archives/partial"
 exec 9>"$cache/lock"
 flock 9
 
-if [ -f "$stamp" ] && [ -n "$(find "$stamp" -mtime -"$max_age" 2>/dev/null)" ]; then
+# Bump when the recipe below changes: a cached root made by another recipe is rebuilt.
+recipe=2
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "recipe $recipe" ] &&
+   [ -n "$(find "$stamp" -mtime -"$max_age" 2>/dev/null)" ]; then
     echo "$root"
     exit 0
 fi
@@ -50,13 +53,17 @@ printf 'deb %s %s main\n' "$mirror" "$suite" >"$tmp/etc/apt/sources.list"
 # Keep what apt downloads: the test binds CACHE_DIR/apt-archives over /var/cache/apt/archives.
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >"$tmp/etc/apt/apt.conf.d/90ctguard-keep"
 echo 'APT::Install-Recommends "false";' >"$tmp/etc/apt/apt.conf.d/90ctguard-norecommends"
-# Nothing in the container may try to manage the host's network or time.
-for unit in systemd-networkd.service systemd-resolved.service systemd-timesyncd.service; do
+# Nothing in the container may try to manage the host's network, time or kernel settings:
+# it shares the host's kernel and network namespace, and /proc/sys is writable in it, so
+# systemd-sysctl would apply trixie's sysctl.d defaults (kernel.pid_max, core_pattern...)
+# to the host.
+for unit in systemd-networkd.service systemd-resolved.service systemd-timesyncd.service \
+            systemd-sysctl.service; do
     ln -sf /dev/null "$tmp/etc/systemd/system/$unit"
 done
 rm -f "$tmp/var/cache/apt/archives"/*.deb
 
-touch "$tmp/.ctguard-root-ready"
+echo "recipe $recipe" >"$tmp/.ctguard-root-ready"
 rm -rf --one-file-system "$root"
 mv "$tmp" "$root"
 trap - EXIT
