@@ -111,6 +111,20 @@ class NetnsPair:
         """Send one datagram per new flow (distinct destination ports, then source ports)."""
         self.exec(self.sender, sys.executable, "-c", _FLOOD, self.receiver_addr, str(flows), str(rate), str(first_port))
 
+    def flood_syn(self, flows: int, sources: int = 4096, dport: int = 9) -> None:
+        """Half-open TCP: one SYN per flow from `sources` spoofed addresses in 10.232.0.0/16.
+
+        Nothing answers (no listener, and the receiver has no route back to those sources), so
+        every entry stays SYN_SENT and unreplied: the shape of a spoofed SYN flood. The packets
+        only cross this pair's veth; rp_filter is off in the receiver so they reach conntrack.
+        """
+        for key in ("all", "default"):
+            self.exec(self.receiver, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0")
+        self.exec(self.receiver, "sh", "-c", "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done")
+        self.exec(self.sender, "ip", "route", "replace", "10.232.0.0/16", "dev",
+                  self.exec(self.sender, "ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0])
+        self.exec(self.sender, sys.executable, "-c", _SYN_FLOOD, self.receiver_addr, str(flows), str(sources), str(dport))
+
     def count(self) -> int:
         out = self.exec(self.receiver, "cat", "/proc/sys/net/netfilter/nf_conntrack_count").stdout
         return int(out)
@@ -143,6 +157,33 @@ for i in range(n):
         ahead = start + i / rate - time.perf_counter()
         if ahead > 0:
             time.sleep(ahead)
+"""
+
+
+# Raw IPv4 + TCP SYN packets with spoofed sources; the checksum is computed, the kernel fills
+# the IP checksum and id (IP_HDRINCL with those fields zero).
+_SYN_FLOOD = r"""
+import socket, struct, sys
+dst, n, sources, dport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+daddr = socket.inet_aton(dst)
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while t >> 16: t = (t & 0xFFFF) + (t >> 16)
+    return ~t & 0xFFFF
+for i in range(n):
+    src = i % sources
+    saddr = bytes((10, 232, (src >> 8) & 0xFF, src & 0xFF))
+    sport = 1024 + (i // sources) % 60000
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, i, 0, 5 << 4, 0x02, 64240, 0, 0)
+    c = csum(saddr + daddr + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)
+    tcp = tcp[:16] + struct.pack("!H", c) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, saddr, daddr)
+    try:
+        s.sendto(ip + tcp, (dst, 0))
+    except OSError:
+        pass
 """
 
 

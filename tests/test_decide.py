@@ -128,9 +128,31 @@ CASES = [
     ("drops below warn do not bump (clash resolution also counts drops)",
      "", sample(10, 8192, 100, drops=(12,)), History(drops=((4026531000, 2),)), (), [], None),
     ("fast growth bumps before act",
-     "", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (),
+     "", sample(10, 8192, 4000), History(points=((1009.9, ((4026531000, 3800),)),)), (),
      ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.actions[0].trigger == "growth" and d.actions[0].new >= round_up((4000 + 2000 * 30) / 0.85)),
+    # bench_ramp: a bump sized from the slope since an idle sample 1 s back ran out before the cooldown.
+    ("growth seen against an idle sample: sample again before sizing the bump",
+     "", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (), [],
+     lambda d: d.confirm and next_interval(pol(), d) == 0.02),
+    ("fill at act with growth against an idle sample: confirm too",
+     "", sample(10, 8192, 7500), History(points=((1009.0, ((4026531000, 0),)),)), (), [], lambda d: d.confirm),
+    ("table-full against an idle sample: bump at once, no confirming",
+     "", sample(10, 8192, 5000), History(points=((1009.0, ((4026531000, 0),)),)), (TableFull(at(10), 4026531000),),
+     ["SetMax", "SetBuckets", "Warn", "Capture"], lambda d: not d.confirm),
+    ("full table against an idle sample: bump at once",
+     "", sample(10, 8192, 8192), History(points=((1009.0, ((4026531000, 0),)),)), (),
+     ["SetMax", "SetBuckets", "Capture"], lambda d: not d.confirm and d.actions[0].trigger == "fill"),
+    ("confirmed: sized from the slope since the last sample, triggered on the conservative one",
+     "", sample(10, 8192, 4000), History(points=((1008.0, ((4026531000, 0),)), (1009.98, ((4026531000, 3600),)))), (),
+     ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].trigger == "growth" and d.rate == 2000
+     and d.actions[0].new == round_up((4000 + 20000 * 30) / 0.85)),
+    ("a full table's refused flows count as growth when sizing",
+     "", sample(10, 8192, 8192, drops=(2100,)),
+     History(points=((1009.9, ((4026531000, 8192 + 100),)),), drops=((4026531000, 100),)), (),
+     ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].new == round_up((8192 + 20000 * 30) / 0.85)),
     ("growth with horizon 0 is ignored",
      "[thresholds]\nhorizon = 0", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (), [], None),
     ("slow growth is not urgent",
@@ -243,6 +265,73 @@ def test_fast_sampling_under_pressure_or_steep_growth():
     assert next_interval(p, steep) == 0.1
 
 
+@pytest.mark.parametrize("max_, count, expected", [
+    (262144, 100, 1.0),                     # 222,700 entries to act: 8.9 s at 25k/s, so watch.interval
+    (8192, 100, (6963 - 100) / 25000),      # bench_ramp's table: fills to act in 0.27 s at 25k/s
+    (8192, 6000, 0.1),                      # above warn: fast_interval
+    (2048, 100, 0.1),                       # never below fast_interval
+])
+def test_idle_interval_shrinks_with_headroom(max_, count, expected):
+    p = pol()
+    assert next_interval(p, decide(p, sample(10, max_, count), History(), at(10))) == pytest.approx(expected)
+
+
 def test_buckets_for():
     assert buckets_for(pol(), 16384) == 4096
     assert buckets_for(pol("[buckets]\nratio = 3"), 10000) == 3334
+
+
+# --- the guard against attack-shaped growth ----------------------------------------------------
+
+from ctguard.model import TableShape  # noqa: E402
+
+GUARD = "[guard]\nceiling = 16384\nmin_sources = 100\n[bump]\nceiling = 1048576"
+NS0 = 4026531000
+
+
+@pytest.mark.parametrize(
+    "name, max_, count, shape, hist, expect",
+    [
+        ("past the guard's ceiling without a look: ask for the table's shape", 16000, 15000, None, History(),
+         "needs_shape"),
+        ("below the guard's ceiling no look is needed", 4096, 4000, None, History(), 8192),
+        ("spoofed flood: clipped to the guard's ceiling", 12000, 11000, TableShape(NS0, 5000, 4900, 101), History(),
+         16384),
+        ("a burst from few sources is bumped in full", 16000, 15000, TableShape(NS0, 5000, 4900, 3), History(), 32768),
+        ("mostly answered flows are bumped in full", 16000, 15000, TableShape(NS0, 5000, 1000, 4000), History(), 32768),
+        ("a failed look does not hold back", 16000, 15000, TableShape(NS0, 0, 0, 0, error="EPERM"), History(), 32768),
+        ("invalid climbing with the drops", 12000, 11000, TableShape(NS0, 5000, 10, 3),
+         History(drops=((NS0, 0),), invalid=((NS0, 0),)), 16384),
+    ],
+)
+def test_guard(name, max_, count, shape, hist, expect):
+    p = pol(GUARD)
+    base = sample(10, max_, count)
+    smp = Sample(base.at, base.limits, tuple(replace(n, stats=(("drop", 50), ("invalid", 80))) for n in base.namespaces),
+                 shape)
+    d = decide(p, smp, hist, smp.at)
+    if expect == "needs_shape":
+        assert d.needs_shape == NS0
+        return
+    assert d.needs_shape is None
+    assert d.of(SetMax)[0].new == expect, d
+    if max_ == 12000:
+        assert d.of(SetMax)[0].clipped_by == "guard" and "attack-shaped" in d.of(SetMax)[0].reason
+
+
+def test_guard_refuses_at_its_ceiling_and_says_why():
+    p = pol(GUARD)
+    smp = sample(10, 16384, 15000)
+    smp = Sample(smp.at, smp.limits, smp.namespaces, TableShape(NS0, 5000, 4900, 101))
+    d = decide(p, smp, History(), smp.at)
+    refusal = d.of(Refuse)[0]
+    assert refusal.kind == "guard" and "[guard] ceiling 16384" in refusal.reason
+    assert d.of(Capture)[0].reason == "refused-guard"
+
+
+def test_guard_off_hands_out_table():
+    p = pol(GUARD.replace("[guard]\n", "[guard]\nenabled = false\n"))
+    smp = sample(10, 16384, 15000)
+    smp = Sample(smp.at, smp.limits, smp.namespaces, TableShape(NS0, 5000, 4900, 101))
+    d = decide(p, smp, History(), smp.at)
+    assert d.needs_shape is None and d.of(SetMax)[0].new == 32768

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 from ctguard import metrics, persist
@@ -263,6 +263,11 @@ class Daemon:
         if self.last_sample is None:
             self._start(sample, now)
         decision = decide(self.policy, sample, self.history, now, kernel_events)
+        if decision.needs_shape is not None:
+            # The bump would pass [guard] ceiling: look at the table (bounded by
+            # guard.sample_budget) and decide again knowing its shape.
+            sample = replace(sample, shape=self.observer.shape(decision.needs_shape, self.policy.guard))
+            decision = decide(self.policy, sample, self.history, now, kernel_events)
         outcomes = self.actor.carry_out(decision) if decision.actions else []
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
         self._report(decision, outcomes, kernel_events)

@@ -23,6 +23,22 @@ REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about agai
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
 BUCKETS_RETRY = 300.0       # a hashsize write that failed (read-only /sys) is retried this rarely, or with a bump
 HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
+# bench/bench_ramp.py (max 8192, 20k new flows/s, cooldown 1 s) found two shortfalls:
+# - The first bump was sized from the slope since the last idle sample (up to 1 s old; the flood
+#   began somewhere in between): 8k/s for a 20k/s flood, so the bump ran out 0.4 s before the
+#   cooldown ended, and 4,960 of the run's 4,999 drops came after the first bump. Now a bump due
+#   on a reference older than STALE_AFTER fast intervals waits CONFIRM_AFTER for one more sample
+#   and is sized from the slope between the two.
+# - A full table's count stops growing, so later bumps were sized as if growth had stopped:
+#   the rate now counts the flows the kernel refused (drop) or made room for (early_drop).
+# - Sampling idly every watch.interval leaves a small table unwatched for longer than a flood
+#   takes to fill it (8,192 entries fill in 0.41 s at 20k/s). The idle interval is now at most
+#   the time the table takes to reach thresholds.act at IDLE_GUARD_RATE new flows/s: nothing
+#   changes for tables with 25,000+ entries of headroom (a default 262,144 table samples every
+#   1 s), a table of 8,192 is sampled every 0.28 s (0.07% of a core with one namespace).
+CONFIRM_AFTER = 0.02
+STALE_AFTER = 2.0           # fast intervals
+IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast enough to catch
 
 
 def round_up(value: float, step: int = STEP) -> int:
@@ -62,6 +78,24 @@ def buckets_for(policy: Policy, max_value: int) -> int:
     return int(math.ceil(max_value / policy.buckets.ratio))
 
 
+def demand(ns) -> int:
+    """What the table was asked to hold: its count plus the new flows the kernel refused (drop)
+    or made room for by evicting another (early_drop). Grows with the flood even at a full table."""
+    return ns.count + ns.stat("drop") + ns.stat("early_drop")
+
+
+def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, float]:
+    """(slope since the previous sample, that sample's age in seconds); (0, inf) without one.
+    Used to size a bump once one is due, not to decide that one is."""
+    now = sample.at.boot
+    current = next((demand(ns) for ns in sample.namespaces if ns.inode == inode), None)
+    for t, counts in reversed(history.points):
+        before = dict(counts).get(inode)
+        if current is not None and before is not None and now - t > 0.0:
+            return (current - before) / (now - t), now - t
+    return 0.0, math.inf
+
+
 def growth_rate(history: History, sample: Sample, inode: int) -> float:
     """Entries per second in namespace `inode`.
 
@@ -71,7 +105,7 @@ def growth_rate(history: History, sample: Sample, inode: int) -> float:
     projecting growth that is no longer there.
     """
     now = sample.at.boot
-    current = next((ns.count for ns in sample.namespaces if ns.inode == inode), None)
+    current = next((demand(ns) for ns in sample.namespaces if ns.inode == inode), None)
     if current is None:
         return 0.0
     slopes = []
@@ -134,13 +168,26 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     pressure = fill >= policy.thresholds.warn
 
     trigger, why = _trigger(policy, sample, history, events, fill, rate)
+    now_rate, ref_age = current_rate(history, sample, worst_inode) if worst_inode is not None else (0.0, math.inf)
+    confirm = (trigger in ("growth", "fill") and rate > 0 and worst is not None and worst.count < limits.max
+               and ref_age > STALE_AFTER * policy.watch.fast_interval)
+    if confirm:
+        trigger = None      # no loss yet: one more sample, CONFIRM_AFTER from now, sizes the bump
     bumped_to: int | None = None
+    needs_shape: int | None = None
     if trigger is not None:
+        attack = attack_shape(policy, sample, history, netns)
         action = _bump_or_refuse(policy, limits, history, now, trigger, why, netns, fill,
-                                 worst.count if worst else 0, rate)
+                                 worst.count if worst else 0, max(rate, now_rate), attack)
         actions.append(action)
         if isinstance(action, SetMax):
             bumped_to = action.new
+            looked = sample.shape is not None and sample.shape.netns == netns
+            if (policy.guard.enabled and attack is None and not looked and netns is not None
+                    and action.new > policy.guard.ceiling):
+                # Only growth past the guard's ceiling needs the table's shape: below it, bump
+                # at once; past it, the caller looks (bounded) and asks again.
+                needs_shape = netns
         elif action.kind not in ("cooldown",) and _capture_due(policy, history, now):
             actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
 
@@ -186,21 +233,55 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
-    return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full)
+    headroom = int(policy.thresholds.act * limits.max) - (worst.count if worst else 0)
+    return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full, headroom, confirm, needs_shape)
 
 
 def next_interval(policy: Policy, decision: Decision) -> float:
     """Sample fast above `warn`, and also while growth would fill the table within a few
     horizons: a steep ramp must be seen again before it crosses `act`, not a second later."""
     watch_window = max(policy.thresholds.horizon, policy.watch.interval) * 3
+    if decision.confirm:
+        return min(CONFIRM_AFTER, policy.watch.fast_interval)
     if decision.pressure or decision.seconds_to_full <= watch_window:
         return policy.watch.fast_interval
+    if decision.headroom is not None:
+        guard = max(policy.watch.fast_interval, decision.headroom / IDLE_GUARD_RATE)
+        return min(policy.watch.interval, guard)
     return policy.watch.interval
 
 
 def _last_ok_bump_at(history: History) -> Instant | None:
     ok = [b for b in history.bumps if b.ok]
     return ok[-1].at if ok else None
+
+
+def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | None) -> str | None:
+    """Why the growth in namespace `inode` looks like an attack, or None.
+
+    Two signs, either enough: the kernel's `invalid` counter climbs at least as fast as its
+    drops (garbage traffic, not new work), or a look into the table (`sample.shape`) finds
+    most entries never answered or half-open, from many sources (a spoofed SYN or UDP flood;
+    a burst from a few busy clients has few sources and passes).
+    """
+    g = policy.guard
+    if not g.enabled or inode is None:
+        return None
+    ns = next((n for n in sample.namespaces if n.inode == inode), None)
+    if ns is not None:
+        drops_before = dict(history.drops).get(inode)
+        invalid_before = dict(history.invalid).get(inode)
+        if drops_before is not None and invalid_before is not None:
+            new_drops = ns.drops - drops_before
+            new_invalid = ns.stat("invalid") - invalid_before
+            if new_drops > 0 and new_invalid >= new_drops:
+                return f"`invalid` climbs with the drops (+{new_invalid} invalid, +{new_drops} dropped)"
+    shape = sample.shape
+    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
+            and shape.share >= g.suspicious_share and shape.sources >= g.min_sources):
+        return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
+                f"from {shape.sources} or more sources")
+    return None
 
 
 def _capture_due(policy: Policy, history: History, now: Instant) -> bool:
@@ -210,7 +291,7 @@ def _capture_due(policy: Policy, history: History, now: Instant) -> bool:
 
 def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now: Instant,
                     trigger: Trigger, why: str, netns: int | None, fill: float, count: int,
-                    rate: float) -> SetMax | Refuse:
+                    rate: float, attack: str | None = None) -> SetMax | Refuse:
     old = limits.max
     want = wanted_max(policy, old, count, rate)
     last = _last_attempt(history)
@@ -221,10 +302,14 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
         return Refuse(want, old, "budget", trigger, netns, fill,
                       f"{why}; bump budget spent ({policy.bump.max_per_hour} in the last hour)")
     upper, binding = upper_bound(policy, limits)
+    if attack is not None and policy.guard.ceiling < upper:
+        upper, binding = policy.guard.ceiling, "guard"
+        why = f"{why}; attack-shaped growth: {attack}"
     new = min(want, upper)
     if new <= old:
-        what = (f"bump.ceiling {policy.bump.ceiling}" if binding == "ceiling"
-                else f"memory cap {upper} ({policy.bump.memory_fraction:.0%} of MemTotal)")
+        what = {"ceiling": f"bump.ceiling {policy.bump.ceiling}",
+                "memory": f"memory cap {upper} ({policy.bump.memory_fraction:.0%} of MemTotal)",
+                "guard": f"[guard] ceiling {upper}, the limit for attack-shaped growth"}[binding]
         return Refuse(want, old, binding, trigger, netns, fill, f"{why}; max {old} is already at the {what}")  # type: ignore[arg-type]
     clipped = binding if new < want else None
     note = f", clipped by the {binding}" if clipped else ""
@@ -304,7 +389,8 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         if _new_drops(h, sample) > 0:
             changes["last_drop"] = now
         changes["drops"] = tuple((ns.inode, ns.drops) for ns in sample.namespaces)
-        point = (sample.at.boot, tuple((ns.inode, ns.count) for ns in sample.namespaces))
+        changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
+        point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
         changes["points"] = tuple(p for p in h.points if sample.at.boot - p[0] <= RATE_WINDOW) + (point,)
         if sample.worst_fill >= policy.thresholds.warn:
             if h.pressure_since is None:

@@ -66,10 +66,27 @@ class KernelLimits:
 
 
 @dataclass(frozen=True)
+class TableShape:
+    """What a bounded look into one namespace's table found (for the attack guard)."""
+
+    netns: int
+    seen: int                       # entries read (a time-bounded sample of the table)
+    suspicious: int                 # never answered (unreplied) or half-open TCP (SYN_RECV)
+    sources: int                    # distinct source addresses seen (capped by the summary's size)
+    seconds: float = 0.0
+    error: str = ""                 # the look failed: the guard then cannot tell, and does not hold back
+
+    @property
+    def share(self) -> float:
+        return self.suspicious / self.seen if self.seen else 0.0
+
+
+@dataclass(frozen=True)
 class Sample:
     at: Instant
     limits: KernelLimits
     namespaces: tuple[NamespaceReading, ...]
+    shape: TableShape | None = None  # taken only when a bump would pass the guard's ceiling
 
     def fill(self, ns: NamespaceReading) -> float:
         return ns.count / self.limits.max if self.limits.max > 0 else 1.0
@@ -95,7 +112,7 @@ class TableFull:
 
 
 Trigger = Literal["fill", "growth", "table-full", "drops", "manual", "reapply"]
-RefusalKind = Literal["ceiling", "memory", "budget", "cooldown", "observe"]
+RefusalKind = Literal["ceiling", "memory", "budget", "cooldown", "observe", "guard"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,9 @@ class Decision:
     pressure: bool                  # above thresholds.warn
     summary: str
     seconds_to_full: float = float("inf")   # at the current growth; inf when not growing
+    headroom: int | None = None     # entries the worst namespace may still add before thresholds.act
+    confirm: bool = False           # a bump is due but its rate is stale: sample again at once, then size it
+    needs_shape: int | None = None  # a bump would pass [guard] ceiling: look at this namespace's table, decide again
 
     def of(self, kind: type) -> list:
         return [a for a in self.actions if isinstance(a, kind)]
@@ -179,8 +199,9 @@ class History:
     """What the core remembers between decisions; pure data, advanced by `decide.advance`."""
 
     bumps: tuple[BumpRecord, ...] = ()
-    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, count), ...))
+    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, demand), ...)): count + drop + early_drop
     drops: tuple[tuple[int, int], ...] = ()                               # last drop counter per inode
+    invalid: tuple[tuple[int, int], ...] = ()                             # last invalid counter per inode
     pressure_since: Instant | None = None
     last_warn: Instant | None = None
     last_drop: Instant | None = None

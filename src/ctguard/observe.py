@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ctguard.clock import Clock
 from ctguard.kernel import Kernel
-from ctguard.model import Sample
+from ctguard.model import Sample, TableShape
 from ctguard.netns import StatReaders, discover
 
 # A full /proc scan costs ~1 ms per few hundred processes; new namespaces that appear
@@ -56,6 +56,20 @@ class Observer:
             # A namespace vanished mid-sample: drop it now, find the rest again next turn.
             self._last_discovery = -1e9
         return Sample(self.clock.now(), limits, tuple(readings))
+
+    def shape(self, inode: int, guard) -> TableShape:
+        """A time-bounded look into one namespace's table: how much of it is unanswered or
+        half-open, and from how many sources. Failures are reported in the shape, not raised."""
+        from ctguard.evidence.ctnetlink import dump_table
+
+        ref = next((r for r in self.readers.refs if r.inode == inode), None)
+        path = None if ref is None or ref.name == "host" else ref.path
+        try:
+            t = dump_table(path, budget=guard.sample_budget, top=1, capacity=guard.min_sources + 1)
+        except (OSError, ValueError) as exc:
+            return TableShape(inode, 0, 0, 0, error=str(exc))
+        suspicious = t.unreplied + t.by_tcp_state.get("SYN_RECV", 0)
+        return TableShape(inode, t.entries, suspicious, t.top_sources.tracked, t.seconds)
 
     def close(self) -> None:
         self.readers.close()

@@ -46,6 +46,19 @@ class Bump:
 
 
 @dataclass(frozen=True)
+class Guard:
+    """Growth shaped like an attack (half-open TCP or unanswered flows from many sources, or
+    `invalid` climbing with the drops) gets no more table than `ceiling`: a bigger table
+    only feeds a flood and costs every legitimate flow memory."""
+
+    enabled: bool = True
+    ceiling: int = 262144
+    suspicious_share: float = 0.5
+    min_sources: int = 256
+    sample_budget: float = 0.05
+
+
+@dataclass(frozen=True)
 class Buckets:
     manage: bool = True
     ratio: int = 4
@@ -84,6 +97,7 @@ class Policy:
     watch: Watch = field(default_factory=Watch)
     thresholds: Thresholds = field(default_factory=Thresholds)
     bump: Bump = field(default_factory=Bump)
+    guard: Guard = field(default_factory=Guard)
     buckets: Buckets = field(default_factory=Buckets)
     persist: Persist = field(default_factory=Persist)
     evidence: Evidence = field(default_factory=Evidence)
@@ -111,6 +125,7 @@ _SECTIONS: dict[str, type] = {
     "watch": Watch,
     "thresholds": Thresholds,
     "bump": Bump,
+    "guard": Guard,
     "buckets": Buckets,
     "persist": Persist,
     "evidence": Evidence,
@@ -140,6 +155,11 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("bump", "memory_fraction"): (_NUM, _between(0, 0.9, True), "a fraction > 0 and <= 0.9"),
     ("bump", "cooldown"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("bump", "max_per_hour"): (int, _between(0, 3600), "an integer between 0 and 3600"),
+    ("guard", "enabled"): (bool, None, "true or false"),
+    ("guard", "ceiling"): (int, _between(1024, KERNEL_UINT_LIMIT), f"an integer between 1024 and {KERNEL_UINT_LIMIT}"),
+    ("guard", "suspicious_share"): (_NUM, _between(0, 1, True), "a share > 0 and <= 1"),
+    ("guard", "min_sources"): (int, _between(1, 1 << 20), "an integer between 1 and 1048576"),
+    ("guard", "sample_budget"): (_NUM, _between(0.001, 5), "seconds between 0.001 and 5"),
     ("buckets", "manage"): (bool, None, "true or false"),
     ("buckets", "ratio"): (int, _between(1, 64), "an integer between 1 and 64"),
     ("persist", "mode"): (str, {"immediate", "stable", "never"}, 'one of "immediate", "stable", "never"'),
@@ -308,12 +328,14 @@ def summary(policy: Policy) -> str:
     }[p.persist.mode]
     horizon = f" or when growth fills the table within {p.thresholds.horizon:g} s" if p.thresholds.horizon else ""
     buckets = f"buckets kept at max/{p.buckets.ratio}" if p.buckets.manage else "buckets left alone"
+    guard = (f"attack-shaped growth stops at {min(p.guard.ceiling, p.bump.ceiling)}" if p.guard.enabled
+             else "no guard against attack-shaped growth")
     return (
         f"{p.source}: mode {p.mode}; sampling {p.watch.namespaces} namespaces every {p.watch.interval:g} s "
         f"({p.watch.fast_interval:g} s above {p.thresholds.warn:.0%}); warns after {p.thresholds.sustain:g} s above "
         f"{p.thresholds.warn:.0%}; bumps at {p.thresholds.act:.0%}{horizon}, by x{p.bump.factor:g} up to a ceiling of "
         f"{p.bump.ceiling} and {p.bump.memory_fraction:.0%} of memory, at most {p.bump.max_per_hour} per hour "
-        f"{p.bump.cooldown:g} s apart; {buckets}; {persist}; bundles in {p.evidence.dir} "
+        f"{p.bump.cooldown:g} s apart; {guard}; {buckets}; {persist}; bundles in {p.evidence.dir} "
         f"(keep {p.evidence.keep}); state in {p.state.dir}; metrics "
         f"{'to ' + p.metrics.textfile if p.metrics.textfile else 'off'}."
     )
