@@ -63,6 +63,27 @@ def _live(policy: Policy):
         observer.close()
 
 
+def _role_and_timeouts(sample):
+    """The host's role, and raised timeouts with the entries they hold in the worst namespace
+    (a dump bounded to a fifth of a second, only when some timeout was raised)."""
+    from ctguard import hostrole
+
+    role = hostrole.detect()
+    timeouts = hostrole.raised_timeouts()
+    if timeouts and sample.worst is not None:
+        try:
+            from ctguard.evidence.ctnetlink import dump_table
+            from ctguard.netns import discover
+
+            ref = next((r for r in discover() if r.inode == sample.worst.inode), None)
+            path = None if ref is None or ref.name == "host" else ref.path
+            t = dump_table(path, budget=0.2, top=1)
+            timeouts = hostrole.raised_timeouts(by_proto=t.by_proto, by_tcp_state=t.by_tcp_state)
+        except (OSError, ValueError):
+            pass
+    return role, timeouts
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from ctguard import status
     from ctguard.kernel import ConntrackNotLoaded
@@ -79,7 +100,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"CTGUARD UNKNOWN - cannot read conntrack: {exc}")
         return status.UNKNOWN
     history = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr)).load_history()
-    view = status.build(policy, sample, history, now)
+    role, timeouts = _role_and_timeouts(sample)
+    view = status.build(policy, sample, history, now, role, timeouts)
     if args.json:
         print(status.render_json(view))
     elif sys.stdout.isatty():

@@ -27,7 +27,8 @@ class StatusView:
     data: dict
 
 
-def build(policy: Policy, sample: Sample, history: History, now: Instant) -> StatusView:
+def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
+          timeouts: list | None = None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -80,6 +81,10 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant) -> Sta
         "persisted_file": str(policy.persist.sysctl_file),
         "table_full_events": history.table_full_events,
         "last_drop": history.last_drop.wall if history.last_drop else None,
+        "host_role": None if role is None else {"role": role.role, "roles": list(role.roles),
+                                                 "evidence": list(role.evidence), "unknown": list(role.unknown)},
+        "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
+                            for t in (timeouts or [])],
     }
     return StatusView(code, headline, data)
 
@@ -94,6 +99,13 @@ def render_text(view: StatusView) -> str:
     lines.append(f"max {d['max']}  buckets {d['buckets']}  ceiling {d['ceiling']}  "
                  f"headroom {d['headroom']} (bound by {d['upper_bound_by']})")
     lines.append(f"bump budget left this hour: {d['bump_budget_left']}  mode: {d['mode']}")
+    if d["host_role"]:
+        r = d["host_role"]
+        lines.append(f"host: {r['role']}" + (f" (also {', '.join(r['roles'][1:])})" if len(r["roles"]) > 1 else "")
+                     + (f" - {'; '.join(r['evidence'])}" if r["evidence"] else ""))
+    for t in d["raised_timeouts"]:
+        held = f", holding about {t['entries']} entries" if t["entries"] is not None else ""
+        lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
     persisted = d["persisted_max"]
     lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
     if d["last_bumps"]:

@@ -1,0 +1,201 @@
+"""What this host is (server, NAT gateway, Kubernetes node, container host) and which
+conntrack timeouts were raised above the kernel's defaults.
+
+Both change what a full table means: a NAT gateway's table holds everyone's flows, a node's
+holds its pods', and a "be safe" timeout raise keeps dead entries for days. Read from /proc,
+/sys and the NAT rules; every source may be missing, and the answer says what it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Kernel defaults (net/netfilter/nf_conntrack_proto_*.c, v5.x-v6.x), in seconds.
+DEFAULT_TIMEOUTS: dict[str, int] = {
+    "nf_conntrack_tcp_timeout_syn_sent": 120,
+    "nf_conntrack_tcp_timeout_syn_recv": 60,
+    "nf_conntrack_tcp_timeout_established": 432000,
+    "nf_conntrack_tcp_timeout_fin_wait": 120,
+    "nf_conntrack_tcp_timeout_close_wait": 60,
+    "nf_conntrack_tcp_timeout_last_ack": 30,
+    "nf_conntrack_tcp_timeout_time_wait": 120,
+    "nf_conntrack_tcp_timeout_close": 10,
+    "nf_conntrack_tcp_timeout_max_retrans": 300,
+    "nf_conntrack_tcp_timeout_unacknowledged": 300,
+    "nf_conntrack_udp_timeout": 30,
+    "nf_conntrack_udp_timeout_stream": 120,
+    "nf_conntrack_icmp_timeout": 30,
+    "nf_conntrack_icmpv6_timeout": 30,
+    "nf_conntrack_generic_timeout": 600,
+}
+
+# Which entries a timeout keeps alive: (protocol, TCP state or None, "unreplied"/"assured"/None).
+HOLDS: dict[str, tuple[str, str | None]] = {
+    "nf_conntrack_tcp_timeout_syn_sent": ("tcp", "SYN_SENT"),
+    "nf_conntrack_tcp_timeout_syn_recv": ("tcp", "SYN_RECV"),
+    "nf_conntrack_tcp_timeout_established": ("tcp", "ESTABLISHED"),
+    "nf_conntrack_tcp_timeout_fin_wait": ("tcp", "FIN_WAIT"),
+    "nf_conntrack_tcp_timeout_close_wait": ("tcp", "CLOSE_WAIT"),
+    "nf_conntrack_tcp_timeout_last_ack": ("tcp", "LAST_ACK"),
+    "nf_conntrack_tcp_timeout_time_wait": ("tcp", "TIME_WAIT"),
+    "nf_conntrack_tcp_timeout_close": ("tcp", "CLOSE"),
+    "nf_conntrack_udp_timeout": ("udp", None),
+    "nf_conntrack_udp_timeout_stream": ("udp", None),
+    "nf_conntrack_icmp_timeout": ("icmp", None),
+    "nf_conntrack_icmpv6_timeout": ("icmpv6", None),
+}
+
+KUBE_PROCESSES = {"kube-proxy", "kubelet", "k3s", "k3s-server", "k3s-agent", "rke2", "cilium-agent", "calico-node",
+                  "flanneld", "kube-router"}
+CONTAINER_PROCESSES = {"dockerd", "containerd", "podman", "conmon", "crio", "lxc-start", "systemd-nspawn", "incusd",
+                       "lxd"}
+
+
+@dataclass(frozen=True)
+class HostRole:
+    role: str                                   # the one-line answer
+    roles: tuple[str, ...]                      # everything that applies
+    evidence: tuple[str, ...]                   # what was seen, for the reader to check
+    unknown: tuple[str, ...] = field(default=())  # sources that could not be read
+
+
+@dataclass(frozen=True)
+class RaisedTimeout:
+    name: str
+    value: int
+    default: int
+    entries: int | None                         # entries in the states it keeps, when a breakdown is known
+
+    def line(self) -> str:
+        held = f", holding about {self.entries} entries" if self.entries is not None else ""
+        return f"{self.name} = {self.value} s (kernel default {self.default} s, x{self.value / self.default:.0f}){held}"
+
+
+def _processes(proc: Path) -> set[str]:
+    names = set()
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return names
+    for pid in pids:
+        try:
+            names.add((proc / pid / "comm").read_text().strip())
+        except OSError:
+            continue
+    return names
+
+
+def _bridges(sys_root: Path) -> list[str]:
+    try:
+        return sorted(d for d in os.listdir(sys_root / "class/net") if (sys_root / "class/net" / d / "bridge").exists())
+    except OSError:
+        return []
+
+
+def nat_rule_counts(ruleset_json: str) -> dict[str, int]:
+    """Counts of NAT statements in `nft -j list ruleset` output (masquerade, snat, dnat)."""
+    counts = {"masquerade": 0, "snat": 0, "dnat": 0}
+    try:
+        doc = json.loads(ruleset_json)
+    except ValueError:
+        return counts
+    for item in doc.get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not rule:
+            continue
+        for stmt in rule.get("expr", []):
+            for key in counts:
+                if isinstance(stmt, dict) and key in stmt:
+                    counts[key] += 1
+    return counts
+
+
+def _nft_ruleset() -> str | None:
+    nft = shutil.which("nft")
+    if nft is None:
+        return None
+    try:
+        res = subprocess.run([nft, "-j", "list", "ruleset"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def detect(proc_root: str | Path = "/proc", sys_root: str | Path = "/sys", etc_root: str | Path = "/etc",
+           nft_ruleset: str | None = "", processes: set[str] | None = None) -> HostRole:
+    """Classify the host. `nft_ruleset=""` runs `nft -j list ruleset`; None means none available."""
+    proc, sysr, etc = Path(proc_root), Path(sys_root), Path(etc_root)
+    seen: list[str] = []
+    unknown: list[str] = []
+    roles: list[str] = []
+
+    names = processes if processes is not None else _processes(proc)
+    kube = sorted(names & KUBE_PROCESSES)
+    cni = etc / "cni/net.d"
+    cni_configs = sorted(os.listdir(cni)) if cni.is_dir() else []
+    if kube or cni_configs:
+        roles.append("Kubernetes node")
+        seen += [f"process {k}" for k in kube] + [f"CNI config {c}" for c in cni_configs[:3]]
+
+    engines = sorted(names & CONTAINER_PROCESSES)
+    bridges = _bridges(sysr)
+    if engines or any(b.startswith(("docker", "cni", "virbr", "lxcbr", "lxdbr", "podman", "br-")) for b in bridges):
+        roles.append("container host")
+        seen += [f"process {e}" for e in engines] + [f"bridge {b}" for b in bridges]
+
+    ruleset = _nft_ruleset() if nft_ruleset == "" else nft_ruleset
+    if ruleset is None:
+        unknown.append("NAT rules (nft not available)")
+        nat = {"masquerade": 0, "snat": 0, "dnat": 0}
+    else:
+        nat = nat_rule_counts(ruleset)
+    try:
+        forwarding = (proc / "sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    except OSError:
+        forwarding = False
+        unknown.append("ip_forward")
+    if nat["masquerade"] or nat["snat"]:
+        roles.append("NAT gateway")
+        seen.append(f"{nat['masquerade']} masquerade and {nat['snat']} snat rules")
+    elif forwarding and "Kubernetes node" not in roles and "container host" not in roles:
+        roles.append("router")
+    if nat["dnat"]:
+        seen.append(f"{nat['dnat']} dnat rules")
+    if forwarding:
+        seen.append("IPv4 forwarding on")
+
+    if not roles:
+        roles.append("server")
+        seen.append("no NAT, no forwarding, no container engine or Kubernetes seen")
+    # The most specific role first: a node is also a container host and usually NATs.
+    order = ["Kubernetes node", "NAT gateway", "container host", "router", "server"]
+    roles.sort(key=order.index)
+    return HostRole(roles[0], tuple(roles), tuple(seen), tuple(unknown))
+
+
+def raised_timeouts(proc_root: str | Path = "/proc", by_proto: dict[str, int] | None = None,
+                    by_tcp_state: dict[str, int] | None = None) -> list[RaisedTimeout]:
+    """Timeouts set above the kernel's defaults, with the entries they likely hold when a
+    table breakdown (entries by protocol and by TCP state) is given."""
+    nf = Path(proc_root) / "sys/net/netfilter"
+    out = []
+    for name, default in DEFAULT_TIMEOUTS.items():
+        try:
+            value = int((nf / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if value <= default:
+            continue
+        entries = None
+        proto, state = HOLDS.get(name, (None, None))
+        if state is not None and by_tcp_state is not None:
+            entries = by_tcp_state.get(state, 0)
+        elif proto is not None and state is None and by_proto is not None:
+            entries = by_proto.get(proto, 0)
+        out.append(RaisedTimeout(name, value, default, entries))
+    return out
