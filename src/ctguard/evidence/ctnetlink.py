@@ -8,9 +8,10 @@ destination ports, marks, zones) go to Space-Saving summaries of fixed size.
 Why a hand-written decoder: pyroute2's generic message parser (NFCTSocket.dump(), which builds
 an nla object tree per entry) measured 14,000-16,000 entries/s on the 2-vCPU test VM
 (bench/capture.md), so a 262,144-entry table would take ~17 s, longer than the whole default
-budget. On the same table this module measured: kernel + recv 0.43 s, decode 0.76-0.89 s,
-decode + aggregation 1.30 s, dump_table() end to end 1.55 s (~170,000 entries/s), which puts
-the whole capture at ~0.6x the time of the `conntrack -L | awk | sort | uniq -c` playbook.
+budget. On the same table this module measured: kernel + recv 0.42 s, decode 0.66-0.89 s,
+decode + aggregation 1.1-1.3 s, dump_table() end to end 1.33-1.55 s (170,000-200,000
+entries/s; the reader thread overlaps the kernel's share with decoding), which puts the whole
+capture at 0.50-0.56x the time of the `conntrack -L | awk | sort | uniq -c` playbook.
 """
 
 from __future__ import annotations
