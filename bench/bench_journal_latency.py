@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
+from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
 
 from ctguard.journal import KmsgTap, match_kernel_line  # noqa: E402
 from kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="2 runs (smoke test)")
     args = ap.parse_args()
+    clean_exit_on_signals()
     if args.quick:
         args.runs = 2
     if os.geteuid() != 0:

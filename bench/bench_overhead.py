@@ -5,7 +5,8 @@
     sudo python3 bench/bench_overhead.py --quick     # 3 s per case (the smoke test)
 
 Cases (each a fresh `python3 -m ctguard run --policy P`, every path in a temporary folder,
-default [watch] and [thresholds]; persist.mode = "never"):
+default [watch] and [thresholds]; mode = "observe" — it samples, decides and records the same,
+but never writes to the kernel, so it cannot bump under another test's flood on this machine):
   idle1      the namespaces the machine has (normally only the host's), default intervals
   idle50     49 more made with `ip netns add` (50 in all), default intervals
   pressure   one namespace held at ~73% of nf_conntrack_max (above thresholds.warn, below act)
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Daemon, Flood, header, kernelenv, proc_times, write_policy  # noqa: E402
+from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, proc_times, write_policy  # noqa: E402
 
 from kernelenv import netns_pair, saved_kernel_values, set_max  # noqa: E402
 
@@ -57,7 +58,7 @@ def idle(folder: Path, extra: int, seconds: float) -> dict:
             name = f"ctgo{os.getpid() % 1000}x{i}"
             subprocess.run(["ip", "netns", "add", name], check=True)
             names.append(name)
-        with Daemon(write_policy(folder, "")) as d:
+        with Daemon(write_policy(folder, 'mode = "observe"\n')) as d:
             time.sleep(1.0)
             return measure(d, seconds)
     finally:
@@ -71,7 +72,7 @@ def pressure(folder: Path, seconds: float, warmup: float) -> dict:
         flows = int(PRESSURE_RATE * (warmup + seconds + 5))
         flood = Flood(pair, flows, PRESSURE_RATE)
         try:
-            with Daemon(write_policy(folder, "")) as d:
+            with Daemon(write_policy(folder, 'mode = "observe"\n')) as d:
                 time.sleep(warmup)
                 r = measure(d, seconds)
                 r["fill"] = pair.count() / PRESSURE_MAX
@@ -89,6 +90,7 @@ def main() -> int:
     ap.add_argument("--cases", default="idle1,idle50,pressure")
     ap.add_argument("--quick", action="store_true", help="3 s per case, short warm-up (smoke test)")
     args = ap.parse_args()
+    clean_exit_on_signals()
     warmup = 35.0                 # the table fills to its steady level over one UDP timeout
     if args.quick:
         args.duration = args.pressure_duration = 3.0

@@ -29,6 +29,10 @@ Columns:
   last drop   from the first datagram to the last change of the drop counters
   final max   nf_conntrack_max after the flood; bumps = how many times it changed, and the
               triggers ctguard recorded
+Then, per --resize size N (262,144 and 1,000,000): one namespace filled with N flows (max raised
+to 1.1 N first, hashsize N/4), and timed as ctguard does them (write + read back): an
+nf_conntrack_max write (mean of 50), a hashsize resize to twice its size, and a write of the same
+size again (what a resize costs without rehashing).
 The benchmark holds the tests' kernel lock and restores nf_conntrack_max and hashsize.
 """
 
@@ -43,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Daemon, Flood, header, kernelenv, stat_totals, write_policy  # noqa: E402
+from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, stat_totals, write_policy  # noqa: E402
 
 from ctguard.netns import open_in_namespace  # noqa: E402
 from kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
@@ -121,6 +125,35 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
         }
 
 
+def resize_costs(entries: int, senders: int) -> dict:
+    """Fill one namespace to `entries` (max raised first, hashsize at max/4 as ctguard keeps it),
+    then time, as the daemon does them (ctguard.kernel: write, read back): nf_conntrack_max
+    writes, and one hashsize resize to twice its size (what a x2 bump asks for)."""
+    from ctguard.kernel import Kernel
+
+    k = Kernel()
+    with netns_pair("ctgz") as pair:
+        top = int(entries * 1.1) + 1024
+        set_max(top)
+        start_buckets = max(1024, top // 4)
+        k.write_hashsize(start_buckets)
+        flood = Flood(pair, entries, 0, senders=senders)
+        result = flood.wait(timeout=300)
+        count = pair.count()
+        t = time.perf_counter()
+        for i in range(50):
+            k.write_max(top + 1024 * (i % 2))
+        max_write = (time.perf_counter() - t) / 50
+        t = time.perf_counter()
+        got = k.write_hashsize(start_buckets * 2)
+        resize = time.perf_counter() - t
+        t = time.perf_counter()
+        k.write_hashsize(start_buckets * 2 + 1)     # the same size again: the fixed cost of a write
+        noop = time.perf_counter() - t
+        return {"entries": count, "fill_rate": result.rate, "max_write_us": max_write * 1e6,
+                "buckets_from": start_buckets, "buckets_to": got, "resize_ms": resize * 1000, "noop_ms": noop * 1000}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="10000,20000,40000", help="flows per second, comma-separated")
@@ -134,10 +167,13 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeat", type=int, default=1, help="runs per (rate, mode)")
     ap.add_argument("--json", help="also write every run to this file")
+    ap.add_argument("--resize", default="262144,1000000",
+                    help="after the runs: table sizes at which to time a hashsize resize and max writes ('' skips)")
     ap.add_argument("--quick", action="store_true", help="one rate, 3,000 flows into a table of 2,048 (smoke test)")
     args = ap.parse_args()
+    clean_exit_on_signals()
     if args.quick:
-        args.rates, args.flows, args.max, args.settle = "5000", 3000, 2048, 1.0
+        args.rates, args.flows, args.max, args.settle, args.resize = "5000", 3000, 2048, 1.0, "20000"
     if os.geteuid() != 0:
         print("bench_ramp: needs root (namespaces, nf_conntrack_max)", file=sys.stderr)
         return 77
@@ -166,6 +202,14 @@ def main() -> int:
                     print(f"{rate:>7} {mode:<9} {r['sent_rate']:>7.0f} {r['drop']:>7} {r['early_drop']:>10} {fb:>11} "
                           f"{db:>9} {ld:>12} "
                           f"{r['final_max']:>9} {r['bumps']:>5}  {','.join(r['triggers']) or '-'}", flush=True)
+        sizes = [int(x) for x in args.resize.split(",") if x]
+        if sizes:
+            print(f"\n{'entries':>9} {'max write us':>12} {'hashsize':>17} {'resize ms':>9} {'same size ms':>12}")
+        for n in sizes:
+            c = resize_costs(n, max(2, args.senders))
+            runs.append({"resize": c})
+            print(f"{c['entries']:>9} {c['max_write_us']:>12.1f} {c['buckets_from']:>8}->{c['buckets_to']:<8} "
+                  f"{c['resize_ms']:>9.1f} {c['noop_ms']:>12.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
     return 0

@@ -168,5 +168,14 @@ def proc_times(pid: int) -> tuple[float, float, int, int]:
     return cpu, children, rss, hwm
 
 
+def clean_exit_on_signals() -> None:
+    """SIGTERM and SIGINT (ignored by default in a shell's background job) unwind through the
+    `finally` blocks, so namespaces are deleted and kernel values restored."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def header() -> str:
     return f"# {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, kernel {os.uname().release}, Python {sys.version.split()[0]}"
