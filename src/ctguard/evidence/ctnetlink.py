@@ -78,7 +78,9 @@ _ERRNO = struct.Struct("=i")
 # general path.
 _V4_TUPLE = struct.Struct("=HH HH4s HH4s HH HHB3x HH2s2x HHH2x")
 
-RECV_BUFFER = 1 << 20
+# The kernel fills at most ~32 KiB per dump batch (SKB_WITH_OVERHEAD(32768)); 8x headroom, and
+# a batch that would still not fit is reported (MSG_TRUNC), never silently cut.
+RECV_BUFFER = 256 << 10
 
 
 @dataclass(frozen=True)
