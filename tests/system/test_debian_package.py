@@ -399,7 +399,8 @@ def test_debian_package_life_cycle(capsys: pytest.CaptureFixture[str]) -> None:
             except BaseException:
                 phase.say("container console:\n" + machine.console())
                 if machine.leader is not None and machine.proc and machine.proc.poll() is None:
-                    phase.say("ctguard journal:\n" + machine.journal(lines=120))
+                    with contextlib.suppress(Exception):
+                        phase.say("ctguard journal:\n" + machine.journal(lines=120))
                 raise
             finally:
                 with phase("poweroff"):
@@ -639,9 +640,11 @@ def flood(m: Machine, phase: Phases) -> None:
         if bump_id:
             bumps = m.entries(bump_id)
             assert bumps, f"no bump entry in the journal:\n{m.journal()}"
-            first = bumps[0]
-            assert first.get("CTGUARD_OLD_MAX") == str(LOW_MAX), first
-            assert LOW_MAX < int(first["CTGUARD_NEW_MAX"]) <= TEST_CEILING, first
+            ours = [b for b in bumps if b.get("CTGUARD_OLD_MAX") == str(LOW_MAX)]
+            assert ours, f"no bump from {LOW_MAX} in the journal: {bumps}"
+            since = bumps[bumps.index(ours[0]):]
+            assert all(int(b["CTGUARD_NEW_MAX"]) <= TEST_CEILING for b in since if "CTGUARD_NEW_MAX" in b), since
+            assert LOW_MAX < int(ours[0]["CTGUARD_NEW_MAX"]), ours[0]
         # The flood past the ceiling made the kernel drop packets and say so; ctguard read the
         # line (from /dev/kmsg or the journal) and recorded a table-full event.
         full_id = _message_id("TABLE_FULL")
