@@ -1,0 +1,73 @@
+"""The packaged files agree with the code: fast, no root, no kernel.
+
+The default policy (/etc/ctguard/policy.toml) sets every key the policy loader knows, each to
+its built-in default, so an operator reading it sees the whole policy; ctguard-policy(5)
+documents every key; the unit starts what the package installs.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+from ctguard import policy as policy_mod
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_POLICY = REPO / "etc" / "ctguard" / "policy.toml"
+POLICY_MAN = REPO / "man" / "ctguard-policy.5"
+UNIT = REPO / "systemd" / "ctguard.service"
+
+
+def _known_keys() -> dict[str, list[str]]:
+    """{"": top-level keys, section: keys} from the Policy dataclasses."""
+    defaults = policy_mod.Policy()
+    keys: dict[str, list[str]] = {"": []}
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            keys[f.name] = [g.name for g in dataclasses.fields(value)]
+        elif f.name != "source":
+            keys[""].append(f.name)
+    return keys
+
+
+def test_default_policy_sets_every_key_to_its_default() -> None:
+    data = tomllib.loads(DEFAULT_POLICY.read_text())
+    for section, names in _known_keys().items():
+        table = data if section == "" else data.get(section, {})
+        missing = [n for n in names if n not in table]
+        assert not missing, f"{DEFAULT_POLICY}: [{section or 'top level'}] lacks {missing}"
+    loaded = policy_mod.load(DEFAULT_POLICY)
+    assert loaded == policy_mod.Policy(source=loaded.source), "the default policy differs from the built-in defaults"
+
+
+def test_every_key_is_commented_in_the_default_policy() -> None:
+    lines = DEFAULT_POLICY.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[a-z_]+\s*=", line):
+            assert i > 0 and lines[i - 1].startswith("#"), f"{DEFAULT_POLICY}:{i + 1}: {line!r} has no comment above it"
+
+
+def test_man_page_documents_every_key() -> None:
+    text = POLICY_MAN.read_text()
+    for section, names in _known_keys().items():
+        if section:
+            assert f".SH [{section}]" in text, f"{POLICY_MAN} has no [{section}] section"
+        for name in names:
+            assert re.search(rf"^\.BR {re.escape(name)} ", text, re.M), f"{POLICY_MAN} does not document {name}"
+
+
+def test_unit_runs_the_installed_policy() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment, method-assign]
+    unit.read_string(UNIT.read_text())
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecStart"].split() == ["/usr/bin/ctguard", "run", "--policy", "/etc/ctguard/policy.toml"]
+    assert "78" in service["RestartPreventExitStatus"].split()
+    install = (REPO / "debian" / "ctguard.install").read_text()
+    assert "etc/ctguard/policy.toml etc/ctguard/" in install
+    assert "systemd/ctguard.service usr/lib/systemd/system/" in install
