@@ -307,15 +307,15 @@ def _raw_dump(sock) -> bytes:
 
 
 def test_netns_resolution_by_name_inode_and_pid() -> None:
-    from ctguard.evidence.nsutil import resolve
+    from ctguard.netns import NetnsError, resolve
 
     with kernel_free_pair() as pair:
-        by_name = resolve(pair.receiver)
+        by_name = resolve(pair.receiver).path
         assert by_name == f"/run/netns/{pair.receiver}"
-        assert os.stat(resolve(str(pair.receiver_inode))).st_ino == pair.receiver_inode
-        assert os.stat(resolve(str(os.getpid()))).st_ino == os.stat("/proc/self/ns/net").st_ino
+        assert os.stat(resolve(str(pair.receiver_inode)).path).st_ino == pair.receiver_inode
+        assert os.stat(resolve(str(os.getpid())).path).st_ino == os.stat("/proc/self/ns/net").st_ino
         for bad in ("../etc", ".hidden", "no-such-ns-ctg", "4026999999"):
-            with pytest.raises(LookupError):
+            with pytest.raises(NetnsError):
                 resolve(bad)
 
 

@@ -10,10 +10,16 @@ setns. Discovery (the /proc scan) runs only every few seconds, or when /run/netn
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
 
 from ctguard.kernel import parse_stat_table
 from ctguard.model import NamespaceReading
@@ -107,34 +113,62 @@ def resolve(spec: str, proc_root: str | Path = "/proc", run_netns: str | Path = 
     raise NetnsError(2, f"no network namespace with inode or PID {spec}")
 
 
-def open_in_namespace(ns_path: str, relative: str) -> int:
-    """Open `/proc/thread-self/<relative>` as seen from inside the namespace at `ns_path`.
+def _setns(fd: int) -> None:
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)  # type: ignore[attr-defined]
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
 
-    setns() changes only the calling thread, so it runs in a short-lived thread that dies
-    afterwards: the daemon's own thread never leaves its namespace. Needs CAP_SYS_ADMIN.
+
+def run_in_netns(netns_path: str | None, fn: Callable[[], T]) -> T:
+    """Call `fn()` inside the namespace at `netns_path` (None: right here) and return its result.
+
+    setns() changes only the calling thread, so `fn` runs in a short-lived thread: the
+    daemon's own threads never leave their namespace, while sockets and files `fn` opens stay
+    bound to the target namespace after the thread is gone, and processes it starts run there.
+    Needs CAP_SYS_ADMIN.
+
+    Why not pyroute2.netns.setns: importing it costs about 20 MB of RSS (13 MB -> 34 MB,
+    measured for the evidence capture) for one system call. os.setns exists from Python 3.12
+    (Debian 13 has 3.13); on 3.11 the same call goes through libc with ctypes.
     """
-    from pyroute2 import netns as pr_netns  # imported here: only /run/netns-only namespaces need it
+    if netns_path is None:
+        return fn()
+    fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    outcome: list[tuple[bool, object]] = []
 
-    result: dict[str, object] = {}
-
-    def inside() -> None:
+    def body() -> None:
         try:
-            nsfd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                pr_netns.setns(nsfd, flags=0)
-            finally:
-                os.close(nsfd)
-            result["fd"] = os.open(f"/proc/thread-self/{relative}", os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException as exc:  # carried to the caller's thread
-            result["error"] = exc
+            _setns(fd)
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed back to the caller's thread
+            outcome.append((False, exc))
 
-    t = threading.Thread(target=inside, name="ctguard-setns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in result:
-        err = result["error"]
-        raise NetnsError(getattr(err, "errno", 5) or 5, f"cannot enter namespace {ns_path}: {err}")
-    return int(result["fd"])  # type: ignore[arg-type]
+    try:
+        worker = threading.Thread(target=body, name="ctguard-netns", daemon=True)
+        worker.start()
+        worker.join()
+    finally:
+        os.close(fd)
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[return-value]
+    raise value  # type: ignore[misc]
+
+
+def netns_inode(netns_path: str | None, proc_root: str = "/proc") -> int:
+    return os.stat(netns_path if netns_path else f"{proc_root}/self/ns/net").st_ino
+
+
+def open_in_namespace(ns_path: str, relative: str) -> int:
+    """Open `/proc/thread-self/<relative>` as seen from inside the namespace at `ns_path`."""
+    try:
+        return run_in_netns(ns_path, lambda: os.open(f"/proc/thread-self/{relative}", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        raise NetnsError(exc.errno or 5, f"cannot enter namespace {ns_path}: {exc.strerror or exc}") from None
 
 
 class StatReaders:

@@ -27,7 +27,7 @@ import tomli_w
 
 from ctguard.evidence import collect
 from ctguard.evidence.ctnetlink import TableBreakdown, Top, dump_table, open_ctnetlink
-from ctguard.evidence.nsutil import netns_inode, run_in_netns
+from ctguard.netns import netns_inode, run_in_netns
 from ctguard.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
 
 FORMAT = 1

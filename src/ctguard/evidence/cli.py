@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ctguard.evidence import bundle
-from ctguard.evidence.nsutil import resolve_netns
+from ctguard.netns import NetnsError, resolve
 from ctguard.files import read_text_nofollow
 
 
@@ -92,9 +92,9 @@ def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
     netns_path = None
     if args.netns:
         try:
-            netns_path = resolve_netns(args.netns)
-        except LookupError as exc:
-            return _fail(str(exc))
+            netns_path = resolve(args.netns).path
+        except NetnsError as exc:
+            return _fail(exc.strerror or str(exc))
     try:
         path = bundle.capture(
             policy.evidence,

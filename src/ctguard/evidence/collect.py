@@ -6,7 +6,7 @@ structured summary (for the manifest and `bundles show`) and raw attachments (fi
 bundle verbatim, so the review can check the summary against the source).
 
 Collectors marked `in_netns` read what belongs to the inspected namespace; the bundle code runs
-them in a thread that has joined it (see nsutil), so they read /proc/sys/net and
+them in a thread that has joined it (see ctguard.netns.run_in_netns), so they read /proc/sys/net and
 /proc/thread-self/net there, and the programs they start (nft, iptables-save) run there too.
 All paths hang off `proc_root` / `sys_root` so tests can point them at prepared trees.
 """

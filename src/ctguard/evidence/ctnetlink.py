@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
-from ctguard.evidence.nsutil import run_in_netns
+from ctguard.netns import run_in_netns
 from ctguard.evidence.topk import HeavyHitter, SpaceSaving
 
 NETLINK_NETFILTER = 12

@@ -1,0 +1,130 @@
+"""Faults around files and namespaces: a full disk, a SIGKILL mid-write, a namespace that
+vanishes while it is being sampled. The disk is a real, tiny tmpfs; the kill is a real kill."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ctguard import persist
+from ctguard.files import atomic_write
+from ctguard.metrics import render, write
+from ctguard.model import History, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.state import StateStore
+from kernelenv import IS_ROOT, needs_kernel, run
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to mount a tmpfs")
+
+
+@contextlib.contextmanager
+def tiny_disk(tmp_path: Path, size_kib: int = 64) -> Iterator[Path]:
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    run("mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "ctguard-test", str(mnt))
+    try:
+        yield mnt
+    finally:
+        run("umount", "-l", str(mnt), check=False)
+
+
+def fill(disk: Path) -> None:
+    try:
+        with open(disk / "filler", "wb") as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+
+
+@needs_root
+def test_full_disk_leaves_every_previous_file_whole(tmp_path: Path) -> None:
+    with tiny_disk(tmp_path) as disk:
+        sysctl, modprobe = disk / "sysctl.d/90-ctguard.conf", disk / "modprobe.d/ctguard.conf"
+        persist.write(sysctl, modprobe, 16384, 4096, "first", 1.8e9)
+        store = StateStore(disk / "state")
+        store.save_history(History(persisted_max=16384, bumps_total=1))
+        sample = Sample(Instant(1.8e9, 1.0, "b"), KernelLimits(16384, 4096, 256, 1 << 30, 1 << 29),
+                        (NamespaceReading(1, "host", 5, (("drop", 0),)),))
+        write(str(disk / "ctguard.prom"), render(sample, History(), 65536))
+        before = {p: p.read_bytes() for p in (sysctl, modprobe, disk / "state/state.json", disk / "ctguard.prom")}
+        fill(disk)
+        big = "x" * 200_000   # cannot fit whatever is left
+        for target in before:
+            with pytest.raises(OSError) as info:
+                atomic_write(target, big)
+            assert info.value.errno == errno.ENOSPC
+        for path, content in before.items():
+            assert path.read_bytes() == content, path
+        assert StateStore(disk / "state").load_history().persisted_max == 16384
+        leftovers = [p for p in disk.rglob("*ctguard-tmp*")]
+        assert leftovers == [], "no temporary file left behind"
+
+
+_WRITER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from ctguard.files import atomic_write
+target = sys.argv[2]
+i = 0
+while True:
+    i += 1
+    atomic_write(target, (str(i % 10) * 300_000) + "\n")
+"""
+
+
+def test_sigkill_at_any_point_leaves_old_or_new_never_torn(tmp_path: Path) -> None:
+    target = tmp_path / "state.json"
+    atomic_write(target, "0" * 300_000 + "\n")
+    rng = random.Random(7)
+    for _ in range(30):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, SRC, str(target)])
+        time.sleep(0.15 + rng.random() * 0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        data = target.read_bytes()
+        assert len(data) == 300_001 and data.endswith(b"\n"), len(data)
+        assert len(set(data[:-1])) == 1, "a torn file mixes two writes"
+    # Temporary files of killed writers are left for the next write to ignore; never the target.
+    assert target.exists()
+
+
+@needs_kernel
+def test_a_namespace_vanishing_mid_sample(tmp_path: Path) -> None:
+    from ctguard.clock import Clock
+    from ctguard.kernel import Kernel
+    from ctguard.netns import NamespaceRef, StatReaders, discover
+    from ctguard.observe import Observer
+
+    name = f"ctgv{os.getpid()}"
+    run("ip", "netns", "add", name)
+    try:
+        obs = Observer(Kernel(), Clock())
+        assert any(n.name == name for n in obs.sample().namespaces)
+        run("ip", "netns", "del", name)
+        obs.sample()                                  # still readable through the kept fd, or dropped: no crash
+        obs.rediscover()
+        assert all(n.name != name for n in obs.sample().namespaces)
+        obs.close()
+        # Discovered, then gone before its reader was opened: a problem noted, the rest read.
+        ghost = NamespaceRef(1, "ghost", "/run/netns/does-not-exist", None)
+        readers = StatReaders()
+        problems = readers.refresh([*discover(), ghost])
+        assert any("ghost" in p for p in problems)
+        readings, failed = readers.read()
+        assert any(r.name == "host" for r in readings) and failed == []
+        readers.close()
+    finally:
+        run("ip", "netns", "del", name, check=False)
