@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,22 @@ def test_raised_timeouts_with_the_entries_they_hold(tmp_path: Path) -> None:
                                                       ("nf_conntrack_udp_timeout_stream", 500)]
     assert "x2" in raised[0].line() and "holding about 800 entries" in raised[0].line()
     assert hostrole.raised_timeouts(t["proc_root"])[0].entries is None
+
+
+def test_every_bundle_says_what_the_host_is(tmp_path: Path) -> None:
+    import tomllib
+
+    from kernelenv import needs_kernel  # noqa: F401
+    from test_daemon_kernel import ctguard, write_policy
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to dump the conntrack table")
+    policy = write_policy(tmp_path)
+    res = ctguard("capture", "--reason", "role", "--policy", str(policy))
+    assert res.returncode == 0, res.stderr
+    bundle = Path(res.stdout.strip().splitlines()[-1])
+    ev = tomllib.loads((bundle / "evidence.toml").read_text())
+    assert ev["host"]["role"] in ("server", "router", "NAT gateway", "container host", "Kubernetes node")
+    assert "raised_timeouts" in ev["host"]
+    shown = ctguard("bundles", "show", bundle.name, "--policy", str(policy))
+    assert f"Host: {ev['host']['role']}" in shown.stdout

@@ -214,6 +214,8 @@ def capture(
     except OSError as exc:
         results.append(collect.Collected("rules", error=f"cannot enter the network namespace {netns_path}: {exc}"))
     results.extend(collect.run_all(collect.HOST_COLLECTORS, ctx))
+    results.append(collect.host_profile(ctx, netns_path, table.by_proto if table else None,
+                                        table.by_tcp_state if table else None))
 
     evidence: dict[str, Any] = {}
     written: list[str] = []
@@ -505,6 +507,14 @@ def show(folder: Path | str, bundle_id: str) -> str:
         err = m.get("collectors", {}).get("conntrack", {}).get("error", "no table in this bundle")
         out.append(f"Table: not read ({err})")
     out.append("")
+    host = ev.get("host", {})
+    if host:
+        also = [r for r in host.get("roles", []) if r != host.get("role")]
+        out.append(f"Host: {host.get('role')}" + (f" (also {', '.join(also)})" if also else "")
+                   + (f" - {'; '.join(host.get('seen', []))}" if host.get("seen") else ""))
+        for t in host.get("raised_timeouts", []):
+            held = f", holding about {t['entries']} entries" if "entries" in t else ""
+            out.append(f"  raised timeout: {t['name']} = {t['value']} s (kernel default {t['default']} s){held}")
     rules = ev.get("rules", {})
     out.append(f"NAT: {rules.get('nat_verdict', 'unknown (rules not collected)')}")
     stats = ev.get("cpu_stats", {}).get("totals", {})

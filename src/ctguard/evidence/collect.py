@@ -549,6 +549,30 @@ HOST_COLLECTORS: tuple[tuple[str, Collector], ...] = (
 )
 
 
+def host_profile(ctx: Context, netns_path: str | None, by_proto: Mapping[str, int] | None,
+                 by_tcp_state: Mapping[str, int] | None) -> Collected:
+    """What this host is, and the namespace's timeouts raised above the kernel defaults with
+    the entries they likely hold (from the table breakdown just taken)."""
+    from ctguard import hostrole
+    from ctguard.netns import run_in_netns
+
+    start = time.monotonic()
+    try:
+        role = hostrole.detect(ctx.proc_root, ctx.sys_root)
+        # Timeouts are per namespace: read them from a thread inside it.
+        raised = run_in_netns(netns_path, lambda: hostrole.raised_timeouts(
+            ctx.proc_root, dict(by_proto) if by_proto is not None else None,
+            dict(by_tcp_state) if by_tcp_state is not None else None))
+    except Exception as exc:  # one broken source must not sink the bundle
+        return Collected("host", error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
+    data: dict[str, Any] = {
+        "role": role.role, "roles": list(role.roles), "seen": list(role.evidence), "unknown": list(role.unknown),
+        "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default,
+                             **({"entries": t.entries} if t.entries is not None else {})} for t in raised],
+    }
+    return Collected("host", data, {}, None, time.monotonic() - start)
+
+
 def run_collector(name: str, fn: Collector, ctx: Context) -> Collected:
     start = time.monotonic()
     try:
