@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -78,7 +79,10 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
             daemon = Daemon(write_policy(folder / f"{mode}-{rate}", policy_body(mode, args.ceiling, args.cooldown)))
             daemon.__enter__()
         try:
-            time.sleep(args.settle)           # a few idle samples, as a daemon that has been running
+            # A few idle samples, as a daemon that has been running; the random part puts the
+            # flood's start at a random point of the daemon's sampling period (without it, the
+            # start-up timing lines the two up the same way every run).
+            time.sleep(args.settle + random.uniform(0.0, 1.0))
             before = stat_totals(pair, "drop", "early_drop")
             fd = os.open(kernelenv.PROC_MAX, os.O_RDONLY)
             # The receiver's stat file, opened from inside its namespace once, read with pread:
