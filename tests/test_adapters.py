@@ -261,3 +261,32 @@ def test_recommend_from_recorded_peaks() -> None:
     assert not few["enough_history"] and "Too little history" in recommend.render(few)
     old = recommend.advise(p, [Peak(t - 8 * 86400, 50000, 65536, 0)], 8192, 2048, 256, t)
     assert old["p99_peak"] == 0, "peaks older than 7 days are ignored"
+
+
+def test_metrics_label_units_and_containers() -> None:
+    ns = NamespaceReading(7, "pid:42 (nginx)", 10, (("drop", 0),), "docker-3f2a.scope", "docker:3f2a1b2c3d4e")
+    s = Sample(now(), KernelLimits(1024, 256, 256, 1 << 30, 1 << 29), (ns,))
+    text = metrics.render(s, History(), 65536)
+    assert ('ctguard_conntrack_entries{netns="7",name="pid:42 (nginx)",unit="docker-3f2a.scope",'
+            'container="docker:3f2a1b2c3d4e"} 10') in text
+
+
+@pytest.mark.parametrize(
+    "cgroup, unit, container",
+    [
+        ("0::/system.slice/docker-3f2a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8.scope\n",
+         "docker-3f2a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8.scope", "docker:3f2a1b2c3d4e"),
+        ("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f90a.slice/"
+         "cri-containerd-aabbccddeeff00112233.scope\n", "cri-containerd-aabbccddeeff00112233.scope",
+         "containerd:aabbccddeeff"),
+        ("0::/system.slice/nginx.service\n", "nginx.service", None),
+        ("0::/\n", None, None),
+    ],
+)
+def test_cgroup_labels(tmp_path: Path, cgroup: str, unit, container) -> None:
+    from ctguard.cgroups import labels_of
+
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42/cgroup").write_text(cgroup)
+    assert labels_of(tmp_path, 42) == (unit, container)
+    assert labels_of(tmp_path, 43) == (None, None)

@@ -106,6 +106,12 @@ def test_flood_is_met_by_a_bump_within_the_ceiling(tmp_path: Path) -> None:
             modprobe = (tmp_path / "etc/modprobe.d/ctguard.conf").read_text()
             assert "options nf_conntrack hashsize=" in modprobe
             assert wait_for(lambda: daemon.bumps() != [], 5)
+            # The metrics file after the flood: the receiver's series, the new max, the bump.
+            assert wait_for(lambda: f"ctguard_conntrack_max {get_max()}\n" in daemon.metrics.read_text(), 3)
+            prom = daemon.metrics.read_text()
+            assert f'ctguard_conntrack_entries{{netns="{pair.receiver_inode}",name="{pair.receiver}"}} 3800' in prom
+            assert "ctguard_bumps_total 1\n" in prom or "ctguard_bumps_total 2\n" in prom
+            assert "ctguard_ceiling 65536\n" in prom
             assert daemon.stop() < 2.0, "SIGTERM stops within 2 s"
         status = ctguard("status", "--json", "--policy", str(policy))
         data = json.loads(status.stdout)

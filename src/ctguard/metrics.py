@@ -12,6 +12,15 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _labels(ns) -> str:
+    out = f'netns="{ns.inode}",name="{_label(ns.name)}"'
+    if ns.unit:
+        out += f',unit="{_label(ns.unit)}"'
+    if ns.container:
+        out += f',container="{_label(ns.container)}"'
+    return out
+
+
 def render(sample: Sample, history: History, ceiling: int, budget_left: int | None = None,
            upper_bound: int | None = None) -> str:
     """The metrics of SPEC.md, plus budget, bound and freshness for alerting.
@@ -26,13 +35,13 @@ def render(sample: Sample, history: History, ceiling: int, budget_left: int | No
 
     head("ctguard_conntrack_entries", "gauge", "Conntrack entries in the namespace.")
     for ns in sample.namespaces:
-        out.append(f'ctguard_conntrack_entries{{netns="{ns.inode}",name="{_label(ns.name)}"}} {ns.count}\n')
+        out.append(f'ctguard_conntrack_entries{{{_labels(ns)}}} {ns.count}\n')
     head("ctguard_conntrack_fill_ratio", "gauge", "Entries divided by the global nf_conntrack_max.")
     for ns in sample.namespaces:
-        out.append(f'ctguard_conntrack_fill_ratio{{netns="{ns.inode}",name="{_label(ns.name)}"}} {sample.fill(ns):.6f}\n')
+        out.append(f'ctguard_conntrack_fill_ratio{{{_labels(ns)}}} {sample.fill(ns):.6f}\n')
     head("ctguard_conntrack_drops_total", "counter", "Packets dropped because the table was full (kernel drop counter).")
     for ns in sample.namespaces:
-        out.append(f'ctguard_conntrack_drops_total{{netns="{ns.inode}",name="{_label(ns.name)}"}} {ns.drops}\n')
+        out.append(f'ctguard_conntrack_drops_total{{{_labels(ns)}}} {ns.drops}\n')
     head("ctguard_conntrack_max", "gauge", "net.netfilter.nf_conntrack_max.")
     out.append(f"ctguard_conntrack_max {lim.max}\n")
     head("ctguard_conntrack_buckets", "gauge", "net.netfilter.nf_conntrack_buckets.")

@@ -44,6 +44,8 @@ class NamespaceReading:
     name: str                       # "host", a /run/netns name, or "pid:N"
     count: int
     stats: tuple[tuple[str, int], ...] = ()
+    unit: str = ""                  # systemd unit of a process inside, "" when unknown
+    container: str = ""             # container label of a process inside, "" when unknown
 
     def stat(self, key: str) -> int:
         for k, v in self.stats:

@@ -21,6 +21,7 @@ from typing import TypeVar
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 
+from ctguard.cgroups import labels_of
 from ctguard.kernel import parse_stat_table
 from ctguard.model import NamespaceReading
 
@@ -31,6 +32,8 @@ class NamespaceRef:
     name: str           # "host", the /run/netns name, or "pid:N (comm)"
     path: str           # a file that names the namespace: /run/netns/NAME or /proc/PID/ns/net
     pid: int | None
+    unit: str | None = None         # systemd unit of a process inside, where one was seen
+    container: str | None = None    # e.g. "docker:3f2a1b...", "k8s-pod:<uid>", "machine:name"
 
 
 class NetnsError(OSError):
@@ -75,8 +78,16 @@ def discover(proc_root: str | Path = "/proc", run_netns: str | Path = "/run/netn
     for pid in pids:
         path = f"{proc}/{pid}/ns/net"
         ino = _ns_inode(path)
-        if ino is not None and ino not in found:
-            found[ino] = NamespaceRef(ino, f"pid:{pid} ({_comm(proc, pid)})", path, pid)
+        if ino is None:
+            continue
+        known = found.get(ino)
+        if known is None:
+            unit, container = labels_of(proc, pid)
+            found[ino] = NamespaceRef(ino, f"pid:{pid} ({_comm(proc, pid)})", path, pid, unit, container)
+        elif known.pid is None and known.name != "host":
+            # A /run/netns namespace with a process in it: keep its name, learn who runs there.
+            unit, container = labels_of(proc, pid)
+            found[ino] = NamespaceRef(ino, known.name, known.path, None, unit, container)
     return list(found.values())
 
 
@@ -225,7 +236,7 @@ class StatReaders:
                 del self._open[ino]
                 failed.append(ino)
                 continue
-            readings.append(NamespaceReading(ino, ref.name, count, stats))
+            readings.append(NamespaceReading(ino, ref.name, count, stats, ref.unit or "", ref.container or ""))
         return readings, failed
 
     def close(self) -> None:

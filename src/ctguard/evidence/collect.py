@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctguard.cgroups import parse_cgroup
+
 MAX_FILE = 4 << 20  # never keep more than this much of one source
 JOURNAL_LINES = 50
 JOURNAL_SCAN = 20000
@@ -385,41 +387,6 @@ def memory(ctx: Context) -> Result:
     if "MemTotal" not in out:
         raise CollectorError(f"{ctx.proc_root / 'meminfo'} has no MemTotal line")
     return {"bytes": out}, {}
-
-
-_CONTAINER_PATTERNS = (
-    (re.compile(r"docker-([0-9a-f]{12,})\.scope"), "docker"),
-    (re.compile(r"/docker/([0-9a-f]{12,})"), "docker"),
-    (re.compile(r"cri-containerd-([0-9a-f]{12,})\.scope"), "containerd"),
-    (re.compile(r"crio-(?:conmon-)?([0-9a-f]{12,})\.scope"), "cri-o"),
-    (re.compile(r"libpod-(?:conmon-)?([0-9a-f]{12,})\.scope"), "podman"),
-    (re.compile(r"machine-([^/]+)\.scope"), "machine"),
-    (re.compile(r"kubepods[^/]*/(?:[^/]*/)?[^/]*pod([0-9a-f_\-]{36})"), "k8s-pod"),
-)
-
-
-def parse_cgroup(text: str) -> tuple[str | None, list[str]]:
-    """The systemd unit and container labels one /proc/PID/cgroup names."""
-    unit: str | None = None
-    containers: list[str] = []
-    for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        for part in reversed(path.split("/")):
-            if part.endswith((".service", ".scope")) and unit is None:
-                unit = part
-                break
-        for pattern, kind in _CONTAINER_PATTERNS:
-            m = pattern.search(path)
-            if m:
-                ident = m.group(1)
-                if kind == "k8s-pod":
-                    ident = ident.replace("_", "-")  # the systemd cgroup driver's spelling of the pod UID
-                elif kind != "machine":
-                    ident = ident[:12]  # container ids as `docker ps` / `crictl ps` show them
-                label = f"{kind}:{ident}"
-                if label not in containers:
-                    containers.append(label)
-    return unit, containers
 
 
 def namespaces(ctx: Context) -> Result:
