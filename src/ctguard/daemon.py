@@ -112,6 +112,7 @@ class Daemon:
         self._sel = selectors.DefaultSelector()
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
+        self._failing: dict[str, str] = {}     # file kind -> the error last said about it
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -295,12 +296,19 @@ class Daemon:
             self._report(start, outcomes, [])
             self._safe(self.store.save_history, self.history, what="state")
 
-    def _safe(self, fn, arg, what: str) -> None:
+    def _safe(self, fn, arg, what: str, where: str | None = None) -> None:
+        """Write a file; a failure is said once (and its recovery once), not every turn."""
         try:
             fn(arg)
         except OSError as exc:
-            log.warning("cannot write the %s file under %s: %s; the previous file is unchanged",
-                        what, self.policy.state.dir, exc)
+            said = f"{exc.strerror or exc} ({exc.filename or where or self.policy.state.dir})"
+            if self._failing.get(what) != said:
+                log.warning("cannot write the %s file: %s; the previous file is unchanged, ctguard goes on "
+                            "and will say when it can write again", what, said)
+                self._failing[what] = said
+        else:
+            if self._failing.pop(what, None) is not None:
+                log.info("the %s file is written again", what)
 
     def _write_metrics(self, sample: Sample) -> None:
         if not self.policy.metrics.textfile:
@@ -309,13 +317,11 @@ class Daemon:
         if now - self._metrics_at < METRICS_EVERY:
             return
         self._metrics_at = now
-        try:
-            text = metrics.render(sample, self.history, self.policy.bump.ceiling,
-                                  budget_left(self.policy, self.history, sample.at),
-                                  upper_bound(self.policy, sample.limits)[0])
-            metrics.write(self.policy.metrics.textfile, text)
-        except OSError as exc:
-            log.warning("cannot write metrics to %s: %s", self.policy.metrics.textfile, exc)
+        text = metrics.render(sample, self.history, self.policy.bump.ceiling,
+                              budget_left(self.policy, self.history, sample.at),
+                              upper_bound(self.policy, sample.limits)[0])
+        self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
+                   where=self.policy.metrics.textfile)
 
     def _report(self, decision: Decision, outcomes: list[Outcome], kernel_events: list[TableFull]) -> None:
         ev = self.events
