@@ -70,8 +70,10 @@ time.sleep(60)
 EXTRA_UDP = r"""
 import socket, sys
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for _ in range(n):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((src, 0))
+for i in range(n):
+    # Explicit source ports: port 0 may hand out the same ephemeral port twice, which would
+    # make two sends one flow and the exact count off by one.
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((src, 40000 + i))
     s.sendto(b"x", (dst, 5353)); s.close()
 """
 
