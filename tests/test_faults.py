@@ -125,3 +125,27 @@ def test_waits_for_nf_conntrack_then_guards(tmp_path: Path) -> None:
             assert wait_for(lambda: get_max() > 4096, 10), log.read_text()
         finally:
             stop(proc)
+
+
+def test_run_inside_a_network_namespace_where_max_is_read_only(tmp_path: Path) -> None:
+    """Outside the host's namespace the kernel makes nf_conntrack_max read-only (EACCES even
+    for root): the refusal is logged with advice and ctguard keeps sampling."""
+    policy = write_policy(tmp_path, "[bump]\ncooldown = 1\n[watch]\nnamespaces = \"host\"")
+    log = tmp_path / "log"
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(4096)
+        env = {**os.environ, "PYTHONPATH": SRC}
+        env.pop("NOTIFY_SOCKET", None)
+        proc = subprocess.Popen(["ip", "netns", "exec", pair.receiver, sys.executable, "-m", "ctguard", "run",
+                                 "--policy", str(policy)], env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        try:
+            assert wait_for((tmp_path / "ctguard.prom").exists, 10), log.read_text()
+            pair.flood_udp(3900, rate=4000)
+            assert wait_for(lambda: said(proc, log, "cannot set nf_conntrack_max"), 10), log.read_text()
+            assert said(proc, log, "host's network namespace") or said(proc, log, "Permission denied")
+            assert get_max() == 4096
+            m = tmp_path / "ctguard.prom"
+            assert wait_for(lambda: 'name="host"} 3' in m.read_text(), 5), m.read_text()
+            assert proc.poll() is None
+        finally:
+            stop(proc)
