@@ -40,7 +40,7 @@ PRESSURE_RATE = 300         # x 30 s UDP timeout = 9,000 entries = 73% of 12,288
 
 
 def measure(daemon: Daemon, seconds: float) -> dict:
-    pid = daemon.proc.pid
+    pid = daemon.pid
     cpu0, ch0, _, _ = proc_times(pid)
     t0 = time.monotonic()
     time.sleep(seconds)
@@ -58,7 +58,7 @@ def idle(folder: Path, extra: int, seconds: float) -> dict:
             name = f"ctgo{os.getpid() % 1000}x{i}"
             subprocess.run(["ip", "netns", "add", name], check=True)
             names.append(name)
-        with Daemon(write_policy(folder, 'mode = "observe"\n')) as d:
+        with Daemon(write_policy(folder, 'mode = "observe"\n'), only_netns=names) as d:
             time.sleep(1.0)
             return measure(d, seconds)
     finally:
@@ -72,7 +72,7 @@ def pressure(folder: Path, seconds: float, warmup: float) -> dict:
         flows = int(PRESSURE_RATE * (warmup + seconds + 5))
         flood = Flood(pair, flows, PRESSURE_RATE)
         try:
-            with Daemon(write_policy(folder, 'mode = "observe"\n')) as d:
+            with Daemon(write_policy(folder, 'mode = "observe"\n'), only_netns=[pair.sender, pair.receiver]) as d:
                 time.sleep(warmup)
                 r = measure(d, seconds)
                 r["fill"] = pair.count() / PRESSURE_MAX

@@ -23,33 +23,7 @@ sys.path.insert(0, str(SRC))
 
 import kernelenv  # noqa: E402
 
-# One datagram per new flow, paced at `rate` flows/s by checking the schedule every 32
-# packets; each wrap of the destination port opens a new socket (a new source port), so
-# every tuple is new. Prints its own start/end on CLOCK_MONOTONIC (system-wide, so the
-# benchmark can compare it with what it sees) and how many sendto calls failed.
-_SENDER = r"""
-import json, socket, sys, time
-dst, n, rate, port = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-start_at = float(sys.argv[5])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-while time.monotonic() < start_at:
-    time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
-start = time.monotonic()
-errors = 0
-for i in range(n):
-    if port > 65535:
-        s.close(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); port = 1
-    try:
-        s.sendto(b"x", (dst, port))
-    except OSError:
-        errors += 1
-    port += 1
-    if rate and i % 32 == 0:
-        ahead = start + i / rate - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-print(json.dumps({"start": start, "end": time.monotonic(), "sent": n, "errors": errors}))
-"""
+_SENDER = kernelenv.FLOOD_SCRIPT   # one flood script for tests, benchmarks and the system test
 
 
 @dataclass
@@ -120,17 +94,56 @@ textfile = "{folder}/ctguard.prom"
     return p
 
 
-class Daemon:
-    """`python3 -m ctguard run --policy P` in the background; SIGTERM (then SIGKILL) on exit."""
+# Run inside `unshare --mount --pid --fork --mount-proc`: show the daemon only the /run/netns
+# entries named on the command line (a tmpfs of bind mounts over /run/netns) and, with its own
+# /proc, only its own processes; then exec the daemon (it becomes PID 1 there).
+_ISOLATE = r"""
+import os, subprocess, sys
+i = sys.argv.index("--")
+view, names, cmd = sys.argv[1], sys.argv[2:i], sys.argv[i + 1:]
+os.makedirs(view, exist_ok=True)
+subprocess.run(["mount", "-t", "tmpfs", "ctguard-bench", view], check=True)
+for n in names:
+    open(os.path.join(view, n), "w").close()
+    subprocess.run(["mount", "--bind", "/run/netns/" + n, os.path.join(view, n)], check=True)
+subprocess.run(["mount", "--rbind", view, "/run/netns"], check=True)
+os.execvp(cmd[0], cmd)
+"""
 
-    def __init__(self, policy: Path) -> None:
+
+class Daemon:
+    """`python3 -m ctguard run --policy P` in the background; SIGTERM (then SIGKILL) on exit.
+
+    With `only_netns` (a list of /run/netns names), the daemon runs in its own mount and PID
+    namespaces and sees the host's network namespace and those only: other sessions' test
+    namespaces on a shared machine cannot make an idle measurement busy.
+    """
+
+    def __init__(self, policy: Path, only_netns: list[str] | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         env.pop("NOTIFY_SOCKET", None)
         self.log = policy.parent / "daemon.log"
         self.metrics = policy.parent / "ctguard.prom"
         self._logf = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "ctguard", "run", "--policy", str(policy)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._logf, env=env)
+        cmd = [sys.executable, "-m", "ctguard", "run", "--policy", str(policy)]
+        if only_netns is not None:
+            cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _ISOLATE,
+                   str(policy.parent / "netns-view"), *only_netns, "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._logf,
+                                     env=env)
+        self.pid = self.proc.pid
+        if only_netns is not None:
+            self.pid = self._forked_child()
+
+    def _forked_child(self) -> int:
+        """The host PID of unshare's child (the daemon, once the wrapper has exec'd)."""
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        for _ in range(500):
+            kids = path.read_text().split() if path.exists() else []
+            if kids:
+                return int(kids[0])
+            time.sleep(0.01)
+        raise RuntimeError("unshare did not start the daemon")
 
     def __enter__(self) -> "Daemon":
         if not kernelenv.wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 20):
@@ -141,7 +154,13 @@ class Daemon:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.pid != self.proc.pid:
+                try:
+                    os.kill(self.pid, signal.SIGTERM)   # the daemon; unshare exits after it
+                except ProcessLookupError:
+                    pass
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
