@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from kernelenv import _FLOOD, netns_pair, saved_kernel_values, set_max  # noqa: E402
+from kernelenv import FLOOD_SCRIPT, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -132,7 +132,7 @@ textfile = "{work}/ctguard.prom"
         time.sleep(3)
         flows = int(args.rate * args.duration)
         drops0 = pair.drops()
-        flood = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", _FLOOD, pair.receiver_addr,
+        flood = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", FLOOD_SCRIPT, pair.receiver_addr,
                                   str(flows), str(args.rate), "1"])
         t0 = time.monotonic()
         cpu0 = cpu_seconds(daemon.pid)

@@ -109,7 +109,7 @@ class NetnsPair:
 
     def flood_udp(self, flows: int, rate: float = 0.0, first_port: int = 1) -> None:
         """Send one datagram per new flow (distinct destination ports, then source ports)."""
-        self.exec(self.sender, sys.executable, "-c", _FLOOD, self.receiver_addr, str(flows), str(rate), str(first_port))
+        self.exec(self.sender, sys.executable, "-c", FLOOD_SCRIPT, self.receiver_addr, str(flows), str(rate), str(first_port))
 
     def flood_syn(self, flows: int, sources: int = 4096, dport: int = 9) -> None:
         """Half-open TCP: one SYN per flow from `sources` spoofed addresses in 10.232.0.0/16.
@@ -139,24 +139,31 @@ class NetnsPair:
 
 # One datagram per flow; the destination port walks 1..65535 and each wrap opens a new
 # socket so the source port changes and the tuples stay distinct. With rate > 0 the sender
-# paces itself to that many flows per second.
-_FLOOD = r"""
-import socket, sys, time
+# paces itself to that many flows per second; with a start time (CLOCK_MONOTONIC, argv 5)
+# it waits for it, so several senders start together. It prints what it did as JSON. The
+# one flood script for tests, benchmarks and the system test (which runs it in a container).
+FLOOD_SCRIPT = r"""
+import json, socket, sys, time
 dst, n, rate, port = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+start_at = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+while time.monotonic() < start_at:
+    time.sleep(min(0.01, max(0.0, start_at - time.monotonic())))
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-start = time.perf_counter()
+start = time.monotonic()
+errors = 0
 for i in range(n):
     if port > 65535:
         s.close(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); port = 1
     try:
         s.sendto(b"x", (dst, port))
     except OSError:
-        pass
+        errors += 1
     port += 1
-    if rate and i % 64 == 0:
-        ahead = start + i / rate - time.perf_counter()
+    if rate and i % 32 == 0:
+        ahead = start + i / rate - time.monotonic()
         if ahead > 0:
             time.sleep(ahead)
+print(json.dumps({"start": start, "end": time.monotonic(), "sent": n, "errors": errors}))
 """
 
 

@@ -61,7 +61,7 @@ def test_latency_kernel_line_to_read_events(journald) -> None:  # noqa: F811
                 started = time.monotonic()
                 # In the background, so the followers see lines while the flood still runs.
                 flood = subprocess.Popen(
-                    ["ip", "netns", "exec", pair.sender, sys.executable, "-c", kernelenv._FLOOD,
+                    ["ip", "netns", "exec", pair.sender, sys.executable, "-c", kernelenv.FLOOD_SCRIPT,
                      pair.receiver_addr, "4096", "0", str(port)],
                 )
                 port = (port + 4096) % 60000 + 1

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelenv import HASHSIZE, PROC_MAX, kernel_ready, saved_kernel_values
+from kernelenv import FLOOD_SCRIPT, HASHSIZE, PROC_MAX, kernel_ready, saved_kernel_values
 
 pytestmark = pytest.mark.system
 
@@ -84,26 +84,7 @@ BAD_POLICY = TEST_POLICY.replace(f"ceiling = {TEST_CEILING}", 'ceiling = "lots"'
 LOW_MAX = 4096
 LOW_BUCKETS = 1024
 
-# One datagram per new flow from the sender namespace to the receiver's address; the
-# destination port walks and each wrap opens a new socket, so every tuple is new.
-FLOOD = textwrap.dedent("""\
-    import socket, sys, time
-    dst, n, rate, port = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    start = time.monotonic()
-    for i in range(n):
-        if port > 65535:
-            s.close(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); port = 1
-        try:
-            s.sendto(b"x", (dst, port))
-        except OSError:
-            pass
-        port += 1
-        if i % 64 == 0:
-            ahead = start + i / rate - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
-    """)
+
 
 
 def _message_id(name: str) -> str | None:
@@ -593,7 +574,7 @@ def flood(m: Machine, phase: Phases) -> None:
         printf 'table inet ctgtest {\\n chain pre { type filter hook prerouting priority 0; ct state new counter; }\\n}\\n' \
             | ip netns exec ctgrcv nft -f -
         """)
-    m.write("/root/flood.py", FLOOD)
+    m.write("/root/flood.py", FLOOD_SCRIPT)
 
     def send(flows: int, rate: int, first_port: int) -> None:
         m.run("ip", "netns", "exec", "ctgsnd", "python3", "/root/flood.py", "10.231.77.2",
