@@ -87,3 +87,28 @@ def test_every_bundle_says_what_the_host_is(tmp_path: Path) -> None:
     assert "raised_timeouts" in ev["host"]
     shown = ctguard("bundles", "show", bundle.name, "--policy", str(policy))
     assert f"Host: {ev['host']['role']}" in shown.stdout
+
+
+def test_recommend_reads_the_peaks_the_daemon_recorded(tmp_path: Path) -> None:
+    """`ctguard recommend --json` over a state folder as the daemon leaves it."""
+    import time as _time
+
+    from ctguard.state import Peak, StateStore
+    from test_daemon_kernel import ctguard, write_policy
+
+    policy = write_policy(tmp_path)
+    now = int(_time.time()) // 60 * 60
+    peaks = [Peak(now - 60 * i, 20000 + 10 * (i % 50), 65536, 0) for i in range(1, 181)]
+    peaks[5] = Peak(peaks[5].minute, 40000, 65536, 3)           # a storm with drops: 3x
+    StateStore(tmp_path / "state").save_peaks(peaks)
+    res = ctguard("recommend", "--json", "--policy", str(policy))
+    assert res.returncode == 0, res.stderr
+    advice = json.loads(res.stdout)
+    assert advice["enough_history"] and advice["minutes_recorded"] == 180
+    assert advice["factor"] == 3 and advice["drops_seen"] == 3
+    assert advice["p99_peak"] == 20490
+    assert advice["recommended_max"] == 62464 and advice["recommended_buckets"] == 15616
+    assert advice["sysctl_line"] == "net.netfilter.nf_conntrack_max = 62464"
+    text = ctguard("recommend", "--policy", str(policy)).stdout
+    assert "Recommended nf_conntrack_max = 62464 (3x the p99 peak)" in text
+    assert "options nf_conntrack hashsize=15616" in text
