@@ -200,21 +200,11 @@ class Daemon:
         except Exception as exc:  # the journal must never take the loop down
             log.warning("reading the journal failed: %s", exc)
             return []
-        # The follower may have reopened the journal (journald restarted): re-register its fd.
-        self._reregister_journal()
         now = time.monotonic()
         cursor = self.follower.cursor
         if cursor and cursor != self._cursor_saved and now - self._cursor_at >= CURSOR_EVERY:
             self._save_cursor()
         return [self._table_full(e) for e in raw]
-
-    def _reregister_journal(self) -> None:
-        fd = self.follower.fileno()
-        keys = {k.fd: k for k in self._sel.get_map().values() if k.data == "journal"}
-        if fd not in keys:
-            for k in keys.values():
-                self._sel.unregister(k.fd)
-            self._sel.register(fd, selectors.EVENT_READ, "journal")
 
     def _save_cursor(self) -> None:
         from ctguard import journal
