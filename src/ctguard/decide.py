@@ -23,7 +23,7 @@ REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about agai
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
 BUCKETS_RETRY = 300.0       # a hashsize write that failed (read-only /sys) is retried this rarely, or with a bump
 HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
-# bench/bench_ramp.py (max 8192, 20k new flows/s, cooldown 1 s) found two shortfalls:
+# bench/bench_ramp.py (max 8192, 20k new flows/s, cooldown 1 s) found three shortfalls:
 # - The first bump was sized from the slope since the last idle sample (up to 1 s old; the flood
 #   began somewhere in between): 8k/s for a 20k/s flood, so the bump ran out 0.4 s before the
 #   cooldown ended, and 4,960 of the run's 4,999 drops came after the first bump. Now a bump due
@@ -196,45 +196,67 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             actions.append(Warn("table-full", e.netns, fill, "the kernel reported: table full, dropping packet"))
             break
 
-    retry_buckets = (bumped_to is not None or history.buckets_failed is None
-                     or now.since(history.buckets_failed) >= BUCKETS_RETRY)
-    if policy.buckets.manage and retry_buckets:
-        target_max = bumped_to or limits.max
-        want_buckets = buckets_for(policy, target_max)
-        if limits.buckets < want_buckets:
-            actions.append(SetBuckets(limits.buckets, want_buckets,
-                                      f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}"))
-
+    actions.extend(_buckets_action(policy, limits, history, now, bumped_to))
     if bumped_to is not None:
         if _capture_due(policy, history, now):
             actions.append(Capture(reason="bump", netns=netns))
         if policy.persist.mode == "immediate":
             actions.append(Persist(bumped_to, buckets_for(policy, bumped_to) if policy.buckets.manage else None,
                                    "persist.mode is immediate"))
-
-    if pressure and history.pressure_since is not None:
-        sustained = now.since(history.pressure_since)
-        if sustained >= policy.thresholds.sustain and (
-                history.last_warn is None or now.since(history.last_warn) >= REWARN_AFTER):
-            actions.append(Warn("pressure", worst_inode, fill,
-                                f"fill above {policy.thresholds.warn:.0%} for {sustained:.0f} s"))
-            if bumped_to is None and _capture_due(policy, history, now) and not any(isinstance(a, Capture) for a in actions):
-                actions.append(Capture(reason="pressure", netns=worst_inode))
-
-    if (policy.persist.mode == "stable" and bumped_to is None and history.unpersisted_max is not None
-            and history.unpersisted_max > (history.persisted_max or 0)):
-        quiet_since = [x for x in (history.last_drop, _last_ok_bump_at(history)) if x is not None]
-        quiet = min((now.since(x) for x in quiet_since), default=math.inf)
-        if quiet >= policy.persist.stable_for:
-            value = max(history.unpersisted_max, limits.max)
-            actions.append(Persist(value, buckets_for(policy, value) if policy.buckets.manage else None,
-                                   f"no drop for {policy.persist.stable_for:g} s since the last bump"))
+    if pressure:
+        actions.extend(_pressure_actions(policy, history, now, worst_inode, fill,
+                                         may_capture=not any(isinstance(a, Capture) for a in actions)))
+    if bumped_to is None:
+        actions.extend(_stable_persist(policy, limits, history, now))
 
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
     headroom = int(policy.thresholds.act * limits.max) - (worst.count if worst else 0)
     return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full, headroom, confirm, needs_shape)
+
+
+def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
+                    bumped_to: int | None) -> list[Action]:
+    """Buckets kept at max/ratio; a failed resize is retried with the next bump or after a while."""
+    if not policy.buckets.manage:
+        return []
+    if bumped_to is None and history.buckets_failed is not None and now.since(history.buckets_failed) < BUCKETS_RETRY:
+        return []
+    target_max = bumped_to or limits.max
+    want = buckets_for(policy, target_max)
+    if limits.buckets >= want:
+        return []
+    return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}")]
+
+
+def _pressure_actions(policy: Policy, history: History, now: Instant, inode: int | None, fill: float,
+                      may_capture: bool) -> list[Action]:
+    """Above `warn` for `sustain` seconds: warn (again each hour) and capture evidence."""
+    if history.pressure_since is None:
+        return []
+    sustained = now.since(history.pressure_since)
+    if sustained < policy.thresholds.sustain:
+        return []
+    if history.last_warn is not None and now.since(history.last_warn) < REWARN_AFTER:
+        return []
+    out: list[Action] = [Warn("pressure", inode, fill, f"fill above {policy.thresholds.warn:.0%} for {sustained:.0f} s")]
+    if may_capture and _capture_due(policy, history, now):
+        out.append(Capture(reason="pressure", netns=inode))
+    return out
+
+
+def _stable_persist(policy: Policy, limits: KernelLimits, history: History, now: Instant) -> list[Action]:
+    """persist.mode = "stable": write the raised max once no drop was seen for stable_for."""
+    if (policy.persist.mode != "stable" or history.unpersisted_max is None
+            or history.unpersisted_max <= (history.persisted_max or 0)):
+        return []
+    quiet_since = [x for x in (history.last_drop, _last_ok_bump_at(history)) if x is not None]
+    if min((now.since(x) for x in quiet_since), default=math.inf) < policy.persist.stable_for:
+        return []
+    value = max(history.unpersisted_max, limits.max)
+    return [Persist(value, buckets_for(policy, value) if policy.buckets.manage else None,
+                    f"no drop for {policy.persist.stable_for:g} s since the last bump")]
 
 
 def next_interval(policy: Policy, decision: Decision) -> float:
