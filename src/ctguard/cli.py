@@ -58,12 +58,12 @@ def _live(policy: Policy):
     clock = Clock()
     observer = Observer(Kernel(), clock, policy.watch.namespaces)
     try:
-        return observer.sample(), clock.now()
+        return observer.sample(), clock.now(), observer.readers.refs
     finally:
         observer.close()
 
 
-def _role_and_timeouts(sample):
+def _role_and_timeouts(sample, refs):
     """The host's role, and raised timeouts with the entries they hold in the worst namespace
     (a dump bounded to a fifth of a second, only when some timeout was raised)."""
     from ctguard import hostrole
@@ -73,9 +73,9 @@ def _role_and_timeouts(sample):
     if timeouts and sample.worst is not None:
         try:
             from ctguard.evidence.ctnetlink import dump_table
-            from ctguard.netns import discover
 
-            ref = next((r for r in discover() if r.inode == sample.worst.inode), None)
+            # The namespaces the sample just found: no second /proc scan.
+            ref = next((r for r in refs if r.inode == sample.worst.inode), None)
             path = None if ref is None or ref.name == "host" else ref.path
             t = dump_table(path, budget=0.2, top=1)
             timeouts = hostrole.raised_timeouts(by_proto=t.by_proto, by_tcp_state=t.by_tcp_state)
@@ -95,17 +95,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         return loaded
     policy = loaded
     try:
-        sample, now = _live(policy)
+        sample, now, refs = _live(policy)
     except (ConntrackNotLoaded, OSError) as exc:
         print(f"CTGUARD UNKNOWN - cannot read conntrack: {exc}")
         return status.UNKNOWN
-    history = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr)).load_history()
-    role, timeouts = _role_and_timeouts(sample)
+    store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    history = store.load_history()
+    role, timeouts = _role_and_timeouts(sample, refs)
     view = status.build(policy, sample, history, now, role, timeouts)
     if args.json:
         print(status.render_json(view))
     elif sys.stdout.isatty():
-        hour = StateStore(policy.state.dir).load_hour()
+        hour = store.load_hour()
         print(status.render_tty(view, hour, now.wall, policy.thresholds.warn, policy.thresholds.act))
     else:
         print(status.render_text(view))

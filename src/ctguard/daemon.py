@@ -97,7 +97,7 @@ class Daemon:
                                  self.paths.proc_root, self.paths.run_netns)
         self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
         self.history: History = self.store.load_history()
-        self.peaks = PeakRecorder(self.store.load_peaks(), self.store.load_hour())
+        self.peaks = PeakRecorder(*self.store.load_recorded())
         self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
         self.children = Children()
         self.follower = None

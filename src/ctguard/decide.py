@@ -145,8 +145,9 @@ def _trigger(policy: Policy, sample: Sample, history: History, events: Sequence[
         return "table-full", f"the kernel reported the table full{where}"
     if fill >= t.act:
         return "fill", f"fill {fill:.1%} reached thresholds.act {t.act:.0%}"
-    if fill >= t.warn and _new_drops(history, sample) > 0:
-        return "drops", f"the kernel counted {_new_drops(history, sample)} new drops at fill {fill:.1%}"
+    new_drops = _new_drops(history, sample) if fill >= t.warn else 0
+    if new_drops > 0:
+        return "drops", f"the kernel counted {new_drops} new drops at fill {fill:.1%}"
     if t.horizon > 0 and rate > 0:
         seconds_left = (sample.limits.max - (sample.worst.count if sample.worst else 0)) / rate
         if seconds_left <= t.horizon:

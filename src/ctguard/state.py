@@ -127,23 +127,28 @@ class StateStore:
         ensure_private_dir(self.folder)
         atomic_write(self.folder / STATE_FILE, json.dumps(history_to_json(h), indent=1) + "\n", 0o600)
 
-    def load_peaks(self) -> list[Peak]:
+    def load_recorded(self) -> tuple[list[Peak], dict[int, list[tuple[int, float]]]]:
+        """The per-minute peaks (7 days) and each namespace's last hour, from one read of the file."""
         d = self._load_json(PEAKS_FILE)
         if d is None:
-            return []
+            return [], {}
         try:
-            return [Peak(int(m), int(c), int(x), int(dr)) for m, c, x, dr in d["minutes"]]
+            peaks = [Peak(int(m), int(c), int(x), int(dr)) for m, c, x, dr in d["minutes"]]
         except (KeyError, TypeError, ValueError) as exc:
             self._set_aside(self.folder / PEAKS_FILE, f"unexpected content: {exc}")
-            return []
+            return [], {}
+        try:
+            hour = {int(k): [(int(m), float(f)) for m, f in v] for k, v in d.get("hour", {}).items()}
+        except (AttributeError, TypeError, ValueError):
+            hour = {}   # only the sparklines lose their history
+        return peaks, hour
+
+    def load_peaks(self) -> list[Peak]:
+        return self.load_recorded()[0]
 
     def load_hour(self) -> dict[int, list[tuple[int, float]]]:
         """Per-namespace peak fill of each of the last 60 minutes (for sparklines)."""
-        d = self._load_json(PEAKS_FILE)
-        try:
-            return {int(k): [(int(m), float(f)) for m, f in v] for k, v in (d or {}).get("hour", {}).items()}
-        except (AttributeError, TypeError, ValueError):
-            return {}
+        return self.load_recorded()[1]
 
     def save_peaks(self, peaks: list[Peak], hour: dict[int, list[tuple[int, float]]] | None = None) -> None:
         ensure_private_dir(self.folder)
