@@ -23,7 +23,7 @@ def _labels(ns) -> str:
 
 def render(sample: Sample, history: History, ceiling: int, budget_left: int | None = None,
            upper_bound: int | None = None) -> str:
-    """The metrics of SPEC.md, plus budget, bound and freshness for alerting.
+    """The metrics of docs/contract.md, plus budget, bound and freshness for alerting.
 
     `drops_total` is the kernel's per-namespace `drop` counter (it restarts with the namespace).
     """
