@@ -17,12 +17,14 @@ from ctguard.policy import Policy
 _ORDER = {SetMax: 0, SetBuckets: 1, Persist: 2, Refuse: 3, Warn: 4, Capture: 5}
 
 CaptureStarter = Callable[[Capture, Decision], str]
+ResizeStarter = Callable[[SetBuckets], Outcome]     # hands a resize to a worker (ctguard.resize); never waits
 
 
 class Actor:
     def __init__(self, kernel: Kernel, policy: Policy, start_capture: CaptureStarter | None = None,
-                 wall_clock: Callable[[], float] = lambda: 0.0) -> None:
+                 wall_clock: Callable[[], float] = lambda: 0.0, start_resize: ResizeStarter | None = None) -> None:
         self.kernel = kernel
+        self.start_resize = start_resize
         self.policy = policy
         self.start_capture = start_capture
         self.wall_clock = wall_clock
@@ -53,6 +55,8 @@ class Actor:
         if isinstance(action, SetBuckets):
             if observe:
                 return Outcome(action, False, f"observe mode: would resize buckets {action.old} -> {action.new}")
+            if self.start_resize is not None:
+                return self.start_resize(action)    # the daemon: beside the loop, reported when done
             try:
                 got = self.kernel.write_hashsize(action.new)
             except KernelWriteError as exc:

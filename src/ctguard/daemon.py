@@ -32,6 +32,7 @@ from ctguard.model import (
 )
 from ctguard.observe import Observer
 from ctguard.policy import Policy, PolicyError
+from ctguard.resize import Resizer
 from ctguard.state import PeakRecorder, StateStore
 
 log = logging.getLogger("ctguard")
@@ -98,7 +99,9 @@ class Daemon:
         self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
         self.history: History = self.store.load_history()
         self.peaks = PeakRecorder(*self.store.load_recorded())
-        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
+        self.resizer = Resizer(self.kernel.write_hashsize)
+        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time,
+                           start_resize=self.resizer.start)
         self.children = Children()
         self.follower = None
         self.running = True
@@ -144,6 +147,7 @@ class Daemon:
             signal.signal(sig, lambda *_: None)  # the wake-up fd carries the number
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self._sel.register(self._sig_r.fileno(), selectors.EVENT_READ, "signal")
+        self._sel.register(self.resizer.fileno(), selectors.EVENT_READ, "resize")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -170,6 +174,8 @@ class Daemon:
                         self._signals()
                     elif key.data == "journal":
                         kernel_events.extend(self._read_journal())
+                    elif key.data == "resize":
+                        self._resize_done(self.resizer.collect())
                 if not self.running:
                     break
                 now = time.monotonic()
@@ -253,6 +259,8 @@ class Daemon:
         now = self.clock.now()
         if self.last_sample is None:
             self._start(sample, now)
+        if self.resizer.busy():
+            sample = replace(sample, resizing=self.resizer.target)
         decision = decide(self.policy, sample, self.history, now, kernel_events)
         if decision.needs_shape is not None:
             # The bump would pass [guard] ceiling: look at the table (bounded by
@@ -275,6 +283,15 @@ class Daemon:
             self.notifier.ready()
             self.ready = True
         return next_interval(self.policy, decision)
+
+    def _resize_done(self, outcomes: list[Outcome]) -> None:
+        """A resize beside the loop finished: fold its read-back outcome in and report it."""
+        if not outcomes:
+            return
+        self.history = advance(self.history, None, [], outcomes, self.clock.now(), self.policy)
+        self._report(Decision((), None, 0.0, 0.0, False, "resize done"), outcomes, [])
+        self._safe(self.store.save_history, self.history, what="state")
+        self.events.flush()
 
     def _start(self, sample: Sample, now: Instant) -> None:
         self._not_loaded_said = False
@@ -317,6 +334,9 @@ class Daemon:
         ev = self.events
         for o in outcomes:
             a = o.action
+            if o.pending:
+                log.info("%s", o.detail)    # reported when the worker is done (_resize_done)
+                continue
             if isinstance(a, SetMax):
                 fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
                               CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
@@ -328,7 +348,9 @@ class Daemon:
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
             elif isinstance(a, SetBuckets):
                 if o.ok:
-                    ev.emit("buckets", f"resized conntrack buckets {a.old} -> {o.read_back}",
+                    took = o.extra.get("seconds")
+                    ev.emit("buckets", f"resized conntrack buckets {a.old} -> {o.read_back}"
+                            + (f" in {took * 1000:.0f} ms" if took is not None else ""),
                             CTGUARD_OLD_MAX=a.old, CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.reason)
                 else:
                     ev.emit("bump-failed", f"buckets not resized: {o.detail}", CTGUARD_REASON="buckets")
@@ -406,6 +428,9 @@ class Daemon:
         if self.follower is not None:
             self._save_cursor()
             self.follower.close()
+        # A resize in flight cannot be interrupted (the kernel is rehashing); record its outcome.
+        self._resize_done(self.resizer.wait(10.0))
+        self.resizer.close()
         deadline = time.monotonic() + 1.0
         for proc, _, _ in self.children.running:
             try:

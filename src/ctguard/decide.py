@@ -39,6 +39,14 @@ HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
 CONFIRM_AFTER = 0.02
 STALE_AFTER = 2.0           # fast intervals
 IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast enough to catch
+# [buckets] resize = "calm" (bench/bench_resize.py, bench/README.md "Resizing during a storm"):
+# while the kernel rehashes it holds every bucket lock and new flows wait, ~0.4 us per entry in
+# the (global) table: 103 ms at 262,144 entries, 392 ms at 1,000,000. Longer chains cost new
+# flows far less (see the README's probe table), so mid-storm a resize waits for calm unless it
+# is cheap (CHEAP_RESIZE_ENTRIES: ~10 ms) or the chains would pass CHAIN_BOUND entries per bucket.
+CHEAP_RESIZE_ENTRIES = 25_000
+CHAIN_BOUND = 16
+CALM_AFTER = 10.0           # seconds without a bump or a drop before a storm counts as over
 
 
 def round_up(value: float, step: int = STEP) -> int:
@@ -197,7 +205,9 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             actions.append(Warn("table-full", e.netns, fill, "the kernel reported: table full, dropping packet"))
             break
 
-    actions.extend(_buckets_action(policy, limits, history, now, bumped_to))
+    calm = (trigger is None and not confirm and not pressure
+            and not any(x is not None and now.since(x) < CALM_AFTER for x in (history.last_drop, _last_ok_bump_at(history))))
+    actions.extend(_buckets_action(policy, limits, history, now, bumped_to, sample, calm))
     if bumped_to is not None:
         if _capture_due(policy, history, now):
             actions.append(Capture(reason="bump", netns=netns))
@@ -218,16 +228,23 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
 
 
 def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
-                    bumped_to: int | None) -> list[Action]:
-    """Buckets kept at max/ratio; a failed resize is retried with the next bump or after a while."""
-    if not policy.buckets.manage:
+                    bumped_to: int | None, sample: Sample | None = None, calm: bool = True) -> list[Action]:
+    """Buckets kept at max/ratio; a failed resize is retried with the next bump or after a while.
+    One resize at a time; with resize = "calm", an expensive one waits for the storm to end."""
+    if not policy.buckets.manage or policy.buckets.resize == "never":
         return []
+    if sample is not None and sample.resizing is not None:
+        return []       # one in flight: the next sample after it sees its result
     if bumped_to is None and history.buckets_failed is not None and now.since(history.buckets_failed) < BUCKETS_RETRY:
         return []
     target_max = bumped_to or limits.max
     want = buckets_for(policy, target_max)
     if limits.buckets >= want:
         return []
+    if policy.buckets.resize == "calm" and not calm and sample is not None:
+        entries = sum(ns.count for ns in sample.namespaces)
+        if entries > CHEAP_RESIZE_ENTRIES and target_max / max(1, limits.buckets) <= CHAIN_BOUND:
+            return []   # mid-storm: a resize would stall every new flow longer than the chains cost them
     return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}")]
 
 
@@ -351,7 +368,7 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int) -> Decision:
                               f"{to} is above the {binding} {upper}"))
     else:
         actions.append(SetMax(limits.max, to, "manual", None, 0.0, f"operator asked for {to}"))
-        if policy.buckets.manage and limits.buckets < buckets_for(policy, to):
+        if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, to):
             actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
         if policy.persist.mode != "never":
             actions.append(Persist(to, buckets_for(policy, to) if policy.buckets.manage else None, "operator's bump"))
@@ -369,7 +386,7 @@ def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None
             actions.append(SetMax(limits.max, target, "reapply", None, 0.0,
                                   f"persisted max {persisted_max} is not in force (kernel has {limits.max})"
                                   + (f", clipped by the {binding}" if target < persisted_max else "")))
-            if policy.buckets.manage and limits.buckets < buckets_for(policy, target):
+            if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, target):
                 actions.append(SetBuckets(limits.buckets, buckets_for(policy, target), "with the persisted max"))
     return Decision(tuple(actions), None, 0.0, 0.0, False, "start")
 
@@ -387,7 +404,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             if o.ok and a.trigger != "reapply":
                 changes["unpersisted_max"] = max(o.read_back or a.new, h.unpersisted_max or 0)
                 changes["bumps_total"] = changes.get("bumps_total", h.bumps_total) + 1
-        elif isinstance(a, SetBuckets):
+        elif isinstance(a, SetBuckets) and not o.pending:
             changes["buckets_failed"] = None if o.ok else now
         elif isinstance(a, Persist) and o.ok:
             changes["persisted_max"] = a.max

@@ -89,6 +89,7 @@ class Sample:
     limits: KernelLimits
     namespaces: tuple[NamespaceReading, ...]
     shape: TableShape | None = None  # taken only when a bump would pass the guard's ceiling
+    resizing: int | None = None     # buckets a hashsize resize in flight (beside the loop) asks for
 
     def fill(self, ns: NamespaceReading) -> float:
         return ns.count / self.limits.max if self.limits.max > 0 else 1.0
@@ -228,3 +229,4 @@ class Outcome:
     detail: str = ""
     read_back: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    pending: bool = False           # handed to a worker beside the loop; its real outcome comes later

@@ -62,6 +62,7 @@ class Guard:
 class Buckets:
     manage: bool = True
     ratio: int = 4
+    resize: str = "calm"    # when the run-time resize happens: "calm", "at-once", "never"
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("guard", "sample_budget"): (_NUM, _between(0.001, 5), "seconds between 0.001 and 5"),
     ("buckets", "manage"): (bool, None, "true or false"),
     ("buckets", "ratio"): (int, _between(1, 64), "an integer between 1 and 64"),
+    ("buckets", "resize"): (str, {"calm", "at-once", "never"}, 'one of "calm", "at-once", "never"'),
     ("persist", "mode"): (str, {"immediate", "stable", "never"}, 'one of "immediate", "stable", "never"'),
     ("persist", "stable_for"): (_NUM, _between(0, 7 * 86400), "seconds between 0 and 604800"),
     ("persist", "sysctl_file"): (str, "abspath", "an absolute path"),
