@@ -190,12 +190,15 @@ CASES = [
      lambda d: d.confirm and next_interval(pol(), d) == 0.02),
     ("fill at act with growth against an idle sample: confirm too",
      "", sample(10, 8192, 7500), History(points=((1009.0, ((4026531000, 0),)),)), (), [], lambda d: d.confirm),
-    ("table-full against an idle sample: bump at once, no confirming",
+    # Issue 11: a slope over a stale interval cannot tell a stopped burst from a flood that goes on.
+    ("table-full against an idle sample: bump at once on what arrived, then sample again at once",
      "", sample(10, 8192, 5000), History(points=((1009.0, ((4026531000, 0),)),)), (TableFull(at(10), 4026531000),),
-     ["SetMax", "SetBuckets", "Warn", "Capture"], lambda d: not d.confirm),
+     ["SetMax", "SetBuckets", "Warn", "Capture"],
+     lambda d: d.confirm and d.actions[0].rate == 0 and d.actions[0].new == 16384 and d.rate == 0
+     and "no fresh rate" in d.actions[0].reason and next_interval(pol(), d) == 0.02),
     ("full table against an idle sample: bump at once",
      "", sample(10, 8192, 8192), History(points=((1009.0, ((4026531000, 0),)),)), (),
-     ["SetMax", "SetBuckets", "Capture"], lambda d: not d.confirm and d.actions[0].trigger == "fill"),
+     ["SetMax", "SetBuckets", "Capture"], lambda d: d.confirm and d.actions[0].trigger == "fill"),
     ("confirmed: triggered and sized on one rate, the slope since the last sample",
      "", sample(10, 8192, 4000), History(points=((1008.0, ((4026531000, 0),)), (1009.98, ((4026531000, 3600),)))), (),
      ["SetMax", "SetBuckets", "Capture"],

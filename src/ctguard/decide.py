@@ -224,8 +224,9 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     pressure = fill >= policy.thresholds.warn
 
     trigger, why = _trigger(policy, sample, history, events, fill, rate)
+    stale = ref_age > STALE_AFTER * policy.watch.fast_interval
     confirm = (trigger in ("growth", "fill") and rate > 0 and worst is not None and worst.count < limits.max
-               and ref_age > STALE_AFTER * policy.watch.fast_interval)
+               and stale)
     if confirm:
         trigger = None      # no loss yet: one more sample, CONFIRM_AFTER from now, sizes the bump
     bumped_to: int | None = None
@@ -233,12 +234,20 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     if trigger is not None:
         attack = attack_shape(policy, sample, history, netns)
         lost = lost_in_incident(history, sample, worst_inode)
+        # Losses are happening: bump at once. A slope over a stale interval cannot tell a burst
+        # that has stopped from one that goes on (issue 11: an 80 ms burst sent max to the
+        # ceiling), so such a bump is sized on what arrived, and the next sample, CONFIRM_AFTER
+        # from now, measures a fresh rate and bumps again before the cooldown if growth goes on.
+        size_rate = 0.0 if stale else rate
+        if stale and rate > 0:
+            why = f"{why}; no fresh rate (last sample {ref_age:.2f} s old): sized on what arrived, sampling again at once"
         action = _bump_or_refuse(policy, limits, history, now, trigger, why, netns, fill,
-                                 worst.count if worst else 0, rate, attack, lost,
-                                 _urgent(policy, sample, history, fill, rate))
+                                 worst.count if worst else 0, size_rate, attack, lost,
+                                 _urgent(policy, sample, history, fill, size_rate))
         actions.append(action)
         if isinstance(action, SetMax):
             bumped_to = action.new
+            confirm = stale and rate > 0
             looked = sample.shape is not None and sample.shape.netns == netns
             if (policy.guard.enabled and attack is None and not looked and netns is not None
                     and action.new > policy.guard.ceiling):
@@ -273,7 +282,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     acted = any(isinstance(a, SetMax) or (isinstance(a, Refuse) and a.kind != "cooldown") for a in actions)
     ends = (history.incident is not None and not _active(policy, sample, events, acted)
             and _calm_for(history.incident, now) >= policy.thresholds.calm)
-    return Decision(tuple(actions), netns, fill, max(0.0, rate), pressure, summary, to_full, headroom, confirm,
+    return Decision(tuple(actions), netns, fill, max(0.0, size_rate if trigger is not None else rate), pressure,
+                    summary, to_full, headroom, confirm,
                     needs_shape, ends)
 
 

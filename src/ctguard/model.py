@@ -183,7 +183,7 @@ class Decision:
     summary: str
     seconds_to_full: float = float("inf")   # at the current growth; inf when not growing
     headroom: int | None = None     # entries the worst namespace may still add before thresholds.act
-    confirm: bool = False           # a bump is due but its rate is stale: sample again at once, then size it
+    confirm: bool = False           # the rate is stale (a bump waits for it, or was sized without it): sample again at once
     needs_shape: int | None = None  # a bump would pass [guard] ceiling: look at this namespace's table, decide again
     incident_ends: bool = False     # the open incident ends with this turn (advance closes it: History.last_incident)
 
