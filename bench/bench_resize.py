@@ -88,8 +88,8 @@ while time.monotonic() < end and sport < 65535:
     t = time.monotonic()
     try:
         s.sendto(b"p", (dst, port)); s.recv(16); out.append([t, time.monotonic() - t])
-    except OSError:
-        out.append([t, None])
+    except OSError as exc:
+        out.append([t, None, type(exc).__name__])
     s.close()
     time.sleep(gap)
 print(json.dumps(out))
@@ -243,6 +243,9 @@ def loop_run(mode: str, args, tmp: Path, run: int, tap, burst_on: bool) -> dict:
                 status.close()
             daemon.stop()
             pings.close()
+            if args.keep_logs:
+                Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep_logs) / f"{folder.name}.log").write_text(daemon.log.read_text())
         first_line = None
         if tap is not None and burst_at is not None:
             for rec in tap.read():
@@ -334,11 +337,12 @@ def probe(pair, seconds: float, first_port: int, during=None) -> list[list]:
 
 
 def summary(samples: list[list]) -> dict:
-    rtts = [r for _, r in samples if r is not None]
-    lost = sum(1 for _, r in samples if r is None)
+    rtts = [x[1] for x in samples if x[1] is not None]
+    lost = sum(1 for x in samples if x[1] is None)
+    errors = sorted({x[2] for x in samples if len(x) > 2})
     return {"n": len(samples), "lost": lost, "p50": pct(rtts, 0.5) * 1e3 if rtts else None,
             "p99": pct(rtts, 0.99) * 1e3 if rtts else None, "max": max(rtts) * 1e3 if rtts else None,
-            "slow": sum(1 for r in rtts if r > 0.010)}
+            "slow": sum(1 for r in rtts if r > 0.010), "errors": errors}
 
 
 def part_probe(args) -> list[dict]:
@@ -379,13 +383,17 @@ def part_probe(args) -> list[dict]:
 
                 samples, window = probe(pair, args.probe_seconds * 2, port, during=resize)
                 s = summary(samples)
-                inside = [r for t, r in samples if r is not None and window[0] - 0.002 <= t <= window[1]]
+                inside = [x[1] for x in samples if x[1] is not None and window[0] - 0.002 <= x[0] <= window[1]]
                 s["in_window"] = len(inside)
                 rows.append((f"resize x2 ({took['ms']:.0f} ms)", s))
                 for name, s in rows:
-                    ratio = s["p50"] / base if s["p50"] and base else float("nan")
+                    if s["p50"] is None:
+                        print(f"{entries:>9} {name:<22} {s['n']:>6} all lost: {', '.join(s['errors'])}", flush=True)
+                        out.append({"entries": entries, "case": name, **s})
+                        continue
+                    ratio = s["p50"] / base if base else float("nan")
                     print(f"{entries:>9} {name:<22} {s['n']:>6} {s['p50']:>7.3f} {s['p99']:>7.3f} {s['max']:>8.1f} "
-                          f"{s['slow']:>5} {ratio:>8.2f}x", flush=True)
+                          f"{s['slow']:>5} {ratio:>8.2f}x {s['lost'] or ''}", flush=True)
                     out.append({"entries": entries, "case": name, **s})
             finally:
                 echo.kill()
@@ -405,6 +413,7 @@ def main() -> int:
     ap.add_argument("--chains", default="4,8,16,64")
     ap.add_argument("--probe-seconds", type=float, default=1.5)
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--keep-logs", help="copy each daemon's log into this folder")
     ap.add_argument("--quick", action="store_true", help="tiny tables, one run (the smoke test)")
     args = ap.parse_args()
     clean_exit_on_signals()
