@@ -343,10 +343,10 @@ def test_fast_sampling_under_pressure_or_steep_growth():
 
 
 @pytest.mark.parametrize("max_, count, expected", [
-    (262144, 100, 1.0),                     # 222,700 entries to act: 8.9 s at 25k/s, so watch.interval
-    (8192, 100, (6963 - 100) / 25000),      # bench_ramp's table: fills to act in 0.27 s at 25k/s
-    (8192, 6000, 0.1),                      # above warn: fast_interval
-    (2048, 100, 0.1),                       # never below fast_interval
+    (262144, 100, 1.0),                     # 222,700 entries to act: 2.2 s at 100k/s, so watch.interval
+    (8192, 100, (6963 - 100) / 100000),     # bench_ramp's table: fills to act in 69 ms at guard_rate 100k/s
+    (8192, 6000, 0.1),                      # above warn, not growing: fast_interval
+    (2048, 1400, 0.02),                     # never below MIN_GUARD_INTERVAL
 ])
 def test_idle_interval_shrinks_with_headroom(max_, count, expected):
     p = pol()

@@ -40,7 +40,12 @@ HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
 #   1 s), a table of 8,192 is sampled every 0.28 s (0.07% of a core with one namespace).
 CONFIRM_AFTER = 0.02
 STALE_AFTER = 2.0           # fast intervals
-IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast enough to catch
+# Issue 15 (bench_ramp.py at 40k-100k new flows/s into 8,192): the guard rate is a policy key,
+# [watch] guard_rate (default 100,000/s), and the guard interval may go below fast_interval,
+# down to MIN_GUARD_INTERVAL: a table of 8,192 is sampled every 70 ms while idle (0.3% of a core
+# with one namespace), a default 262,144 table still every 1 s. Under pressure a table that is
+# growing is sampled at the guard interval too when that is shorter than fast_interval.
+MIN_GUARD_INTERVAL = 0.02
 # [buckets] resize = "calm" (bench/bench_resize.py, bench/README.md "Resizing during a storm"):
 # while the kernel rehashes it holds every bucket lock and new flows wait, ~0.4 us per entry in
 # the (global) table: 103 ms at 262,144 entries, 392 ms at 1,000,000. Longer chains cost new
@@ -377,12 +382,21 @@ def next_interval(policy: Policy, decision: Decision) -> float:
     watch_window = max(policy.thresholds.horizon, policy.watch.interval) * 3
     if decision.confirm:
         return min(CONFIRM_AFTER, policy.watch.fast_interval)
-    if decision.pressure or decision.seconds_to_full <= watch_window:
-        return policy.watch.fast_interval
-    if decision.headroom is not None:
-        guard = max(policy.watch.fast_interval, decision.headroom / IDLE_GUARD_RATE)
+    guard = guard_interval(policy, decision.headroom)
+    growing = decision.seconds_to_full <= watch_window
+    if decision.pressure or growing:
+        return min(policy.watch.fast_interval, guard) if growing and guard is not None else policy.watch.fast_interval
+    if guard is not None:
         return min(policy.watch.interval, guard)
     return policy.watch.interval
+
+
+def guard_interval(policy: Policy, headroom: int | None) -> float | None:
+    """Seconds the worst namespace's headroom to `act` lasts at [watch] guard_rate new flows/s
+    (at least MIN_GUARD_INTERVAL); None when the guard is off or there is no headroom left."""
+    if headroom is None or headroom <= 0 or policy.watch.guard_rate <= 0:
+        return None
+    return max(MIN_GUARD_INTERVAL, headroom / policy.watch.guard_rate)
 
 
 def _last_ok_bump_at(history: History) -> Instant | None:

@@ -26,6 +26,7 @@ class Watch:
     interval: float = 1.0
     fast_interval: float = 0.1
     namespaces: str = "all"
+    guard_rate: float = 100000.0    # new flows/s a table with headroom is sampled fast enough to catch
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("watch", "interval"): (_NUM, _between(0, 3600, True), "a number of seconds > 0 and <= 3600"),
     ("watch", "fast_interval"): (_NUM, _between(0.01, 3600), "a number of seconds >= 0.01 and <= 3600"),
     ("watch", "namespaces"): (str, {"all", "host"}, 'one of "all", "host"'),
+    ("watch", "guard_rate"): (_NUM, _between(0, 10_000_000), "new flows per second between 0 (off) and 10000000"),
     ("thresholds", "warn"): (_NUM, _between(0, 1, True), "a fill ratio > 0 and <= 1"),
     ("thresholds", "sustain"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("thresholds", "act"): (_NUM, _between(0, 1, True), "a fill ratio > 0 and <= 1"),
