@@ -16,6 +16,9 @@ whole table), `act = 1.0`, `horizon = 0`, `cooldown = 0`, NOTIFY_SOCKET and WATC
 at ratio 1, resizes again). Measured from the daemon's start to 3 s after the bump:
 
   wd gap       largest gap between two WATCHDOG=1 pings (ms)
+  ticker       the control: largest gap of a process that only sleeps 2 ms at a time (ms); when
+               it is as large as `wd gap`, nothing ran on the machine (the kernel held both CPUs:
+               new flows spin on the bucket locks the resize holds), not ctguard's loop
   status       `ctguard status --json` wall time, back to back (ms, median and max; a new
                Python each call, ~150 ms of it start-up), and, when the code under test has
                a control socket, the daemon's answer to `status` on it (ms)
@@ -74,6 +77,16 @@ print("ready", flush=True)
 while True:
     data, peer = s.recvfrom(64)
     s.sendto(data, peer)
+"""
+
+# A control: a process that only sleeps 2 ms at a time and records when it woke. A gap here
+# means the machine ran nothing for that long (both CPUs held by the kernel), not ctguard's loop.
+TICKER = r"""
+import json, sys, time
+end = time.monotonic() + float(sys.argv[1]); out = []
+while time.monotonic() < end:
+    time.sleep(0.002); out.append(time.monotonic())
+print(json.dumps(out))
 """
 
 # One new flow per probe: an explicit, never reused source port. Prints [[t_sent, rtt], ...].
@@ -213,6 +226,7 @@ def loop_run(mode: str, args, tmp: Path, run: int, tap, burst_on: bool) -> dict:
             daemon.__enter__()
             status = StatusLoop(policy, src, control_sock)
             time.sleep(1.0)                     # steady: pings flowing, the status loop running
+            ticker = subprocess.Popen([sys.executable, "-c", TICKER, "6.0"], stdout=subprocess.PIPE, text=True)
             if burst_on:
                 burst = Flood(b, B_BURST, 0, first_port=40000)     # its senders start at start_at
                 burst_at = burst.start_at
@@ -236,6 +250,7 @@ def loop_run(mode: str, args, tmp: Path, run: int, tap, burst_on: bool) -> dict:
                 time.sleep(0.001)
             if burst is not None:
                 burst.wait()
+            ticks = json.loads(ticker.communicate(timeout=60)[0])
         finally:
             os.close(fd)
             os.close(hfd)
@@ -255,10 +270,13 @@ def loop_run(mode: str, args, tmp: Path, run: int, tap, burst_on: bool) -> dict:
                     break
         window = [t for t in pings.times if t >= raised - 0.2] if raised else []
         gaps = [y - x for x, y in zip(window, window[1:])]
+        tw = [t for t in ticks if raised is not None and raised - 0.2 <= t <= (window[-1] if window else t)]
+        tgaps = [y - x for x, y in zip(tw, tw[1:])]
         in_window = lambda xs: [d * 1000 for t, d in xs if raised is not None and t >= raised - 0.2]  # noqa: E731
         return {
             "mode": mode, "burst": burst_on, "run": run, "pings": len(window),
             "wd_gap_ms": max(gaps) * 1000 if gaps else None,
+            "ticker_gap_ms": max(tgaps) * 1000 if tgaps else None,
             "status_ms": in_window(status.cli) if status else [], "status_sock_ms": in_window(status.sock) if status else [],
             "full_to_bump_ms": (bumped - first_line) * 1000 if bumped and first_line else None,
             "resize_end_ms": (resize_end - raised) * 1000 if resize_end and raised else None,
@@ -294,7 +312,7 @@ def part_loop(args, tmp: Path) -> list[dict]:
                   f"table); burst: at T+150 ms max -> {B_MAX} and {B_BURST} new flows into B. WATCHDOG_USEC "
                   f"{WATCHDOG_USEC} (a ping due every {WATCHDOG_USEC / 2000:.0f} ms). Times in ms from T. "
                   f"Code: {args.src or SRC}")
-            print(f"{'mode':<8} {'case':<5} {'run':>3} {'pings':>5} {'wd gap':>6} {'status med/max':>14} "
+            print(f"{'mode':<8} {'case':<5} {'run':>3} {'pings':>5} {'wd gap':>6} {'ticker':>6} {'status med/max':>14} "
                   f"{'sock med/max':>12} {'resize end':>10} {'line':>5} {'full->bump':>10}", flush=True)
             for run in range(args.runs):
                 for burst_on in bursts:
@@ -305,7 +323,7 @@ def part_loop(args, tmp: Path) -> list[dict]:
                         st, ss = r["status_ms"], r["status_sock_ms"]
                         fb = f"{r['full_to_bump_ms']:.1f}" if r["full_to_bump_ms"] is not None else "-"
                         print(f"{mode:<8} {'burst' if burst_on else 'quiet':<5} {run + 1:>3} {r['pings']:>5} "
-                              f"{f(r['wd_gap_ms']):>6} "
+                              f"{f(r['wd_gap_ms']):>6} {f(r['ticker_gap_ms']):>6} "
                               f"{(f'{statistics.median(st):.0f}/{max(st):.0f}' if st else '-'):>14} "
                               f"{(f'{statistics.median(ss):.1f}/{max(ss):.1f}' if ss else '-'):>12} "
                               f"{f(r['resize_end_ms']):>10} {f(r['line_ms']):>5} "
