@@ -111,6 +111,10 @@ def test_worker_reads_back_and_hands_the_outcome_to_the_loop(tmp_path: Path):
     r = Resizer(k.write_hashsize)
     started = r.start(SetBuckets(1024, 2048, "t"))
     assert started.pending and started.ok
+    # Queued, not yet running: the loop writes its files first, then launches it.
+    hashsize = tmp_path / "sys/module/nf_conntrack/parameters/hashsize"
+    assert r.busy() and not r.running() and hashsize.read_text().strip() == "1024"
+    r.launch()
     assert wait_readable(r.fileno())
     [done] = r.collect()
     assert done.ok and not done.pending and done.read_back == 2048 and "seconds" in done.extra
@@ -125,6 +129,7 @@ def test_worker_reports_a_refused_write(tmp_path: Path):
     hs.mkdir()      # EISDIR: the write fails the way a read-only /sys does
     r = Resizer(k.write_hashsize)
     r.start(SetBuckets(1024, 2048, "t"))
+    r.launch()
     [done] = r.wait(5.0)
     assert not done.ok and "cannot set hashsize to 2048" in done.detail and "buckets stay at 1024" in done.detail
     r.close()
@@ -143,7 +148,8 @@ def test_one_resize_in_flight(tmp_path: Path):
 
     r = Resizer(slow_write)
     r.start(SetBuckets(1024, 2048, "first"))
-    assert r.busy() and r.target == 2048
+    r.launch()
+    assert r.busy() and r.running() and r.target == 2048
     second = r.start(SetBuckets(1024, 4096, "second"))
     assert second.pending and "in flight" in second.detail
     assert r.collect() == [] and r.busy()
@@ -151,6 +157,17 @@ def test_one_resize_in_flight(tmp_path: Path):
     assert wait_readable(r.fileno())
     [done] = r.collect()
     assert done.read_back == 2048 and calls == [2048] and not r.busy()
+    r.launch()      # nothing queued: nothing runs
+    assert calls == [2048] and not r.running()
+    r.close()
+
+
+def test_a_queued_resize_never_launched_is_dropped_at_stop(tmp_path: Path):
+    k = kernel_tree(tmp_path)
+    r = Resizer(k.write_hashsize)
+    r.start(SetBuckets(1024, 2048, "t"))
+    assert r.wait(0.1) == [] and not r.busy()
+    assert (tmp_path / "sys/module/nf_conntrack/parameters/hashsize").read_text().strip() == "1024"
     r.close()
 
 

@@ -121,6 +121,7 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        self._deferred: set[str] = set()       # files not written while the kernel rehashed
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
 
     def _note_p99(self) -> None:
@@ -196,6 +197,7 @@ class Daemon:
                         kernel_events = self._read_journal()   # a safety net for a missed wake-up
                     interval = self._turn(kernel_events)
                     next_sample = time.monotonic() + interval
+                self.resizer.launch()   # after the turn's files are written (ctguard.resize)
                 if wd and time.monotonic() >= next_watchdog:
                     # Only a loop that gets here pings: a stuck loop lets systemd's watchdog fire.
                     self.notifier.watchdog()
@@ -293,13 +295,22 @@ class Daemon:
         if ended is not None:
             self.events.emit("incident-end", incident_text.end_message(ended), **incident_text.end_fields(ended))
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
+        # While the kernel rehashes, an fsync waits for it (ctguard.resize): files wait too.
+        rehashing = self.resizer.running()
         if self.peaks.observe(sample, extra_drops):
-            self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
+            if rehashing:
+                self._deferred.add("peaks")
+            else:
+                self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
             self._note_p99()
         if outcomes or kernel_events or started is not None or ended is not None:
-            self._safe(self.store.save_history, self.history, what="state")
+            if rehashing:
+                self._deferred.add("state")
+            else:
+                self._safe(self.store.save_history, self.history, what="state")
         self.last_sample = sample
-        self._write_metrics(sample)
+        if not rehashing:
+            self._write_metrics(sample)
         self.notifier.status(f"{decision.summary}; last action: {self.last_action}")
         self.events.flush()
         if not self.ready:
@@ -314,6 +325,9 @@ class Daemon:
         self.history = advance(self.history, None, [], outcomes, self.clock.now(), self.policy)
         self._report(Decision((), None, 0.0, 0.0, False, "resize done"), outcomes, [])
         self._safe(self.store.save_history, self.history, what="state")
+        if "peaks" in self._deferred:
+            self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
+        self._deferred.clear()
         self.events.flush()
 
     def _start(self, sample: Sample, now: Instant) -> None:
