@@ -34,7 +34,8 @@ instead (its policy without the `resize` key), to show the loop before the resiz
 Part "probe" (item 4). New-flow latency from a probe: one UDP datagram from a fresh source port
 (so a new conntrack entry) to an echo server in the tracked receiver and back, every ~1 ms. Per
 --probe-sizes N: the receiver filled with N flows, then the probe for 1.5 s at max/buckets =
-each of --chains (4, 8, 16, 64; hashsize = N / chain), and the probe during one resize from
+each of --chains (4, 8, 16, 64; hashsize = N / chain; with the kernel's `chaintoolong` counter,
+new flows refused because their bucket chain passed 50-80 tuples), and the probe during one resize from
 N/4 to N/2 buckets (what a x2 bump asks for at ratio 4). p50 / p99 / max RTT, probes slower
 than 10 ms, and each p50 as a ratio to the chain-4 row (the ratio ctguard keeps).
 
@@ -58,7 +59,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import SRC, clean_exit_on_signals, Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
+from benchlib import SRC, clean_exit_on_signals, Daemon, Flood, header, kernelenv, stat_totals, write_policy  # noqa: E402
 
 from kernelenv import get_buckets, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
@@ -368,7 +369,8 @@ def part_probe(args) -> list[dict]:
     chains = [int(c) for c in args.chains.split(",") if c]
     print(f"\n# probe: a new UDP flow per probe (fresh source port) to an echo server in the tracked receiver, "
           f"every ~1 ms; p50/p99/max RTT in ms; slow = probes over 10 ms", flush=True)
-    print(f"{'entries':>9} {'case':<22} {'probes':>6} {'p50':>7} {'p99':>7} {'max':>8} {'slow':>5} {'p50 ratio':>9}", flush=True)
+    print(f"{'entries':>9} {'case':<22} {'probes':>6} {'p50':>7} {'p99':>7} {'max':>8} {'slow':>5} {'p50 ratio':>9} "
+          f"{'chaintoolong':>5}", flush=True)
     for n in [int(x) for x in args.probe_sizes.split(",") if x]:
         with netns_pair("ctgq") as pair:
             set_max(int(n * 1.1) + 1024)
@@ -385,9 +387,11 @@ def part_probe(args) -> list[dict]:
                 rows = []
                 for c in chains:
                     kernelenv.HASHSIZE.write_text(str(max(1024, n // c)))
+                    before = stat_totals(pair, "chaintoolong")["chaintoolong"]
                     samples, _ = probe(pair, args.probe_seconds, port)
                     port += len(samples) + 10
                     s = summary(samples)
+                    s["chaintoolong"] = stat_totals(pair, "chaintoolong")["chaintoolong"] - before
                     base = base or s["p50"]
                     rows.append((f"max/buckets {c}", s))
                 kernelenv.HASHSIZE.write_text(str(max(1024, n // 4)))
@@ -406,12 +410,13 @@ def part_probe(args) -> list[dict]:
                 rows.append((f"resize x2 ({took['ms']:.0f} ms)", s))
                 for name, s in rows:
                     if s["p50"] is None:
-                        print(f"{entries:>9} {name:<22} {s['n']:>6} all lost: {', '.join(s['errors'])}", flush=True)
+                        print(f"{entries:>9} {name:<22} {s['n']:>6} all lost: {', '.join(s['errors'])}; "
+                              f"chaintoolong +{s.get('chaintoolong', '?')}", flush=True)
                         out.append({"entries": entries, "case": name, **s})
                         continue
                     ratio = s["p50"] / base if base else float("nan")
                     print(f"{entries:>9} {name:<22} {s['n']:>6} {s['p50']:>7.3f} {s['p99']:>7.3f} {s['max']:>8.1f} "
-                          f"{s['slow']:>5} {ratio:>8.2f}x {s['lost'] or ''}", flush=True)
+                          f"{s['slow']:>5} {ratio:>8.2f}x {s.get('chaintoolong', '-'):>5}", flush=True)
                     out.append({"entries": entries, "case": name, **s})
             finally:
                 echo.kill()

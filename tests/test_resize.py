@@ -28,7 +28,7 @@ BIG = 1_048_576
 
 # (name, policy text, sample, history, expected action kinds, check)
 ROWS = [
-    ("calm: mid-storm an expensive resize waits while chains stay within the bound",
+    ("calm: mid-storm an expensive resize waits while chains stay within the bound (8 per bucket)",
      "", sample(10, BIG, 900_000, buckets=262_144), History(), ["SetMax", "Capture"],
      lambda d: d.actions[0].new == 2 * BIG),
     ("calm: a cheap resize (small table) goes with the bump",
@@ -37,6 +37,9 @@ ROWS = [
     ("calm: mid-storm, chains past the bound: resize at once",
      "", sample(10, BIG, 900_000, buckets=65_536), History(), ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.of(SetBuckets)[0].new == 2 * BIG // 4),
+    ("calm: a second x2 bump mid-storm (max/buckets 16, past the kernel's safe chains) resizes at once",
+     "", sample(10, 2 * BIG, 1_800_000, buckets=262_144), History(), ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.of(SetBuckets)[0].new == 4 * BIG // 4),
     ("calm: once calm (no bump, no drop for 10 s, below warn) the deferred resize happens",
      "", sample(100, 2 * BIG, 900_000, buckets=262_144), bumps((50, "fill")), ["SetBuckets"],
      lambda d: d.actions[0].new == 2 * BIG // 4),

@@ -48,11 +48,15 @@ STALE_AFTER = 2.0           # fast intervals
 MIN_GUARD_INTERVAL = 0.02
 # [buckets] resize = "calm" (bench/bench_resize.py, bench/README.md "Resizing during a storm"):
 # while the kernel rehashes it holds every bucket lock and new flows wait, ~0.4 us per entry in
-# the (global) table: 103 ms at 262,144 entries, 392 ms at 1,000,000. Longer chains cost new
-# flows far less (see the README's probe table), so mid-storm a resize waits for calm unless it
-# is cheap (CHEAP_RESIZE_ENTRIES: ~10 ms) or the chains would pass CHAIN_BOUND entries per bucket.
+# the (global) table: 123 ms at 262,144 entries, 435 ms at 1,000,000 (one new flow waited 111 and
+# 417 ms). Longer chains cost new flows far less: +7% median new-flow latency at max/buckets 8,
+# +14% at 16. But the kernel refuses a new flow whose bucket chain passes a random 50-80 tuples
+# ("chaintoolong"; every entry is hashed twice, so a full table at max/buckets 16 averages 32
+# tuples a bucket and its long tail drops flows; at 64 every new flow in the probe was lost).
+# So mid-storm a resize waits for calm unless it is cheap (CHEAP_RESIZE_ENTRIES: ~10 ms) or the
+# chains would pass CHAIN_BOUND entries per bucket at the new max (16 tuples: no chaintoolong).
 CHEAP_RESIZE_ENTRIES = 25_000
-CHAIN_BOUND = 16
+CHAIN_BOUND = 8
 CALM_AFTER = 10.0           # seconds without a bump or a drop before a storm counts as over
 # Issue 11: sizing a bump from rate x cooldown sent 4,096 to 177,152 for a 5,000/s flood that
 # stopped after 20,000 flows. A bump now makes room for what the table holds and lost plus
