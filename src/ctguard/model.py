@@ -214,6 +214,7 @@ class History:
     table_full_events: int = 0
     bumps_total: int = 0
     buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
+    refusals: tuple[tuple[str, int], ...] = ()  # refused decisions by reason, cooldown aside (a counter for metrics; survives restarts)
 
     def with_(self, **changes) -> "History":
         return replace(self, **changes)

@@ -45,6 +45,7 @@ def history_to_json(h: History) -> dict:
         "unpersisted_max": h.unpersisted_max,
         "table_full_events": h.table_full_events,
         "bumps_total": h.bumps_total,
+        "refusals": dict(h.refusals),
     }
 
 
@@ -73,7 +74,16 @@ def history_from_json(d: dict) -> History:
         unpersisted_max=_opt_int(d.get("unpersisted_max")),
         table_full_events=_opt_int(d.get("table_full_events")) or 0,
         bumps_total=_opt_int(d.get("bumps_total")) or 0,
+        refusals=_refusals(d.get("refusals")),
     )
+
+
+def _refusals(v) -> tuple[tuple[str, int], ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise ValueError(f"not a table of counts: {v!r}")
+    return tuple(sorted((str(k), _opt_int(n) or 0) for k, n in v.items()))
 
 
 @dataclass(frozen=True)
