@@ -101,12 +101,12 @@ def free_port() -> int:
 class NodeExporter:
     """Debian's prometheus-node-exporter on 127.0.0.1, reading only the given textfile folder."""
 
-    def __init__(self, folder: Path, log: Path) -> None:
+    def __init__(self, folder: Path, log: Path, collectors: tuple[str, ...] = ("textfile",)) -> None:
         self.port = free_port()
         self.log = log
         self.proc = subprocess.Popen(
             [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{self.port}", "--collector.disable-defaults",
-             "--collector.textfile", f"--collector.textfile.directory={folder}"],
+             *(f"--collector.{c}" for c in collectors), f"--collector.textfile.directory={folder}"],
             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
 
     def scrape(self) -> str:
