@@ -636,10 +636,12 @@ def _timespan(text: str) -> float:
 def check_watchdog(m: Machine, phase: Phases) -> None:
     """SIGSTOP: the daemon stops pinging; systemd's watchdog must kill it and start a new one.
 
-    The deadline is the unit's own promise: the last ping comes at most one watch interval
-    before the stop, the watchdog fires WatchdogSec after it (SIGABRT, with SIGCONT so that a
-    stopped process gets it), and the restart comes RestartSec after the death. A SIGABRT that
-    did not kill would show as TimeoutAbortSec more; a watchdog that never fires, as no restart.
+    The deadline is the unit's own promise: the last ping came at most WatchdogSec/2 before the
+    stop (ctguard pings at half the interval), the watchdog fires WatchdogSec after it (SIGABRT,
+    with SIGCONT so that a stopped process gets it), and the restart comes RestartSec after the
+    death: a new process between WatchdogSec/2 + RestartSec and WatchdogSec + RestartSec after
+    the stop. A SIGABRT that did not kill would add TimeoutAbortSec; a watchdog that never
+    fires shows as no restart.
     """
     watchdog = _timespan(m.show("WatchdogUSec"))
     restart = _timespan(m.show("RestartUSec"))
@@ -657,8 +659,9 @@ def check_watchdog(m: Machine, phase: Phases) -> None:
     assert m.wait_active() == "active", m.journal()
     ready = time.monotonic() - stopped_at
     took = new_start - stopped_at
-    phase.say(f"watchdog: SIGSTOP to new process {took:.1f} s (WatchdogSec {watchdog:g} s + RestartSec "
-              f"{restart:g} s = {watchdog + restart:g} s); active again after {ready:.1f} s")
+    phase.say(f"watchdog: SIGSTOP to new process {took:.1f} s (expected {watchdog / 2 + restart:g}-"
+              f"{watchdog + restart:g} s: WatchdogSec {watchdog:g} s, RestartSec {restart:g} s); "
+              f"active again after {ready:.1f} s")
     assert int(m.show("NRestarts")) == restarts + 1, m.show("NRestarts")
     log = m.run("journalctl", "--no-pager", "-u", "ctguard.service", "-n", "80", check=False).stdout.lower()
     assert "watchdog timeout" in log, f"the restart was not the watchdog's:\n{m.journal()}"
