@@ -451,7 +451,10 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int) -> Decision:
         if policy.buckets.manage and limits.buckets < buckets_for(policy, to):
             actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
         if policy.persist.mode != "never":
-            actions.append(Persist(to, buckets_for(policy, to) if policy.buckets.manage else None, "operator's bump"))
+            # Persisted buckets never below the live ones nor the kernel's default (issue 11).
+            buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+                       if policy.buckets.manage else None)
+            actions.append(Persist(to, buckets, "operator's bump"))
     return Decision(tuple(actions), None, 0.0, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
 
 
