@@ -45,7 +45,7 @@ IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast eno
 # stopped after 20,000 flows. A bump now makes room for what the table holds and lost plus
 # `cover` seconds of the growth still going on (sizing.bump_size), and growth that goes on is met
 # by another bump before the cooldown once it would reach `act` within `cover / 2` seconds, or
-# while the table is at act or the kernel drops above warn ("urgent"), still within the budget.
+# while the kernel still drops above warn ("urgent", `_urgent`), still within the budget.
 FAST_COVER = 6              # fast intervals of growth a bump covers at least (a slow fast_interval needs more)
 LOSS_WINDOW = 7 * 86400.0   # drops this recent make the persisted sizing use sizing.HEADROOM_AFTER_DROPS
 
@@ -110,7 +110,8 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
 
 
 def growth_rate(history: History, sample: Sample, inode: int) -> float:
-    """Entries per second in namespace `inode`.
+    """Entries per second in namespace `inode` (not used by decide(): it uses one rate,
+    `current_rate`, for triggering, sizing and reporting).
 
     The smaller of two slopes: over the whole RATE_WINDOW (steady, but it remembers a burst
     for seconds after it stopped) and since the previous sample (current, but noisy). A
