@@ -205,7 +205,17 @@ def _trigger(policy: Policy, sample: Sample, history: History, events: Sequence[
     if new_drops > 0:
         return "drops", f"the kernel counted {new_drops} new drops at fill {fill:.1%}"
     if t.horizon > 0 and rate > 0:
-        seconds_left = (sample.limits.max - (sample.worst.count if sample.worst else 0)) / rate
+        count = sample.worst.count if sample.worst else 0
+        if history.incident is not None and history.incident.bumps > 0:
+            # The horizon's early warning is spent once this incident has bumped: the next bump
+            # comes when the growth reaches act within half a cover. (Doubling again on every
+            # 10 s prediction overshot sustained floods: bench_ramp at 40k/s ended at 425,984
+            # for 120,000 flows.)
+            to_act = (t.act * sample.limits.max - count) / rate
+            if to_act <= cover_for(policy) / 2:
+                return "growth", f"growing {rate:.0f}/s, at act in {max(0.0, to_act):.1f} s (this incident's last bump runs out)"
+            return None, ""
+        seconds_left = (sample.limits.max - count) / rate
         if seconds_left <= t.horizon:
             return "growth", f"growing {rate:.0f}/s, full in {seconds_left:.1f} s (horizon {t.horizon:g} s)"
     return None, ""
