@@ -114,6 +114,7 @@ class Daemon:
         self.last_sample: Sample | None = None
         self.last_action = "none yet"
         self._metrics_at = -1e9
+        self._metrics_folder_said: bool | None = None   # what was last said about the textfile folder
         self._cursor_at = -1e9
         self._cursor_saved: str | None = None
         self._not_loaded_said = False
@@ -361,11 +362,27 @@ class Daemon:
         if now - self._metrics_at < METRICS_EVERY:
             return
         self._metrics_at = now
+        if not self._metrics_folder_ready():
+            return
         text = metrics.render(sample, self.history, self.policy.bump.ceiling,
                               budget_left(self.policy, self.history, sample.at),
-                              upper_bound(self.policy, sample.limits)[0])
+                              upper_bound(self.policy, sample.limits)[0], self.kernel.slab_bytes())
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
+
+    def _metrics_folder_ready(self) -> bool:
+        """A host without node_exporter has no textfile folder (and the unit's sandbox keeps
+        /var read-only): metrics are off until the folder appears, said once, not a failure."""
+        path = self.policy.metrics.textfile
+        ready = metrics.folder_ready(path)
+        if ready != self._metrics_folder_said:
+            if not ready:
+                log.info("metrics are off until %s exists (node_exporter's textfile folder: install "
+                         "prometheus-node-exporter, or set [metrics] textfile)", Path(path).parent)
+            elif self._metrics_folder_said is not None:
+                log.info("%s exists: metrics are written to %s", Path(path).parent, path)
+            self._metrics_folder_said = ready
+        return ready
 
     def _report(self, decision: Decision, outcomes: list[Outcome], kernel_events: list[TableFull]) -> None:
         ev = self.events
@@ -377,13 +394,12 @@ class Daemon:
             if isinstance(a, SetMax):
                 fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
                               CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
-                ns = self._labels.get(a.netns) if a.netns is not None else None
-                fields.update(incident_text.ns_fields(ns))
+                fields.update(self._ns_fields(a.netns))
                 if a.need:
                     fields.update(CTGUARD_RATE=f"{a.rate:.0f}", CTGUARD_NEED=a.need, CTGUARD_HORIZON=f"{a.cover:g}")
                 if self.history.incident is not None:
                     fields["CTGUARD_INCIDENT"] = self.history.incident.id
-                in_ns = f" in {incident_text.where(ns.name, ns.unit, ns.inode)}" if ns is not None else ""
+                in_ns = self._in_ns(a.netns)
                 if o.ok:
                     self.last_action = f"bumped {a.old} -> {o.read_back} ({a.trigger})"
                     ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
@@ -403,9 +419,9 @@ class Daemon:
                     log.debug("%s", a.reason)
                     continue
                 self.last_action = f"bump refused ({a.kind})"
-                ev.emit("refused", f"bump refused ({a.kind}): {a.reason}", CTGUARD_NETNS=a.netns or "",
+                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
                         CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
-                        CTGUARD_REASON=a.kind)
+                        CTGUARD_REASON=a.kind, **self._ns_fields(a.netns))
             elif isinstance(a, Persist):
                 if o.ok:
                     ev.emit("persisted", f"persisted nf_conntrack_max {a.max}: {o.detail}", CTGUARD_NEW_MAX=a.max,
@@ -415,13 +431,22 @@ class Daemon:
                     log.warning("%s", o.detail)
             elif isinstance(a, Warn):
                 if a.kind == "pressure":
-                    ev.emit("pressure", f"conntrack pressure: {a.reason}", CTGUARD_NETNS=a.netns or "",
-                            CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="pressure")
+                    ev.emit("pressure", f"conntrack pressure{self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
+                            CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="pressure", **self._ns_fields(a.netns))
                 else:
-                    ev.emit("table-full", f"kernel reported the conntrack table full: {a.reason}",
-                            CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="table-full")
+                    ev.emit("table-full", f"kernel reported the conntrack table full{self._in_ns(a.netns)}: {a.reason}",
+                            CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="table-full",
+                            **self._ns_fields(a.netns))
             elif isinstance(a, Capture) and not o.ok:
                 log.warning("%s", o.detail)
+
+    def _in_ns(self, inode: int | None) -> str:
+        """' in netns NAME (inode N, unit U)' for a message, by name and unit where known."""
+        ns = self._labels.get(inode) if inode is not None else None
+        return f" in {incident_text.where(ns.name, ns.unit, ns.inode)}" if ns is not None else ""
+
+    def _ns_fields(self, inode: int | None) -> dict[str, str]:
+        return incident_text.ns_fields(self._labels.get(inode) if inode is not None else None)
 
     # -- evidence beside the loop -------------------------------------------------------------
 
