@@ -346,8 +346,12 @@ class Daemon:
         ready = metrics.folder_ready(path)
         if ready != self._metrics_folder_said:
             if not ready:
+                # Under systemd the sandbox's writable folders are fixed when the service starts:
+                # a folder made later stays read-only to ctguard until it is restarted.
+                then = ("; once it exists, `systemctl restart ctguard` (the sandbox fixes its writable "
+                        "folders at start)") if os.environ.get("INVOCATION_ID") else ""
                 log.info("metrics are off until %s exists (node_exporter's textfile folder: install "
-                         "prometheus-node-exporter, or set [metrics] textfile)", Path(path).parent)
+                         "prometheus-node-exporter, or set [metrics] textfile)%s", Path(path).parent, then)
             elif self._metrics_folder_said is not None:
                 log.info("%s exists: metrics are written to %s", Path(path).parent, path)
             self._metrics_folder_said = ready
