@@ -92,6 +92,9 @@ class SeriesFacts:
     peak: int
     peak_at: float
     peak_max: int               # the max in force when the peak was sampled
+    fullest: float              # the highest fill of any point, against the max in force then
+    fullest_at: float
+    fullest_max: int
     rise_from: int
     rise_seconds: float
     drop: int                   # counter increases over the window
@@ -143,12 +146,12 @@ class Facts:
 
     @property
     def peak(self) -> SeriesFacts | None:
-        return max(self.series, key=lambda s: (s.peak_fill, s.peak), default=None)
+        return max(self.series, key=lambda s: (s.fullest, s.peak), default=None)
 
     @property
     def peak_fill(self) -> float:
         p = self.peak
-        fills = [p.peak_fill] if p else []
+        fills = [p.fullest] if p else []
         if self.max:
             fills.append(self.count / self.max)
         return max(fills, default=0.0)
@@ -191,11 +194,14 @@ def _series(ns: Mapping[str, Any]) -> SeriesFacts | None:
     while j > 0 and entries[j - 1] - low > 0.1 * (peak - low):
         j -= 1
     start = max(0, j - 1) if j > 0 else 0
+    fills = [e / m if m else 0.0 for e, m in zip(entries, maxes)]
+    k = max(range(len(fills)), key=lambda n: (fills[n], -n))
     return SeriesFacts(
         inode=_int(ns.get("inode")), name=str(ns.get("name", ns.get("inode", "?"))),
         unit=str(ns.get("unit", "")), container=str(ns.get("container", "")),
         first=entries[0], last=entries[-1], peak=peak, peak_at=float(t[i]),
         peak_max=maxes[i] if i < len(maxes) else 0,
+        fullest=fills[k], fullest_at=float(t[k]), fullest_max=maxes[k],
         rise_from=entries[start], rise_seconds=float(t[i]) - float(t[start]),
         drop=_increase([_int(v) for v in ns.get("drop", [])]),
         early_drop=_increase([_int(v) for v in ns.get("early_drop", [])]),
@@ -500,14 +506,21 @@ def max_near_cap(f: Facts) -> Finding | None:
     kmax = max([f.max] + [_int(e.get("new")) for e in f.events if e.get("kind") == "bump"])
     if not f.upper or (kmax < CAP_NEAR * f.upper and not refused):
         return None
+    evidence = {"max": kmax, "upper_bound": f.upper, "bound_by": f.upper_by, "ceiling": f.ceiling,
+                "refusals": len(refused)}
+    if refused:
+        last = refused[-1]
+        summary = (f"ctguard was refused {len(refused)} bump(s) at the {last.get('reason')} (max {_n(_int(last.get('old')))}, "
+                   f"wanted {_n(_int(last.get('new')))}): the next incident cannot be bumped away")
+        evidence["refused_at"] = str(last.get("reason"))
+    else:
+        summary = (f"nf_conntrack_max {_n(kmax)} is {_pct(_share(kmax, f.upper))} of the {f.upper_by} {_n(f.upper)}: "
+                   "the next incident cannot be bumped away")
     return Finding(
-        "max-near-cap", CRITICAL if refused else WARNING,
-        f"nf_conntrack_max {kmax} is {_pct(_share(kmax, f.upper))} of the {f.upper_by} {f.upper}: the next incident "
-        "cannot be bumped away" + (f" (ctguard was refused {len(refused)} time(s))" if refused else ""),
-        {"max": kmax, "upper_bound": f.upper, "bound_by": f.upper_by, "ceiling": f.ceiling, "refusals": len(refused)},
+        "max-near-cap", CRITICAL if refused else WARNING, summary, evidence,
         "deal with what fills the table (the other findings); raise [bump] ceiling only if the host has the memory "
         "and the traffic is legitimate",
-        weight=_share(kmax, f.upper))
+        weight=max(_share(kmax, f.upper), 0.9 if refused else 0.0))
 
 
 def kernel_drops(f: Facts) -> Finding | None:
@@ -517,11 +530,11 @@ def kernel_drops(f: Facts) -> Finding | None:
     if not total and not lines:
         return None
     span = "over the recorded window" if f.window_drops is not None else "since the namespace was created"
-    parts = [f"{d['drop']} new flows dropped", f"{d['early_drop']} entries evicted early",
-             f"{d['insert_failed']} inserts failed"]
+    parts = [f"{_n(d['drop'])} new flows dropped", f"{_n(d['early_drop'])} entries evicted early",
+             f"{_n(d['insert_failed'])} inserts failed"]
     return Finding(
         "kernel-drops", CRITICAL if d["drop"] or lines else WARNING,
-        f"the kernel lost traffic {span}: " + ", ".join(parts) + (f"; {lines} table-full lines" if lines else ""),
+        f"the kernel lost traffic {span}: " + ", ".join(parts) + (f"; {lines} table-full line{'s' if lines != 1 else ''}" if lines else ""),
         {**d, "table_full_lines": lines, "span": span},
         "every drop is a connection that failed: size the table for the peak (ctguard recommend) and fix what "
         "filled it",
@@ -605,6 +618,11 @@ def diagnose(data: BundleData, warn: float | None = None) -> tuple[Finding, ...]
 # --- the verdict ------------------------------------------------------------------------------
 
 
+def _hms(t: float) -> str:
+    s = int(t) % 86400
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d} UTC"
+
+
 def _n(x: int) -> str:
     return f"{x:,}"
 
@@ -632,6 +650,9 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     if peak and peak.peak_max:
         size = (f"{_n(peak.peak)} entries at its peak, {_pct(peak.peak_fill)} of the max of {_n(peak.peak_max)} "
                 "in force then")
+        if peak.fullest_max != peak.peak_max and peak.fullest > peak.peak_fill + 0.05:
+            size += (f" (and {_pct(peak.fullest)} of the max of {_n(peak.fullest_max)} in force at "
+                     f"{_hms(peak.fullest_at)})")
         if peak.rate >= 1 and peak.peak > peak.rise_from:
             size += (f", rising from {_n(peak.rise_from)} in {peak.rise_seconds:.0f} s "
                      f"({_n(int(peak.rate))} entries/s)")
