@@ -102,7 +102,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     history = store.load_history()
     role, timeouts = _role_and_timeouts(sample, refs)
-    view = status.build(policy, sample, history, now, role, timeouts)
+    try:
+        from ctguard.evidence.review import last_bundle
+
+        last = last_bundle(policy.evidence.dir)
+    except OSError:
+        last = None
+    view = status.build(policy, sample, history, now, role, timeouts, last)
     if args.json:
         print(status.render_json(view))
     elif sys.stdout.isatty():

@@ -77,6 +77,7 @@ class Children:
                 done.append((reason, proc.returncode, text))
                 self.running.remove(entry)
                 decision_file.unlink(missing_ok=True)
+                decision_file.with_name(decision_file.name.replace("-decision-", "-timeline-")).unlink(missing_ok=True)
         return done
 
 
@@ -113,6 +114,11 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        from ctguard.recorder import FlightRecorder
+
+        self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
+        self._queued: list[tuple[Capture, Decision, dict | None]] = []  # started once the turn is recorded
+        self._findings: list[str] = []         # finding ids of the last automatic bundle (metrics)
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -234,8 +240,11 @@ class Daemon:
         """One observe-decide-act-record turn; returns the seconds until the next one."""
         for reason, code, out in self.children.reap():
             if code == 0 and out:
-                self.events.emit("bundle", f"evidence bundle captured ({reason}): {out}",
-                                 CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason)
+                top = self._diagnose(out.splitlines()[-1])
+                self.events.emit("bundle", f"evidence bundle captured ({reason}): {out}"
+                                 + (f"; top finding: {top}" if top else ""),
+                                 CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason,
+                                 CTGUARD_FINDING=top or None)
             else:
                 log.warning("evidence capture (%s) failed with exit code %s: %s", reason, code, out[-500:])
         try:
@@ -261,6 +270,11 @@ class Daemon:
             decision = decide(self.policy, sample, self.history, now, kernel_events)
         outcomes = self.actor.carry_out(decision) if decision.actions else []
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
+        ended = self.recorder.turn(sample, decision.pressure, outcomes, kernel_events,
+                                   self.policy.evidence.incident_quiet)
+        if ended is not None:
+            self._queued.append((Capture("incident-end", ended.netns), decision, ended.as_json(sample.at.wall)))
+        self._launch_captures()
         self._report(decision, outcomes, kernel_events)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
@@ -310,6 +324,10 @@ class Daemon:
         text = metrics.render(sample, self.history, self.policy.bump.ceiling,
                               budget_left(self.policy, self.history, sample.at),
                               upper_bound(self.policy, sample.limits)[0])
+        from ctguard.recorder import metrics_text
+
+        last = self.recorder.incident or self.recorder.last_incident
+        text += metrics_text(last.start if last else None, self._findings)
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
 
@@ -360,6 +378,40 @@ class Daemon:
     # -- evidence beside the loop -------------------------------------------------------------
 
     def _start_capture(self, action: Capture, decision: Decision) -> str:
+        # Started at the end of the turn, once the flight recorder holds this turn's sample and
+        # actions (the bump is made by then: a capture never delays one).
+        if not self.recorder.capture_allowed(action.reason, self.policy.evidence.incident_captures):
+            return ("capture skipped: this incident has its bundle, the next comes at its end "
+                    "([evidence] incident_captures)")
+        self._queued.append((action, decision, None))
+        return "capture queued"
+
+    def _launch_captures(self) -> None:
+        queued, self._queued = self._queued, []
+        for action, decision, incident in queued:
+            try:
+                detail = self._launch_capture(action, decision, incident)
+            except OSError as exc:
+                log.warning("cannot start the %s capture: %s", action.reason, exc)
+            else:
+                log.debug("%s", detail)
+
+    def _diagnose(self, bundle: str) -> str:
+        """The top finding's id of a bundle just written (for its journal entry and the metrics)."""
+        from ctguard.evidence import review
+
+        try:
+            _path, data = review.load(Path(bundle).parent, Path(bundle).name)
+            from ctguard.diagnose import diagnose
+
+            found = diagnose(data)
+        except Exception as exc:  # a bundle that cannot be read must not take the loop down
+            log.warning("cannot diagnose %s: %s", bundle, exc)
+            return ""
+        self._findings = [f.id for f in found]
+        return found[0].id if found else ""
+
+    def _launch_capture(self, action: Capture, decision: Decision, incident: dict | None) -> str:
         # The decision goes to the capture in a private file (it names addresses and namespaces);
         # the file is removed when the capture is reaped.
         folder = ensure_private_dir(Path(self.policy.state.dir))
@@ -369,14 +421,24 @@ class Daemon:
                               "worst_netns": decision.worst_netns, "worst_fill": decision.worst_fill,
                               "rate": decision.rate, "policy": str(self.policy_path)})
         atomic_write(decision_file, payload, 0o600)
+        timeline_file = folder / f"capture-timeline-{os.getpid()}-{self._captures}.json"
+        atomic_write(timeline_file, json.dumps(self._timeline(incident), separators=(",", ":")), 0o600)
         args = [sys.executable, "-m", "ctguard", "--policy", str(self.policy_path), "capture",
-                "--reason", action.reason, "--decision-file", str(decision_file)]
+                "--reason", action.reason, "--decision-file", str(decision_file),
+                "--timeline-file", str(timeline_file)]
         if action.netns:
             args += ["--netns", str(action.netns)]
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=_lower_priority, close_fds=True)
         self.children.running.append((proc, action.reason, decision_file))
         return f"capture started (pid {proc.pid})"
+
+    def _timeline(self, incident: dict | None = None, args=None) -> dict:
+        """The flight recorder's window with the bounds in force (also the `timeline` command)."""
+        limits = self.last_sample.limits if self.last_sample is not None else None
+        upper, binding = upper_bound(self.policy, limits) if limits is not None else (self.policy.bump.ceiling, "ceiling")
+        return self.recorder.window(ceiling=self.policy.bump.ceiling, upper=upper, upper_by=binding,
+                                    incident=incident)
 
     # -- reload and stop -------------------------------------------------------------------
 

@@ -146,7 +146,7 @@ class Facts:
 
     @property
     def peak(self) -> SeriesFacts | None:
-        return max(self.series, key=lambda s: (s.fullest, s.peak), default=None)
+        return max((s for s in self.series if s.peak > 0), key=lambda s: (s.fullest, s.peak), default=None)
 
     @property
     def peak_fill(self) -> float:

@@ -79,6 +79,8 @@ class Evidence:
     max_bytes: int = 268435456
     top: int = 20
     budget: float = 15.0
+    incident_captures: int = 2      # bundles per incident: the first (at the first bump) and one at its end
+    incident_quiet: float = 10.0    # seconds with no bump, refusal, drop or new peak that end an incident
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "max_bytes"): (int, _between(1 << 20, 1 << 50), "bytes, at least 1048576"),
     ("evidence", "top"): (int, _between(1, 10000), "an integer between 1 and 10000"),
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
+    ("evidence", "incident_captures"): (int, _between(1, 100), "an integer between 1 and 100"),
+    ("evidence", "incident_quiet"): (_NUM, _between(1, 86400), "seconds between 1 and 86400"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
 }

@@ -28,7 +28,7 @@ class StatusView:
 
 
 def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
-          timeouts: list | None = None) -> StatusView:
+          timeouts: list | None = None, last_bundle: dict | None = None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -85,6 +85,7 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
                                                  "evidence": list(role.evidence), "unknown": list(role.unknown)},
         "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
                             for t in (timeouts or [])],
+        "last_bundle": last_bundle,
     }
     return StatusView(code, headline, data)
 
@@ -108,6 +109,11 @@ def render_text(view: StatusView) -> str:
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
     persisted = d["persisted_max"]
     lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
+    last = d.get("last_bundle")
+    if last:
+        top = last.get("top_finding")
+        lines.append(f"last bundle: {last['id']}" + (f" - {top['severity']} {top['id']}: {top['summary']}" if top
+                                                      else " - no finding"))
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:

@@ -353,3 +353,22 @@ def top_finding(folder: Path | str, bundle_id: str) -> Finding | None:
     _path, data = load(folder, bundle_id)
     found = diagnose(data)
     return found[0] if found else None
+
+
+def last_bundle(folder: Path | str) -> dict[str, Any] | None:
+    """The newest complete bundle and its top finding (for `ctguard status`), None without one."""
+    done = [b for b in bundle_mod.list_bundles(folder) if b.complete]
+    if not done:
+        return None
+    b = done[-1]
+    out: dict[str, Any] = {"id": b.id, "created": b.created, "reason": b.reason, "top_finding": None, "findings": []}
+    try:
+        _path, data = load(folder, b.id)
+        found = diagnose(data)
+    except (OSError, BundleError, ValueError) as exc:
+        out["error"] = str(exc)
+        return out
+    out["findings"] = [f.id for f in found]
+    if found:
+        out["top_finding"] = {"id": found[0].id, "severity": found[0].severity, "summary": found[0].summary}
+    return out

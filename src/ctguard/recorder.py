@@ -1,0 +1,300 @@
+"""The flight recorder: the last 15 minutes of every namespace and of ctguard's own actions.
+
+The daemon appends to it after each turn; every bundle it captures carries the window as
+`timeline.json`, so a bundle taken at the first bump shows the minutes before it. Bounded:
+per namespace one point per second while calm and a point per sample under pressure (only when
+a value changed), in typed arrays (8 bytes a value, no object per point), trimmed to the window
+and capped at `MAX_POINTS`; events (bumps, refusals, relief, captures, the kernel's table-full
+lines) in a deque of at most `MAX_EVENTS`. bench/bench_recorder.py measures 50 namespaces over
+15 minutes.
+
+Each point keeps the `nf_conntrack_max` in force when it was sampled, so a fill is always stated
+against the max of its moment, never against one raised afterwards.
+
+It also follows incidents (`Incident`, advanced by the pure `track`): one starts when ctguard
+acts (bump, refusal) or the kernel drops, and ends after `quiet` seconds with no action, no drop
+and no new peak, which is when the table is at its largest: the daemon takes the end-of-incident
+capture then.
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from array import array
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from ctguard.model import Capture, Outcome, Refuse, Sample, SetBuckets, SetMax, TableFull
+
+WINDOW = 900.0              # seconds of history kept
+CALM_EVERY = 1.0            # at most one point per second per namespace while calm
+MAX_POINTS = 9000           # per namespace: 15 minutes at 10 samples a second
+MAX_EVENTS = 2000
+TRIM_SLACK = 256            # points past the window before a trim (amortises the array shift)
+COUNTERS = ("drop", "early_drop", "insert_failed", "invalid")
+COLUMNS = ("entries", "max") + COUNTERS
+NEW_PEAK = 1.02             # a count this much above the incident's peak is still growth
+
+
+class _Series:
+    __slots__ = ("inode", "name", "unit", "container", "t", "cols", "last")
+
+    def __init__(self, inode: int, name: str, unit: str, container: str) -> None:
+        self.inode, self.name, self.unit, self.container = inode, name, unit, container
+        self.t = array("d")
+        self.cols = {c: array("q") for c in COLUMNS}
+        self.last: tuple[int, ...] | None = None
+
+    def append(self, when: float, values: tuple[int, ...]) -> None:
+        self.t.append(when)
+        for c, v in zip(COLUMNS, values):
+            self.cols[c].append(v)
+        self.last = values
+
+    def trim(self, cutoff: float) -> None:
+        n = bisect.bisect_left(self.t, cutoff)
+        n = max(n, len(self.t) - MAX_POINTS)
+        if n >= TRIM_SLACK or (n > 0 and len(self.t) > MAX_POINTS):
+            del self.t[:n]
+            for col in self.cols.values():
+                del col[:n]
+
+    def since(self, start: float) -> dict[str, Any]:
+        i = bisect.bisect_left(self.t, start)
+        out: dict[str, Any] = {"inode": self.inode, "name": self.name, "unit": self.unit,
+                               "container": self.container, "t": [round(x, 3) for x in self.t[i:]]}
+        for c in COLUMNS:
+            out[c] = self.cols[c][i:].tolist()
+        return out
+
+    def nbytes(self) -> int:
+        return sys.getsizeof(self.t) + sum(sys.getsizeof(a) for a in self.cols.values())
+
+
+@dataclass(frozen=True)
+class Incident:
+    start: float                # wall time ctguard first acted or the kernel first dropped
+    netns: int | None           # the namespace at the largest table
+    peak: int                   # the largest count seen during the incident
+    peak_at: float
+    peak_max: int               # the max in force then
+    last_activity: float        # the last bump, refusal, drop, kernel line or new peak
+    bumps: int = 0
+    refusals: int = 0
+    drops: int = 0              # drop + early_drop + insert_failed increases seen
+    captures: int = 0
+
+    def as_json(self, end: float | None = None) -> dict[str, Any]:
+        out = asdict(self)
+        out["peak_fill"] = round(self.peak / self.peak_max, 4) if self.peak_max else 0.0
+        if end is not None:
+            out["end"] = end
+            out["seconds"] = round(end - self.start, 1)
+        return out
+
+
+def track(incident: Incident | None, now: float, worst: tuple[int | None, int, int] | None, acted: int,
+          refused: int, dropped: int, captured: int, quiet: float) -> tuple[Incident | None, Incident | None]:
+    """PURE: (the incident going on after this turn, the one that just ended, if any).
+
+    `worst` is (namespace, count, max in force) of the fullest namespace; `acted`/`refused` the
+    bumps and refusals of this turn, `dropped` the kernel's drops seen since the last turn
+    (counters and table-full lines), `captured` the captures started.
+    """
+    busy = acted + refused + dropped > 0
+    if incident is None:
+        if not busy:
+            return None, None
+        ns, count, kmax = worst if worst is not None else (None, 0, 0)
+        return Incident(now, ns, count, now, kmax, now, acted, refused, dropped, captured), None
+    inc = replace(incident, bumps=incident.bumps + acted, refusals=incident.refusals + refused,
+                  drops=incident.drops + dropped, captures=incident.captures + captured)
+    if busy:
+        inc = replace(inc, last_activity=now)
+    if worst is not None:
+        ns, count, kmax = worst
+        if count > inc.peak:
+            grew = count > inc.peak * NEW_PEAK
+            inc = replace(inc, netns=ns, peak=count, peak_at=now, peak_max=kmax,
+                          last_activity=now if grew else inc.last_activity)
+    if now - inc.last_activity >= quiet:
+        return None, inc
+    return inc, None
+
+
+def _event_kind(action: Any) -> str:
+    name = type(action).__name__.lower()
+    return "relief" if ("relief" in name or "timeout" in name) else name
+
+
+class FlightRecorder:
+    def __init__(self, window: float = WINDOW, calm_every: float = CALM_EVERY, max_events: int = MAX_EVENTS) -> None:
+        self.window_seconds = window
+        self.calm_every = calm_every
+        self.series: dict[int, _Series] = {}
+        self.limits_t = array("d")
+        self.limits_max = array("q")
+        self.limits_buckets = array("q")
+        self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self.incident: Incident | None = None
+        self.last_incident: Incident | None = None
+        self._last_limits: tuple[int, int] | None = None
+        self._last_t = 0.0
+
+    # -- recording --------------------------------------------------------------------------
+
+    def record(self, sample: Sample, pressure: bool) -> int:
+        """Append the sample; returns the kernel's drops (drop, early_drop, insert_failed) since
+        the previous one, summed over namespaces."""
+        now = sample.at.wall
+        kmax = sample.limits.max
+        dropped = 0
+        due = now - self._last_t >= self.calm_every * 0.9
+        seen = set()
+        for ns in sample.namespaces:
+            seen.add(ns.inode)
+            s = self.series.get(ns.inode)
+            if s is None:
+                s = self.series[ns.inode] = _Series(ns.inode, ns.name, ns.unit, ns.container)
+            values = (ns.count, kmax) + tuple(ns.stat(c) for c in COUNTERS)
+            last = s.last
+            if last is not None:
+                dropped += sum(max(0, values[i] - last[i]) for i in (2, 3, 4))
+            stale = not s.t or now - s.t[-1] >= self.calm_every * 0.9
+            # A steep rise below `warn` is kept too: the growth that triggers a bump must show.
+            jump = bool(s.t) and abs(ns.count - s.cols["entries"][-1]) >= 0.01 * max(kmax, 1)
+            if stale or jump or (pressure and values != last):
+                s.append(now, values)
+            else:
+                s.last = values     # drops are counted from the latest reading, kept or not
+            s.trim(now - self.window_seconds)
+        for inode in [i for i, s in self.series.items() if i not in seen and (not s.t or s.t[-1] < now - self.window_seconds)]:
+            del self.series[inode]
+        limits = (kmax, sample.limits.buckets)
+        if limits != self._last_limits or due:
+            self.limits_t.append(now)
+            self.limits_max.append(kmax)
+            self.limits_buckets.append(sample.limits.buckets)
+            self._last_limits = limits
+            n = bisect.bisect_left(self.limits_t, now - self.window_seconds)
+            if n >= TRIM_SLACK:
+                del self.limits_t[:n], self.limits_max[:n], self.limits_buckets[:n]
+        if due:
+            self._last_t = now
+        return dropped
+
+    def note(self, when: float, kind: str, text: str, netns: int | None = None, **extra: Any) -> None:
+        self.events.append({"t": round(when, 3), "kind": kind, "netns": netns, "text": text, **extra})
+
+    def turn(self, sample: Sample, pressure: bool, outcomes: Sequence[Outcome], kernel_events: Sequence[TableFull],
+             quiet: float) -> Incident | None:
+        """Record one daemon turn; returns the incident that just ended, if one did."""
+        now = sample.at.wall
+        # A turn in which ctguard acted or the kernel complained is kept whole, like pressure.
+        busy = pressure or any(type(o.action).__name__ not in ("Warn", "Persist") for o in outcomes) or any(
+            not e.backlog for e in kernel_events)
+        kernel_events = list(kernel_events)
+        dropped = self.record(sample, busy)
+        acted = refused = captured = 0
+        for o in outcomes:
+            a = o.action
+            if isinstance(a, SetMax):
+                if o.ok:
+                    acted += 1
+                    self.note(now, "bump", f"{a.old} -> {o.read_back or a.new} ({a.trigger})", a.netns,
+                              old=a.old, new=o.read_back or a.new, reason=a.trigger)
+                else:
+                    self.note(now, "bump-failed", o.detail, a.netns, old=a.old, new=a.new)
+            elif isinstance(a, Refuse):
+                if a.kind == "cooldown":
+                    continue
+                refused += 1
+                self.note(now, "refusal", f"{a.kind}: wanted {a.wanted}, max {a.current}", a.netns,
+                          old=a.current, new=a.wanted, reason=a.kind)
+            elif isinstance(a, Capture):
+                if o.ok and not o.detail.startswith("capture skipped"):
+                    captured += 1
+                self.note(now, "capture", f"{a.reason}: {o.detail}", a.netns, reason=a.reason)
+            elif isinstance(a, SetBuckets):
+                if o.ok:
+                    self.note(now, "buckets", f"{a.old} -> {o.read_back or a.new}", None, old=a.old,
+                              new=o.read_back or a.new)
+            elif type(a).__name__ not in ("Warn", "Persist"):
+                # Actions other helpers add (relief: shortened timeouts and their undo).
+                self.note(now, _event_kind(a), str(getattr(a, "reason", "") or o.detail),
+                          getattr(a, "netns", None), ok=o.ok)
+        lines = 0
+        for e in kernel_events:
+            if e.backlog:
+                continue
+            lines += 1 + e.suppressed
+            self.note(now, "kernel", "nf_conntrack: table full, dropping packet"
+                      + (f" (+{e.suppressed} suppressed)" if e.suppressed else ""), e.netns)
+        worst = sample.worst
+        w = (worst.inode, worst.count, sample.limits.max) if worst is not None else None
+        before = self.incident
+        self.incident, ended = track(self.incident, now, w, acted, refused, dropped + lines, captured, quiet)
+        if before is None and self.incident is not None:
+            self.note(now, "incident-start", "incident started", self.incident.netns)
+        if ended is not None:
+            self.last_incident = ended
+            self.note(now, "incident-end", f"incident over: largest table {ended.peak} at max {ended.peak_max}",
+                      ended.netns)
+        return ended
+
+    def capture_allowed(self, reason: str, per_incident: int) -> bool:
+        """At most `per_incident` bundles per incident: the first one, and one kept for its end."""
+        if reason == "incident-end" or self.incident is None:
+            return True
+        return self.incident.captures < max(1, per_incident - 1)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def window(self, since: float | None = None, *, ceiling: int | None = None, upper: int | None = None,
+               upper_by: str = "", incident: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The recorded window as a JSON-able object (the `timeline.json` of a bundle)."""
+        ends = [s.t[-1] for s in self.series.values() if s.t] + ([self.limits_t[-1]] if self.limits_t else [])
+        to = max(ends, default=0.0)
+        start = max(since if since is not None else 0.0, to - self.window_seconds)
+        i = bisect.bisect_left(self.limits_t, start)
+        firsts = [s.t[bisect.bisect_left(s.t, start)] for s in self.series.values() if s.t and s.t[-1] >= start]
+        out: dict[str, Any] = {
+            "format": 1,
+            "window_seconds": self.window_seconds,
+            "from": round(min(firsts, default=start), 3),
+            "to": round(to, 3),
+            "limits": {"t": [round(x, 3) for x in self.limits_t[i:]], "max": self.limits_max[i:].tolist(),
+                       "buckets": self.limits_buckets[i:].tolist()},
+            "namespaces": [s.since(start) for s in self.series.values() if s.t and s.t[-1] >= start],
+            "events": [e for e in self.events if e["t"] >= start],
+        }
+        if ceiling is not None:
+            out["ceiling"] = ceiling
+        if upper is not None:
+            out["upper_bound"] = upper
+            out["upper_bound_by"] = upper_by
+        if incident is not None:
+            out["incident"] = dict(incident)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays and events (bench/bench_recorder.py measures the whole process too)."""
+        total = sum(s.nbytes() for s in self.series.values())
+        total += sys.getsizeof(self.limits_t) + sys.getsizeof(self.limits_max) + sys.getsizeof(self.limits_buckets)
+        total += sum(sys.getsizeof(e) for e in self.events)
+        return total
+
+
+def metrics_text(last_incident_start: float | None, findings: Sequence[str]) -> str:
+    """The review's metrics (docs/contract.md): appended to the textfile by the daemon."""
+    out = ["# HELP ctguard_last_incident_timestamp_seconds Unix time the last incident started, 0 if none.\n"
+           "# TYPE ctguard_last_incident_timestamp_seconds gauge\n",
+           f"ctguard_last_incident_timestamp_seconds {last_incident_start or 0:.3f}\n",
+           "# HELP ctguard_findings Findings of the last automatic bundle (1 for each finding id).\n"
+           "# TYPE ctguard_findings gauge\n"]
+    for fid in findings:
+        out.append(f'ctguard_findings{{id="{fid}"}} 1\n')
+    return "".join(out)
