@@ -25,11 +25,12 @@ def test_calm_keeps_one_point_a_second_and_pressure_every_change() -> None:
         r.record(sample(1000 + i / 10, {1: 100 + i}), pressure=False)
     assert 10 <= len(r.series[1].t) <= 11
     for i in range(100):                      # 10 s under pressure, changing every sample
-        r.record(sample(1010 + i / 10, {1: 3000 + i}), pressure=True)
+        r.record(sample(1010 + i / 10, {1: 3000 + 10 * i, 2: 50 + i % 3}), pressure=True)
     assert len(r.series[1].t) >= 10 + 100
+    assert len(r.series[2].t) <= 11, "a calm neighbour's jitter stays at one point a second"
     n = len(r.series[1].t)
     for i in range(50):                       # pressure but nothing changes: calm cadence
-        r.record(sample(1020 + i / 10, {1: 3099}), pressure=True)
+        r.record(sample(1020 + i / 10, {1: 3990}), pressure=True)
     assert len(r.series[1].t) <= n + 6
 
 
@@ -45,8 +46,8 @@ def test_window_is_bounded_to_fifteen_minutes() -> None:
     assert len(r.series[1].t) <= 900 + 256 + 1
     # Flooded at 100 samples a second: the hard cap per namespace holds.
     for i in range(20000):
-        r.record(sample(3000 + i / 100, {1: i}), pressure=True)
-    assert len(r.series[1].t) <= MAX_POINTS + 256
+        r.record(sample(3000 + i / 100, {1: 10 * i}), pressure=True)
+    assert len(r.series[1].t) <= MAX_POINTS + 2 * 256
 
 
 def test_each_point_keeps_the_max_in_force() -> None:

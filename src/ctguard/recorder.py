@@ -40,24 +40,30 @@ NEW_PEAK = 1.02             # a count this much above the incident's peak is sti
 
 
 class _Series:
-    __slots__ = ("inode", "name", "unit", "container", "t", "cols", "last")
+    __slots__ = ("inode", "name", "unit", "container", "t", "cols", "last", "kept_at", "kept_entries", "idx", "idx_len")
 
     def __init__(self, inode: int, name: str, unit: str, container: str) -> None:
         self.inode, self.name, self.unit, self.container = inode, name, unit, container
         self.t = array("d")
         self.cols = {c: array("q") for c in COLUMNS}
         self.last: tuple[int, ...] | None = None
+        self.kept_at = 0.0
+        self.kept_entries = 0
+        self.idx: tuple[int, ...] | None = None   # where the counters sit in a reading's stats
+        self.idx_len = 0
 
     def append(self, when: float, values: tuple[int, ...]) -> None:
         self.t.append(when)
-        for c, v in zip(COLUMNS, values):
-            self.cols[c].append(v)
+        for col, v in zip(self.cols.values(), values):
+            col.append(v)
         self.last = values
+        self.kept_at = when
+        self.kept_entries = values[0]
 
     def trim(self, cutoff: float) -> None:
         n = bisect.bisect_left(self.t, cutoff)
         n = max(n, len(self.t) - MAX_POINTS)
-        if n >= TRIM_SLACK or (n > 0 and len(self.t) > MAX_POINTS):
+        if n >= TRIM_SLACK or (n > 0 and len(self.t) > MAX_POINTS + TRIM_SLACK):
             del self.t[:n]
             for col in self.cols.values():
                 del col[:n]
@@ -148,31 +154,56 @@ class FlightRecorder:
 
     def record(self, sample: Sample, pressure: bool) -> int:
         """Append the sample; returns the kernel's drops (drop, early_drop, insert_failed) since
-        the previous one, summed over namespaces."""
+        the previous one, summed over namespaces. Runs every turn: kept to plain loops."""
         now = sample.at.wall
         kmax = sample.limits.max
         dropped = 0
         due = now - self._last_t >= self.calm_every * 0.9
-        seen = set()
+        calm_gap = self.calm_every * 0.9
+        jump_at = 0.01 * max(kmax, 1)       # a steep rise below `warn` is kept: the growth that triggers a bump
+        # Under pressure every sample is kept, but only for the namespaces it concerns: those whose
+        # count moved by 0.1% of max or whose counters moved; a calm neighbour's jitter of a few
+        # entries stays at one point a second.
+        busy_at = 0.001 * max(kmax, 1)
+        series = self.series
         for ns in sample.namespaces:
-            seen.add(ns.inode)
-            s = self.series.get(ns.inode)
+            s = series.get(ns.inode)
             if s is None:
-                s = self.series[ns.inode] = _Series(ns.inode, ns.name, ns.unit, ns.container)
-            values = (ns.count, kmax) + tuple(ns.stat(c) for c in COUNTERS)
+                s = series[ns.inode] = _Series(ns.inode, ns.name, ns.unit, ns.container)
+            stats = ns.stats
+            idx = s.idx
+            # The kernel's column order does not change while a namespace lives: check one key.
+            if idx is None or len(stats) != s.idx_len or (idx[0] >= 0 and stats[idx[0]][0] != "drop"):
+                keys = [k for k, _ in stats]
+                idx = s.idx = tuple(keys.index(c) if c in keys else -1 for c in COUNTERS)
+                s.idx_len = len(stats)
+            i0, i1, i2, i3 = idx
+            values = (ns.count, kmax, stats[i0][1] if i0 >= 0 else 0, stats[i1][1] if i1 >= 0 else 0,
+                      stats[i2][1] if i2 >= 0 else 0, stats[i3][1] if i3 >= 0 else 0)
             last = s.last
-            if last is not None:
-                dropped += sum(max(0, values[i] - last[i]) for i in (2, 3, 4))
-            stale = not s.t or now - s.t[-1] >= self.calm_every * 0.9
-            # A steep rise below `warn` is kept too: the growth that triggers a bump must show.
-            jump = bool(s.t) and abs(ns.count - s.cols["entries"][-1]) >= 0.01 * max(kmax, 1)
-            if stale or jump or (pressure and values != last):
+            if last is None:
+                s.append(now, values)
+                continue
+            d = values[2] - last[2]
+            dropped += (d if d > 0 else 0)
+            d = values[3] - last[3]
+            dropped += (d if d > 0 else 0)
+            d = values[4] - last[4]
+            dropped += (d if d > 0 else 0)
+            moved = abs(values[0] - s.kept_entries)
+            if (now - s.kept_at >= calm_gap or moved >= jump_at
+                    or (pressure and (moved >= busy_at or values[1:] != last[1:]))):
                 s.append(now, values)
             else:
                 s.last = values     # drops are counted from the latest reading, kept or not
-            s.trim(now - self.window_seconds)
-        for inode in [i for i, s in self.series.items() if i not in seen and (not s.t or s.t[-1] < now - self.window_seconds)]:
-            del self.series[inode]
+        if due:
+            cutoff = now - self.window_seconds
+            seen = {ns.inode for ns in sample.namespaces}
+            for inode, s in list(series.items()):
+                if inode not in seen and (not s.t or s.t[-1] < cutoff):
+                    del series[inode]
+                else:
+                    s.trim(cutoff)
         limits = (kmax, sample.limits.buckets)
         if limits != self._last_limits or due:
             self.limits_t.append(now)
