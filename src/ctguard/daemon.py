@@ -25,14 +25,18 @@ from ctguard import policy as policy_mod
 from ctguard.act import Actor
 from ctguard.clock import Clock
 from ctguard.files import atomic_write, ensure_private_dir
-from ctguard.decide import advance, budget_left, decide, decide_start, next_interval, upper_bound
+from ctguard import incident as incident_text
+from ctguard.decide import (
+    advance, budget_left, decide, decide_start, incident_changes, next_interval, note_bundle, upper_bound,
+)
 from ctguard.kernel import ConntrackNotLoaded, Kernel
 from ctguard.model import (
     Capture, Decision, History, Instant, Outcome, Persist, Refuse, Sample, SetBuckets, SetMax, TableFull, Warn,
 )
 from ctguard.observe import Observer
 from ctguard.policy import Policy, PolicyError
-from ctguard.state import PeakRecorder, StateStore
+from ctguard.sizing import p99
+from ctguard.state import PEAK_DAYS, PeakRecorder, StateStore
 
 log = logging.getLogger("ctguard")
 
@@ -99,6 +103,7 @@ class Daemon:
         self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
         self.history: History = self.store.load_history()
         self.peaks = PeakRecorder(*self.store.load_recorded())
+        self._note_p99()
         self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
         self.children = Children()
         self.follower = None
@@ -119,6 +124,13 @@ class Daemon:
         self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
         self._queued: list[tuple[Capture, Decision, dict | None]] = []  # started once the turn is recorded
         self._findings: list[str] = []         # finding ids of the last automatic bundle (metrics)
+        self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
+
+    def _note_p99(self) -> None:
+        """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
+        cutoff = time.time() - PEAK_DAYS * 86400
+        recent = [p.count for p in self.peaks.current() if p.minute > cutoff]
+        self.history = self.history.with_(recorded_p99=p99(recent))
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -245,6 +257,7 @@ class Daemon:
                                  + (f"; top finding: {top}" if top else ""),
                                  CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason,
                                  CTGUARD_FINDING=top or None)
+                self.history = note_bundle(self.history, Path(out.splitlines()[-1]).name)
             else:
                 log.warning("evidence capture (%s) failed with exit code %s: %s", reason, code, out[-500:])
         try:
@@ -269,17 +282,28 @@ class Daemon:
             sample = replace(sample, shape=self.observer.shape(decision.needs_shape, self.policy.guard))
             decision = decide(self.policy, sample, self.history, now, kernel_events)
         outcomes = self.actor.carry_out(decision) if decision.actions else []
+        before = self.history
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
-        ended = self.recorder.turn(sample, decision.pressure, outcomes, kernel_events,
-                                   self.policy.evidence.incident_quiet)
-        if ended is not None:
-            self._queued.append((Capture("incident-end", ended.netns), decision, ended.as_json(sample.at.wall)))
-        self._launch_captures()
+        self._labels = {ns.inode: ns for ns in sample.namespaces}
+        started, ended = incident_changes(before, self.history)
+        if started is not None:
+            w = sample.worst
+            self.events.emit("incident-start", incident_text.start_message(started, sample.worst_fill, w.count if w else 0),
+                             **incident_text.start_fields(started, sample.worst_fill))
+        open_incident = self.history.incident
+        self.recorder.turn(sample, decision.pressure, outcomes, kernel_events,
+                           open_incident.id if open_incident is not None else None)
         self._report(decision, outcomes, kernel_events)
+        if ended is not None:
+            self.events.emit("incident-end", incident_text.end_message(ended), **incident_text.end_fields(ended))
+            # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
+            self._queued.append((Capture("incident-end", ended.netns), decision, incident_text.summary(ended)))
+        self._launch_captures()
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
             self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
-        if outcomes or kernel_events:
+            self._note_p99()
+        if outcomes or kernel_events or started is not None or ended is not None:
             self._safe(self.store.save_history, self.history, what="state")
         self.last_sample = sample
         self._write_metrics(sample)
@@ -326,8 +350,8 @@ class Daemon:
                               upper_bound(self.policy, sample.limits)[0])
         from ctguard.recorder import metrics_text
 
-        last = self.recorder.incident or self.recorder.last_incident
-        text += metrics_text(last.start if last else None, self._findings)
+        last = self.history.incident or self.history.last_incident
+        text += metrics_text(last.started.wall if last else None, self._findings)
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
 
@@ -338,9 +362,16 @@ class Daemon:
             if isinstance(a, SetMax):
                 fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
                               CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
+                ns = self._labels.get(a.netns) if a.netns is not None else None
+                fields.update(incident_text.ns_fields(ns))
+                if a.need:
+                    fields.update(CTGUARD_RATE=f"{a.rate:.0f}", CTGUARD_NEED=a.need, CTGUARD_HORIZON=f"{a.cover:g}")
+                if self.history.incident is not None:
+                    fields["CTGUARD_INCIDENT"] = self.history.incident.id
+                in_ns = f" in {incident_text.where(ns.name, ns.unit, ns.inode)}" if ns is not None else ""
                 if o.ok:
                     self.last_action = f"bumped {a.old} -> {o.read_back} ({a.trigger})"
-                    ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}: {a.reason}", **fields)
+                    ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
                 else:
                     self.last_action = f"bump to {a.new} not done"
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)

@@ -34,6 +34,7 @@ class Thresholds:
     sustain: float = 60.0
     act: float = 0.85
     horizon: float = 10.0
+    calm: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,6 @@ class Evidence:
     top: int = 20
     budget: float = 15.0
     incident_captures: int = 2      # bundles per incident: the first (at the first bump) and one at its end
-    incident_quiet: float = 10.0    # seconds with no bump, refusal, drop or new peak that end an incident
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("thresholds", "sustain"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("thresholds", "act"): (_NUM, _between(0, 1, True), "a fill ratio > 0 and <= 1"),
     ("thresholds", "horizon"): (_NUM, _between(0, 86400), "seconds between 0 (off) and 86400"),
+    ("thresholds", "calm"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("bump", "factor"): (_NUM, lambda v: 1 < v <= 64, "a number > 1 and <= 64"),
     ("bump", "ceiling"): (int, _between(1024, KERNEL_UINT_LIMIT), f"an integer between 1024 and {KERNEL_UINT_LIMIT}"),
     ("bump", "memory_fraction"): (_NUM, _between(0, 0.9, True), "a fraction > 0 and <= 0.9"),
@@ -174,7 +175,6 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "top"): (int, _between(1, 10000), "an integer between 1 and 10000"),
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
     ("evidence", "incident_captures"): (int, _between(1, 100), "an integer between 1 and 100"),
-    ("evidence", "incident_quiet"): (_NUM, _between(1, 86400), "seconds between 1 and 86400"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
 }

@@ -11,10 +11,10 @@ lines) in a deque of at most `MAX_EVENTS`. bench/bench_recorder.py measures 50 n
 Each point keeps the `nf_conntrack_max` in force when it was sampled, so a fill is always stated
 against the max of its moment, never against one raised afterwards.
 
-It also follows incidents (`Incident`, advanced by the pure `track`): one starts when ctguard
-acts (bump, refusal) or the kernel drops, and ends after `quiet` seconds with no action, no drop
-and no new peak, which is when the table is at its largest: the daemon takes the end-of-incident
-capture then.
+Incidents are the core's (model.Incident, tracked by decide.advance); the recorder is told the
+open one's id each turn, marks its start and end in the events, and counts the captures started
+during it so that the daemon takes at most `[evidence] incident_captures` bundles per incident
+(the first, and the one at its end).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import bisect
 import sys
 from array import array
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ctguard.model import Capture, Outcome, Refuse, Sample, SetBuckets, SetMax, TableFull
@@ -36,7 +35,6 @@ MAX_EVENTS = 2000
 TRIM_SLACK = 256            # points past the window before a trim (amortises the array shift)
 COUNTERS = ("drop", "early_drop", "insert_failed", "invalid")
 COLUMNS = ("entries", "max") + COUNTERS
-NEW_PEAK = 1.02             # a count this much above the incident's peak is still growth
 
 
 class _Series:
@@ -80,57 +78,6 @@ class _Series:
         return sys.getsizeof(self.t) + sum(sys.getsizeof(a) for a in self.cols.values())
 
 
-@dataclass(frozen=True)
-class Incident:
-    start: float                # wall time ctguard first acted or the kernel first dropped
-    netns: int | None           # the namespace at the largest table
-    peak: int                   # the largest count seen during the incident
-    peak_at: float
-    peak_max: int               # the max in force then
-    last_activity: float        # the last bump, refusal, drop, kernel line or new peak
-    bumps: int = 0
-    refusals: int = 0
-    drops: int = 0              # drop + early_drop + insert_failed increases seen
-    captures: int = 0
-
-    def as_json(self, end: float | None = None) -> dict[str, Any]:
-        out = asdict(self)
-        out["peak_fill"] = round(self.peak / self.peak_max, 4) if self.peak_max else 0.0
-        if end is not None:
-            out["end"] = end
-            out["seconds"] = round(end - self.start, 1)
-        return out
-
-
-def track(incident: Incident | None, now: float, worst: tuple[int | None, int, int] | None, acted: int,
-          refused: int, dropped: int, captured: int, quiet: float) -> tuple[Incident | None, Incident | None]:
-    """PURE: (the incident going on after this turn, the one that just ended, if any).
-
-    `worst` is (namespace, count, max in force) of the fullest namespace; `acted`/`refused` the
-    bumps and refusals of this turn, `dropped` the kernel's drops seen since the last turn
-    (counters and table-full lines), `captured` the captures started.
-    """
-    busy = acted + refused + dropped > 0
-    if incident is None:
-        if not busy:
-            return None, None
-        ns, count, kmax = worst if worst is not None else (None, 0, 0)
-        return Incident(now, ns, count, now, kmax, now, acted, refused, dropped, captured), None
-    inc = replace(incident, bumps=incident.bumps + acted, refusals=incident.refusals + refused,
-                  drops=incident.drops + dropped, captures=incident.captures + captured)
-    if busy:
-        inc = replace(inc, last_activity=now)
-    if worst is not None:
-        ns, count, kmax = worst
-        if count > inc.peak:
-            grew = count > inc.peak * NEW_PEAK
-            inc = replace(inc, netns=ns, peak=count, peak_at=now, peak_max=kmax,
-                          last_activity=now if grew else inc.last_activity)
-    if now - inc.last_activity >= quiet:
-        return None, inc
-    return inc, None
-
-
 def _event_kind(action: Any) -> str:
     name = type(action).__name__.lower()
     return "relief" if ("relief" in name or "timeout" in name) else name
@@ -145,8 +92,8 @@ class FlightRecorder:
         self.limits_max = array("q")
         self.limits_buckets = array("q")
         self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
-        self.incident: Incident | None = None
-        self.last_incident: Incident | None = None
+        self.incident: str | None = None      # the core's open incident (its id), as last told
+        self.incident_captures = 0             # captures started during it
         self._last_limits: tuple[int, int] | None = None
         self._last_t = 0.0
 
@@ -221,20 +168,19 @@ class FlightRecorder:
         self.events.append({"t": round(when, 3), "kind": kind, "netns": netns, "text": text, **extra})
 
     def turn(self, sample: Sample, pressure: bool, outcomes: Sequence[Outcome], kernel_events: Sequence[TableFull],
-             quiet: float) -> Incident | None:
-        """Record one daemon turn; returns the incident that just ended, if one did."""
+             incident: str | None = None) -> int:
+        """Record one daemon turn; `incident` is the id of the core's open incident (None: none).
+        Returns the captures started this turn."""
         now = sample.at.wall
         # A turn in which ctguard acted or the kernel complained is kept whole, like pressure.
         busy = pressure or any(type(o.action).__name__ not in ("Warn", "Persist") for o in outcomes) or any(
             not e.backlog for e in kernel_events)
-        kernel_events = list(kernel_events)
-        dropped = self.record(sample, busy)
-        acted = refused = captured = 0
+        self.record(sample, busy)
+        captured = 0
         for o in outcomes:
             a = o.action
             if isinstance(a, SetMax):
                 if o.ok:
-                    acted += 1
                     self.note(now, "bump", f"{a.old} -> {o.read_back or a.new} ({a.trigger})", a.netns,
                               old=a.old, new=o.read_back or a.new, reason=a.trigger)
                 else:
@@ -242,7 +188,6 @@ class FlightRecorder:
             elif isinstance(a, Refuse):
                 if a.kind == "cooldown":
                     continue
-                refused += 1
                 self.note(now, "refusal", f"{a.kind}: wanted {a.wanted}, max {a.current}", a.netns,
                           old=a.current, new=a.wanted, reason=a.kind)
             elif isinstance(a, Capture):
@@ -257,30 +202,26 @@ class FlightRecorder:
                 # Actions other helpers add (relief: shortened timeouts and their undo).
                 self.note(now, _event_kind(a), str(getattr(a, "reason", "") or o.detail),
                           getattr(a, "netns", None), ok=o.ok)
-        lines = 0
         for e in kernel_events:
-            if e.backlog:
-                continue
-            lines += 1 + e.suppressed
-            self.note(now, "kernel", "nf_conntrack: table full, dropping packet"
-                      + (f" (+{e.suppressed} suppressed)" if e.suppressed else ""), e.netns)
-        worst = sample.worst
-        w = (worst.inode, worst.count, sample.limits.max) if worst is not None else None
-        before = self.incident
-        self.incident, ended = track(self.incident, now, w, acted, refused, dropped + lines, captured, quiet)
-        if before is None and self.incident is not None:
-            self.note(now, "incident-start", "incident started", self.incident.netns)
-        if ended is not None:
-            self.last_incident = ended
-            self.note(now, "incident-end", f"incident over: largest table {ended.peak} at max {ended.peak_max}",
-                      ended.netns)
-        return ended
+            if not e.backlog:
+                self.note(now, "kernel", "nf_conntrack: table full, dropping packet"
+                          + (f" (+{e.suppressed} suppressed)" if e.suppressed else ""), e.netns)
+        if incident != self.incident:
+            if self.incident is not None:
+                self.note(now, "incident-end", f"{self.incident} over", None, incident=self.incident)
+            if incident is not None:
+                self.note(now, "incident-start", f"{incident} began", None, incident=incident)
+            self.incident = incident
+            self.incident_captures = 0
+        if incident is not None:
+            self.incident_captures += captured
+        return captured
 
     def capture_allowed(self, reason: str, per_incident: int) -> bool:
         """At most `per_incident` bundles per incident: the first one, and one kept for its end."""
         if reason == "incident-end" or self.incident is None:
             return True
-        return self.incident.captures < max(1, per_incident - 1)
+        return self.incident_captures < max(1, per_incident - 1)
 
     # -- reading ----------------------------------------------------------------------------
 
