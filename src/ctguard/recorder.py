@@ -69,7 +69,7 @@ class _Series:
     def since(self, start: float) -> dict[str, Any]:
         i = bisect.bisect_left(self.t, start)
         out: dict[str, Any] = {"inode": self.inode, "name": self.name, "unit": self.unit,
-                               "container": self.container, "t": [round(x, 3) for x in self.t[i:]]}
+                               "container": self.container, "t": self.t[i:].tolist()}
         for c in COLUMNS:
             out[c] = self.cols[c][i:].tolist()
         return out
@@ -238,7 +238,7 @@ class FlightRecorder:
             "window_seconds": self.window_seconds,
             "from": round(min(firsts, default=start), 3),
             "to": round(to, 3),
-            "limits": {"t": [round(x, 3) for x in self.limits_t[i:]], "max": self.limits_max[i:].tolist(),
+            "limits": {"t": self.limits_t[i:].tolist(), "max": self.limits_max[i:].tolist(),
                        "buckets": self.limits_buckets[i:].tolist()},
             "namespaces": [s.since(start) for s in self.series.values() if s.t and s.t[-1] >= start],
             "events": [e for e in self.events if e["t"] >= start],

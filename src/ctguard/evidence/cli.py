@@ -96,9 +96,13 @@ def _progress_printer():
 def _timeline(args: argparse.Namespace, policy: Any) -> tuple[dict[str, Any] | None, str | None]:
     """The flight recorder's window: from the daemon's file, else asked of the running daemon."""
     if args.timeline_file is not None:
-        value = json.loads(read_text_nofollow(args.timeline_file, limit=64 << 20))
+        # The daemon's window: a missing or damaged one costs the bundle its timeline, not the capture.
+        try:
+            value = json.loads(read_text_nofollow(args.timeline_file, limit=64 << 20))
+        except (OSError, ValueError) as exc:
+            return None, f"no timeline: the daemon's window could not be read ({exc})"
         if not isinstance(value, dict):
-            raise ValueError(f"{args.timeline_file} must hold a JSON object (the timeline)")
+            return None, f"no timeline: {args.timeline_file} does not hold a JSON object"
         return value, None
     try:
         from ctguard import control
@@ -122,11 +126,8 @@ def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
         decision = _decision(args.decision_file)
     except (OSError, ValueError) as exc:
         return _fail(f"cannot use --decision-file: {exc}")
-    try:
-        timeline, timeline_note = _timeline(args, policy)
-    except (OSError, ValueError) as exc:
-        return _fail(f"cannot use --timeline-file: {exc}")
-    if timeline_note and args.timeline_file is None:
+    timeline, timeline_note = _timeline(args, policy)
+    if timeline_note:
         print(f"note: {timeline_note}", file=sys.stderr)
     netns_path = None
     if args.netns:
