@@ -165,3 +165,16 @@ def test_redacted_export_hides_every_address(folder: Path, tmp_path: Path) -> No
     plain = export(folder, NAME, tmp_path / "z.tar.gz")
     with tarfile.open(plain) as tar:
         assert SOURCE.encode() in tar.extractfile(f"{NAME}/evidence.toml").read()
+
+
+def test_review_benchmark_runs_quick() -> None:
+    """bench/bench_review.py in its tiny configuration (no timing is checked here)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_review.py"
+    out = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "diagnose + report" in out.stdout and "goal diagnose + report < 1000 ms" in out.stdout
+    rows = [line.split()[0] for line in out.stdout.splitlines() if line.split()[:1] in (["calm"], ["pressure"])]
+    assert rows == ["calm", "pressure"]
