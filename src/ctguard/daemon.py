@@ -124,6 +124,7 @@ class Daemon:
         self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
         self._queued: list[tuple[Capture, Decision, dict | None]] = []  # started once the turn is recorded
         self._findings: list[str] = []         # finding ids of the last automatic bundle (metrics)
+        self._in_turn = False
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
 
     def _note_p99(self) -> None:
@@ -281,7 +282,11 @@ class Daemon:
             # guard.sample_budget) and decide again knowing its shape.
             sample = replace(sample, shape=self.observer.shape(decision.needs_shape, self.policy.guard))
             decision = decide(self.policy, sample, self.history, now, kernel_events)
-        outcomes = self.actor.carry_out(decision) if decision.actions else []
+        self._in_turn = True           # captures asked for now are automatic: queued, limited per incident
+        try:
+            outcomes = self.actor.carry_out(decision) if decision.actions else []
+        finally:
+            self._in_turn = False
         before = self.history
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
         self._labels = {ns.inode: ns for ns in sample.namespaces}
@@ -409,8 +414,11 @@ class Daemon:
     # -- evidence beside the loop -------------------------------------------------------------
 
     def _start_capture(self, action: Capture, decision: Decision) -> str:
-        # Started at the end of the turn, once the flight recorder holds this turn's sample and
-        # actions (the bump is made by then: a capture never delays one).
+        if not self._in_turn:
+            # Asked for outside a turn (an operator, through the control socket): at once.
+            return self._launch_capture(action, decision, None)
+        # Automatic: started at the end of the turn, once the flight recorder holds this turn's
+        # sample and actions (the bump is made by then: a capture never delays one).
         if not self.recorder.capture_allowed(action.reason, self.policy.evidence.incident_captures):
             return ("capture skipped: this incident has its bundle, the next comes at its end "
                     "([evidence] incident_captures)")
