@@ -206,7 +206,7 @@ def main() -> int:
             mb, naive, per_turn, points, wms, jms, wmb = recorder_memory(a.namespaces, a.minutes, pressure)
             print(f"{case:<10} {mb:>7.2f} {naive:>9.2f} {naive / mb:>10.1f} {per_turn:>8.0f} {points:>8} "
                   f"{wms:>8.1f} {jms:>8.1f} {wmb:>8.2f}")
-        print("copy: window() in the daemon's loop at a capture; JSON: in the capture's forked child")
+        print("copy: window(), JSON: its serialisation; both in the daemon's loop at a capture, after the bump")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return 0

@@ -178,3 +178,25 @@ def test_review_benchmark_runs_quick() -> None:
     assert "diagnose + report" in out.stdout and "goal diagnose + report < 1000 ms" in out.stdout
     rows = [line.split()[0] for line in out.stdout.splitlines() if line.split()[:1] in (["calm"], ["pressure"])]
     assert rows == ["calm", "pressure"]
+
+
+def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from ctguard import status
+    from ctguard.evidence.review import last_bundle
+    from ctguard.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.policy import Policy
+
+    last = last_bundle(folder)
+    assert last is not None and last["id"] == "20260101T000100Z-manual"    # the newest complete one
+    assert last["top_finding"]["id"] == "kernel-drops" and "kernel-drops" in last["findings"]
+    policy = Policy()
+    policy = replace(policy, persist=replace(policy.persist, sysctl_file=tmp_path / "none.conf"))
+    now = Instant(1000.0, 1000.0)
+    sample = Sample(now, KernelLimits(4096, 1024, 320, 8 << 30, 4 << 30), (NamespaceReading(1, "host", 10),))
+    view = status.build(policy, sample, History(), now, last_bundle=last)
+    assert view.data["last_bundle"]["top_finding"]["id"] == "kernel-drops"
+    text = status.render_text(view)
+    assert "last bundle: 20260101T000100Z-manual - critical kernel-drops:" in text
+    assert last_bundle(tmp_path / "empty") is None

@@ -149,6 +149,7 @@ def render_text(view: StatusView) -> str:
             lines.append(f"{label}: {inc['id']} from {stamp} in {inc['name'] or inc['netns']}: peak fill "
                          f"{inc['peak_fill']:.1%}, {inc['drops']} drops, {inc['early_drops']} early drops, "
                          f"{inc['bumps']} bump(s)" + (f", bundles {', '.join(inc['bundles'])}" if inc["bundles"] else ""))
+    last = d.get("last_bundle")
     if last:
         top = last.get("top_finding")
         lines.append(f"last bundle: {last['id']}" + (f" - {top['severity']} {top['id']}: {top['summary']}" if top
