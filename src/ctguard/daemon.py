@@ -482,6 +482,10 @@ class Daemon:
         self.children.running.append((proc, action.reason, decision_file))
         return f"capture started (pid {proc.pid})"
 
+    def control_timeline(self, args) -> dict:
+        """The `timeline` control command: a hand-run `ctguard capture` asks for the window."""
+        return {"timeline": self._timeline()}
+
     def _timeline(self, incident: dict | None = None, args=None) -> dict:
         """The flight recorder's window with the bounds in force (also the `timeline` command)."""
         limits = self.last_sample.limits if self.last_sample is not None else None
