@@ -124,6 +124,18 @@ def table_to_toml(t: TableBreakdown) -> dict[str, Any]:
     return out
 
 
+def _network(ctx: collect.Context, netns_path: str | None, sources: list[str]) -> collect.Collected:
+    """Interfaces, addresses, routes and forwarding of the namespace, and where the top sources
+    arrive (pyroute2, read from a thread inside the namespace: see evidence.netinfo)."""
+    from ctguard.evidence import netinfo
+
+    try:
+        return run_in_netns(netns_path, lambda: collect.run_collector(
+            "network", lambda c: netinfo.network(c.proc_root, sources), ctx))
+    except OSError as exc:
+        return collect.Collected("network", error=f"cannot enter the network namespace {netns_path}: {exc}")
+
+
 def capture(
     cfg: EvidenceConfig,
     *,
@@ -222,6 +234,7 @@ def capture(
     except OSError as exc:
         results.append(collect.Collected("rules", error=f"cannot enter the network namespace {netns_path}: {exc}"))
     results.extend(collect.run_all(collect.HOST_COLLECTORS, ctx))
+    results.append(_network(ctx, netns_path, [str(h.key) for h in table.top_sources.rows] if table else []))
     results.append(collect.host_profile(ctx, netns_path, table.by_proto if table else None,
                                         table.by_tcp_state if table else None))
 

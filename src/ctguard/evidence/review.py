@@ -276,6 +276,14 @@ def details_lines(path: Path, data: BundleData) -> list[str]:
             out.append(f"  raised timeout: {t['name']} = {t['value']} s (kernel default {t['default']} s){held}")
     rules = ev.get("rules", {}) or {}
     out.append(f"  NAT: {rules.get('nat_verdict', 'unknown (rules not collected)')}")
+    net = ev.get("network", {}) or {}
+    if net:
+        ifaces = ", ".join(f"{i.get('name')} {' '.join(i.get('addresses', []))}".strip()
+                           for i in net.get("interfaces", []) or [])
+        out.append(f"  Network: {net.get('verdict')}; interfaces: {ifaces}")
+        if net.get("top_sources_by_interface"):
+            out.append("  top sources arrive on: " + ", ".join(
+                f"{dev} ({n} of them)" for dev, n in sorted(net["top_sources_by_interface"].items(), key=lambda kv: -kv[1])))
     totals = (ev.get("cpu_stats", {}) or {}).get("totals", {}) or {}
     if totals:
         keys = [k for k in ("drop", "insert_failed", "early_drop", "invalid", "search_restart", "clashres") if k in totals]
