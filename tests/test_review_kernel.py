@@ -189,3 +189,18 @@ def _has_control_section() -> bool:
     from ctguard import policy as p
 
     return "control" in getattr(p, "_SECTIONS", {})
+
+
+def test_hand_run_capture_gets_the_running_daemons_window(tmp_path: Path) -> None:
+    pytest.importorskip("ctguard.control", reason="needs the control socket (ctguard.control)")
+    policy = write_policy(tmp_path, f'[control]\nsocket = "{tmp_path}/control.sock"\n')
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(65536)
+        with Running(policy) as daemon:
+            time.sleep(2.5)
+            res = ctguard("capture", "--netns", pair.receiver, "--policy", str(policy))
+            assert res.returncode == 0, res.stderr + daemon.output()
+    bundle = Path(res.stdout.strip().splitlines()[-1])
+    review = reviewed(policy, bundle.name)
+    names = [ns["name"] for ns in review["timeline"].get("namespaces", [])]
+    assert pair.receiver in names, review["timeline"]
