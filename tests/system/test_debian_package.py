@@ -182,6 +182,41 @@ def sh(*args: str, timeout: float = 600, check: bool = True, input: str | None =
 
 def copy_root(src: Path, dst: Path) -> None:
     sh("cp", "-a", "--reflink=auto", str(src), str(dst), timeout=600)
+    seed_archives(dst)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:     # another file system
+        shutil.copy2(src, dst)
+
+
+# Each root gets an apt archive of its own, seeded from the shared cache, rather than the
+# cache itself bound in: apt holds /var/cache/apt/archives/lock while it works, and a second
+# run's container (another checkout's CI, a build beside a boot) then fails with "Could not
+# get lock /var/cache/apt/archives/lock. It is held by process 0".
+def seed_archives(root: Path) -> None:
+    """Hard links to every cached .deb in the root's own archive (apt never rewrites a .deb)."""
+    archive = root / "var/cache/apt/archives"
+    (archive / "partial").mkdir(parents=True, exist_ok=True)
+    for deb in APT_ARCHIVES.glob("*.deb"):
+        if not (archive / deb.name).exists():
+            with contextlib.suppress(FileNotFoundError):
+                _link_or_copy(deb, archive / deb.name)
+
+
+def harvest_archives(root: Path) -> None:
+    """What apt downloaded in the root goes back to the cache, each file renamed into place
+    whole (a concurrent run sees the old set or the new file, never half of it)."""
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        target = APT_ARCHIVES / deb.name
+        if target.exists():
+            continue
+        tmp = APT_ARCHIVES / f".{deb.name}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            _link_or_copy(deb, tmp)
+            os.replace(tmp, target)
 
 
 def remove_root(path: Path) -> None:
@@ -209,7 +244,6 @@ def nspawn(root: Path, script: str, timeout: float = 900, check: bool = True,
     return sh(
         "systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root),
         *(["--private-network"] if offline else []),
-        f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
         "--setenv=DEBIAN_FRONTEND=noninteractive", "--setenv=LC_ALL=C.UTF-8",
         f"--setenv=PATH={PATH_INSIDE}",
         "/bin/sh", "-ec", script, timeout=timeout, check=check)
@@ -252,7 +286,6 @@ class Machine:
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "--register=no", "--keep-unit", "-b", "-D", str(self.root),
                  "--capability=all", "--link-journal=no", "--console=read-only",
-                 f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
                  # The kernel log, so that ctguard's /dev/kmsg early warning is exercised
                  # too (nspawn gives a container none).
                  *(["--bind-ro=/dev/kmsg"] if KMSG.exists() else []),
@@ -429,8 +462,9 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
                     piuparts(base, release.suite, debs["first"], work, phase)
     finally:
         t_clean = time.monotonic()
-        remove_root(work / "root")
-        remove_root(work / "build")
+        for root in (work / "build", work / "root"):
+            harvest_archives(root)
+            remove_root(root)
         phase.times.append(("cleanup", time.monotonic() - t_clean))
         if not KEEP:
             shutil.rmtree(work, ignore_errors=True)
