@@ -101,6 +101,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return status.UNKNOWN
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     history = store.load_history()
+    from dataclasses import replace
+
+    from ctguard.relief_io import ReliefStore
+
+    relief_store = ReliefStore(policy.state.dir)
+    relief_store.load(warn=lambda m: print(f"warning: {m}", file=sys.stderr), set_aside=False)
+    history = replace(history, relief=relief_store.state())
     role, timeouts = _role_and_timeouts(sample, refs)
     view = status.build(policy, sample, history, now, role, timeouts)
     if args.json:

@@ -32,6 +32,9 @@ from ctguard.model import (
 )
 from ctguard.observe import Observer
 from ctguard.policy import Policy, PolicyError
+from ctguard import relief as relief_core
+from ctguard.model import RestoreTimeout, ShortenTimeout, TrimEntries
+from ctguard.relief_io import ReliefActor, ReliefStore, read_timeouts
 from ctguard.state import PeakRecorder, StateStore
 
 log = logging.getLogger("ctguard")
@@ -98,7 +101,11 @@ class Daemon:
         self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
         self.history: History = self.store.load_history()
         self.peaks = PeakRecorder(*self.store.load_recorded())
-        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
+        self.relief_store = ReliefStore(policy.state.dir)
+        self.relief_store.load(warn=lambda m: log.warning("%s", m))
+        self.history = replace(self.history, relief=self.relief_store.state())
+        self.relief_actor = ReliefActor(self.relief_store, self.observer.path_of, self.clock.now)
+        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time, relief=self.relief_actor)
         self.children = Children()
         self.follower = None
         self.running = True
@@ -238,6 +245,7 @@ class Daemon:
                                  CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason)
             else:
                 log.warning("evidence capture (%s) failed with exit code %s: %s", reason, code, out[-500:])
+        self._reap_trims()
         try:
             sample = self.observer.sample()
         except ConntrackNotLoaded as exc:
@@ -259,8 +267,17 @@ class Daemon:
             # guard.sample_budget) and decide again knowing its shape.
             sample = replace(sample, shape=self.observer.shape(decision.needs_shape, self.policy.guard))
             decision = decide(self.policy, sample, self.history, now, kernel_events)
+        if decision.needs_relief is not None:
+            # Relief may shorten timeouts here: look at what holds the table and at the
+            # namespace's current timeouts, and decide again knowing them.
+            sample = self._relief_look(sample, decision.needs_relief)
+            decision = decide(self.policy, sample, self.history, now, kernel_events)
         outcomes = self.actor.carry_out(decision) if decision.actions else []
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
+        calm = {n: t for n, t in self.history.relief.calm_since if any(x.netns == n for x in self.history.relief.active)}
+        if calm != self.relief_store.calm:
+            self.relief_store.calm = calm       # for `ctguard status`: the time left before the restore
+            self._safe(lambda _: self.relief_store.save(), None, what="relief", where=str(self.relief_store.path))
         self._report(decision, outcomes, kernel_events)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
@@ -276,8 +293,58 @@ class Daemon:
             self.ready = True
         return next_interval(self.policy, decision)
 
+    def _relief_look(self, sample: Sample, netns: int) -> Sample:
+        shape = sample.shape
+        if shape is None or shape.netns != netns or not shape.states:
+            shape = self.observer.shape(netns, self.policy.guard)
+        found, path = self.observer.path_of(netns)
+        values: dict[str, int] = {}
+        if found:
+            try:
+                values = read_timeouts(path, [k for k, _ in self.policy.relief.timeouts])
+            except OSError as exc:
+                log.warning("relief cannot read the conntrack timeouts of netns %s: %s", netns, exc)
+        return replace(sample, shape=shape, timeouts=((netns, tuple(sorted(values.items()))),))
+
+    def _reap_trims(self) -> None:
+        for trim, report in self.relief_actor.reap():
+            if "error" in report:
+                log.warning("relief: the trim of netns %s failed: %s", trim.name, report["error"])
+                continue
+            self.events.emit("relief-trimmed",
+                             f"relief: capped the remaining timeout of {report.get('changed', 0)} existing entries "
+                             f"in netns {trim.name} ({report.get('seen', 0)} looked at, {report.get('gone', 0)} "
+                             f"already gone, {report.get('seconds', 0)} s"
+                             + (", cut short by its bounds)" if report.get("cut_short") else ")"),
+                             CTGUARD_NETNS=trim.netns, CTGUARD_ENTRIES=report.get("changed", 0),
+                             CTGUARD_REASON="trim")
+
+    def _relief_restore_all(self, why: str) -> None:
+        """Put every relieved timeout back now (stop, or relief turned off by a reload)."""
+        actions = tuple(RestoreTimeout(x.netns, x.name, x.key, x.original, x.value, why)
+                        for x in self.history.relief.active)
+        if not actions:
+            return
+        decision = Decision(actions, None, 0.0, 0.0, False, why)
+        outcomes = self.actor.carry_out(decision)
+        self.history = replace(self.history, relief=relief_core.advance(
+            self.history.relief, self.history, None, outcomes, self.clock.now(), self.policy))
+        self._report(decision, outcomes, [])
+
     def _start(self, sample: Sample, now: Instant) -> None:
         self._not_loaded_said = False
+        restores, kept = relief_core.at_start(self.history.relief, now.boot_id, self.relief_store.boot_ids())
+        for (n, k) in list(self.relief_store.records):
+            if not any(x.netns == n and x.key == k for x in kept.active):
+                log.info("relief of nf_conntrack_%s_timeout in netns %s was undone by a reboot; forgotten", k, n)
+                del self.relief_store.records[(n, k)]
+        self.history = replace(self.history, relief=kept)
+        if restores:
+            decision = Decision(tuple(restores), None, 0.0, 0.0, False, "relief left behind")
+            outcomes = self.actor.carry_out(decision)
+            self.history = replace(self.history, relief=relief_core.advance(
+                self.history.relief, self.history, None, outcomes, now, self.policy))
+            self._report(decision, outcomes, [])
         persisted = persist.read_persisted_max(self.policy.persist.sysctl_file)
         start = decide_start(self.policy, sample.limits, persisted)
         if start.actions:
@@ -356,6 +423,41 @@ class Daemon:
                             CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="table-full")
             elif isinstance(a, Capture) and not o.ok:
                 log.warning("%s", o.detail)
+            elif isinstance(a, (ShortenTimeout, RestoreTimeout, TrimEntries)):
+                self._report_relief(o)
+
+    def _report_relief(self, o: Outcome) -> None:
+        from ctguard.events import LOG_ERR
+
+        a = o.action
+        ev = self.events
+        if isinstance(a, ShortenTimeout):
+            fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.old, CTGUARD_NEW=a.new,
+                          CTGUARD_REASON=a.reason)
+            if o.ok:
+                self.last_action = f"relief: {a.key} timeout {a.old} -> {o.read_back} in {a.name}"
+                ev.emit("relief", f"relief: lowered nf_conntrack_{a.key}_timeout {o.extra.get('old', a.old)} -> "
+                                  f"{o.read_back} s in netns {a.name}: {a.reason}", **fields)
+            elif a.advise or self.policy.observe_only:
+                ev.emit("relief-advice", f"relief would lower nf_conntrack_{a.key}_timeout {a.old} -> {a.new} s "
+                                         f"in netns {a.name} ({o.detail.split(':')[0]}): {a.reason}", **fields)
+            else:
+                ev.emit("relief", f"relief: did not lower nf_conntrack_{a.key}_timeout in netns {a.name}: {o.detail}",
+                        priority=LOG_ERR, **fields)
+        elif isinstance(a, RestoreTimeout):
+            why = o.extra.get("why", "calm" if o.ok else "failed")
+            fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.relieved,
+                          CTGUARD_NEW=a.original if o.ok else o.extra.get("found", ""), CTGUARD_REASON=why)
+            if o.ok:
+                self.last_action = f"relief over: {a.key} timeout back to {a.original} in {a.name}"
+                ev.emit("relief-restored", f"relief over: nf_conntrack_{a.key}_timeout {a.relieved} -> {o.read_back} s "
+                                           f"in netns {a.name} ({a.reason})", **fields)
+            elif o.extra.get("forget"):
+                ev.emit("relief-restored", f"relief over, nothing restored: {o.detail}", **fields)
+            else:
+                log.warning("%s", o.detail)
+        elif isinstance(a, TrimEntries) and not o.ok and "still running" not in o.detail:
+            log.warning("relief: %s", o.detail)
 
     # -- evidence beside the loop -------------------------------------------------------------
 
@@ -390,6 +492,9 @@ class Daemon:
         else:
             self.policy = new
             self.actor.policy = new
+            if new.relief.mode != "enforce" or new.observe_only:
+                self._relief_restore_all(f"relief.mode is {new.relief.mode}" if new.relief.mode != "enforce"
+                                         else "mode is observe")
             self.observer.namespaces = new.watch.namespaces
             self.observer.rediscover()
             if new.state.dir != self.store.folder:
@@ -401,6 +506,8 @@ class Daemon:
 
     def _stop(self) -> None:
         self.notifier.stopping()
+        self.relief_actor.stop()
+        self._relief_restore_all("ctguard stopping")
         self._safe(self.store.save_history, self.history, what="state")
         self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.current(), what="peaks")
         if self.follower is not None:

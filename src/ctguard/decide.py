@@ -15,6 +15,7 @@ from ctguard.model import (
     Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
 )
 from ctguard.policy import Policy
+from ctguard import relief
 
 STEP = 1024                 # nf_conntrack_max moves in whole multiples of this
 RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
@@ -210,11 +211,14 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     if bumped_to is None:
         actions.extend(_stable_persist(policy, limits, history, now))
 
+    relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
+    actions.extend(relief_actions)
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
     headroom = int(policy.thresholds.act * limits.max) - (worst.count if worst else 0)
-    return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full, headroom, confirm, needs_shape)
+    return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full, headroom, confirm, needs_shape,
+                    needs_relief)
 
 
 def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
@@ -401,6 +405,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
     keep = [b for b in bumps if now.since(b.at) < HOUR]
     changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)
 
+    changes["relief"] = relief.advance(h.relief, h, sample, outcomes, now, policy)
     live_events = [e for e in events if not e.backlog]
     if live_events:
         changes["last_drop"] = now

@@ -66,6 +66,10 @@ MESSAGE_ID_POLICY_RELOADED = "a9926543953149339cc939be08d68182"
 MESSAGE_ID_POLICY_REJECTED = "b49f6a2aa0274efb9f18bcfe1719c402"
 MESSAGE_ID_SUPPRESSED = "a8e3d94bec444addb0fba40e032cbcce"
 MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
+MESSAGE_ID_RELIEF = "3c62b1e1ef5c4f61aee61acc8b3cfdaf"
+MESSAGE_ID_RELIEF_RESTORED = "7f5d2dfa814047bcb208cb3539bec07a"
+MESSAGE_ID_RELIEF_ADVICE = "2dc6104bea8c46d19a172f17d267e468"
+MESSAGE_ID_RELIEF_TRIMMED = "3e17d4cefa214d39ac76d1e8ba35ea68"
 
 KINDS: Mapping[str, Kind] = {
     k.name: k
@@ -93,6 +97,16 @@ KINDS: Mapping[str, Kind] = {
              "reloaded policy invalid; the old one stays in force (MESSAGE names file and key)"),
         Kind("suppressed", MESSAGE_ID_SUPPRESSED, LOG_NOTICE,
              "N entries of one kind were not written (rate limit); CTGUARD_REASON: the kind, CTGUARD_SUPPRESSED: N"),
+        Kind("relief", MESSAGE_ID_RELIEF, LOG_WARNING,
+             "relief: a conntrack timeout shortened in one namespace (CTGUARD_NETNS, CTGUARD_KEY, CTGUARD_OLD, "
+             "CTGUARD_NEW, CTGUARD_REASON); a failed write says so in MESSAGE with PRIORITY err"),
+        Kind("relief-restored", MESSAGE_ID_RELIEF_RESTORED, LOG_NOTICE,
+             "relief over: the original timeout is back (CTGUARD_OLD: relief's value, CTGUARD_NEW: the original), "
+             "or left alone: CTGUARD_REASON `operator` (someone changed it meanwhile) or `gone` (namespace vanished)"),
+        Kind("relief-advice", MESSAGE_ID_RELIEF_ADVICE, LOG_NOTICE,
+             "relief.mode is advise (or mode observe): the timeout relief would shorten, nothing changed"),
+        Kind("relief-trimmed", MESSAGE_ID_RELIEF_TRIMMED, LOG_NOTICE,
+             "existing entries' remaining timeout capped over ctnetlink (CTGUARD_ENTRIES: how many changed)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
     )
 }
@@ -109,7 +123,8 @@ ALIASES: Mapping[str, str] = {
     "bundle-captured": "bundle",
 }
 
-FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE")
+FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
+          "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES")
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or
 # underscore (leading underscore = trusted fields journald sets itself).

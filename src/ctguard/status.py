@@ -14,6 +14,7 @@ from ctguard import persist
 from ctguard.decide import budget_left as budget_left_of, upper_bound
 from ctguard.model import History, Instant, Sample
 from ctguard.policy import Policy
+from ctguard import relief
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -49,6 +50,9 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         problems.append((WARNING, f"max {lim.max} is at the {binding} {upper}: no room left to bump"))
     if budget_left == 0:
         problems.append((WARNING, "bump budget for this hour is spent"))
+    relieved = relief.rows(policy, history.relief, now)
+    if relieved:
+        problems.append((WARNING, f"timeout relief active in {len({r['netns'] for r in relieved})} namespace(s)"))
     code = max((c for c, _ in problems), default=OK)
     worst_txt = f"{worst.name} {fill:.1%}" if worst else "no namespace"
     reasons = "; ".join(m for _, m in problems)
@@ -83,6 +87,8 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "last_drop": history.last_drop.wall if history.last_drop else None,
         "host_role": None if role is None else {"role": role.role, "roles": list(role.roles),
                                                  "evidence": list(role.evidence), "unknown": list(role.unknown)},
+        "relief": relieved,
+        "relief_mode": policy.relief.mode,
         "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
                             for t in (timeouts or [])],
     }
@@ -106,6 +112,11 @@ def render_text(view: StatusView) -> str:
     for t in d["raised_timeouts"]:
         held = f", holding about {t['entries']} entries" if t["entries"] is not None else ""
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
+    for r in d.get("relief", []):
+        left = ("restored after calm_for once the namespace is calm" if r["seconds_left"] is None
+                else f"restored in {r['seconds_left']:.0f} s if it stays calm")
+        lines.append(f"relief: netns {r['name']}: nf_conntrack_{r['key']}_timeout {r['value']} s "
+                     f"(was {r['original']} s), {left}")
     persisted = d["persisted_max"]
     lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
     if d["last_bumps"]:
