@@ -235,3 +235,84 @@ def test_at_start_restores_this_boot_and_forgets_another():
     restores, kept = relief.at_start(st, "b1", [(NS, "udp", "b1"), (NS, "tcp_syn_sent", "b0")])
     assert [(a.key, a.original, a.relieved) for a in restores] == [("udp", 600, 10)]
     assert [x.key for x in kept.active] == ["udp"] and kept.total == 4
+
+
+# --- the adapters, over a temp tree ------------------------------------------------------------
+
+def test_sysctl_names_follow_the_kernel():
+    from ctguard.policy import RELIEF_TIMEOUTS, sysctl_name
+
+    names = {k: sysctl_name(k) for k in RELIEF_TIMEOUTS}
+    assert names["udp"] == "nf_conntrack_udp_timeout"
+    assert names["udp_stream"] == "nf_conntrack_udp_timeout_stream"
+    assert names["tcp_syn_sent"] == "nf_conntrack_tcp_timeout_syn_sent"
+    assert names["tcp_established"] == "nf_conntrack_tcp_timeout_established"
+
+
+def test_timeout_writer_reads_back_and_compares(tmp_path):
+    from ctguard.relief_io import TimeoutChanged, read_timeouts, write_timeout
+
+    (tmp_path / "nf_conntrack_udp_timeout").write_text("600\n")
+    (tmp_path / "nf_conntrack_tcp_timeout_syn_sent").write_text("120\n")
+    d = str(tmp_path)
+    assert read_timeouts(None, ["udp", "tcp_syn_sent", "tcp_syn_recv"], d) == {"udp": 600, "tcp_syn_sent": 120}
+    assert write_timeout(None, "udp", 10, expect=600, sysctl_dir=d) == 10
+    with pytest.raises(TimeoutChanged) as exc:
+        write_timeout(None, "udp", 600, expect=5, sysctl_dir=d)     # someone else's value: left alone
+    assert exc.value.found == 10 and read_timeouts(None, ["udp"], d) == {"udp": 10}
+
+
+def test_store_keeps_the_originals_and_sets_a_damaged_file_aside(tmp_path):
+    from ctguard.relief_io import Record, ReliefStore
+
+    store = ReliefStore(tmp_path)
+    store.records[(NS, "udp")] = Record(NS, "tenant", "/run/netns/tenant", "udp", 600, 10, at(1))
+    store.total = 3
+    store.calm[NS] = at(5)
+    store.save()
+    again = ReliefStore(tmp_path)
+    again.load()
+    assert again.state() == ReliefState(active=(Relieved(NS, "tenant", "udp", 600, 10, at(1)),), total=3,
+                                        calm_since=((NS, at(5)),))
+    assert again.boot_ids() == [(NS, "udp", "b1")]
+    (tmp_path / "relief.json").write_text("{not json")
+    warned = []
+    broken = ReliefStore(tmp_path)
+    broken.load(warn=warned.append)
+    assert broken.records == {} and warned and (tmp_path / "relief.json.bad").exists()
+
+
+def test_actor_saves_the_original_before_writing_and_restores_by_compare_and_set(tmp_path):
+    from ctguard.relief_io import ReliefActor, ReliefStore
+
+    sysctl = tmp_path / "sys"
+    sysctl.mkdir()
+    (sysctl / "nf_conntrack_udp_timeout").write_text("600\n")
+    store = ReliefStore(tmp_path / "state")
+    actor = ReliefActor(store, lambda n: (True, None), lambda: at(1), sysctl_dir=str(sysctl))
+    o = actor.carry_out(ShortenTimeout(NS, "tenant", "udp", 600, 10, "why"), pol(ENFORCE))
+    assert o.ok and o.read_back == 10
+    saved = ReliefStore(tmp_path / "state")
+    saved.load()
+    assert [(r.key, r.original, r.value) for r in saved.records.values()] == [("udp", 600, 10)]
+    # The operator sets 45 meanwhile: the restore leaves it and forgets the relief.
+    (sysctl / "nf_conntrack_udp_timeout").write_text("45\n")
+    o = actor.carry_out(RestoreTimeout(NS, "tenant", "udp", 600, 10, "calm"), pol(ENFORCE))
+    assert not o.ok and o.extra["why"] == "operator" and (sysctl / "nf_conntrack_udp_timeout").read_text() == "45\n"
+    assert store.records == {}
+    # A namespace that vanished is forgotten.
+    gone = ReliefActor(store, lambda n: (False, None), lambda: at(1), sysctl_dir=str(sysctl))
+    o = gone.carry_out(RestoreTimeout(NS, "tenant", "udp", 600, 10, "calm"), pol(ENFORCE))
+    assert not o.ok and o.extra["why"] == "gone"
+
+
+def test_trim_selects_only_unanswered_half_open_and_time_wait():
+    from ctguard.relief_trim import IPS_ASSURED, IPS_SEEN_REPLY, key_of
+
+    assert key_of(17, 0, None) == "udp"
+    assert key_of(17, IPS_SEEN_REPLY | IPS_ASSURED, None) is None
+    assert key_of(6, 0, 1) == "tcp_syn_sent"
+    assert key_of(6, IPS_SEEN_REPLY, 2) == "tcp_syn_recv"
+    assert key_of(6, IPS_SEEN_REPLY | IPS_ASSURED, 2) is None
+    assert key_of(6, IPS_SEEN_REPLY | IPS_ASSURED, 7) == "tcp_time_wait"
+    assert key_of(6, IPS_SEEN_REPLY | IPS_ASSURED, 3) is None          # never an established connection

@@ -15,7 +15,7 @@ from ctguard.model import (
     Action, Capture, Decision, Outcome, Persist, Refuse, RestoreTimeout, SetBuckets, SetMax, ShortenTimeout,
     TrimEntries, Warn,
 )
-from ctguard.policy import Policy
+from ctguard.policy import Policy, sysctl_name
 
 _ORDER = {SetMax: 0, SetBuckets: 1, Persist: 2, Refuse: 3, Warn: 4, Capture: 5,
           RestoreTimeout: 6, ShortenTimeout: 7, TrimEntries: 8}
@@ -50,7 +50,7 @@ class Actor:
         if isinstance(action, (ShortenTimeout, RestoreTimeout, TrimEntries)):
             if isinstance(action, ShortenTimeout) and (observe or action.advise):
                 return Outcome(action, False, ("observe mode" if observe else "relief.mode is advise")
-                               + f": would lower nf_conntrack_{action.key}_timeout {action.old} -> {action.new} "
+                               + f": would lower {sysctl_name(action.key)} {action.old} -> {action.new} "
                                f"in netns {action.name}")
             if isinstance(action, TrimEntries) and observe:
                 return Outcome(action, False, "observe mode: no entry trimmed")

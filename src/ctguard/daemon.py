@@ -31,7 +31,7 @@ from ctguard.model import (
     Capture, Decision, History, Instant, Outcome, Persist, Refuse, Sample, SetBuckets, SetMax, TableFull, Warn,
 )
 from ctguard.observe import Observer
-from ctguard.policy import Policy, PolicyError
+from ctguard.policy import Policy, PolicyError, sysctl_name
 from ctguard import relief as relief_core
 from ctguard.model import RestoreTimeout, ShortenTimeout, TrimEntries
 from ctguard.relief_io import ReliefActor, ReliefStore, read_timeouts
@@ -436,13 +436,13 @@ class Daemon:
                           CTGUARD_REASON=a.reason)
             if o.ok:
                 self.last_action = f"relief: {a.key} timeout {a.old} -> {o.read_back} in {a.name}"
-                ev.emit("relief", f"relief: lowered nf_conntrack_{a.key}_timeout {o.extra.get('old', a.old)} -> "
+                ev.emit("relief", f"relief: lowered {sysctl_name(a.key)} {o.extra.get('old', a.old)} -> "
                                   f"{o.read_back} s in netns {a.name}: {a.reason}", **fields)
             elif a.advise or self.policy.observe_only:
-                ev.emit("relief-advice", f"relief would lower nf_conntrack_{a.key}_timeout {a.old} -> {a.new} s "
+                ev.emit("relief-advice", f"relief would lower {sysctl_name(a.key)} {a.old} -> {a.new} s "
                                          f"in netns {a.name} ({o.detail.split(':')[0]}): {a.reason}", **fields)
             else:
-                ev.emit("relief", f"relief: did not lower nf_conntrack_{a.key}_timeout in netns {a.name}: {o.detail}",
+                ev.emit("relief", f"relief: did not lower {sysctl_name(a.key)} in netns {a.name}: {o.detail}",
                         priority=LOG_ERR, **fields)
         elif isinstance(a, RestoreTimeout):
             why = o.extra.get("why", "calm" if o.ok else "failed")
@@ -450,7 +450,7 @@ class Daemon:
                           CTGUARD_NEW=a.original if o.ok else o.extra.get("found", ""), CTGUARD_REASON=why)
             if o.ok:
                 self.last_action = f"relief over: {a.key} timeout back to {a.original} in {a.name}"
-                ev.emit("relief-restored", f"relief over: nf_conntrack_{a.key}_timeout {a.relieved} -> {o.read_back} s "
+                ev.emit("relief-restored", f"relief over: {sysctl_name(a.key)} {a.relieved} -> {o.read_back} s "
                                            f"in netns {a.name} ({a.reason})", **fields)
             elif o.extra.get("forget"):
                 ev.emit("relief-restored", f"relief over, nothing restored: {o.detail}", **fields)

@@ -76,6 +76,13 @@ RELIEF_TIMEOUTS: dict[str, tuple[int | None, int]] = {
 }
 
 
+def sysctl_name(key: str) -> str:
+    """The sysctl a relief key names: udp -> nf_conntrack_udp_timeout, udp_stream ->
+    nf_conntrack_udp_timeout_stream, tcp_syn_sent -> nf_conntrack_tcp_timeout_syn_sent."""
+    proto, _, rest = key.partition("_")
+    return f"nf_conntrack_{proto}_timeout" + (f"_{rest}" if rest else "")
+
+
 @dataclass(frozen=True)
 class Relief:
     """Past the ceiling, shorten the timeouts holding the entries that fill one namespace (and
@@ -271,7 +278,7 @@ def _relief_timeouts(where: str, table: dict, problems: list[str]) -> tuple[tupl
             problems.append(f"{here}: must be an integer number of seconds, not {value!r}")
             bad = True
         elif value < floor or value > 432000:
-            problems.append(f"{here}: {value} is below the floor of {floor} s for nf_conntrack_{key}_timeout "
+            problems.append(f"{here}: {value} is below the floor of {floor} s for {sysctl_name(key)} "
                             f"(see ctguard-policy(5) for why)" if value < floor
                             else f"{here}: {value} is above 432000 s, longer than any kernel default")
             bad = True

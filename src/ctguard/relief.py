@@ -20,7 +20,7 @@ from ctguard.model import (
     Action, History, Instant, Outcome, Refuse, Relieved, ReliefState, RestoreTimeout, Sample, SetMax,
     ShortenTimeout, TrimEntries,
 )
-from ctguard.policy import Policy
+from ctguard.policy import Policy, sysctl_name
 
 BLOCKED = ("ceiling", "memory", "budget", "guard")   # refusals a bigger table cannot fix
 SHARE = 0.10        # a timeout is shortened when the entries it holds are at least this share of a look
@@ -112,7 +112,7 @@ def plan(policy: Policy, sample: Sample, history: History, now: Instant,
             if old <= value:
                 continue        # already at or below its emergency value: nothing to gain
             reason = (f"{why}; {n} of {shape.seen} sampled entries are {LABELS[key]}: "
-                      f"nf_conntrack_{key}_timeout {old} -> {value} s in {where}")
+                      f"{sysctl_name(key)} {old} -> {value} s in {where}")
             out.append(ShortenTimeout(netns, ns.name, key, old, value, reason,
                                       advise=r.mode == "advise" or policy.observe_only))
     if r.mode == "enforce" and not policy.observe_only:

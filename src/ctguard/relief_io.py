@@ -28,7 +28,7 @@ from pathlib import Path
 from ctguard.files import atomic_write, ensure_private_dir, read_text_nofollow
 from ctguard.model import Instant, Outcome, Relieved, ReliefState, RestoreTimeout, ShortenTimeout, TrimEntries
 from ctguard.netns import run_in_netns
-from ctguard.policy import RELIEF_TIMEOUTS
+from ctguard.policy import RELIEF_TIMEOUTS, sysctl_name
 
 RELIEF_FILE = "relief.json"
 FORMAT = 1
@@ -48,7 +48,7 @@ class TimeoutChanged(Exception):
 def sysctl_path(key: str, sysctl_dir: str = SYSCTL_DIR) -> str:
     if key not in RELIEF_TIMEOUTS:
         raise ValueError(f"not a relief timeout: {key!r}")
-    return f"{sysctl_dir}/nf_conntrack_{key}_timeout"
+    return f"{sysctl_dir}/{sysctl_name(key)}"
 
 
 def read_timeouts(netns_path: str | None, keys: Iterable[str], sysctl_dir: str = SYSCTL_DIR) -> dict[str, int]:
@@ -79,7 +79,7 @@ def write_timeout(netns_path: str | None, key: str, value: int, expect: int | No
             found = int(fh.read())
         if expect is not None and found != expect:
             raise TimeoutChanged(found)
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)   # (O_TRUNC: a test's plain file)
         try:
             os.write(fd, str(value).encode())
         finally:
@@ -226,9 +226,9 @@ class ReliefActor:
         try:
             current = read_timeouts(path, [a.key], self.sysctl_dir).get(a.key)
         except OSError as exc:
-            return Outcome(a, False, f"cannot read nf_conntrack_{a.key}_timeout in netns {a.name}: {exc}")
+            return Outcome(a, False, f"cannot read {sysctl_name(a.key)} in netns {a.name}: {exc}")
         if current is None or current <= a.new:
-            return Outcome(a, False, f"nf_conntrack_{a.key}_timeout in netns {a.name} is {current}, "
+            return Outcome(a, False, f"{sysctl_name(a.key)} in netns {a.name} is {current}, "
                                      f"already at or below {a.new}")
         key = (a.netns, a.key)
         prior = self.store.records.get(key)
@@ -247,14 +247,14 @@ class ReliefActor:
             got = write_timeout(path, a.key, a.new, expect=current, sysctl_dir=self.sysctl_dir)
         except TimeoutChanged as exc:
             self._forget(key, prior)
-            return Outcome(a, False, f"nf_conntrack_{a.key}_timeout in netns {a.name} changed to {exc.found} "
+            return Outcome(a, False, f"{sysctl_name(a.key)} in netns {a.name} changed to {exc.found} "
                                      "while ctguard looked; left as is")
         except OSError as exc:
-            return Outcome(a, False, f"cannot set nf_conntrack_{a.key}_timeout to {a.new} in netns {a.name}: {exc}",
+            return Outcome(a, False, f"cannot set {sysctl_name(a.key)} to {a.new} in netns {a.name}: {exc}",
                            extra={"saved": True})
         self.store.total += 1
         self._save_quietly()
-        return Outcome(a, True, f"nf_conntrack_{a.key}_timeout {current} -> {got} s in netns {a.name}",
+        return Outcome(a, True, f"{sysctl_name(a.key)} {current} -> {got} s in netns {a.name}",
                        read_back=got, extra={"old": current})
 
     def _forget(self, key: tuple[int, str], prior: Record | None = None) -> None:
@@ -281,7 +281,7 @@ class ReliefActor:
             got = write_timeout(path, a.key, a.original, expect=a.relieved, sysctl_dir=self.sysctl_dir)
         except TimeoutChanged as exc:
             self._forget(key)
-            return Outcome(a, False, f"nf_conntrack_{a.key}_timeout in netns {a.name} was set to {exc.found} "
+            return Outcome(a, False, f"{sysctl_name(a.key)} in netns {a.name} was set to {exc.found} "
                                      f"by someone else during relief; their value stays (original {a.original})",
                            extra={"forget": True, "why": "operator", "found": exc.found})
         except FileNotFoundError:
@@ -289,10 +289,10 @@ class ReliefActor:
             return Outcome(a, False, f"netns {a.name} is gone; its relief is forgotten",
                            extra={"forget": True, "why": "gone"})
         except OSError as exc:
-            return Outcome(a, False, f"cannot restore nf_conntrack_{a.key}_timeout to {a.original} in netns "
+            return Outcome(a, False, f"cannot restore {sysctl_name(a.key)} to {a.original} in netns "
                                      f"{a.name}: {exc}; retried next turn")
         self._forget(key)
-        return Outcome(a, True, f"nf_conntrack_{a.key}_timeout {a.relieved} -> {got} s in netns {a.name}",
+        return Outcome(a, True, f"{sysctl_name(a.key)} {a.relieved} -> {got} s in netns {a.name}",
                        read_back=got)
 
     def _trim(self, a: TrimEntries) -> Outcome:

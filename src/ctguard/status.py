@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ctguard import persist
 from ctguard.decide import budget_left as budget_left_of, upper_bound
 from ctguard.model import History, Instant, Sample
-from ctguard.policy import Policy
+from ctguard.policy import Policy, sysctl_name
 from ctguard import relief
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -115,7 +115,7 @@ def render_text(view: StatusView) -> str:
     for r in d.get("relief", []):
         left = ("restored after calm_for once the namespace is calm" if r["seconds_left"] is None
                 else f"restored in {r['seconds_left']:.0f} s if it stays calm")
-        lines.append(f"relief: netns {r['name']}: nf_conntrack_{r['key']}_timeout {r['value']} s "
+        lines.append(f"relief: netns {r['name']}: {sysctl_name(r['key'])} {r['value']} s "
                      f"(was {r['original']} s), {left}")
     persisted = d["persisted_max"]
     lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
