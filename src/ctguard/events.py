@@ -66,6 +66,8 @@ MESSAGE_ID_POLICY_RELOADED = "a9926543953149339cc939be08d68182"
 MESSAGE_ID_POLICY_REJECTED = "b49f6a2aa0274efb9f18bcfe1719c402"
 MESSAGE_ID_SUPPRESSED = "a8e3d94bec444addb0fba40e032cbcce"
 MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
+MESSAGE_ID_INCIDENT_START = "6db88ec617644a76ae0f2b5bc77769fb"
+MESSAGE_ID_INCIDENT_END = "d86f06d8bda24112af95694381fa6299"
 MESSAGE_ID_RELIEF = "3c62b1e1ef5c4f61aee61acc8b3cfdaf"
 MESSAGE_ID_RELIEF_RESTORED = "7f5d2dfa814047bcb208cb3539bec07a"
 MESSAGE_ID_RELIEF_ADVICE = "2dc6104bea8c46d19a172f17d267e468"
@@ -108,6 +110,11 @@ KINDS: Mapping[str, Kind] = {
         Kind("relief-trimmed", MESSAGE_ID_RELIEF_TRIMMED, LOG_NOTICE,
              "existing entries' remaining timeout capped over ctnetlink (CTGUARD_ENTRIES: how many changed)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
+        Kind("incident-start", MESSAGE_ID_INCIDENT_START, LOG_WARNING,
+             "pressure began (fill at warn, a table-full line, or a bump); CTGUARD_INCIDENT names it"),
+        Kind("incident-end", MESSAGE_ID_INCIDENT_END, LOG_NOTICE,
+             "thresholds.calm seconds without pressure: the incident's summary (peak fill, drops, early drops, "
+             "bumps, rate, bundles)"),
     )
 }
 
@@ -124,7 +131,11 @@ ALIASES: Mapping[str, str] = {
 }
 
 FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
+          "CTGUARD_NETNS_NAME", "CTGUARD_UNIT", "CTGUARD_RATE", "CTGUARD_NEED", "CTGUARD_HORIZON",
+          "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
+          "CTGUARD_BUMPS", "CTGUARD_DURATION",
           "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES")
+
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or
 # underscore (leading underscore = trusted fields journald sets itself).
