@@ -316,3 +316,62 @@ def test_trim_selects_only_unanswered_half_open_and_time_wait():
     assert key_of(6, IPS_SEEN_REPLY | IPS_ASSURED, 2) is None
     assert key_of(6, IPS_SEEN_REPLY | IPS_ASSURED, 7) == "tcp_time_wait"
     assert key_of(6, IPS_SEEN_REPLY | IPS_ASSURED, 3) is None          # never an established connection
+
+
+def test_every_bundle_carries_the_relief_in_force(tmp_path):
+    from ctguard.evidence import collect
+    from ctguard.relief_io import Record, ReliefStore
+
+    store = ReliefStore(tmp_path / "state")
+    store.records[(NS, "udp")] = Record(NS, "tenant", "/run/netns/tenant", "udp", 600, 10, at(1))
+    store.save()
+    ctx = collect.Context(policy_text=f'[state]\ndir = "{tmp_path}/state"\n[relief]\nmode = "enforce"\n')
+    got = collect.run_collector("relief", collect.relief, ctx)
+    assert got.error is None
+    assert got.data["mode"] == "enforce"
+    assert [(r["key"], r["original"], r["value"]) for r in got.data["active"]] == [("udp", 600, 10)]
+    assert b'"original": 600' in got.files["relief.json"]
+    assert ("relief", collect.relief) in collect.HOST_COLLECTORS
+    empty = collect.run_collector("relief", collect.relief, collect.Context(policy_text=f'[state]\ndir = "{tmp_path}/none"\n'))
+    assert empty.error is None and empty.data["active"] == []
+
+
+# --- recommend's timeout advice --------------------------------------------------------------
+
+def test_timeout_advice_from_what_relief_saw_and_raised_timeouts():
+    from ctguard.hostrole import DEFAULT_TIMEOUTS
+
+    seen = {"udp": {"times": 3, "original": 600, "value": 10, "held": 0.92},
+            "tcp_syn_recv": {"times": 1, "original": 60, "value": 10, "held": 0.7}}
+    raised = [("nf_conntrack_udp_timeout", 600), ("nf_conntrack_tcp_timeout_established", 864000)]
+    adv = relief.timeout_advice(seen, dict(DEFAULT_TIMEOUTS), raised)
+    by = {a["sysctl"]: a for a in adv}
+    udp = by["nf_conntrack_udp_timeout"]
+    assert udp["recommended"] == 30 and udp["line"] == "net.netfilter.nf_conntrack_udp_timeout = 30"
+    assert "raised to 600 s" in udp["why"] and "92%" in udp["why"]
+    syn = by["nf_conntrack_tcp_timeout_syn_recv"]
+    assert syn["recommended"] == 10 and "SYN flood" in syn["why"] and "tcp_syncookies" in syn["why"]
+    est = by["nf_conntrack_tcp_timeout_established"]
+    assert est["recommended"] == 432000 and "above the kernel default" in est["why"]
+    assert relief.timeout_advice({}, dict(DEFAULT_TIMEOUTS), [("nf_conntrack_udp_timeout", 30)]) == []
+
+
+def test_recommend_prints_timeout_lines(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ctguard.relief_io import ReliefStore
+
+    store = ReliefStore(tmp_path / "state")
+    store.note("udp", 600, 10, 0.9, 1.0)
+    store.save()
+    policy = tmp_path / "p.toml"
+    policy.write_text(f'[state]\ndir = "{tmp_path}/state"\n[persist]\nsysctl_file = "{tmp_path}/s.conf"\n'
+                      f'modprobe_file = "{tmp_path}/m.conf"\n')
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    out = subprocess.run([sys.executable, "-m", "ctguard", "recommend", "--policy", str(policy)],
+                         capture_output=True, text=True, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "net.netfilter.nf_conntrack_udp_timeout = 30" in out.stdout
+    assert "ctguard never writes timeouts to /etc" in out.stdout

@@ -216,3 +216,19 @@ def _advised(pair, since: float) -> bool:
         return bool(journal(events.MESSAGE_ID_RELIEF_ADVICE, pair.receiver_inode, since))
     except ImportError:
         return False
+
+
+def test_reload_turning_relief_off_restores_at_once(tmp_path: Path) -> None:
+    """SIGHUP with relief.mode = "off": the originals are back without waiting for calm_for."""
+    policy = write_policy(tmp_path, POLICY.replace("MODE", "enforce").replace("calm_for = 3", "calm_for = 3600"))
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(MAX)
+        set_sysctl(pair, "udp", 600)
+        with Running(policy) as daemon:
+            pair.flood_udp(6000, rate=3000)
+            assert wait_for(lambda: sysctl(pair, "udp") == 5, 20), daemon.output()
+            policy.write_text(policy.read_text().replace('mode = "enforce"', 'mode = "off"'))
+            daemon.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: sysctl(pair, "udp") == 600, 5), daemon.output()
+            time.sleep(1.0)
+            assert sysctl(pair, "udp") == 600, "relief off: not shortened again"

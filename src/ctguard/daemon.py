@@ -462,6 +462,9 @@ class Daemon:
         a = o.action
         ev = self.events
         if isinstance(a, ShortenTimeout):
+            if o.ok or a.advise or self.policy.observe_only:
+                self.relief_store.note(a.key, a.old, a.new, a.held, time.time())
+                self._safe(lambda _: self.relief_store.save(), None, what="relief", where=str(self.relief_store.path))
             fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.old, CTGUARD_NEW=a.new,
                           CTGUARD_REASON=a.reason)
             if o.ok:

@@ -186,6 +186,7 @@ class ShortenTimeout:
     new: int
     reason: str
     advise: bool = False            # relief.mode = "advise": reported, never written
+    held: float = 0.0               # share of the sampled table these entries held (for `recommend`)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def plan(policy: Policy, sample: Sample, history: History, now: Instant,
             reason = (f"{why}; {n} of {shape.seen} sampled entries are {LABELS[key]}: "
                       f"{sysctl_name(key)} {old} -> {value} s in {where}")
             out.append(ShortenTimeout(netns, ns.name, key, old, value, reason,
-                                      advise=r.mode == "advise" or policy.observe_only))
+                                      advise=r.mode == "advise" or policy.observe_only, held=n / shape.seen))
     if r.mode == "enforce" and not policy.observe_only:
         trim = {k: x.value for k, x in active.items() if k in TRIMMABLE}
         trim.update({a.key: a.new for a in out if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE})
@@ -159,6 +159,44 @@ def rows(policy: Policy, state: ReliefState, now: Instant) -> list[dict]:
         out.append({"netns": x.netns, "name": x.name, "key": x.key, "value": x.value, "original": x.original,
                     "since": x.since.wall, "calm_since": since.wall if since else None,
                     "seconds_left": None if left is None else round(left, 1)})
+    return out
+
+
+def timeout_advice(seen: dict[str, dict], defaults: dict[str, int], raised: Sequence[tuple[str, int]] = ()) -> list[dict]:
+    """`ctguard recommend`'s timeout advice from what relief saw (`seen`: per key, how often it
+    shortened or would have shortened it, from what value, and the share of the table those
+    entries held) and from the timeouts raised above the kernel's defaults now (`raised`:
+    (sysctl name, value)). Each item has the sysctl.d line to write."""
+    out = []
+    by_name = {sysctl_name(k): k for k in LABELS}
+    for key, s in sorted(seen.items(), key=lambda kv: -kv[1].get("times", 0)):
+        name = sysctl_name(key)
+        default = defaults.get(name)
+        original = int(s.get("original", 0))
+        share = float(s.get("held", 0.0))
+        times = int(s.get("times", 0))
+        if default is not None and original > default:
+            value = default
+            why = (f"{name} was raised to {original} s (kernel default {default} s) and its entries ({LABELS[key]}) "
+                   f"held {share:.0%} of the table when relief was needed {times} time(s): go back to the default")
+        else:
+            value = int(s.get("value", original))
+            why = (f"{LABELS[key]} held {share:.0%} of the table when relief was needed {times} time(s) "
+                   f"({name} {original} s); {value} s is what relief used"
+                   + ("; half-open TCP dominating is the shape of a SYN flood: SYN cookies "
+                      "(net.ipv4.tcp_syncookies = 1) and a rate limit help more than any timeout"
+                      if key in ("tcp_syn_sent", "tcp_syn_recv") else ""))
+        out.append({"key": key, "sysctl": name, "current": original, "recommended": value, "why": why,
+                    "line": f"net.netfilter.{name} = {value}"})
+    advised = {a["sysctl"] for a in out}
+    for name, value in raised:
+        default = defaults.get(name)
+        if name in advised or default is None or name not in by_name or value <= default:
+            continue
+        out.append({"key": by_name[name], "sysctl": name, "current": value, "recommended": default,
+                    "why": f"{name} is {value} s, above the kernel default {default} s: every entry it holds stays "
+                           f"that long; keep it only if something needs it (relief has not needed to cut it yet)",
+                    "line": f"net.netfilter.{name} = {default}"})
     return out
 
 

@@ -130,6 +130,13 @@ class ReliefStore:
     records: dict[tuple[int, str], Record] = field(default_factory=dict)
     total: int = 0
     calm: dict[int, Instant] = field(default_factory=dict)     # for `ctguard status`: time left
+    seen: dict[str, dict] = field(default_factory=dict)        # per key, for `ctguard recommend`
+
+    def note(self, key: str, original: int, value: int, held: float, when: float) -> None:
+        """Remember that relief shortened (or would have shortened) `key`: recommend's evidence."""
+        s = self.seen.setdefault(key, {"times": 0})
+        s.update(times=int(s.get("times", 0)) + 1, original=original, value=value,
+                 held=max(float(s.get("held", 0.0)), held), last=when)
 
     @property
     def path(self) -> Path:
@@ -151,6 +158,7 @@ class ReliefStore:
             self.total = int(doc.get("total", 0))
             self.calm = {int(n): Instant(float(s["wall"]), float(s["boot"]), str(s.get("boot_id", "")))
                          for n, s in doc.get("calm_since", {}).items()}
+            self.seen = {str(k): dict(v) for k, v in doc.get("seen", {}).items() if k in RELIEF_TIMEOUTS}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if not set_aside:
                 warn(f"{self.path} is damaged ({exc})")
@@ -166,7 +174,8 @@ class ReliefStore:
         doc = {"format": FORMAT, "total": self.total,
                "active": [r.to_json() for r in self.records.values()],
                "calm_since": {str(n): _instant_json(i) for n, i in self.calm.items()
-                              if any(r.netns == n for r in self.records.values())}}
+                              if any(r.netns == n for r in self.records.values())},
+               "seen": self.seen}
         atomic_write(self.path, json.dumps(doc, indent=1) + "\n", 0o600)
 
     def state(self) -> ReliefState:
@@ -334,3 +343,32 @@ class ReliefActor:
                 t.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 t.proc.terminate()
+
+
+def bundle_collector(ctx) -> tuple[dict, dict[str, bytes]]:
+    """Evidence: the relief in force when the bundle was taken (relief.json of the policy's
+    state folder), so a review sees which timeouts were shortened, where, since when, and
+    what they will be put back to."""
+    import tomllib
+
+    from ctguard.policy import State
+
+    try:
+        doc = tomllib.loads(ctx.policy_text) if ctx.policy_text else {}
+    except tomllib.TOMLDecodeError:
+        doc = {}
+    relief_doc = doc.get("relief", {}) if isinstance(doc.get("relief"), dict) else {}
+    state = doc.get("state", {}) if isinstance(doc.get("state"), dict) else {}
+    store = ReliefStore(Path(state.get("dir", str(State().dir))))
+    problems: list[str] = []
+    store.load(warn=problems.append, set_aside=False)
+    data = {"mode": relief_doc.get("mode", "advise"), "file": str(store.path), "total": store.total,
+            "active": [r.to_json() for r in store.records.values()]}
+    if problems:
+        data["problems"] = problems
+    files = {}
+    try:
+        files["relief.json"] = read_text_nofollow(store.path).encode()
+    except OSError:
+        pass
+    return data, files
