@@ -232,3 +232,13 @@ def test_reload_turning_relief_off_restores_at_once(tmp_path: Path) -> None:
             assert wait_for(lambda: sysctl(pair, "udp") == 600, 5), daemon.output()
             time.sleep(1.0)
             assert sysctl(pair, "udp") == 600, "relief off: not shortened again"
+
+
+def test_bench_relief_quick() -> None:
+    """bench/bench_relief.py end to end in its tiny configuration (no timing checked)."""
+    from test_bench_smoke import run_bench
+
+    out = run_bench("bench_relief.py")
+    table = [line for line in out.splitlines() if line.startswith("| udp") or line.startswith("| syn")]
+    assert [line.split("|")[2].strip() for line in table] == ["off", "enforce", "off", "enforce"], out
+    assert "trim:" in out and "entries capped" in out, out
