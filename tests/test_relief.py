@@ -375,3 +375,31 @@ def test_recommend_prints_timeout_lines(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "net.netfilter.nf_conntrack_udp_timeout = 30" in out.stdout
     assert "ctguard never writes timeouts to /etc" in out.stdout
+
+
+# --- the policy ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, problem", [
+    ("[relief.timeouts]\nudp = 4\n", "[relief.timeouts] udp: 4 is below the floor of 5 s for nf_conntrack_udp_timeout"),
+    ("[relief.timeouts]\ntcp_time_wait = 1\n", "[relief.timeouts] tcp_time_wait: 1 is below the floor of 2 s"),
+    ("[relief.timeouts]\ntcp_established = 300\n", "below the floor of 600 s for nf_conntrack_tcp_timeout_established"),
+    ("[relief.timeouts]\nicmp = 5\n", "[relief.timeouts] icmp: unknown timeout"),
+    ("[relief.timeouts]\nudp = 7.5\n", "[relief.timeouts] udp: must be an integer number of seconds"),
+    ('[relief]\nmode = "on"\n', '[relief] mode: must be one of "off", "advise", "enforce"'),
+    ("[relief]\ncalm_for = -1\n", "[relief] calm_for: must be seconds between 0 and 86400"),
+    ("[relief]\ntimeouts = 5\n", "[relief] timeouts: must be a table"),
+])
+def test_a_bad_relief_policy_is_refused_naming_file_and_key(text, problem):
+    with pytest.raises(policy_mod.PolicyError) as exc:
+        policy_mod.loads(text, "p.toml")
+    assert any(p.startswith("p.toml: ") and problem in p for p in exc.value.problems), exc.value.problems
+
+
+def test_relief_defaults_and_named_timeouts():
+    p = policy_mod.loads("", "p.toml")
+    assert p.relief.mode == "advise" and p.relief.calm_for == 300
+    assert dict(p.relief.timeouts) == {"udp": 10, "udp_stream": 30, "tcp_syn_sent": 10, "tcp_syn_recv": 10,
+                                       "tcp_time_wait": 10, "tcp_close_wait": 15, "tcp_fin_wait": 15,
+                                       "tcp_unacknowledged": 30}
+    named = policy_mod.loads("[relief.timeouts]\ntcp_established = 3600\nudp = 5\n", "p.toml")
+    assert named.relief.emergency("tcp_established") == 3600 and named.relief.emergency("udp") == 5
