@@ -205,7 +205,9 @@ def test_advise_and_observe_change_nothing(tmp_path: Path, mode: str, relief_mod
                             or _advised(pair, start), 20), daemon.output()
             time.sleep(1.0)
             assert sysctl(pair, "udp") == 600
-            assert not (tmp_path / "state/relief.json").exists()
+            saved = json.loads((tmp_path / "state/relief.json").read_text())
+            assert saved["active"] == [], "nothing changed, nothing to restore"
+            assert saved["seen"]["udp"]["original"] == 600, "what it would have done, kept for recommend"
         assert sysctl(pair, "udp") == 600
 
 
