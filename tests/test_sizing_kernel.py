@@ -205,5 +205,7 @@ def test_incident_start_and_end_are_journaled_and_status_warns_after_the_bump(tm
         # status: WARNING after the emergency bump, naming it; the last incident shown.
         res = ctguard("status", "--json", "--policy", str(policy))
         data = json.loads(res.stdout)
-        assert res.returncode >= 1 and any("emergency bump 2048 ->" in p for p in data["problems"]), data
+        last = st["bumps"][-1]
+        assert res.returncode >= 1 and any(f"emergency bump {last['old']} -> {last['new']} ({last['trigger']})" in p
+                                           for p in data["problems"]), data
         assert data["last_incident"]["id"] == incident_id
