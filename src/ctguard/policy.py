@@ -92,6 +92,13 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Control:
+    """Where the daemon listens for `ctguard status`, `bump`, `capture` (root only)."""
+
+    socket: Path = Path("/run/ctguard/control.sock")
+
+
+@dataclass(frozen=True)
 class Policy:
     mode: str = "enforce"
     watch: Watch = field(default_factory=Watch)
@@ -103,6 +110,7 @@ class Policy:
     evidence: Evidence = field(default_factory=Evidence)
     state: State = field(default_factory=State)
     metrics: Metrics = field(default_factory=Metrics)
+    control: Control = field(default_factory=Control)
     source: str = "<defaults>"
 
     @property
@@ -131,6 +139,7 @@ _SECTIONS: dict[str, type] = {
     "evidence": Evidence,
     "state": State,
     "metrics": Metrics,
+    "control": Control,
 }
 
 
@@ -173,6 +182,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
+    ("control", "socket"): (str, "abspath", "an absolute path"),
 }
 
 

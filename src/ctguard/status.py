@@ -108,6 +108,13 @@ def render_text(view: StatusView) -> str:
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
     persisted = d["persisted_max"]
     lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
+    daemon = d.get("daemon")
+    if daemon:
+        lines.append(f"daemon: pid {daemon['pid']}, policy {daemon['policy_source']} ({daemon['note']})")
+        if daemon.get("reload_rejected"):
+            lines.append(f"policy: {daemon['reload_rejected']}")
+    elif "daemon" in d:
+        lines.append("daemon: none answering; read directly from the kernel and the state on disk")
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:

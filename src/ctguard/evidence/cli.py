@@ -85,6 +85,14 @@ def _progress_printer():
 
 
 def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
+    if args.decision_file is None:
+        # An operator's capture goes through the running daemon when one answers (ctguard.client);
+        # the daemon's own capture child passes --decision-file and captures here.
+        from ctguard import client
+
+        code = client.capture(Path(args.policy), policy, args.reason, args.netns)
+        if code is not None:
+            return code
     try:
         decision = _decision(args.decision_file)
     except (OSError, ValueError) as exc:
