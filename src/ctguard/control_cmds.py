@@ -90,9 +90,6 @@ def persist_note(policy: Policy, decision: Decision, outcomes: list[Outcome]) ->
                 else f"NOT persisted: {o.detail}")
     if not decision.of(SetMax):
         return ""
-    if p.mode == "stable":
-        return (f"not persisted yet: persist.mode is stable, so the daemon writes {p.sysctl_file} once no drop "
-                f"was seen for {p.stable_for:g} s")
     return "not persisted (persist.mode is never): the next boot starts from the kernel's default"
 
 

@@ -66,6 +66,8 @@ MESSAGE_ID_POLICY_RELOADED = "a9926543953149339cc939be08d68182"
 MESSAGE_ID_POLICY_REJECTED = "b49f6a2aa0274efb9f18bcfe1719c402"
 MESSAGE_ID_SUPPRESSED = "a8e3d94bec444addb0fba40e032cbcce"
 MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
+MESSAGE_ID_INCIDENT_START = "6db88ec617644a76ae0f2b5bc77769fb"
+MESSAGE_ID_INCIDENT_END = "d86f06d8bda24112af95694381fa6299"
 
 KINDS: Mapping[str, Kind] = {
     k.name: k
@@ -96,6 +98,11 @@ KINDS: Mapping[str, Kind] = {
         Kind("suppressed", MESSAGE_ID_SUPPRESSED, LOG_NOTICE,
              "N entries of one kind were not written (rate limit); CTGUARD_REASON: the kind, CTGUARD_SUPPRESSED: N"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
+        Kind("incident-start", MESSAGE_ID_INCIDENT_START, LOG_WARNING,
+             "pressure began (fill at warn, a table-full line, or a bump); CTGUARD_INCIDENT names it"),
+        Kind("incident-end", MESSAGE_ID_INCIDENT_END, LOG_NOTICE,
+             "thresholds.calm seconds without pressure: the incident's summary (peak fill, drops, early drops, "
+             "bumps, rate, bundles)"),
     )
 }
 
@@ -112,7 +119,9 @@ ALIASES: Mapping[str, str] = {
 }
 
 FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
-          "CTGUARD_TRIGGER")
+          "CTGUARD_NETNS_NAME", "CTGUARD_UNIT", "CTGUARD_RATE", "CTGUARD_NEED", "CTGUARD_HORIZON",
+          "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
+          "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_TRIGGER")
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or
 # underscore (leading underscore = trusted fields journald sets itself).
