@@ -59,7 +59,8 @@ def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 
     """Largest max whose entries (and their share of buckets) fit in memory_fraction of MemTotal.
 
     When /proc/slabinfo cannot be read, 320 bytes per entry is assumed: larger than the
-    nf_conntrack object on every 64-bit kernel we know of, so the cap errs low.
+    nf_conntrack slab object (/proc/slabinfo: 256 bytes on the x86_64 6.18 test VM), so the
+    cap errs low.
     """
     obj = limits.slab_object_size or default_object_size
     per_entry = obj + (HASH_HEAD_BYTES / policy.buckets.ratio if policy.buckets.manage else 0)

@@ -126,7 +126,8 @@ def cmd_list(args: argparse.Namespace, policy: Any) -> int:
     if not bundles:
         print(f"no bundles in {policy.evidence.dir}")
         return 0
-    print(f"{'ID':<44} {'SIZE':>9} {'SECONDS':>8}  NOTES")
+    # Every column says its unit: the size in KiB, the capture's duration in seconds.
+    print(f"{'ID':<44} {'SIZE (KiB)':>10} {'TOOK (s)':>8}  NOTES")
     for b in bundles:
         notes = []
         if not b.complete:
@@ -135,7 +136,7 @@ def cmd_list(args: argparse.Namespace, policy: Any) -> int:
             notes.append("cut short")
         if b.errors:
             notes.append(f"{b.errors} collector(s) failed")
-        print(f"{b.id:<44} {b.bytes:>9} {b.seconds:>8.2f}  {', '.join(notes)}")
+        print(f"{b.id:<44} {b.bytes / 1024:>10.1f} {b.seconds:>8.2f}  {', '.join(notes)}")
     return 0
 
 
