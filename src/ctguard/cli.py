@@ -44,7 +44,10 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         kernel_max: int | None = Kernel().read_max()
     except OSError:
         kernel_max = None
-    print(policy_mod.summary(policy))
+    if args.effective:
+        print(policy_mod.effective(policy), end="")
+    else:
+        print(policy_mod.summary(policy))
     for w in policy_mod.warnings_for(policy, kernel_max):
         print(f"warning: {w}")
     return EX_OK
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check-policy", parents=[common], help="validate a policy")
     p.add_argument("file", nargs="?", help="policy to check (default: --policy)")
+    p.add_argument("--effective", action="store_true",
+                   help="print the policy merged with its policy.d drop-ins, each key with the file it came from")
     p.set_defaults(func=cmd_check_policy)
     p = sub.add_parser("status", parents=[common], help="live fill per namespace; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
     p.add_argument("--json", action="store_true")

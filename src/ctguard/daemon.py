@@ -115,6 +115,7 @@ class Daemon:
         self.last_sample: Sample | None = None
         self.last_action = "none yet"
         self._metrics_at = -1e9
+        self._metrics_folder_said: bool | None = None   # what was last said about the textfile folder
         self._cursor_at = -1e9
         self._cursor_saved: str | None = None
         self._not_loaded_said = False
@@ -346,11 +347,27 @@ class Daemon:
         if now - self._metrics_at < METRICS_EVERY:
             return
         self._metrics_at = now
+        if not self._metrics_folder_ready():
+            return
         text = metrics.render(sample, self.history, self.policy.bump.ceiling,
                               budget_left(self.policy, self.history, sample.at),
-                              upper_bound(self.policy, sample.limits)[0])
+                              upper_bound(self.policy, sample.limits)[0], self.kernel.slab_bytes())
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
+
+    def _metrics_folder_ready(self) -> bool:
+        """A host without node_exporter has no textfile folder (and the unit's sandbox keeps
+        /var read-only): metrics are off until the folder appears, said once, not a failure."""
+        path = self.policy.metrics.textfile
+        ready = metrics.folder_ready(path)
+        if ready != self._metrics_folder_said:
+            if not ready:
+                log.info("metrics are off until %s exists (node_exporter's textfile folder: install "
+                         "prometheus-node-exporter, or set [metrics] textfile)", Path(path).parent)
+            elif self._metrics_folder_said is not None:
+                log.info("%s exists: metrics are written to %s", Path(path).parent, path)
+            self._metrics_folder_said = ready
+        return ready
 
     def _report(self, decision: Decision, outcomes: list[Outcome], kernel_events: list[TableFull]) -> None:
         ev = self.events

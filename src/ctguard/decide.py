@@ -631,6 +631,10 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["last_capture"] = now
         elif isinstance(a, Warn) and a.kind == "pressure":
             changes["last_warn"] = now
+        elif isinstance(a, Refuse) and a.kind != "cooldown":
+            counts = dict(changes.get("refusals", h.refusals))
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+            changes["refusals"] = tuple(sorted(counts.items()))
     # Keep what budget, cooldown and `status` need: the last hour and at least the last 20.
     keep = [b for b in bumps if now.since(b.at) < HOUR]
     changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)

@@ -258,6 +258,7 @@ class History:
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)
     recorded_p99: int = 0                     # p99 of the recorded per-minute peaks (state.PeakRecorder), for sizing
+    refusals: tuple[tuple[str, int], ...] = ()  # refused decisions by reason, cooldown aside (a counter for metrics; survives restarts)
 
     def with_(self, **changes) -> "History":
         return replace(self, **changes)

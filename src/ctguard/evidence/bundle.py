@@ -122,6 +122,18 @@ def table_to_toml(t: TableBreakdown) -> dict[str, Any]:
     return out
 
 
+def _network(ctx: collect.Context, netns_path: str | None, sources: list[str]) -> collect.Collected:
+    """Interfaces, addresses, routes and forwarding of the namespace, and where the top sources
+    arrive (pyroute2, read from a thread inside the namespace: see evidence.netinfo)."""
+    from ctguard.evidence import netinfo
+
+    try:
+        return run_in_netns(netns_path, lambda: collect.run_collector(
+            "network", lambda c: netinfo.network(c.proc_root, sources), ctx))
+    except OSError as exc:
+        return collect.Collected("network", error=f"cannot enter the network namespace {netns_path}: {exc}")
+
+
 def capture(
     cfg: EvidenceConfig,
     *,
@@ -214,6 +226,7 @@ def capture(
     except OSError as exc:
         results.append(collect.Collected("rules", error=f"cannot enter the network namespace {netns_path}: {exc}"))
     results.extend(collect.run_all(collect.HOST_COLLECTORS, ctx))
+    results.append(_network(ctx, netns_path, [str(h.key) for h in table.top_sources.rows] if table else []))
     results.append(collect.host_profile(ctx, netns_path, table.by_proto if table else None,
                                         table.by_tcp_state if table else None))
 
@@ -517,6 +530,13 @@ def show(folder: Path | str, bundle_id: str) -> str:
             out.append(f"  raised timeout: {t['name']} = {t['value']} s (kernel default {t['default']} s){held}")
     rules = ev.get("rules", {})
     out.append(f"NAT: {rules.get('nat_verdict', 'unknown (rules not collected)')}")
+    net = ev.get("network", {})
+    if net:
+        ifaces = ", ".join(f"{i['name']} {' '.join(i.get('addresses', []))}".strip() for i in net.get("interfaces", []))
+        out.append(f"Network: {net.get('verdict')}; interfaces: {ifaces}")
+        if net.get("top_sources_by_interface"):
+            out.append("  top sources arrive on: " + ", ".join(
+                f"{dev} ({n} of them)" for dev, n in sorted(net["top_sources_by_interface"].items(), key=lambda kv: -kv[1])))
     stats = ev.get("cpu_stats", {}).get("totals", {})
     if stats:
         keys = [k for k in ("drop", "insert_failed", "early_drop", "invalid", "search_restart", "clashres") if k in stats]

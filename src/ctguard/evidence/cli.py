@@ -49,7 +49,12 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _policy_text(args: argparse.Namespace) -> str:
+def _policy_text(args: argparse.Namespace, policy: Any = None) -> str:
+    if getattr(policy, "dropins", ()):
+        # Drop-ins in force: the merged policy, each key with the file it came from.
+        from ctguard.policy import effective
+
+        return effective(policy)
     path = getattr(args, "policy", None)
     if not path:
         return ""
@@ -108,7 +113,7 @@ def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
             policy.evidence,
             reason=args.reason,
             netns_path=netns_path,
-            policy_text=_policy_text(args),
+            policy_text=_policy_text(args, policy),
             decision=decision,
             progress=_progress_printer(),
         )
