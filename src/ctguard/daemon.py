@@ -73,6 +73,7 @@ class Children:
     """Capture processes started beside the loop; reaped without ever waiting on them."""
 
     running: list[tuple[subprocess.Popen, str, Path]] = field(default_factory=list)
+    finished: dict[int, tuple[int, str]] = field(default_factory=dict)   # pid -> (exit code, output), the last 32
 
     def reap(self) -> list[tuple[str, int, str]]:
         done = []
@@ -82,6 +83,9 @@ class Children:
                 out, err = proc.communicate()
                 text = out.decode(errors="replace").strip() if proc.returncode == 0 else err.decode(errors="replace").strip()
                 done.append((reason, proc.returncode, text))
+                self.finished[proc.pid] = (proc.returncode, text)   # for `ctguard capture` waiting on it
+                while len(self.finished) > 32:
+                    del self.finished[next(iter(self.finished))]
                 self.running.remove(entry)
                 decision_file.unlink(missing_ok=True)
         return done
@@ -126,6 +130,10 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        self.control = None                     # the control socket (ctguard.control), once open
+        self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
+        self.started_at = time.time()
+        self._policy_text = self._read_policy_text()
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
 
     def _note_p99(self) -> None:
@@ -169,6 +177,7 @@ class Daemon:
 
     def run(self) -> int:
         self._install_signals()
+        self._open_control()
         self.events.emit("start", f"ctguard starting with {self.policy.source} (mode {self.policy.mode})")
         for warning in policy_mod.warnings_for(self.policy, self._kernel_max()):
             log.warning("%s", warning)
@@ -184,12 +193,19 @@ class Daemon:
                 timeout = max(0.0, wake - now)
                 if journal_timeout is not None:
                     timeout = min(timeout, journal_timeout)
+                control_timeout = self.control.timeout() if self.control else None
+                if control_timeout is not None:
+                    timeout = min(timeout, control_timeout)
                 kernel_events: list[TableFull] = []
                 for key, _ in self._sel.select(timeout):
                     if key.data == "signal":
                         self._signals()
                     elif key.data == "journal":
                         kernel_events.extend(self._read_journal())
+                    elif key.data == "control" and self.control is not None:
+                        self.control.ready(key.fileobj)
+                if self.control is not None:
+                    self.control.expire()
                 if not self.running:
                     break
                 now = time.monotonic()
@@ -310,7 +326,7 @@ class Daemon:
             self._safe(self.store.save_history, self.history, what="state")
         self.last_sample = sample
         self._write_metrics(sample)
-        self.notifier.status(f"{decision.summary}; last action: {self.last_action}")
+        self.notifier.status(self._status_line(f"{decision.summary}; last action: {self.last_action}"))
         self.events.flush()
         if not self.ready:
             self.notifier.ready()
@@ -434,8 +450,9 @@ class Daemon:
                     fields["CTGUARD_INCIDENT"] = self.history.incident.id
                 in_ns = self._in_ns(a.netns)
                 if o.ok:
-                    self.last_action = f"bumped {a.old} -> {o.read_back} ({a.trigger})"
-                    ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
+                    verb = "lowered" if a.new < a.old else "raised"   # an operator's --lower
+                    self.last_action = f"{'bumped' if a.new > a.old else 'lowered'} {a.old} -> {o.read_back} ({a.trigger})"
+                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
                 else:
                     self.last_action = f"bump to {a.new} not done"
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
@@ -452,7 +469,7 @@ class Daemon:
                 self.last_action = f"bump refused ({a.kind})"
                 ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
                         CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
-                        CTGUARD_REASON=a.kind, **self._ns_fields(a.netns))
+                        CTGUARD_REASON=a.kind, CTGUARD_TRIGGER=a.trigger, **self._ns_fields(a.netns))
             elif isinstance(a, Persist):
                 if o.ok:
                     ev.emit("persisted", f"persisted nf_conntrack_max {a.max}: {o.detail}", CTGUARD_NEW_MAX=a.max,
@@ -529,7 +546,7 @@ class Daemon:
                               "worst_netns": decision.worst_netns, "worst_fill": decision.worst_fill,
                               "rate": decision.rate, "policy": str(self.policy_path)})
         atomic_write(decision_file, payload, 0o600)
-        args = [sys.executable, "-m", "ctguard", "--policy", str(self.policy_path), "capture",
+        args = [sys.executable, "-m", "ctguard", "--policy", str(self._policy_for_child()), "capture",
                 "--reason", action.reason, "--decision-file", str(decision_file)]
         if action.netns:
             args += ["--netns", str(action.netns)]
@@ -540,14 +557,21 @@ class Daemon:
 
     # -- reload and stop -------------------------------------------------------------------
 
-    def _reload(self) -> None:
+    def _reload(self) -> list[str]:
+        """Load the policy file again; the problems that kept the old policy in force, or []."""
         self.notifier.reloading()
         try:
             new = policy_mod.load(self.policy_path)
         except PolicyError as exc:
             self.events.emit("policy-rejected", f"policy reload rejected, the old policy stays in force: {exc}",
                              CTGUARD_REASON="; ".join(exc.problems))
+            stamp = time.strftime("%H:%M:%S", time.localtime())
+            self.reload_rejected = f"reload REJECTED at {stamp}, running the previous policy: {exc.problems[0]}"
+            self.notifier.ready(self._status_line(self.last_action))
+            return list(exc.problems)
         else:
+            self.reload_rejected = None
+            self._policy_text = self._read_policy_text()
             self.policy = new
             self.actor.policy = new
             if new.relief.mode != "enforce" or new.observe_only:
@@ -560,7 +584,53 @@ class Daemon:
             for warning in policy_mod.warnings_for(new, self._kernel_max()):
                 log.warning("%s", warning)
             self.events.emit("policy-reloaded", f"policy reloaded from {self.policy_path}")
-        self.notifier.ready()
+        self.notifier.ready(f"policy reloaded from {self.policy_path}")
+        return []
+
+    def _read_policy_text(self) -> str:
+        try:
+            return Path(self.policy_path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def _policy_for_child(self) -> Path:
+        """The policy file a capture child loads: after a rejected reload the file on disk is
+        broken, so the child gets a private copy of the text in force instead."""
+        if self.reload_rejected is None:
+            return self.policy_path
+        copy = Path(self.policy.state.dir) / "policy-in-force.toml"
+        atomic_write(copy, self._policy_text, 0o600)
+        return copy
+
+    def _status_line(self, text: str) -> str:
+        # A rejected reload leads every STATUS= line until a reload succeeds: `systemctl status`
+        # must not look as if the new file were in force.
+        return f"{self.reload_rejected}; {text}" if self.reload_rejected else text
+
+    # -- the control socket (ctguard.control): what `status`, `bump`, `capture` ask -----------
+
+    def control_handlers(self) -> dict:
+        """The command table; another command is one more entry here."""
+        from ctguard import control_cmds as cmds
+
+        return {
+            "status": lambda args: cmds.status(self, args),
+            "bump": lambda args: cmds.bump(self, args),
+            "capture": lambda args: cmds.capture(self, args),
+            "reload": lambda args: cmds.reload(self, args),
+        }
+
+    def _open_control(self) -> None:
+        from ctguard.control import ControlError, ControlServer
+
+        path = self.policy.control.socket
+        try:
+            self.control = ControlServer(path, self.control_handlers())
+        except (ControlError, OSError) as exc:
+            log.warning("no control socket at %s: %s; `ctguard status` and `bump` will act directly", path, exc)
+            self.control = None
+            return
+        self.control.attach(self._sel, "control")
 
     def _stop(self) -> None:
         self.notifier.stopping()
@@ -578,6 +648,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 proc.terminate()
         self.observer.close()
+        if self.control is not None:
+            self.control.close()
         signal.set_wakeup_fd(-1)
         self.events.emit("stop", "ctguard stopped")
         self.events.flush_all()

@@ -86,9 +86,11 @@ KINDS: Mapping[str, Kind] = {
         Kind("table-full", MESSAGE_ID_TABLE_FULL, LOG_WARNING,
              "the kernel said the conntrack table is full (packets were dropped)"),
         Kind("bump", MESSAGE_ID_BUMP, LOG_WARNING,
-             "nf_conntrack_max raised (CTGUARD_REASON: the trigger, or `manual` for `ctguard bump`)"),
+             "nf_conntrack_max raised (CTGUARD_REASON: the trigger, or `manual` for `ctguard bump`, "
+             "which may also lower it with `--lower`)"),
         Kind("refused", MESSAGE_ID_BUMP_REFUSED, LOG_ERR,
-             "a needed bump was not made; CTGUARD_REASON: `ceiling`, `memory` or `budget`"),
+             "a needed bump was not made; CTGUARD_REASON: `ceiling`, `memory`, `budget`, `guard`, or for an "
+             "operator's bump (CTGUARD_TRIGGER=manual) `lower` / `unchanged`"),
         Kind("bump-failed", MESSAGE_ID_BUMP_FAILED, LOG_ERR,
              "a kernel write failed or did not read back (CTGUARD_REASON: what, e.g. `buckets`)"),
         Kind("buckets", MESSAGE_ID_BUCKETS, LOG_NOTICE, "conntrack hash buckets resized"),
@@ -133,7 +135,7 @@ ALIASES: Mapping[str, str] = {
 FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
           "CTGUARD_NETNS_NAME", "CTGUARD_UNIT", "CTGUARD_RATE", "CTGUARD_NEED", "CTGUARD_HORIZON",
           "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
-          "CTGUARD_BUMPS", "CTGUARD_DURATION",
+          "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_TRIGGER",
           "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES")
 
 

@@ -119,7 +119,7 @@ class TableFull:
 
 
 Trigger = Literal["fill", "growth", "table-full", "drops", "manual", "reapply"]
-RefusalKind = Literal["ceiling", "memory", "budget", "cooldown", "observe", "guard"]
+RefusalKind = Literal["ceiling", "memory", "budget", "cooldown", "observe", "guard", "lower", "unchanged"]
 
 
 @dataclass(frozen=True)

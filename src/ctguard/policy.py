@@ -142,6 +142,13 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Control:
+    """Where the daemon listens for `ctguard status`, `bump`, `capture` (root only)."""
+
+    socket: Path = Path("/run/ctguard/control.sock")
+
+
+@dataclass(frozen=True)
 class Policy:
     mode: str = "enforce"
     watch: Watch = field(default_factory=Watch)
@@ -153,6 +160,7 @@ class Policy:
     evidence: Evidence = field(default_factory=Evidence)
     state: State = field(default_factory=State)
     metrics: Metrics = field(default_factory=Metrics)
+    control: Control = field(default_factory=Control)
     relief: Relief = field(default_factory=Relief)
     source: str = "<defaults>"
     # Where each key's value came from: ((section, key, file), ...), section "" for the top
@@ -194,6 +202,7 @@ _SECTIONS: dict[str, type] = {
     "evidence": Evidence,
     "state": State,
     "metrics": Metrics,
+    "control": Control,
     "relief": Relief,
 }
 
@@ -238,6 +247,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
+    ("control", "socket"): (str, "abspath", "an absolute path"),
     ("relief", "mode"): (str, {"off", "advise", "enforce"}, 'one of "off", "advise", "enforce"'),
     ("relief", "calm_for"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("relief", "timeouts"): (dict, "relief-timeouts", "a table of timeout name = seconds"),

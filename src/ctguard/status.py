@@ -159,6 +159,13 @@ def render_text(view: StatusView) -> str:
             lines.append(f"{label}: {inc['id']} from {stamp} in {inc['name'] or inc['netns']}: peak fill "
                          f"{inc['peak_fill']:.1%}, {inc['drops']} drops, {inc['early_drops']} early drops, "
                          f"{inc['bumps']} bump(s)" + (f", bundles {', '.join(inc['bundles'])}" if inc["bundles"] else ""))
+    daemon = d.get("daemon")
+    if daemon:
+        lines.append(f"daemon: pid {daemon['pid']}, policy {daemon['policy_source']} ({daemon['note']})")
+        if daemon.get("reload_rejected"):
+            lines.append(f"policy: {daemon['reload_rejected']}")
+    elif "daemon" in d:
+        lines.append("daemon: none answering; read directly from the kernel and the state on disk")
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:
