@@ -38,6 +38,8 @@ sysctl_file = "{tmp}/etc/sysctl.d/90-ctguard.conf"
 modprobe_file = "{tmp}/etc/modprobe.d/ctguard.conf"
 [metrics]
 textfile = "{tmp}/ctguard.prom"
+[control]
+socket = "{tmp}/run/control.sock"
 """
     )
     return p

@@ -127,6 +127,14 @@ def _timeline(args: argparse.Namespace, policy: Any) -> tuple[dict[str, Any] | N
 
 
 def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
+    if args.decision_file is None:
+        # An operator's capture goes through the running daemon when one answers (ctguard.client);
+        # the daemon's own capture child passes --decision-file and captures here.
+        from ctguard import client
+
+        code = client.capture(Path(args.policy), policy, args.reason, args.netns)
+        if code is not None:
+            return code
     try:
         decision = _decision(args.decision_file)
     except (OSError, ValueError) as exc:
@@ -165,7 +173,8 @@ def cmd_list(args: argparse.Namespace, policy: Any) -> int:
     if not bundles:
         print(f"no bundles in {policy.evidence.dir}")
         return 0
-    print(f"{'ID':<44} {'SIZE':>9} {'SECONDS':>8}  NOTES")
+    # Every column says its unit: the size in KiB, the capture's duration in seconds.
+    print(f"{'ID':<44} {'SIZE (KiB)':>10} {'TOOK (s)':>8}  NOTES")
     for b in bundles:
         notes = []
         if not b.complete:
@@ -174,7 +183,7 @@ def cmd_list(args: argparse.Namespace, policy: Any) -> int:
             notes.append("cut short")
         if b.errors:
             notes.append(f"{b.errors} collector(s) failed")
-        print(f"{b.id:<44} {b.bytes:>9} {b.seconds:>8.2f}  {', '.join(notes)}")
+        print(f"{b.id:<44} {b.bytes / 1024:>10.1f} {b.seconds:>8.2f}  {', '.join(notes)}")
     return 0
 
 
