@@ -235,3 +235,10 @@ def test_every_finding_id_is_documented() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "findings.md").read_text()
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", doc, re.M))
     assert documented == set(FINDING_IDS)
+
+
+def test_verdict_mentions_relief() -> None:
+    tl = {"namespaces": [series("app", 7, [100, 3900, 3900])],
+          "events": [{"t": 1001.0, "kind": "relief", "text": "udp 300 -> 30"}]}
+    text = verdict(bundle(entries=3900, protos={"udp": 3900}, timeline=tl))
+    assert "Relief acted 1 time(s) on timeouts (udp 300 -> 30)" in text

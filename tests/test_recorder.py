@@ -4,12 +4,12 @@ and the pure incident tracker, table-tested."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import pytest
 
 from ctguard.diagnose import BundleData, diagnose, verdict
-from ctguard.model import Capture, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Sample, SetMax, TableFull
+from ctguard.model import (
+    Capture, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Sample, SetMax, ShortenTimeout, TableFull,
+)
 from ctguard.recorder import MAX_POINTS, FlightRecorder, metrics_text
 
 
@@ -68,12 +68,6 @@ def test_vanished_namespaces_leave_after_the_window() -> None:
     assert 2 not in r.series
 
 
-@dataclass(frozen=True)
-class ShortenTimeout:            # the shape of an action another helper adds (relief)
-    netns: int
-    reason: str
-
-
 def test_turn_notes_actions_and_kernel_lines() -> None:
     r = FlightRecorder()
     s = sample(1000, {7: 3900})
@@ -82,7 +76,7 @@ def test_turn_notes_actions_and_kernel_lines() -> None:
         Outcome(Refuse(16384, 8192, "cooldown", "fill", 7, 0.9, "cooldown"), True),
         Outcome(Refuse(16384, 8192, "ceiling", "fill", 7, 0.9, "at the ceiling"), True),
         Outcome(Capture("bump", 7), True, "capture started (pid 1)"),
-        Outcome(ShortenTimeout(7, "udp timeout 300 -> 30"), True),
+        Outcome(ShortenTimeout(7, "ns7", "udp", 300, 30, "udp timeout 300 -> 30"), True),
     ]
     captured = r.turn(s, True, outcomes, [TableFull(s.at, 7, 3), TableFull(s.at, 7, 0, backlog=True)],
                       incident="incident-1000")
@@ -92,6 +86,7 @@ def test_turn_notes_actions_and_kernel_lines() -> None:
     assert r.events[0]["old"] == 4096 and r.events[0]["new"] == 8192
     assert r.events[1]["reason"] == "ceiling"
     assert "+3 suppressed" in r.events[4]["text"]
+    assert r.events[3]["text"] == "udp timeout 300 -> 30"
     r.turn(sample(1001, {7: 100}), False, [], [], incident=None)
     assert r.events[-1]["kind"] == "incident-end" and r.incident is None
     json.dumps(r.window())                            # JSON-able as it is

@@ -675,6 +675,10 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
         parts.append("ctguard made no change to the table in the recorded window.")
     else:
         parts.append("(No timeline in this bundle: what ctguard did is in the journal.)")
+    relief = [e for e in f.events if e.get("kind") == "relief"]
+    if relief:
+        parts.append(f"Relief acted {len(relief)} time(s) on timeouts ({relief[0].get('text', '')}"
+                     + (", ..." if len(relief) > 1 else "") + ").")
     d = f.drops
     lines = f.kind_count("kernel")
     if d["drop"] or d["early_drop"] or lines:

@@ -78,9 +78,12 @@ class _Series:
         return sys.getsizeof(self.t) + sum(sys.getsizeof(a) for a in self.cols.values())
 
 
+RELIEF_ACTIONS = ("shortentimeout", "restoretimeout", "trimentries")   # model's relief actions
+
+
 def _event_kind(action: Any) -> str:
     name = type(action).__name__.lower()
-    return "relief" if ("relief" in name or "timeout" in name) else name
+    return "relief" if (name in RELIEF_ACTIONS or "relief" in name or "timeout" in name) else name
 
 
 class FlightRecorder:
@@ -201,7 +204,7 @@ class FlightRecorder:
             elif type(a).__name__ not in ("Warn", "Persist"):
                 # Actions other helpers add (relief: shortened timeouts and their undo).
                 self.note(now, _event_kind(a), str(getattr(a, "reason", "") or o.detail),
-                          getattr(a, "netns", None), ok=o.ok)
+                          getattr(a, "netns", None), ok=o.ok, action=type(a).__name__)
         for e in kernel_events:
             if not e.backlog:
                 self.note(now, "kernel", "nf_conntrack: table full, dropping packet"
