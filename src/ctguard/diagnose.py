@@ -193,7 +193,8 @@ def _series(ns: Mapping[str, Any]) -> SeriesFacts | None:
     j = i
     while j > 0 and entries[j - 1] - low > 0.1 * (peak - low):
         j -= 1
-    start = max(0, j - 1) if j > 0 else 0
+    # From the first point of the rise (not the calm point before it, up to a second earlier).
+    start = j if j < i else max(0, j - 1)
     fills = [e / m if m else 0.0 for e, m in zip(entries, maxes)]
     k = max(range(len(fills)), key=lambda n: (fills[n], -n))
     return SeriesFacts(
@@ -654,7 +655,7 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
             size += (f" (and {_pct(peak.fullest)} of the max of {_n(peak.fullest_max)} in force at "
                      f"{_hms(peak.fullest_at)})")
         if peak.rate >= 1 and peak.peak > peak.rise_from:
-            size += (f", rising from {_n(peak.rise_from)} in {peak.rise_seconds:.0f} s "
+            size += (f", rising from {_n(peak.rise_from)} in {peak.rise_seconds:.1f} s "
                      f"({_n(int(peak.rate))} entries/s)")
     else:
         size = f"{_n(max(f.count, f.entries))} entries" + (f", {_pct(_share(f.count, f.max))} of max {_n(f.max)}" if f.max else "")

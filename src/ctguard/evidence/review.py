@@ -152,8 +152,9 @@ def top_section(title: str, top: Mapping[str, Any], entries: int, what: str = "e
     return lines
 
 
-def _clock(t: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(t))
+def _clock(t: float, tenths: bool = False) -> str:
+    out = time.strftime("%H:%M:%S", time.gmtime(t))
+    return f"{out}.{int(t * 10) % 10}" if tenths else out
 
 
 def sparkline(ns: Mapping[str, Any], events: Sequence[Mapping[str, Any]], start: float, end: float,
@@ -206,7 +207,8 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
             step = max(1, len(pts) // 8)
             shown = pts[::step] + ([pts[-1]] if (len(pts) - 1) % step else [])
             lines.append(head + tail)
-            lines.append(f"  {'':<{width}} " + ", ".join(f"{_clock(t)} {e:,} ({f:.0%})" for t, f, e, _m in shown))
+            fine = any(b[0] - a[0] < 1.0 for a, b in zip(shown, shown[1:]))
+            lines.append(f"  {'':<{width}} " + ", ".join(f"{_clock(t, fine)} {e:,} ({f:.0%})" for t, f, e, _m in shown))
     if rest:
         peak_rest = max(max((p[1] for p in fill_points(ns)), default=0.0) for ns in rest)
         lines.append(f"  ({len(rest)} more namespaces, none above {peak_rest:.0%})")
@@ -220,6 +222,24 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
         if len(shown_events) > 40:
             lines.append(f"    ... and {len(shown_events) - 40} more")
     return lines
+
+
+def incident_line(inc: Mapping[str, Any]) -> str:
+    """The core's incident summary (ctguard.incident.summary) as one sentence."""
+    try:
+        start, end = float(inc.get("started", 0)), float(inc.get("ended") or 0)
+        span = f"{_clock(start)} - {_clock(end)} UTC ({end - start:.0f} s)" if end else f"from {_clock(start)} UTC"
+        where = inc.get("name") or inc.get("netns") or "?"
+        bumps = int(inc.get("bumps", 0))
+        moved = (f", {bumps} bump(s) {int(inc.get('max_at_start', 0)):,} -> {int(inc.get('max_now', 0)):,}" if bumps
+                 else f", no bump (max {int(inc.get('max_now', 0)):,})")
+        return (f"Incident {inc.get('id', '?')}: {span} in {where}: peak {int(inc.get('peak_count', 0)):,} entries "
+                f"({float(inc.get('peak_fill', 0)):.1%}){moved}, {int(inc.get('refusals', 0))} refused, "
+                f"{int(inc.get('drops', 0)):,} drops, {int(inc.get('early_drops', 0)):,} early drops, "
+                f"{int(inc.get('table_full_lines', 0))} table-full lines"
+                + (f"; bundles {', '.join(map(str, inc['bundles']))}" if inc.get("bundles") else ""))
+    except (TypeError, ValueError):
+        return "Incident: " + ", ".join(f"{k} {v}" for k, v in inc.items())
 
 
 def _wrap(text: str, indent: str = "  ") -> list[str]:
@@ -305,7 +325,7 @@ def details_lines(path: Path, data: BundleData) -> list[str]:
         out.append("  Decision: none recorded (a capture by hand)")
     incident = m.get("incident")
     if isinstance(incident, Mapping):
-        out.append("  Incident: " + ", ".join(f"{k} {v}" for k, v in incident.items()))
+        out.append("  " + incident_line(incident))
     errors = {k: c["error"] for k, c in (m.get("collectors", {}) or {}).items() if isinstance(c, Mapping) and c.get("error")}
     for k, e in errors.items():
         out.append(f"  collector {k} failed: {e}")
