@@ -246,13 +246,21 @@ def _wrap(text: str, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, width=100, initial_indent=indent, subsequent_indent=indent) or [indent]
 
 
+def _value(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} {x}" for k, x in v.items()) + "}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def finding_lines(found: Sequence[Finding]) -> list[str]:
     if not found:
         return ["Findings: none (nothing in this bundle needs explaining)"]
     lines = ["Findings:"]
     for f in found:
         lines.extend(_wrap(f"{f.severity.upper()} {f.id}: {f.summary}", "  "))
-        ev = ", ".join(f"{k}={v}" for k, v in f.evidence.items())
+        ev = ", ".join(f"{k}={_value(v)}" for k, v in f.evidence.items())
         lines.extend(_wrap(f"evidence: {ev}", "      "))
         lines.extend(_wrap(f"do: {f.action}", "      "))
         if f.rule:
