@@ -129,6 +129,7 @@ class Evidence:
     max_bytes: int = 268435456
     top: int = 20
     budget: float = 15.0
+    incident_captures: int = 2      # bundles per incident: the first (at the first bump) and one at its end
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "max_bytes"): (int, _between(1 << 20, 1 << 50), "bytes, at least 1048576"),
     ("evidence", "top"): (int, _between(1, 10000), "an integer between 1 and 10000"),
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
+    ("evidence", "incident_captures"): (int, _between(1, 100), "an integer between 1 and 100"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
     ("control", "socket"): (str, "abspath", "an absolute path"),

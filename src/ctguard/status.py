@@ -31,7 +31,7 @@ class StatusView:
 
 
 def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
-          timeouts: list | None = None) -> StatusView:
+          timeouts: list | None = None, last_bundle: dict | None = None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -116,6 +116,7 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "relief_mode": policy.relief.mode,
         "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
                             for t in (timeouts or [])],
+        "last_bundle": last_bundle,
     }
     return StatusView(code, headline, data)
 
@@ -166,6 +167,11 @@ def render_text(view: StatusView) -> str:
             lines.append(f"policy: {daemon['reload_rejected']}")
     elif "daemon" in d:
         lines.append("daemon: none answering; read directly from the kernel and the state on disk")
+    last = d.get("last_bundle")
+    if last:
+        top = last.get("top_finding")
+        lines.append(f"last bundle: {last['id']}" + (f" - {top['severity']} {top['id']}: {top['summary']}" if top
+                                                      else " - no finding"))
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:
