@@ -11,6 +11,8 @@ One test per release (trixie, bookworm), in phases, each timed and printed:
   policy    a changed policy, check-policy, `systemctl reload`
   flood     a conntrack flood between two namespaces made inside the container meets a bump
             that stays within the ceiling, and the bump is persisted
+  control   a rejected `systemctl reload` exits non-zero; status and bump go through the daemon's
+            control socket with the file broken, journaled under ctguard.service
   watchdog  (trixie) ctguard stopped with SIGSTOP: systemd's watchdog kills it and restarts it
             within WatchdogSec + RestartSec; the bump budget and history survive
   restart   (trixie) `systemctl restart` keeps the bump budget
@@ -558,7 +560,8 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
         m.write("/etc/ctguard/policy.toml", BAD_POLICY)
         bad = m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml", check=False)
         assert bad.returncode == 1 and "ceiling" in bad.stdout + bad.stderr, bad
-        m.run("systemctl", "reload", "ctguard.service", timeout=60)
+        rejected = m.run("systemctl", "reload", "ctguard.service", check=False, timeout=60)
+        assert rejected.returncode != 0, "a rejected reload must fail `systemctl reload`"
         if rejected_id:
             assert wait_for(lambda: len(m.entries(rejected_id)) > 0, 10), f"no policy-rejected entry:\n{m.journal()}"
         time.sleep(0.5)
@@ -569,6 +572,9 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
 
     with phase("flood"):
         flood(m, phase)
+
+    with phase("control socket: a rejected reload fails loudly, status and bump go through the daemon"):
+        control_socket(m, phase)
 
     if release.full:
         with phase("watchdog replaces a hung daemon"):
@@ -723,6 +729,56 @@ def piuparts(base: Path, suite: str, deb: Path, work: Path, phase: Phases) -> No
     verdicts = re.findall(r"^\S+ (?:INFO|ERROR): ((?:PASS|FAIL): .*)$", out.stdout, re.M)
     phase.say("piuparts: " + "; ".join(verdicts))
     assert out.returncode == 0, f"piuparts failed:\n{out.stdout[-8000:]}{out.stderr[-2000:]}"
+
+
+def control_socket(m: Machine, phase: Phases) -> None:
+    """`systemctl reload` with a bad policy exits non-zero and STATUS= says so; with the file
+    broken, `ctguard status` and `ctguard bump` are answered by the daemon's policy in force, and
+    the manual bump and a refused one are journaled under ctguard.service."""
+    assert "203/EXEC" not in m.journal(lines=2000), "a start step could not be executed (modprobe: kmod)"
+    sock = "/run/ctguard/control.sock"
+    assert m.run("stat", "-c", "%a %F", sock).stdout.strip() == "600 socket"
+    assert m.run("stat", "-c", "%a", "/run/ctguard").stdout.strip() == "700"
+    pid = m.show("MainPID")
+    m.write("/etc/ctguard/policy.toml", BAD_POLICY)
+    try:
+        rejected = m.run("systemctl", "reload", "ctguard.service", check=False, timeout=60)
+        assert rejected.returncode != 0, rejected
+        assert m.show("ActiveState") == "active" and m.show("MainPID") == pid, m.journal()
+        assert wait_for(lambda: "reload REJECTED" in m.show("StatusText"), 10), m.show("StatusText")
+        phase.say(f"after a rejected reload: StatusText {m.show('StatusText')[:160]!r}")
+
+        status = m.run("ctguard", "status", check=False)
+        assert status.returncode in (0, 1, 2), f"{status.stdout}{status.stderr}"
+        assert f"daemon: pid {pid}" in status.stdout and "[bump] ceiling" in status.stderr, status
+        code, data = m.status_json()
+        assert data["daemon"]["pid"] == int(pid) and data["ceiling"] == TEST_CEILING, data["daemon"]
+
+        over = m.run("ctguard", "bump", "--to", str(2 * TEST_CEILING), check=False)
+        assert over.returncode == 1 and "ceiling" in over.stderr, over
+        current = data["max"]
+        worst = max((n["count"] for n in data["namespaces"]), default=0)
+        floor = -(-worst * 4 // 3)          # the test policy's act = 0.75
+        # Above LOW_MAX: the restart phase writes LOW_MAX and waits for the persisted value to return.
+        target = max(LOW_MAX + 1024, -(-floor // 1024) * 1024)
+        lower = target < current
+        if not lower:
+            target = min(TEST_CEILING, current + 1024)
+        args = ["--to", str(target)] + (["--lower"] if lower else [])
+        done = m.run("ctguard", "bump", *args, check=False)
+        assert done.returncode == 0 and f"done by the running daemon (pid {pid})" in done.stdout, done
+        assert int(PROC_MAX.read_text()) == target
+        phase.say(f"ctguard bump {' '.join(args)}: {current} -> {target} through the daemon")
+        assert wait_for(lambda: f"= {target}" in m.run("cat", "/etc/sysctl.d/90-ctguard.conf").stdout, 10)
+        manual = [e for e in m.entries(_message_id("BUMP"))
+                  if e.get("CTGUARD_REASON") == "manual" and e.get("CTGUARD_NEW_MAX") == str(target)]
+        assert manual and manual[-1]["_PID"] == pid, f"no manual bump under ctguard.service:\n{m.journal()}"
+        refused = [e for e in m.entries(_message_id("BUMP_REFUSED")) if e.get("CTGUARD_TRIGGER") == "manual"]
+        assert refused and refused[-1]["CTGUARD_REASON"] == "ceiling", f"no refused manual bump:\n{m.journal()}"
+    finally:
+        m.write("/etc/ctguard/policy.toml", TEST_POLICY)
+    m.run("systemctl", "reload", "ctguard.service", timeout=60)
+    assert wait_for(lambda: "REJECTED" not in m.show("StatusText"), 10), m.show("StatusText")
 
 
 def _persisted_max(text: str) -> int:
