@@ -47,6 +47,10 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     print(policy_mod.summary(policy))
     for w in policy_mod.warnings_for(policy, kernel_max):
         print(f"warning: {w}")
+    boot = _boot_report(policy)
+    if boot is not None:
+        for w in boot.warnings():
+            print(f"warning: {w}")
     return EX_OK
 
 
@@ -84,6 +88,17 @@ def _role_and_timeouts(sample, refs):
     return role, timeouts
 
 
+def _boot_report(policy: Policy):
+    """What the next boot keeps (sysctl.d/modprobe.d order, initramfs, kube-proxy); None if unreadable."""
+    from ctguard import bootreport
+
+    try:
+        return bootreport.build(policy)
+    except OSError as exc:
+        print(f"warning: cannot model the boot values: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from ctguard import status
     from ctguard.kernel import ConntrackNotLoaded
@@ -102,7 +117,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     history = store.load_history()
     role, timeouts = _role_and_timeouts(sample, refs)
-    view = status.build(policy, sample, history, now, role, timeouts)
+    view = status.build(policy, sample, history, now, role, timeouts, boot=_boot_report(policy))
     if args.json:
         print(status.render_json(view))
     elif sys.stdout.isatty():

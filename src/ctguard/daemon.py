@@ -32,6 +32,7 @@ from ctguard.model import (
 )
 from ctguard.observe import Observer
 from ctguard.policy import Policy, PolicyError
+from ctguard.persistwatch import PersistWatch
 from ctguard.state import PeakRecorder, StateStore
 
 log = logging.getLogger("ctguard")
@@ -113,6 +114,7 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        self.persistwatch = PersistWatch(self)  # issue 16: boot values, initramfs, max lowered by others
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class Daemon:
         now = self.clock.now()
         if self.last_sample is None:
             self._start(sample, now)
+        sample = self.persistwatch.before_decide(sample, now)
         decision = decide(self.policy, sample, self.history, now, kernel_events)
         if decision.needs_shape is not None:
             # The bump would pass [guard] ceiling: look at the table (bounded by
@@ -262,6 +265,7 @@ class Daemon:
         outcomes = self.actor.carry_out(decision) if decision.actions else []
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
         self._report(decision, outcomes, kernel_events)
+        self.persistwatch.after_turn(sample, outcomes)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
             self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
@@ -310,6 +314,7 @@ class Daemon:
         text = metrics.render(sample, self.history, self.policy.bump.ceiling,
                               budget_left(self.policy, self.history, sample.at),
                               upper_bound(self.policy, sample.limits)[0])
+        text += self.persistwatch.metrics()
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
 
@@ -397,10 +402,12 @@ class Daemon:
             for warning in policy_mod.warnings_for(new, self._kernel_max()):
                 log.warning("%s", warning)
             self.events.emit("policy-reloaded", f"policy reloaded from {self.policy_path}")
+            self.persistwatch.reloaded()
         self.notifier.ready()
 
     def _stop(self) -> None:
         self.notifier.stopping()
+        self.persistwatch.stop()
         self._safe(self.store.save_history, self.history, what="state")
         self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.current(), what="peaks")
         if self.follower is not None:

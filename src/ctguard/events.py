@@ -66,6 +66,9 @@ MESSAGE_ID_POLICY_RELOADED = "a9926543953149339cc939be08d68182"
 MESSAGE_ID_POLICY_REJECTED = "b49f6a2aa0274efb9f18bcfe1719c402"
 MESSAGE_ID_SUPPRESSED = "a8e3d94bec444addb0fba40e032cbcce"
 MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
+MESSAGE_ID_MAX_LOWERED = "96a87547c4fb4b649cb95fae581ef6e8"
+MESSAGE_ID_PERSIST_SHADOWED = "3db2626d632b4d289d8b9049100a7e1c"
+MESSAGE_ID_INITRAMFS = "c567043ca59949d088052c3ec12b26b8"
 
 KINDS: Mapping[str, Kind] = {
     k.name: k
@@ -93,6 +96,14 @@ KINDS: Mapping[str, Kind] = {
              "reloaded policy invalid; the old one stays in force (MESSAGE names file and key)"),
         Kind("suppressed", MESSAGE_ID_SUPPRESSED, LOG_NOTICE,
              "N entries of one kind were not written (rate limit); CTGUARD_REASON: the kind, CTGUARD_SUPPRESSED: N"),
+        Kind("max-lowered", MESSAGE_ID_MAX_LOWERED, LOG_WARNING,
+             "another writer lowered nf_conntrack_max (CTGUARD_OLD_MAX, CTGUARD_NEW_MAX, CTGUARD_WRITER: the likely "
+             "writer; CTGUARD_REASON: `defend`, `defend-failed`, `gave-up`, `not-defended`, `observe`, `at-bound`)"),
+        Kind("persist-shadowed", MESSAGE_ID_PERSIST_SHADOWED, LOG_WARNING,
+             "a file applied after ctguard's decides the boot value (CTGUARD_FILE, CTGUARD_NEW_MAX: its value; "
+             "MESSAGE names the fix)"),
+        Kind("initramfs", MESSAGE_ID_INITRAMFS, LOG_NOTICE,
+             "update-initramfs run after the modprobe file changed (CTGUARD_REASON: `updated` or `failed`)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
     )
 }
@@ -109,7 +120,8 @@ ALIASES: Mapping[str, str] = {
     "bundle-captured": "bundle",
 }
 
-FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE")
+FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
+          "CTGUARD_WRITER", "CTGUARD_FILE")
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or
 # underscore (leading underscore = trusted fields journald sets itself).

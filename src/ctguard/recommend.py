@@ -73,7 +73,24 @@ def render(a: dict) -> str:
     lines.append(f"  {a['sysctl_line']}")
     lines.append("and in /etc/modprobe.d/ctguard.conf:")
     lines.append(f"  {a['modprobe_line']}")
+    for note in a.get("boot_notes", []):   # a later file, the command line or the initramfs (issue 16)
+        lines.append(f"Note: {note}")
     return "\n".join(lines)
+
+
+def _boot_notes(policy: Policy) -> list[str]:
+    """What would keep the advice from holding at boot: a file that overrides ctguard's, the initramfs."""
+    from ctguard import bootreport
+
+    try:
+        boot = bootreport.build(policy)
+    except OSError:
+        return []
+    notes = [s.message() for s in boot.view.shadows]
+    advice = boot.initramfs.advice() if boot.initramfs is not None else None
+    if advice:
+        notes.append(advice)
+    return notes
 
 
 def main(policy: Policy, as_json: bool = False) -> int:
@@ -86,5 +103,6 @@ def main(policy: Policy, as_json: bool = False) -> int:
         cur_max = cur_buckets = 0
         obj = None
     advice = advise(policy, peaks, cur_max, cur_buckets, obj, time.time())
+    advice["boot_notes"] = _boot_notes(policy)
     print(json.dumps(advice, indent=2, sort_keys=True) if as_json else render(advice))
     return 0

@@ -28,7 +28,7 @@ class StatusView:
 
 
 def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
-          timeouts: list | None = None) -> StatusView:
+          timeouts: list | None = None, boot=None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -49,6 +49,9 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         problems.append((WARNING, f"max {lim.max} is at the {binding} {upper}: no room left to bump"))
     if budget_left == 0:
         problems.append((WARNING, "bump budget for this hour is spent"))
+    if boot is not None:   # a bootreport.BootReport: what the next boot keeps of ctguard's values
+        for s in boot.view.shadows:
+            problems.append((WARNING, f"{s.file} overrides ctguard's {s.key} at boot ({s.value})"))
     code = max((c for c, _ in problems), default=OK)
     worst_txt = f"{worst.name} {fill:.1%}" if worst else "no namespace"
     reasons = "; ".join(m for _, m in problems)
@@ -86,6 +89,9 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
                             for t in (timeouts or [])],
     }
+    if boot is not None:
+        data["boot"] = boot.as_dict()
+        data["boot"]["lines"] = boot.text_lines(policy.buckets.manage)
     return StatusView(code, headline, data)
 
 
@@ -108,6 +114,7 @@ def render_text(view: StatusView) -> str:
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
     persisted = d["persisted_max"]
     lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
+    lines.extend((d.get("boot") or {}).get("lines", []))
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:
