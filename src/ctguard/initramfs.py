@@ -140,7 +140,7 @@ def update_if_needed(root: Path | str, release_name: str, cache_dir: Path | str 
     if not state.matters:
         why = "nf_conntrack is not in the initramfs" if state.contains is False else f"cannot tell ({state.how})"
         return UpdateOutcome(False, True, None, time.monotonic() - t, f"not run: {why}")
-    cmd = command or ["update-initramfs", "-u", "-k", release_name]
+    cmd = command or default_command(release_name)
     try:
         out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              timeout=timeout, start_new_session=True)
@@ -151,6 +151,17 @@ def update_if_needed(root: Path | str, release_name: str, cache_dir: Path | str 
         return UpdateOutcome(False, False, None, time.monotonic() - t, f"cannot run {cmd[0]}: {exc.strerror}")
     tail = out.stdout[-1500:].decode(errors="replace").strip()
     return UpdateOutcome(True, out.returncode == 0, out.returncode, time.monotonic() - t, tail)
+
+
+def default_command(release_name: str) -> list[str]:
+    """Under systemd, update-initramfs runs as a transient unit of its own: ctguard's sandbox
+    (read-only /boot, a handful of capabilities) would make it fail. systemd-run asks PID 1 over
+    the system bus (AF_UNIX, allowed) and waits; --pipe brings its output back for the journal."""
+    cmd = ["update-initramfs", "-u", "-k", release_name]
+    if os.environ.get("INVOCATION_ID") and shutil.which("systemd-run"):
+        return ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--unit=ctguard-update-initramfs",
+                "--description=update-initramfs for ctguard's nf_conntrack hash size", *cmd]
+    return cmd
 
 
 class Updater:
