@@ -29,8 +29,11 @@ class BootReport:
                            for k in self.kube_proxies]
         return d
 
-    def warnings(self) -> list[str]:
+    def warnings(self, policy: Policy | None = None) -> list[str]:
         out = [s.message() for s in self.view.shadows]
+        advice = self.initramfs.advice() if self.initramfs is not None else None
+        if advice and policy is not None and policy.buckets.manage and not policy.persist.update_initramfs:
+            out.append(advice)
         for k in self.kube_proxies:
             if k.max_it_sets(self.cpus) is not None:
                 out.append(f"{k.describe(self.cpus)}: it lowers a bumped max whenever it restarts; leave max to "

@@ -49,7 +49,7 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     boot = _boot_report(policy)
     if boot is not None:
-        for w in boot.warnings():
+        for w in boot.warnings(policy):
             print(f"warning: {w}")
     return EX_OK
 

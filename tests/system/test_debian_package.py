@@ -502,6 +502,9 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
         assert before["bump_budget_left"] < TEST_MAX_PER_HOUR, before
         assert after["bump_budget_left"] <= before["bump_budget_left"], (before, after)
 
+    with phase("boot values: a later sysctl.d file shadows ctguard's"):
+        check_boot_values(m, phase)
+
     with phase("bad policy at start: exit 78, no restart loop"):
         m.write("/etc/ctguard/policy.toml", BAD_POLICY)
         m.run("systemctl", "restart", "ctguard.service", check=False, timeout=60)
@@ -544,6 +547,45 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases) -> None:
         m.run("test", "-s", sysctl_file)
         m.run("test", "-s", "/etc/modprobe.d/ctguard.conf")
         assert PROC_MAX.read_text().strip() == in_force, "purge changed the nf_conntrack_max in force"
+
+
+def check_boot_values(m: Machine, phase: Phases) -> None:
+    """Issue 16: the usual tuning advice's 99-conntrack-tuning.conf sorts after 90-ctguard.conf and
+    wins at boot; status (text and JSON), check-policy, the journal and the metric say so, and the
+    model's file order is the one systemd 257 itself reads (`systemd-analyze cat-config`)."""
+    tuning = "/etc/sysctl.d/99-conntrack-tuning.conf"
+    persisted = _persisted_max(m.run("cat", "/etc/sysctl.d/90-ctguard.conf").stdout)
+    lower = persisted // 2
+    m.write(tuning, f"# the usual tuning advice\nnet.netfilter.nf_conntrack_max = {lower}\n")
+    try:
+        code, data = m.status_json()
+        assert code >= 1, data["problems"]
+        shadowed = data["boot"]["shadowed"]
+        assert [(s["file"], s["value"], s["ours_value"]) for s in shadowed] == [(tuning, str(lower), str(persisted))], data["boot"]
+        assert data["boot"]["max"]["file"] == tuning and data["boot"]["max"]["value"] == lower
+        text = m.run("ctguard", "status", check=False).stdout
+        assert f"SHADOWED: {tuning} sets net.netfilter.nf_conntrack_max = {lower}" in text, text
+        check = m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml").stdout
+        assert f"warning: {tuning} sets" in check and "[persist] sysctl_file" in check, check
+        shadow_id = _message_id("PERSIST_SHADOWED")
+        # node_exporter's folder, so that the unit's ReadWritePaths=-... takes it at the restart;
+        # a started daemon looks at the boot files in its first turn.
+        m.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
+        m.run("systemctl", "restart", "ctguard.service", timeout=60)
+        assert m.wait_active() == "active", m.journal()
+        assert wait_for(lambda: any(e.get("CTGUARD_FILE") == tuning for e in m.entries(shadow_id)), 15), m.journal()
+        prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
+        assert wait_for(lambda: f'ctguard_persist_shadowed{{file="{tuning}"}} {lower}' in
+                        m.run("cat", prom, check=False).stdout, 15), m.run("cat", prom, check=False).stdout
+        model = m.run("python3", "-c", "from ctguard import bootvalues as b; "
+                      "print('\\n'.join(c.path for c in b.conf_files('/', b.SYSCTL_DIRS)))").stdout.split()
+        cat = [line[2:] for line in m.run("systemd-analyze", "cat-config", "--no-pager", "sysctl.d").stdout.splitlines()
+               if line.startswith("# /") and line.endswith(".conf")]
+        assert model == cat, (model, cat)
+        phase.say(f"boot order (systemd-analyze cat-config = model): {' '.join(cat)}")
+    finally:
+        m.run("rm", "-f", tuning)
+        m.run("systemctl", "reload", "ctguard.service", timeout=60)
 
 
 def _persisted_max(text: str) -> int:
