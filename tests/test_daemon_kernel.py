@@ -23,7 +23,7 @@ pytestmark = [needs_kernel, pytest.mark.kernel]
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
-def write_policy(tmp: Path, extra: str = "") -> Path:
+def write_policy(tmp: Path, extra: str = "", persist_mode: str = "immediate") -> Path:
     p = tmp / "policy.toml"
     p.write_text(
         f"""
@@ -33,7 +33,7 @@ dir = "{tmp}/state"
 [evidence]
 dir = "{tmp}/bundles"
 [persist]
-mode = "immediate"
+mode = "{persist_mode}"
 sysctl_file = "{tmp}/etc/sysctl.d/90-ctguard.conf"
 modprobe_file = "{tmp}/etc/modprobe.d/ctguard.conf"
 [metrics]
@@ -100,8 +100,10 @@ def test_flood_is_met_by_a_bump_within_the_ceiling(tmp_path: Path) -> None:
             assert 4096 < new_max <= 65536
             assert get_buckets() * 4 >= new_max, "buckets follow max/4"
             sysctl = (tmp_path / "etc/sysctl.d/90-ctguard.conf").read_text()
-            assert f"net.netfilter.nf_conntrack_max = {new_max}" in sysctl or wait_for(
-                lambda: f"= {get_max()}" in (tmp_path / "etc/sysctl.d/90-ctguard.conf").read_text(), 5)
+            # What persists is a sizing (issue 11): never below the live max nor the kernel's
+            # default, within the ceiling.
+            persisted = int(sysctl.split("nf_conntrack_max = ")[1].split()[0])
+            assert get_max() <= persisted <= 65536
             assert "Written by ctguard" in sysctl
             modprobe = (tmp_path / "etc/modprobe.d/ctguard.conf").read_text()
             assert "options nf_conntrack hashsize=" in modprobe
@@ -117,7 +119,9 @@ def test_flood_is_met_by_a_bump_within_the_ceiling(tmp_path: Path) -> None:
         data = json.loads(status.stdout)
         assert data["max"] == get_max() and data["ceiling"] == 65536
         assert any(n["inode"] == pair.receiver_inode for n in data["namespaces"])
-        assert data["last_bumps"] and data["persisted_max"] == get_max()
+        assert data["last_bumps"] and data["persisted_max"] >= get_max()
+        assert data["persisted_buckets"] >= get_buckets()
+        assert data["status"] == "WARNING" and any("emergency bump" in p for p in data["problems"])
 
 
 def test_flood_far_past_the_ceiling_stops_at_the_ceiling(tmp_path: Path) -> None:
@@ -148,7 +152,9 @@ def test_observe_mode_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_restart_within_the_cooldown_does_not_bump_again(tmp_path: Path) -> None:
-    policy = write_policy(tmp_path, "[bump]\nceiling = 65536\ncooldown = 600")
+    # persist.mode "never": a persisted sizing would be re-applied at the restart (never below the
+    # kernel's default, issue 11) and hide what this test looks at: the cooldown across a restart.
+    policy = write_policy(tmp_path, "[bump]\nceiling = 65536\ncooldown = 600", persist_mode="never")
     with saved_kernel_values(), netns_pair() as pair:
         set_max(4096)
         with Running(policy) as daemon:

@@ -8,7 +8,8 @@ import pytest
 
 from ctguard import policy as policy_mod
 from ctguard.decide import (
-    advance, buckets_for, decide, decide_manual, decide_start, memory_cap, next_interval, round_up, wanted_max,
+    advance, buckets_for, decide, decide_manual, decide_start, memory_cap, next_interval, persist_due_in, round_up,
+    wanted_max,
 )
 from ctguard.model import (
     BumpRecord, Capture, History, Instant, KernelLimits, NamespaceReading, Outcome, Persist, Refuse, Sample,
@@ -57,12 +58,20 @@ def test_round_up(value, expected):
     [
         (8192, 7000, 0.0, 16384),          # x2
         (5000, 4300, 0.0, 10240),          # x2 rounded up to 1024
-        (8192, 7000, 1000.0, 44032),       # (7000 + 1000*30) / 0.85 = 43529 -> 44032
+        (8192, 7000, 1000.0, 16384),       # (7000 + 1000 x 1 s) / 0.85 = 9412: x2 binds
+        (8192, 7000, 10000.0, 20480),      # (7000 + 10000 x 1 s) / 0.85 = 20000 -> 20480: not rate x cooldown (360,448)
+        (4096, 4096, 0.0, 8192),           # a burst that stopped, nothing lost: x2
         (8192, 7000, -50.0, 16384),        # shrinking: plain factor
     ],
 )
-def test_wanted_max_covers_growth_over_the_cooldown(old, count, rate, expected):
+def test_wanted_max_covers_current_growth_not_the_cooldown(old, count, rate, expected):
     assert wanted_max(pol(), old, count, rate) == expected
+
+
+def test_wanted_max_holds_what_the_kernel_refused():
+    # Issue 11: 20,000 flows in an 80 ms burst into 4,096; the burst is over (rate 0), 15,904 were
+    # refused or evicted: room for all 20,000 below act, not the ceiling.
+    assert wanted_max(pol(), 4096, 4096, 0.0, lost=15904) == round_up(20000 / 0.85) == 23552
 
 
 def test_memory_cap_uses_slab_size_and_buckets():
@@ -84,9 +93,13 @@ CASES = [
     ("worst namespace decides, not the host",
      "", sample(10, 8192, 10, 7500), History(), (), ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.actions[0].netns == 4026531001),
-    ("immediate persistence",
+    ("immediate persistence writes the sizing, not the emergency value (1 GiB: kernel default 8,192)",
+     "[persist]\nmode = 'immediate'", sample(10, 8192, 7000, mem=GiB, buckets=8192), History(), (),
+     ["SetMax", "Capture", "Persist"],
+     lambda d: d.of(Persist)[0].max == round_up(7000 * 2) and d.of(Persist)[0].buckets == 8192),
+    ("immediate persistence never below the kernel's boot default (16 GiB: 262,144)",
      "[persist]\nmode = 'immediate'", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture", "Persist"],
-     lambda d: d.of(Persist)[0].max == 16384 and d.of(Persist)[0].buckets == 4096),
+     lambda d: d.of(Persist)[0].max == 262144 and d.of(Persist)[0].buckets == 262144),
     ("buckets unmanaged", "[buckets]\nmanage = false", sample(10, 8192, 7000), History(), (), ["SetMax", "Capture"], None),
     ("clipped by ceiling",
      "[bump]\nceiling = 10000", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture"],
@@ -100,9 +113,48 @@ CASES = [
     ("clipped by memory",
      "", sample(10, 8192, 8000, mem=12288 * 322 * 10), History(), (), ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.actions[0].clipped_by == "memory" and d.actions[0].new <= 12288),
-    ("cooldown holds quietly, no capture",
-     "", sample(10, 8192, 8000), bumps((0, "fill")), (), ["Refuse"],
+    ("cooldown holds quietly, no capture (a table-full line below warn: it may predate the bump)",
+     "", sample(10, 8192, 5000), bumps((0, "fill")), (TableFull(at(10), 4026531000),), ["Refuse", "Warn"],
      lambda d: d.actions[0].kind == "cooldown"),
+    ("cooldown holds slow growth that reaches act in more than cover/2",
+     "", sample(10, 8192, 6000), replace(bumps((0, "fill")), points=((1009.9, ((4026531000, 5970),)),)), (),
+     ["Refuse"], lambda d: d.actions[0].kind == "cooldown" and d.actions[0].trigger == "growth"),
+    # Issue 11: sustained floods are met before the cooldown, within the budget.
+    ("sustained ramp: growth reaching act within cover/2 bumps again before the cooldown",
+     "", sample(10, 16384, 11000), replace(bumps((9, "fill")), points=((1009.9, ((4026531000, 9000),)),)), (),
+     ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].new == round_up((11000 + 20000) / 0.85) and "before the cooldown" in d.actions[0].reason
+     and round(d.actions[0].rate) == 20000 and round(d.rate) == 20000),
+    ("still growing at act before the cooldown: bump again",
+     "", sample(10, 16384, 15000), replace(bumps((9, "fill")), points=((1009.9, ((4026531000, 14900),)),)), (),
+     ["SetMax", "SetBuckets", "Capture"], lambda d: d.actions[0].new == 32768),
+    ("at act but no longer growing nor dropping: the cooldown holds (a restart too)",
+     "", sample(10, 16384, 15000), replace(bumps((9, "fill")), points=((1009.9, ((4026531000, 15000),)),)), (),
+     ["Refuse"], lambda d: d.actions[0].kind == "cooldown"),
+    ("still dropping above warn before the cooldown: bump again",
+     "", sample(10, 16384, 12000, drops=(50,)),
+     replace(bumps((9, "fill")), drops=((4026531000, 10),), points=((1009.9, ((4026531000, 12000),)),)), (),
+     ["SetMax", "SetBuckets", "Capture"], lambda d: d.actions[0].trigger == "drops" and "still dropping" in d.actions[0].reason),
+    ("drops counted across the last bump are not 'still dropping'",
+     "", sample(10, 16384, 12000, drops=(50,)),
+     replace(bumps((9.95, "fill")), drops=((4026531000, 10),), points=((1009.9, ((4026531000, 12000),)),)), (),
+     ["Refuse"], lambda d: d.actions[0].kind == "cooldown"),
+    ("the urgent path does not retry a failed write every sample",
+     "", sample(10, 8192, 8000), bumps((9, "fill"), ok=False), (), ["Refuse"], lambda d: d.actions[0].kind == "cooldown"),
+    ("the urgent path spends the budget",
+     "[bump]\nmax_per_hour = 2", sample(10, 8192, 8000),
+     replace(bumps((5, "fill"), (9, "fill")), points=((1009.9, ((4026531000, 7000),)),)), (), ["Refuse", "Capture"],
+     lambda d: d.actions[0].kind == "budget"),
+    ("a stopped burst gets what arrived, not rate x cooldown",
+     "", sample(10, 4096, 4096, drops=(15904,)),
+     History(points=((1009.0, ((4026531000, 4096 + 15904),)),), drops=((4026531000, 15904),)), (),
+     ["SetMax", "SetBuckets", "Capture"],
+     lambda d: round(d.rate) == 0 and d.actions[0].new == 8192),
+    ("a burst seen while it arrives: what arrived plus the rate for cover, not x cooldown",
+     "", sample(10, 4096, 4096, drops=(15904,)),
+     History(points=((1009.9, ((4026531000, 4096),)),), drops=((4026531000, 0),)), (),
+     ["SetMax", "SetBuckets", "Capture"],
+     lambda d: d.actions[0].new == round_up((20000 + 159040) / 0.85)),
     ("cooldown over",
      "", sample(31, 8192, 8000), bumps((0, "fill")), (), ["SetMax", "SetBuckets", "Capture"], None),
     ("budget spent",
@@ -130,29 +182,33 @@ CASES = [
     ("fast growth bumps before act",
      "", sample(10, 8192, 4000), History(points=((1009.9, ((4026531000, 3800),)),)), (),
      ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].trigger == "growth" and d.actions[0].new >= round_up((4000 + 2000 * 30) / 0.85)),
+     lambda d: d.actions[0].trigger == "growth" and round(d.rate) == 2000 and round(d.actions[0].rate) == 2000
+     and d.actions[0].new == 16384 and "2000/s" in d.actions[0].reason),
     # bench_ramp: a bump sized from the slope since an idle sample 1 s back ran out before the cooldown.
     ("growth seen against an idle sample: sample again before sizing the bump",
      "", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (), [],
      lambda d: d.confirm and next_interval(pol(), d) == 0.02),
     ("fill at act with growth against an idle sample: confirm too",
      "", sample(10, 8192, 7500), History(points=((1009.0, ((4026531000, 0),)),)), (), [], lambda d: d.confirm),
-    ("table-full against an idle sample: bump at once, no confirming",
+    # Issue 11: a slope over a stale interval cannot tell a stopped burst from a flood that goes on.
+    ("table-full against an idle sample: bump at once on what arrived, then sample again at once",
      "", sample(10, 8192, 5000), History(points=((1009.0, ((4026531000, 0),)),)), (TableFull(at(10), 4026531000),),
-     ["SetMax", "SetBuckets", "Warn", "Capture"], lambda d: not d.confirm),
+     ["SetMax", "SetBuckets", "Warn", "Capture"],
+     lambda d: d.confirm and d.actions[0].rate == 0 and d.actions[0].new == 16384 and d.rate == 0
+     and "no fresh rate" in d.actions[0].reason and next_interval(pol(), d) == 0.02),
     ("full table against an idle sample: bump at once",
      "", sample(10, 8192, 8192), History(points=((1009.0, ((4026531000, 0),)),)), (),
-     ["SetMax", "SetBuckets", "Capture"], lambda d: not d.confirm and d.actions[0].trigger == "fill"),
-    ("confirmed: sized from the slope since the last sample, triggered on the conservative one",
+     ["SetMax", "SetBuckets", "Capture"], lambda d: d.confirm and d.actions[0].trigger == "fill"),
+    ("confirmed: triggered and sized on one rate, the slope since the last sample",
      "", sample(10, 8192, 4000), History(points=((1008.0, ((4026531000, 0),)), (1009.98, ((4026531000, 3600),)))), (),
      ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].trigger == "growth" and d.rate == 2000
-     and d.actions[0].new == round_up((4000 + 20000 * 30) / 0.85)),
-    ("a full table's refused flows count as growth when sizing",
+     lambda d: d.actions[0].trigger == "growth" and round(d.rate) == 20000 and round(d.actions[0].rate) == 20000
+     and d.actions[0].new == round_up((4000 + 20000) / 0.85) and "20000/s" in d.actions[0].reason),
+    ("a full table's refused flows count as growth and as lost when sizing",
      "", sample(10, 8192, 8192, drops=(2100,)),
      History(points=((1009.9, ((4026531000, 8192 + 100),)),), drops=((4026531000, 100),)), (),
      ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].new == round_up((8192 + 20000 * 30) / 0.85)),
+     lambda d: d.actions[0].new == round_up((8192 + 2000 + 20000) / 0.85) and d.actions[0].need == 8192 + 2000 + 20000),
     ("growth with horizon 0 is ignored",
      "[thresholds]\nhorizon = 0", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (), [], None),
     ("slow growth is not urgent",
@@ -200,27 +256,48 @@ def test_sustained_pressure_warns_once_and_captures():
 
 def test_stable_persistence_waits_for_quiet():
     p = pol("[persist]\nmode = 'stable'\nstable_for = 600")
-    h = History(bumps=(BumpRecord(at(0), 8192, 16384, "fill"),), unpersisted_max=16384)
-    assert decide(p, sample(100, 16384, 100), h, at(100)).of(Persist) == []
+    h = History(bumps=(BumpRecord(at(0), 8192, 65536, "fill"),), unpersisted_max=65536, sizing_peak=7000)
+    small = dict(mem=GiB, buckets=16384)        # 1 GiB: the kernel's default is 8,192
+    assert decide(p, sample(100, 65536, 100, **small), h, at(100)).of(Persist) == []
+    assert persist_due_in(p, h, at(100)) == 500
     h_drop = replace(h, last_drop=at(500))
-    assert decide(p, sample(700, 16384, 100), h_drop, at(700)).of(Persist) == []
-    got = decide(p, sample(601, 16384, 100), h, at(601)).of(Persist)
-    assert [x.max for x in got] == [16384]
-    assert decide(pol("[persist]\nmode = 'never'"), sample(601, 16384, 100), h, at(601)).of(Persist) == []
+    assert decide(p, sample(700, 65536, 100, **small), h_drop, at(700)).of(Persist) == []
+    assert persist_due_in(p, h_drop, at(700)) == 400
+    # Issue 11: what persists is a sizing (2 x the peak), not the emergency's 65,536; buckets never
+    # below the live 16,384.
+    got = decide(p, sample(601, 65536, 100, **small), h, at(601)).of(Persist)
+    assert [(x.max, x.buckets) for x in got] == [(14336, 16384)]
+    # After drops: 3 x the peak.
+    h_dropped = replace(h, last_drop=at(-1))
+    got = decide(p, sample(601, 65536, 100, **small), h_dropped, at(601)).of(Persist)
+    assert [x.max for x in got] == [round_up(21000)]
+    # Never below what is persisted already, nor the kernel's default; bounded by the ceiling.
+    got = decide(p, sample(601, 65536, 100, **small), replace(h, persisted_max=40960), at(601)).of(Persist)
+    assert [x.max for x in got] == [40960]
+    got = decide(p, sample(601, 65536, 100), h, at(601)).of(Persist)
+    assert [(x.max, x.buckets) for x in got] == [(262144, 262144)]
+    got = decide(pol("[persist]\nmode = 'stable'\n[bump]\nceiling = 200000"), sample(601, 65536, 100), h, at(601)).of(Persist)
+    assert [x.max for x in got] == [200000]
+    # Buckets not managed: none written.
+    got = decide(pol("[buckets]\nmanage = false"), sample(601, 65536, 100, **small), h, at(601)).of(Persist)
+    assert [x.buckets for x in got] == [None]
+    assert decide(pol("[persist]\nmode = 'never'"), sample(601, 65536, 100), h, at(601)).of(Persist) == []
+    assert persist_due_in(pol("[persist]\nmode = 'never'"), h, at(601)) is None
 
 
 def test_clock_stepped_back_keeps_cooldown_and_budget():
     p = pol()
     h = bumps((0, "fill"))
     # Wall clock stepped back an hour, boot clock moved 5 s: still within the cooldown.
+    line = (TableFull(at(5), 4026531000),)     # a trigger that does not pass the cooldown (not urgent)
     now = Instant(T0 - 3600, 1005.0, "b1")
-    assert decide(p, sample(5, 8192, 8000), h, now).actions[0].kind == "cooldown"
+    assert decide(p, sample(5, 8192, 5000), h, now, line).actions[0].kind == "cooldown"
     # Wall clock stepped forward a day, boot clock 5 s: same.
     now = Instant(T0 + 86400, 1005.0, "b1")
-    assert decide(p, sample(5, 8192, 8000), h, now).actions[0].kind == "cooldown"
+    assert decide(p, sample(5, 8192, 5000), h, now, line).actions[0].kind == "cooldown"
     # After a reboot only the wall clock is comparable; a record from the future counts as now.
     now = Instant(T0 - 100, 5.0, "b2")
-    assert decide(p, sample(5, 8192, 8000), h, now).actions[0].kind == "cooldown"
+    assert decide(p, sample(5, 8192, 5000), h, now, line).actions[0].kind == "cooldown"
 
 
 def test_advance_records_bumps_and_persistence():
@@ -335,3 +412,63 @@ def test_guard_off_hands_out_table():
     smp = Sample(smp.at, smp.limits, smp.namespaces, TableShape(NS0, 5000, 4900, 101))
     d = decide(p, smp, History(), smp.at)
     assert d.needs_shape is None and d.of(SetMax)[0].new == 32768
+
+
+# --- the incident (issue 11 item 6): opened, counted and closed by advance, told by the daemon ----
+
+def _turn(p, h, smp, events=()):
+    d = decide(p, smp, h, smp.at, events)
+    outs = [Outcome(a, True, read_back=a.new if isinstance(a, (SetMax, SetBuckets)) else None) for a in d.actions]
+    return d, advance(h, smp, events, outs, smp.at, p)
+
+
+def test_incident_opens_counts_and_ends_after_calm():
+    from ctguard.decide import incident_changes, note_bundle
+    from ctguard.state import history_from_json, history_to_json
+
+    p = pol("[thresholds]\ncalm = 30")
+    ns = 4026531000
+    early = lambda t, c, d, e: replace(sample(t, 8192, c, drops=(d,)), namespaces=(  # noqa: E731
+        NamespaceReading(ns, "host", c, (("drop", d), ("early_drop", e)), unit="gw.service"),))
+    _, h = _turn(p, History(), early(0, 1000, 5, 0))
+    assert h.incident is None
+    # A burst: the table fills and the kernel refuses and evicts: the incident opens with the bump.
+    d, h2 = _turn(p, h, early(0.1, 8192, 905, 300))
+    started, ended = incident_changes(h, h2)
+    assert started is not None and ended is None and started.name == "host" and started.unit == "gw.service"
+    assert d.of(SetMax) and started.bumps == 1 and started.drops == 900 and started.early_drops == 300
+    assert started.rate == d.of(SetMax)[0].rate > 0 and started.max_now == d.of(SetMax)[0].new
+    # Still above warn a while, then calm: not over before `calm` seconds.
+    big = d.of(SetMax)[0].new
+    smp = replace(early(0.2, 9000, 905, 300), limits=replace(early(0.2, 9000, 905, 300).limits, max=big))
+    _, h3 = _turn(p, h2, smp)
+    assert h3.incident is not None and h3.incident.peak_count == 9000
+    h3 = note_bundle(h3, "20261126-210000-bump")
+    quiet = lambda t: replace(early(t, 100, 905, 300), limits=replace(early(t, 100, 905, 300).limits, max=big))  # noqa: E731
+    d4, h4 = _turn(p, h3, quiet(20))
+    assert h4.incident is not None and not d4.incident_ends
+    # State survives a restart in the middle of an incident.
+    assert history_from_json(history_to_json(h4)).incident == h4.incident
+    d5, h5 = _turn(p, h4, quiet(31))
+    assert d5.incident_ends
+    started, ended = incident_changes(h4, h5)
+    assert started is None and ended is not None and h5.incident is None and h5.last_incident == ended
+    assert ended.bundles == ("20261126-210000-bump",) and ended.ended == at(31) and ended.peak_fill >= 1.0
+    assert ended.drops == 900 and ended.early_drops == 300 and ended.bumps == 1
+    assert history_from_json(history_to_json(h5)).last_incident == ended
+
+
+def test_a_table_full_line_opens_an_incident_and_losses_size_the_next_bump():
+    p = pol()
+    ns = 4026531000
+    _, h = _turn(p, History(), sample(0, 8192, 5000, drops=(0,)))
+    _, h = _turn(p, h, sample(0.1, 8192, 5000, drops=(0,)), (TableFull(at(0.1), ns),))
+    assert h.incident is not None and h.incident.table_full_lines == 1
+    # Later in the same incident, flows refused since it began count in what the table must hold.
+    d = decide(p, sample(0.2, 16384, 16384, drops=(3000,)), replace(h, bumps=()), at(0.2))
+    assert d.of(SetMax)[0].need >= 16384 + 3000
+
+
+def test_backlog_lines_open_no_incident():
+    _, h = _turn(pol(), History(), sample(0, 8192, 100), (TableFull(at(0), None, backlog=True),))
+    assert h.incident is None

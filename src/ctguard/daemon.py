@@ -25,15 +25,19 @@ from ctguard import policy as policy_mod
 from ctguard.act import Actor
 from ctguard.clock import Clock
 from ctguard.files import atomic_write, ensure_private_dir
-from ctguard.decide import advance, budget_left, decide, decide_start, next_interval, upper_bound
+from ctguard import incident as incident_text
+from ctguard.decide import (
+    advance, budget_left, decide, decide_start, incident_changes, next_interval, note_bundle, upper_bound,
+)
 from ctguard.kernel import ConntrackNotLoaded, Kernel
 from ctguard.model import (
     Capture, Decision, History, Instant, Outcome, Persist, Refuse, Sample, SetBuckets, SetMax, TableFull, Warn,
 )
 from ctguard.observe import Observer
 from ctguard.policy import Policy, PolicyError
+from ctguard.sizing import p99
+from ctguard.state import PEAK_DAYS, PeakRecorder, StateStore
 from ctguard.persistwatch import PersistWatch
-from ctguard.state import PeakRecorder, StateStore
 
 log = logging.getLogger("ctguard")
 
@@ -99,6 +103,7 @@ class Daemon:
         self.store = StateStore(policy.state.dir, warn=lambda m: log.warning("%s", m))
         self.history: History = self.store.load_history()
         self.peaks = PeakRecorder(*self.store.load_recorded())
+        self._note_p99()
         self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
         self.children = Children()
         self.follower = None
@@ -115,6 +120,13 @@ class Daemon:
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
         self.persistwatch = PersistWatch(self)  # issue 16: boot values, initramfs, max lowered by others
+        self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
+
+    def _note_p99(self) -> None:
+        """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
+        cutoff = time.time() - PEAK_DAYS * 86400
+        recent = [p.count for p in self.peaks.current() if p.minute > cutoff]
+        self.history = self.history.with_(recorded_p99=p99(recent))
 
     # -- wiring -----------------------------------------------------------------------------
 
@@ -238,6 +250,7 @@ class Daemon:
             if code == 0 and out:
                 self.events.emit("bundle", f"evidence bundle captured ({reason}): {out}",
                                  CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason)
+                self.history = note_bundle(self.history, Path(out.splitlines()[-1]).name)
             else:
                 log.warning("evidence capture (%s) failed with exit code %s: %s", reason, code, out[-500:])
         try:
@@ -263,13 +276,23 @@ class Daemon:
             sample = replace(sample, shape=self.observer.shape(decision.needs_shape, self.policy.guard))
             decision = decide(self.policy, sample, self.history, now, kernel_events)
         outcomes = self.actor.carry_out(decision) if decision.actions else []
+        before = self.history
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
+        self._labels = {ns.inode: ns for ns in sample.namespaces}
+        started, ended = incident_changes(before, self.history)
+        if started is not None:
+            w = sample.worst
+            self.events.emit("incident-start", incident_text.start_message(started, sample.worst_fill, w.count if w else 0),
+                             **incident_text.start_fields(started, sample.worst_fill))
         self._report(decision, outcomes, kernel_events)
+        if ended is not None:
+            self.events.emit("incident-end", incident_text.end_message(ended), **incident_text.end_fields(ended))
         self.persistwatch.after_turn(sample, outcomes)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
             self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
-        if outcomes or kernel_events:
+            self._note_p99()
+        if outcomes or kernel_events or started is not None or ended is not None:
             self._safe(self.store.save_history, self.history, what="state")
         self.last_sample = sample
         self._write_metrics(sample)
@@ -325,9 +348,16 @@ class Daemon:
             if isinstance(a, SetMax):
                 fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
                               CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
+                ns = self._labels.get(a.netns) if a.netns is not None else None
+                fields.update(incident_text.ns_fields(ns))
+                if a.need:
+                    fields.update(CTGUARD_RATE=f"{a.rate:.0f}", CTGUARD_NEED=a.need, CTGUARD_HORIZON=f"{a.cover:g}")
+                if self.history.incident is not None:
+                    fields["CTGUARD_INCIDENT"] = self.history.incident.id
+                in_ns = f" in {incident_text.where(ns.name, ns.unit, ns.inode)}" if ns is not None else ""
                 if o.ok:
                     self.last_action = f"bumped {a.old} -> {o.read_back} ({a.trigger})"
-                    ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}: {a.reason}", **fields)
+                    ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
                 else:
                     self.last_action = f"bump to {a.new} not done"
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)

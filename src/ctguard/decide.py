@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ctguard.model import (
-    Action, BumpRecord, Capture, Decision, History, Instant, KernelLimits, Outcome, Persist,
+    Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
     Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
 )
 from ctguard.policy import Policy
+from ctguard.sizing import GROWTH_COVER, STEP, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
+    kernel_default_max, round_up
 
-STEP = 1024                 # nf_conntrack_max moves in whole multiples of this
 RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
@@ -39,10 +41,18 @@ HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
 CONFIRM_AFTER = 0.02
 STALE_AFTER = 2.0           # fast intervals
 IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast enough to catch
+# Issue 11: sizing a bump from rate x cooldown sent 4,096 to 177,152 for a 5,000/s flood that
+# stopped after 20,000 flows. A bump now makes room for what the table holds and lost plus
+# `cover` seconds of the growth still going on (sizing.bump_size), and growth that goes on is met
+# by another bump before the cooldown once it would reach `act` within `cover / 2` seconds, or
+# while the table is at act or the kernel drops above warn ("urgent"), still within the budget.
+FAST_COVER = 6              # fast intervals of growth a bump covers at least (a slow fast_interval needs more)
+LOSS_WINDOW = 7 * 86400.0   # drops this recent make the persisted sizing use sizing.HEADROOM_AFTER_DROPS
 
 
-def round_up(value: float, step: int = STEP) -> int:
-    return int(math.ceil(value / step)) * step
+def cover_for(policy: Policy) -> float:
+    """Seconds of current growth a bump makes room for."""
+    return max(GROWTH_COVER, FAST_COVER * policy.watch.fast_interval)
 
 
 def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> int:
@@ -64,14 +74,14 @@ def upper_bound(policy: Policy, limits: KernelLimits) -> tuple[int, str]:
     return policy.bump.ceiling, "ceiling"
 
 
-def wanted_max(policy: Policy, old: int, count: int, rate: float) -> int:
-    """old x factor rounded up to 1024, and large enough that the current growth does not
-    bring the table back to `act` before the cooldown lets ctguard bump again."""
-    want = round_up(old * policy.bump.factor)
-    if rate > 0:
-        after_cooldown = count + rate * max(policy.bump.cooldown, 1.0)
-        want = max(want, round_up(after_cooldown / policy.thresholds.act))
-    return want
+def wanted_max(policy: Policy, old: int, count: int, rate: float, lost: int = 0) -> int:
+    """old x factor rounded up to 1024, or more: room below `act` for what the table holds,
+    what it lost in this incident, and `cover_for(policy)` seconds of the current growth."""
+    return size_bump(policy, old, count, lost, rate).want
+
+
+def size_bump(policy: Policy, old: int, count: int, lost: int, rate: float) -> BumpSize:
+    return bump_size(old, count, lost, rate, policy.thresholds.act, policy.bump.factor, cover_for(policy))
 
 
 def buckets_for(policy: Policy, max_value: int) -> int:
@@ -86,7 +96,10 @@ def demand(ns) -> int:
 
 def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, float]:
     """(slope since the previous sample, that sample's age in seconds); (0, inf) without one.
-    Used to size a bump once one is due, not to decide that one is."""
+
+    The one rate: the growth trigger, the bump's size, its journal entry and the decision all
+    use it. It is the slope of the demand (count + drops + early drops), so a full table that
+    keeps refusing flows still shows its growth, and a burst that has stopped shows none."""
     now = sample.at.boot
     current = next((demand(ns) for ns in sample.namespaces if ns.inode == inode), None)
     for t, counts in reversed(history.points):
@@ -136,6 +149,48 @@ def _new_drops(history: History, sample: Sample) -> int:
     return sum(max(0, ns.drops - before[ns.inode]) for ns in sample.namespaces if ns.inode in before)
 
 
+def _new_early(history: History, sample: Sample) -> int:
+    before = dict(history.early)
+    return sum(max(0, ns.stat("early_drop") - before[ns.inode]) for ns in sample.namespaces if ns.inode in before)
+
+
+def lost_in_incident(history: History, sample: Sample, inode: int | None) -> int:
+    """Flows namespace `inode` refused (drop) or evicted (early_drop) during the open incident,
+    or since the previous sample when none is open: what the table was asked to hold beyond its count."""
+    ns = next((n for n in sample.namespaces if n.inode == inode), None)
+    if ns is None:
+        return 0
+    if history.incident is not None:
+        base = dict(history.incident.loss_base).get(inode)
+    else:
+        drops, early = dict(history.drops).get(inode), dict(history.early).get(inode)
+        base = None if drops is None else drops + (early or 0)
+    if base is None:
+        return 0
+    return max(0, ns.drops + ns.stat("early_drop") - base)
+
+
+def _urgent(policy: Policy, sample: Sample, history: History, fill: float, rate: float) -> str | None:
+    """Why a bump may not wait for the cooldown: the kernel is still dropping above `warn`, or
+    the growth reaches `act` (or is past it) within half the cover of a bump."""
+    t = policy.thresholds
+    last = _last_attempt(history)
+    if last is not None and not last.ok:
+        return None     # a write that failed (or observe mode) is not retried every sample
+    # (A table that sits at act without growing or dropping waits for the cooldown like any other.)
+    # Drops counted since a sample taken before the last bump may predate it: not evidence.
+    since_bump = last is None or (bool(history.points) and last.at.boot_id == sample.at.boot_id
+                                  and history.points[-1][0] >= last.at.boot)
+    if fill >= t.warn and since_bump and _new_drops(history, sample) + _new_early(history, sample) > 0:
+        return "the kernel is still dropping"
+    worst = sample.worst
+    if rate > 0 and worst is not None:
+        to_act = (t.act * sample.limits.max - worst.count) / rate
+        if to_act <= cover_for(policy) / 2:
+            return f"growing {rate:.0f}/s, at act in {max(0.0, to_act):.1f} s"
+    return None
+
+
 def _trigger(policy: Policy, sample: Sample, history: History, events: Sequence[TableFull],
              fill: float, rate: float) -> tuple[Trigger | None, str]:
     t = policy.thresholds
@@ -160,7 +215,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     worst = sample.worst
     worst_inode = worst.inode if worst else None
     fill = sample.worst_fill
-    rate = growth_rate(history, sample, worst_inode) if worst_inode is not None else 0.0
+    rate, ref_age = current_rate(history, sample, worst_inode) if worst_inode is not None else (0.0, math.inf)
     # A table-full line names its namespace; trust it over the sample for which one is worst.
     event_ns = next((e.netns for e in events if not e.backlog and e.netns), None)
     netns = event_ns or worst_inode
@@ -169,20 +224,30 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     pressure = fill >= policy.thresholds.warn
 
     trigger, why = _trigger(policy, sample, history, events, fill, rate)
-    now_rate, ref_age = current_rate(history, sample, worst_inode) if worst_inode is not None else (0.0, math.inf)
+    stale = ref_age > STALE_AFTER * policy.watch.fast_interval
     confirm = (trigger in ("growth", "fill") and rate > 0 and worst is not None and worst.count < limits.max
-               and ref_age > STALE_AFTER * policy.watch.fast_interval)
+               and stale)
     if confirm:
         trigger = None      # no loss yet: one more sample, CONFIRM_AFTER from now, sizes the bump
     bumped_to: int | None = None
     needs_shape: int | None = None
     if trigger is not None:
         attack = attack_shape(policy, sample, history, netns)
+        lost = lost_in_incident(history, sample, worst_inode)
+        # Losses are happening: bump at once. A slope over a stale interval cannot tell a burst
+        # that has stopped from one that goes on (issue 11: an 80 ms burst sent max to the
+        # ceiling), so such a bump is sized on what arrived, and the next sample, CONFIRM_AFTER
+        # from now, measures a fresh rate and bumps again before the cooldown if growth goes on.
+        size_rate = 0.0 if stale else rate
+        if stale and rate > 0:
+            why = f"{why}; no fresh rate (last sample {ref_age:.2f} s old): sized on what arrived, sampling again at once"
         action = _bump_or_refuse(policy, limits, history, now, trigger, why, netns, fill,
-                                 worst.count if worst else 0, max(rate, now_rate), attack)
+                                 worst.count if worst else 0, size_rate, attack, lost,
+                                 _urgent(policy, sample, history, fill, size_rate))
         actions.append(action)
         if isinstance(action, SetMax):
             bumped_to = action.new
+            confirm = stale and rate > 0
             looked = sample.shape is not None and sample.shape.netns == netns
             if (policy.guard.enabled and attack is None and not looked and netns is not None
                     and action.new > policy.guard.ceiling):
@@ -202,19 +267,24 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
         if _capture_due(policy, history, now):
             actions.append(Capture(reason="bump", netns=netns))
         if policy.persist.mode == "immediate":
-            actions.append(Persist(bumped_to, buckets_for(policy, bumped_to) if policy.buckets.manage else None,
-                                   "persist.mode is immediate"))
+            adv = persist_advice(policy, sample.limits, history, now, sample)
+            actions.append(Persist(adv.max, adv.buckets, f"persist.mode is immediate; sized {adv.text()}"))
     if pressure:
         actions.extend(_pressure_actions(policy, history, now, worst_inode, fill,
                                          may_capture=not any(isinstance(a, Capture) for a in actions)))
     if bumped_to is None:
-        actions.extend(_stable_persist(policy, limits, history, now))
+        actions.extend(_stable_persist(policy, limits, history, now, sample))
 
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
     headroom = int(policy.thresholds.act * limits.max) - (worst.count if worst else 0)
-    return Decision(tuple(actions), netns, fill, rate, pressure, summary, to_full, headroom, confirm, needs_shape)
+    acted = any(isinstance(a, SetMax) or (isinstance(a, Refuse) and a.kind != "cooldown") for a in actions)
+    ends = (history.incident is not None and not _active(policy, sample, events, acted)
+            and _calm_for(history.incident, now) >= policy.thresholds.calm)
+    return Decision(tuple(actions), netns, fill, max(0.0, size_rate if trigger is not None else rate), pressure,
+                    summary, to_full, headroom, confirm,
+                    needs_shape, ends)
 
 
 def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
@@ -247,17 +317,39 @@ def _pressure_actions(policy: Policy, history: History, now: Instant, inode: int
     return out
 
 
-def _stable_persist(policy: Policy, limits: KernelLimits, history: History, now: Instant) -> list[Action]:
-    """persist.mode = "stable": write the raised max once no drop was seen for stable_for."""
-    if (policy.persist.mode != "stable" or history.unpersisted_max is None
-            or history.unpersisted_max <= (history.persisted_max or 0)):
-        return []
+def persist_advice(policy: Policy, limits: KernelLimits, history: History, now: Instant,
+                   sample: Sample | None = None) -> Advice:
+    """What persists (and what `recommend` advises): sizing.advice over the same history."""
+    peak = max(history.sizing_peak, history.recorded_p99, sample.worst.count if sample and sample.worst else 0)
+    drops_seen = history.last_drop is not None and now.since(history.last_drop) < LOSS_WINDOW
+    if sample is not None:
+        drops_seen = drops_seen or (_new_drops(history, sample) + _new_early(history, sample) > 0
+                                    and sample.worst_fill >= policy.thresholds.warn)
+    return advice(peak, drops_seen, kernel_default_max(limits.mem_total), history.persisted_max,
+                  upper_bound(policy, limits)[0], policy.buckets.manage, policy.buckets.ratio, limits.buckets,
+                  kernel_default_buckets(limits.mem_total))
+
+
+def persist_due_in(policy: Policy, history: History, now: Instant) -> float | None:
+    """Seconds until a raised max is persisted (persist.mode = "stable"), 0 when due; None when
+    nothing waits to be persisted or the mode never persists later."""
+    if policy.persist.mode != "stable" or history.unpersisted_max is None:
+        return None
     quiet_since = [x for x in (history.last_drop, _last_ok_bump_at(history)) if x is not None]
-    if min((now.since(x) for x in quiet_since), default=math.inf) < policy.persist.stable_for:
+    quiet = min((now.since(x) for x in quiet_since), default=math.inf)
+    return max(0.0, policy.persist.stable_for - quiet)
+
+
+def _stable_persist(policy: Policy, limits: KernelLimits, history: History, now: Instant,
+                    sample: Sample | None = None) -> list[Action]:
+    """persist.mode = "stable": once no drop was seen for stable_for after a bump, write the
+    sizing (sizing.advice), not the emergency value."""
+    due = persist_due_in(policy, history, now)
+    if due is None or due > 0:
         return []
-    value = max(history.unpersisted_max, limits.max)
-    return [Persist(value, buckets_for(policy, value) if policy.buckets.manage else None,
-                    f"no drop for {policy.persist.stable_for:g} s since the last bump")]
+    adv = persist_advice(policy, limits, history, now, sample)
+    return [Persist(adv.max, adv.buckets,
+                    f"no drop for {policy.persist.stable_for:g} s since the last bump; sized {adv.text()}")]
 
 
 def next_interval(policy: Policy, decision: Decision) -> float:
@@ -314,13 +406,17 @@ def _capture_due(policy: Policy, history: History, now: Instant) -> bool:
 
 def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now: Instant,
                     trigger: Trigger, why: str, netns: int | None, fill: float, count: int,
-                    rate: float, attack: str | None = None) -> SetMax | Refuse:
+                    rate: float, attack: str | None = None, lost: int = 0,
+                    urgent: str | None = None) -> SetMax | Refuse:
     old = limits.max
-    want = wanted_max(policy, old, count, rate)
+    size = size_bump(policy, old, count, lost, rate)
+    want = size.want
     last = _last_attempt(history)
     if last is not None and now.since(last.at) < policy.bump.cooldown:
-        wait = policy.bump.cooldown - now.since(last.at)
-        return Refuse(want, old, "cooldown", trigger, netns, fill, f"{why}; cooldown: next bump allowed in {wait:.0f} s")
+        if urgent is None:
+            wait = policy.bump.cooldown - now.since(last.at)
+            return Refuse(want, old, "cooldown", trigger, netns, fill, f"{why}; cooldown: next bump allowed in {wait:.0f} s")
+        why = f"{why}; before the cooldown: {urgent}"
     if _bumps_in_last_hour(history, now) >= policy.bump.max_per_hour:
         return Refuse(want, old, "budget", trigger, netns, fill,
                       f"{why}; bump budget spent ({policy.bump.max_per_hour} in the last hour)")
@@ -336,7 +432,8 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
         return Refuse(want, old, binding, trigger, netns, fill, f"{why}; max {old} is already at the {what}")  # type: ignore[arg-type]
     clipped = binding if new < want else None
     note = f", clipped by the {binding}" if clipped else ""
-    return SetMax(old, new, trigger, netns, fill, f"{why}; {old} -> {new}{note}", clipped)
+    return SetMax(old, new, trigger, netns, fill, f"{why}; {old} -> {new}{note}; sized: {size.text()}", clipped,
+                  size.rate, size.need, size.cover)
 
 
 def decide_manual(policy: Policy, limits: KernelLimits, to: int) -> Decision:
@@ -374,12 +471,103 @@ def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None
     return Decision(tuple(actions), None, 0.0, 0.0, False, "start")
 
 
+def _active(policy: Policy, sample: Sample | None, events: Sequence[TableFull], acted: bool) -> bool:
+    """Does this turn keep an incident going (or start one)?"""
+    hot = sample is not None and sample.worst_fill >= policy.thresholds.warn
+    return hot or acted or any(not e.backlog for e in events)
+
+
+def _calm_for(incident: Incident, now: Instant) -> float:
+    return now.since(incident.last_active or incident.started)
+
+
+def _acted(outcomes: Sequence[Outcome]) -> bool:
+    """An automatic bump made or refused (not a cooldown wait, not the operator's, not a re-apply)."""
+    for o in outcomes:
+        a = o.action
+        if isinstance(a, SetMax) and a.trigger not in ("manual", "reapply"):
+            return True
+        if isinstance(a, Refuse) and a.kind != "cooldown" and a.trigger != "manual":
+            return True
+    return False
+
+
+def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull], outcomes: Sequence[Outcome],
+                   now: Instant, policy: Policy) -> dict:
+    """Open, update or close the incident for one turn; the changes to the history."""
+    acted = _acted(outcomes)
+    active = _active(policy, sample, events, acted)
+    inc = h.incident
+    if inc is None:
+        if not active or sample is None:
+            return {}
+        worst = sample.worst
+        base = dict(h.drops)
+        early = dict(h.early)
+        inc = Incident(started=now, netns=worst.inode if worst else None, name=worst.name if worst else "",
+                       unit=worst.unit if worst else "", max_at_start=sample.limits.max,
+                       loss_base=tuple((i, d + early.get(i, 0)) for i, d in base.items()), last_active=now)
+    changes: dict = {}
+    live = [e for e in events if not e.backlog]
+    upd: dict = {
+        "table_full_lines": inc.table_full_lines + len(live) + sum(e.suppressed for e in live),
+        "bumps": inc.bumps + sum(1 for o in outcomes if o.ok and isinstance(o.action, SetMax)
+                                 and o.action.trigger not in ("manual", "reapply")),
+        "refusals": inc.refusals + sum(1 for o in outcomes if isinstance(o.action, Refuse)
+                                       and o.action.kind != "cooldown" and o.action.trigger != "manual"),
+        "rate": max([inc.rate] + [o.action.rate for o in outcomes if o.ok and isinstance(o.action, SetMax)]),
+    }
+    if sample is not None:
+        worst = sample.worst
+        upd["drops"] = inc.drops + _new_drops(h, sample)
+        upd["early_drops"] = inc.early_drops + _new_early(h, sample)
+        upd["peak_fill"] = max(inc.peak_fill, sample.worst_fill)
+        upd["peak_count"] = max(inc.peak_count, worst.count if worst else 0)
+        upd["max_now"] = max([sample.limits.max] + [o.read_back or 0 for o in outcomes
+                                                    if o.ok and isinstance(o.action, SetMax)])
+    if active:
+        upd["last_active"] = now
+    inc = _replace(inc, upd)
+    if not active and _calm_for(inc, now) >= policy.thresholds.calm:
+        changes["incident"] = None
+        changes["last_incident"] = _replace(inc, {"ended": now})
+    else:
+        changes["incident"] = inc
+    return changes
+
+
+def _replace(inc: Incident, changes: dict) -> Incident:
+    return replace(inc, **changes)
+
+
+def incident_changes(before: History, after: History) -> tuple[Incident | None, Incident | None]:
+    """(the incident that started, the incident that ended) between two histories: the hooks for
+    the daemon's journal entries and for anything that acts when an incident starts or ends.
+    Both can be set in one turn only when one ended and the next began at once (never, as
+    advance closes only on a calm turn)."""
+    started = after.incident if after.incident is not None and (
+        before.incident is None or before.incident.started != after.incident.started) else None
+    ended = after.last_incident if after.last_incident is not None and (
+        before.last_incident is None or before.last_incident.started != after.last_incident.started) else None
+    return started, ended
+
+
+def note_bundle(history: History, bundle: str) -> History:
+    """A capture finished: its bundle belongs to the open incident (or the last one, if it ended meanwhile)."""
+    if history.incident is not None:
+        return history.with_(incident=_replace(history.incident, {"bundles": history.incident.bundles + (bundle,)}))
+    if history.last_incident is not None:
+        last = history.last_incident
+        return history.with_(last_incident=_replace(last, {"bundles": last.bundles + (bundle,)}))
+    return history
+
+
 def advance(history: History, sample: Sample | None, events: Sequence[TableFull], outcomes: Sequence[Outcome],
             now: Instant, policy: Policy) -> History:
     """Fold one turn (a sample, kernel events, and what acting did) into the history."""
     h = history
     bumps = list(h.bumps)
-    changes: dict = {}
+    changes: dict = _incident_turn(h, sample, events, outcomes, now, policy)
     for o in outcomes:
         a = o.action
         if isinstance(a, SetMax):
@@ -393,6 +581,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["persisted_max"] = a.max
             changes["persisted_buckets"] = a.buckets
             changes["unpersisted_max"] = None
+            changes["sizing_peak"] = 0
         elif isinstance(a, Capture) and o.ok:
             changes["last_capture"] = now
         elif isinstance(a, Warn) and a.kind == "pressure":
@@ -409,9 +598,15 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         changes["table_full_events"] = h.table_full_events + len(events) + sum(e.suppressed for e in events)
 
     if sample is not None:
-        if _new_drops(h, sample) > 0:
+        if _new_drops(h, sample) > 0 or (_new_early(h, sample) > 0 and sample.worst_fill >= policy.thresholds.warn):
             changes["last_drop"] = now
+        if h.incident is not None or changes.get("incident") is not None or h.unpersisted_max is not None \
+                or changes.get("unpersisted_max") is not None:
+            # Peaks during an incident and after it, until the raised max is persisted: what persists is sized on.
+            peak = max(h.sizing_peak if "sizing_peak" not in changes else 0, sample.worst.count if sample.worst else 0)
+            changes["sizing_peak"] = peak
         changes["drops"] = tuple((ns.inode, ns.drops) for ns in sample.namespaces)
+        changes["early"] = tuple((ns.inode, ns.stat("early_drop")) for ns in sample.namespaces)
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
         changes["points"] = tuple(p for p in h.points if sample.at.boot - p[0] <= RATE_WINDOW) + (point,)

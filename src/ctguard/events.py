@@ -69,6 +69,8 @@ MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
 MESSAGE_ID_MAX_LOWERED = "96a87547c4fb4b649cb95fae581ef6e8"
 MESSAGE_ID_PERSIST_SHADOWED = "3db2626d632b4d289d8b9049100a7e1c"
 MESSAGE_ID_INITRAMFS = "c567043ca59949d088052c3ec12b26b8"
+MESSAGE_ID_INCIDENT_START = "6db88ec617644a76ae0f2b5bc77769fb"
+MESSAGE_ID_INCIDENT_END = "d86f06d8bda24112af95694381fa6299"
 
 KINDS: Mapping[str, Kind] = {
     k.name: k
@@ -105,6 +107,11 @@ KINDS: Mapping[str, Kind] = {
         Kind("initramfs", MESSAGE_ID_INITRAMFS, LOG_NOTICE,
              "update-initramfs run after the modprobe file changed (CTGUARD_REASON: `updated` or `failed`)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
+        Kind("incident-start", MESSAGE_ID_INCIDENT_START, LOG_WARNING,
+             "pressure began (fill at warn, a table-full line, or a bump); CTGUARD_INCIDENT names it"),
+        Kind("incident-end", MESSAGE_ID_INCIDENT_END, LOG_NOTICE,
+             "thresholds.calm seconds without pressure: the incident's summary (peak fill, drops, early drops, "
+             "bumps, rate, bundles)"),
     )
 }
 
@@ -121,7 +128,9 @@ ALIASES: Mapping[str, str] = {
 }
 
 FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
-          "CTGUARD_WRITER", "CTGUARD_FILE")
+          "CTGUARD_NETNS_NAME", "CTGUARD_UNIT", "CTGUARD_RATE", "CTGUARD_NEED", "CTGUARD_HORIZON",
+          "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
+          "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_WRITER", "CTGUARD_FILE")
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or
 # underscore (leading underscore = trusted fields journald sets itself).

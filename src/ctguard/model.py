@@ -126,6 +126,9 @@ class SetMax:
     fill: float
     reason: str
     clipped_by: str | None = None   # "ceiling" / "memory" when the wanted value was cut down
+    rate: float = 0.0               # the one growth rate the size was computed with (entries/s)
+    need: int = 0                   # entries the new max must hold below act (sizing.BumpSize.need)
+    cover: float = 0.0              # seconds of that growth made room for
 
 
 @dataclass(frozen=True)
@@ -180,8 +183,9 @@ class Decision:
     summary: str
     seconds_to_full: float = float("inf")   # at the current growth; inf when not growing
     headroom: int | None = None     # entries the worst namespace may still add before thresholds.act
-    confirm: bool = False           # a bump is due but its rate is stale: sample again at once, then size it
+    confirm: bool = False           # the rate is stale (a bump waits for it, or was sized without it): sample again at once
     needs_shape: int | None = None  # a bump would pass [guard] ceiling: look at this namespace's table, decide again
+    incident_ends: bool = False     # the open incident ends with this turn (advance closes it: History.last_incident)
 
     def of(self, kind: type) -> list:
         return [a for a in self.actions if isinstance(a, kind)]
@@ -194,6 +198,41 @@ class BumpRecord:
     new: int
     trigger: str
     ok: bool = True                 # False when the write failed (counts for cooldown, not budget)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One episode of pressure, from its first sign to `thresholds.calm` seconds of calm.
+
+    Opened by `decide.advance` when the worst fill reaches `warn`, the kernel reports the
+    table full, or a bump is made or refused; closed when none of that happened for `calm`
+    seconds. The daemon journals both ends (`incident-start`, `incident-end`); `status` and
+    `recommend` read the last one from the state file.
+    """
+
+    started: Instant
+    netns: int | None               # worst namespace when it started
+    name: str = ""                  # its name ("host", a /run/netns name, "pid:N")
+    unit: str = ""                  # the systemd unit of a process inside, "" when unknown
+    max_at_start: int = 0
+    peak_fill: float = 0.0
+    peak_count: int = 0             # highest count of the worst namespace
+    drops: int = 0                  # kernel `drop` counters, all namespaces, during it
+    early_drops: int = 0            # kernel `early_drop` counters (entries evicted to make room)
+    table_full_lines: int = 0       # the kernel's `table full` lines (+ those it suppressed)
+    bumps: int = 0                  # bumps made
+    refusals: int = 0               # bumps refused (ceiling, memory, budget, guard)
+    max_now: int = 0                # nf_conntrack_max at the last sample
+    rate: float = 0.0               # the highest rate a bump of this incident was sized with
+    bundles: tuple[str, ...] = ()   # evidence bundles captured during it
+    loss_base: tuple[tuple[int, int], ...] = ()   # (inode, drop + early_drop) before it started
+    last_active: Instant | None = None             # last sample above warn, table-full line, bump or refusal
+    ended: Instant | None = None
+
+    @property
+    def id(self) -> str:
+        """Stable name for the journal and for bundles: the start's wall-clock second."""
+        return f"incident-{int(self.started.wall)}"
 
 
 @dataclass(frozen=True)
@@ -214,6 +253,11 @@ class History:
     table_full_events: int = 0
     bumps_total: int = 0
     buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
+    early: tuple[tuple[int, int], ...] = ()   # last early_drop counter per inode
+    incident: Incident | None = None          # the open incident
+    last_incident: Incident | None = None     # the last one that ended
+    sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)
+    recorded_p99: int = 0                     # p99 of the recorded per-minute peaks (state.PeakRecorder), for sizing
 
     def with_(self, **changes) -> "History":
         return replace(self, **changes)

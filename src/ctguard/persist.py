@@ -11,6 +11,8 @@ from pathlib import Path
 from ctguard.files import atomic_write, read_text_nofollow
 
 _MAX_LINE = re.compile(r"^\s*net\.netfilter\.nf_conntrack_max\s*=\s*(\d+)\s*$", re.M)
+_BUCKETS_LINE = re.compile(r"^\s*net\.netfilter\.nf_conntrack_buckets\s*=\s*(\d+)\s*$", re.M)
+_HASHSIZE = re.compile(r"^\s*options\s+nf_conntrack\b.*\bhashsize=(\d+)", re.M)
 
 
 def _header(reason: str, now: float) -> str:
@@ -56,3 +58,16 @@ def read_persisted_max(sysctl_file: Path) -> int | None:
         return None
     found = _MAX_LINE.findall(text)
     return int(found[-1]) if found else None
+
+
+def read_persisted_buckets(sysctl_file: Path, modprobe_file: Path) -> int | None:
+    """Buckets ctguard's files set at the next boot (the modprobe option, else the sysctl line)."""
+    for path, pattern in ((modprobe_file, _HASHSIZE), (sysctl_file, _BUCKETS_LINE)):
+        try:
+            text = read_text_nofollow(path, limit=1 << 16)
+        except OSError:
+            continue
+        found = pattern.findall(text)
+        if found:
+            return int(found[-1])
+    return None

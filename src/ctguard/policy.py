@@ -34,6 +34,7 @@ class Thresholds:
     sustain: float = 60.0
     act: float = 0.85
     horizon: float = 10.0
+    calm: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("thresholds", "sustain"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("thresholds", "act"): (_NUM, _between(0, 1, True), "a fill ratio > 0 and <= 1"),
     ("thresholds", "horizon"): (_NUM, _between(0, 86400), "seconds between 0 (off) and 86400"),
+    ("thresholds", "calm"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("bump", "factor"): (_NUM, lambda v: 1 < v <= 64, "a number > 1 and <= 64"),
     ("bump", "ceiling"): (int, _between(1024, KERNEL_UINT_LIMIT), f"an integer between 1024 and {KERNEL_UINT_LIMIT}"),
     ("bump", "memory_fraction"): (_NUM, _between(0, 0.9, True), "a fraction > 0 and <= 0.9"),

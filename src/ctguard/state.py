@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctguard.files import atomic_write, ensure_private_dir, read_text_nofollow
-from ctguard.model import BumpRecord, History, Instant, Sample
+from ctguard.model import BumpRecord, History, Incident, Instant, Sample
 
 STATE_FILE = "state.json"
 PEAKS_FILE = "peaks.json"
@@ -32,6 +32,34 @@ def _instant_json(i: Instant | None) -> dict | None:
     return None if i is None else {"wall": i.wall, "boot": i.boot, "boot_id": i.boot_id}
 
 
+def _incident_json(i: Incident | None) -> dict | None:
+    if i is None:
+        return None
+    return {"started": _instant_json(i.started), "netns": i.netns, "name": i.name, "unit": i.unit,
+            "max_at_start": i.max_at_start, "peak_fill": i.peak_fill, "peak_count": i.peak_count,
+            "drops": i.drops, "early_drops": i.early_drops, "table_full_lines": i.table_full_lines,
+            "bumps": i.bumps, "refusals": i.refusals, "max_now": i.max_now, "rate": i.rate,
+            "bundles": list(i.bundles), "loss_base": [list(x) for x in i.loss_base],
+            "last_active": _instant_json(i.last_active), "ended": _instant_json(i.ended)}
+
+
+def _incident(d: dict | None) -> Incident | None:
+    if not d:
+        return None
+    return Incident(
+        started=_instant(d["started"]),  # type: ignore[arg-type]
+        netns=None if d.get("netns") is None else int(d["netns"]), name=str(d.get("name", "")),
+        unit=str(d.get("unit", "")), max_at_start=int(d.get("max_at_start", 0)),
+        peak_fill=float(d.get("peak_fill", 0.0)), peak_count=int(d.get("peak_count", 0)),
+        drops=int(d.get("drops", 0)), early_drops=int(d.get("early_drops", 0)),
+        table_full_lines=int(d.get("table_full_lines", 0)), bumps=int(d.get("bumps", 0)),
+        refusals=int(d.get("refusals", 0)), max_now=int(d.get("max_now", 0)), rate=float(d.get("rate", 0.0)),
+        bundles=tuple(str(b) for b in d.get("bundles", [])),
+        loss_base=tuple((int(a), int(b)) for a, b in d.get("loss_base", [])),
+        last_active=_instant(d.get("last_active")), ended=_instant(d.get("ended")),
+    )
+
+
 def history_to_json(h: History) -> dict:
     return {
         "format": FORMAT,
@@ -45,6 +73,10 @@ def history_to_json(h: History) -> dict:
         "unpersisted_max": h.unpersisted_max,
         "table_full_events": h.table_full_events,
         "bumps_total": h.bumps_total,
+        "incident": _incident_json(h.incident),
+        "last_incident": _incident_json(h.last_incident),
+        "sizing_peak": h.sizing_peak,
+        "recorded_p99": h.recorded_p99,
     }
 
 
@@ -73,6 +105,10 @@ def history_from_json(d: dict) -> History:
         unpersisted_max=_opt_int(d.get("unpersisted_max")),
         table_full_events=_opt_int(d.get("table_full_events")) or 0,
         bumps_total=_opt_int(d.get("bumps_total")) or 0,
+        incident=_incident(d.get("incident")),
+        last_incident=_incident(d.get("last_incident")),
+        sizing_peak=_opt_int(d.get("sizing_peak")) or 0,
+        recorded_p99=_opt_int(d.get("recorded_p99")) or 0,
     )
 
 

@@ -10,14 +10,16 @@ import json
 import time
 from dataclasses import dataclass
 
+from ctguard import incident as incident_text
 from ctguard import persist
-from ctguard.decide import budget_left as budget_left_of, upper_bound
+from ctguard.decide import budget_left as budget_left_of, persist_advice, persist_due_in, upper_bound
 from ctguard.model import History, Instant, Sample
 from ctguard.policy import Policy
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 RECENT_DROPS = 300.0    # a drop seen this recently keeps the status CRITICAL
+RECENT_BUMP = 3600.0    # an automatic (emergency) bump this recent keeps the status WARNING, naming it
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
     worst = sample.worst
     recent_drop = history.last_drop is not None and now.since(history.last_drop) < RECENT_DROPS
     persisted = persist.read_persisted_max(policy.persist.sysctl_file)
+    persisted_buckets = persist.read_persisted_buckets(policy.persist.sysctl_file, policy.persist.modprobe_file)
+    due = persist_due_in(policy, history, now)
+    pending = None
+    if due is not None:
+        adv = persist_advice(policy, lim, history, now)
+        pending = {"in_seconds": round(due, 1), "at": now.wall + due, "max": adv.max, "buckets": adv.buckets,
+                   "sizing": adv.text()}
 
     problems: list[tuple[int, str]] = []
     if fill >= policy.thresholds.act:
@@ -49,6 +58,17 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         problems.append((WARNING, f"max {lim.max} is at the {binding} {upper}: no room left to bump"))
     if budget_left == 0:
         problems.append((WARNING, "bump budget for this hour is spent"))
+    emergency = [b for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply")
+                 and now.since(b.at) < RECENT_BUMP]
+    if emergency:
+        b = emergency[-1]
+        ago = now.since(b.at)
+        problems.append((WARNING, f"emergency bump {b.old} -> {b.new} ({b.trigger}) {_ago(ago)} ago"
+                                  f"{f', {len(emergency)} in the last hour' if len(emergency) > 1 else ''}"))
+    if history.incident is not None:
+        inc = history.incident
+        problems.append((WARNING, f"incident {inc.id} in {incident_text.where(inc.name, inc.unit, inc.netns)} "
+                                  f"open for {_ago(now.since(inc.started))}"))
     if boot is not None:   # a bootreport.BootReport: what the next boot keeps of ctguard's values
         for s in boot.view.shadows:
             problems.append((WARNING, f"{s.file} overrides ctguard's {s.key} at boot ({s.value})"))
@@ -81,7 +101,12 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         ],
         "bump_budget_left": budget_left,
         "persisted_max": persisted,
+        "persisted_buckets": persisted_buckets,
         "persisted_file": str(policy.persist.sysctl_file),
+        "persist_mode": policy.persist.mode,
+        "pending_persist": pending,
+        "incident": incident_text.summary(history.incident) if history.incident else None,
+        "last_incident": incident_text.summary(history.last_incident) if history.last_incident else None,
         "table_full_events": history.table_full_events,
         "last_drop": history.last_drop.wall if history.last_drop else None,
         "host_role": None if role is None else {"role": role.role, "roles": list(role.roles),
@@ -113,7 +138,22 @@ def render_text(view: StatusView) -> str:
         held = f", holding about {t['entries']} entries" if t["entries"] is not None else ""
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
     persisted = d["persisted_max"]
-    lines.append(f"persisted: {persisted if persisted is not None else 'nothing'} in {d['persisted_file']}")
+    pb = d.get("persisted_buckets")
+    lines.append(f"persisted: {'max ' + str(persisted) if persisted is not None else 'nothing'}"
+                 f"{f', buckets {pb}' if pb is not None else ''} in {d['persisted_file']} (persist.mode {d['persist_mode']})")
+    pend = d.get("pending_persist")
+    if pend:
+        when = "now" if pend["in_seconds"] <= 0 else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pend["at"]))
+        lines.append(f"pending persist: max {pend['max']}"
+                     f"{', buckets ' + str(pend['buckets']) if pend['buckets'] else ''} at {when}"
+                     f" (if no drop until then; sized {pend['sizing']})")
+    for key, label in (("incident", "open incident"), ("last_incident", "last incident")):
+        inc = d.get(key)
+        if inc:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inc["started"]))
+            lines.append(f"{label}: {inc['id']} from {stamp} in {inc['name'] or inc['netns']}: peak fill "
+                         f"{inc['peak_fill']:.1%}, {inc['drops']} drops, {inc['early_drops']} early drops, "
+                         f"{inc['bumps']} bump(s)" + (f", bundles {', '.join(inc['bundles'])}" if inc["bundles"] else ""))
     lines.extend((d.get("boot") or {}).get("lines", []))
     if d["last_bumps"]:
         lines.append("last bumps:")
@@ -121,6 +161,14 @@ def render_text(view: StatusView) -> str:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["at"]))
             lines.append(f"  {stamp}  {b['old']} -> {b['new']}  ({b['trigger']}{'' if b['ok'] else ', FAILED'})")
     return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
