@@ -12,7 +12,7 @@ from ctguard.decide import (
     wanted_max,
 )
 from ctguard.model import (
-    BumpRecord, Capture, History, Instant, KernelLimits, NamespaceReading, Outcome, Persist, Refuse, Sample,
+    BumpRecord, Capture, History, Incident, Instant, KernelLimits, NamespaceReading, Outcome, Persist, Refuse, Sample,
     SetBuckets, SetMax, TableFull, Warn,
 )
 
@@ -125,6 +125,14 @@ CASES = [
      ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.actions[0].new == round_up((11000 + 20000) / 0.85) and "before the cooldown" in d.actions[0].reason
      and round(d.actions[0].rate) == 20000 and round(d.rate) == 20000),
+    # (Past the cooldown: without an incident, full in 2.3 s <= horizon 10 s would bump.)
+    ("within an incident that bumped, the horizon's prediction no longer doubles the table",
+     "", sample(10, 65536, 20000), replace(bumps((-100, "fill")), incident=Incident(at(-100), 4026531000, bumps=1),
+                                          points=((1009.9, ((4026531000, 18000),)),)), (), [], None),
+    ("... the growth reaching act within half a cover does",
+     "", sample(10, 65536, 50000), replace(bumps((-100, "fill")), incident=Incident(at(-100), 4026531000, bumps=1),
+                                          points=((1009.9, ((4026531000, 48000),)),)), (),
+     ["SetMax", "SetBuckets", "Capture"], lambda d: "runs out" in d.actions[0].reason),
     ("still growing at act before the cooldown: bump again",
      "", sample(10, 16384, 15000), replace(bumps((9, "fill")), points=((1009.9, ((4026531000, 14900),)),)), (),
      ["SetMax", "SetBuckets", "Capture"], lambda d: d.actions[0].new == 32768),

@@ -348,13 +348,12 @@ class Daemon:
             if isinstance(a, SetMax):
                 fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
                               CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
-                ns = self._labels.get(a.netns) if a.netns is not None else None
-                fields.update(incident_text.ns_fields(ns))
+                fields.update(self._ns_fields(a.netns))
                 if a.need:
                     fields.update(CTGUARD_RATE=f"{a.rate:.0f}", CTGUARD_NEED=a.need, CTGUARD_HORIZON=f"{a.cover:g}")
                 if self.history.incident is not None:
                     fields["CTGUARD_INCIDENT"] = self.history.incident.id
-                in_ns = f" in {incident_text.where(ns.name, ns.unit, ns.inode)}" if ns is not None else ""
+                in_ns = self._in_ns(a.netns)
                 if o.ok:
                     self.last_action = f"bumped {a.old} -> {o.read_back} ({a.trigger})"
                     ev.emit("bump", f"raised nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
@@ -372,9 +371,9 @@ class Daemon:
                     log.debug("%s", a.reason)
                     continue
                 self.last_action = f"bump refused ({a.kind})"
-                ev.emit("refused", f"bump refused ({a.kind}): {a.reason}", CTGUARD_NETNS=a.netns or "",
+                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
                         CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
-                        CTGUARD_REASON=a.kind)
+                        CTGUARD_REASON=a.kind, **self._ns_fields(a.netns))
             elif isinstance(a, Persist):
                 if o.ok:
                     ev.emit("persisted", f"persisted nf_conntrack_max {a.max}: {o.detail}", CTGUARD_NEW_MAX=a.max,
@@ -384,13 +383,22 @@ class Daemon:
                     log.warning("%s", o.detail)
             elif isinstance(a, Warn):
                 if a.kind == "pressure":
-                    ev.emit("pressure", f"conntrack pressure: {a.reason}", CTGUARD_NETNS=a.netns or "",
-                            CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="pressure")
+                    ev.emit("pressure", f"conntrack pressure{self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
+                            CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="pressure", **self._ns_fields(a.netns))
                 else:
-                    ev.emit("table-full", f"kernel reported the conntrack table full: {a.reason}",
-                            CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="table-full")
+                    ev.emit("table-full", f"kernel reported the conntrack table full{self._in_ns(a.netns)}: {a.reason}",
+                            CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_REASON="table-full",
+                            **self._ns_fields(a.netns))
             elif isinstance(a, Capture) and not o.ok:
                 log.warning("%s", o.detail)
+
+    def _in_ns(self, inode: int | None) -> str:
+        """' in netns NAME (inode N, unit U)' for a message, by name and unit where known."""
+        ns = self._labels.get(inode) if inode is not None else None
+        return f" in {incident_text.where(ns.name, ns.unit, ns.inode)}" if ns is not None else ""
+
+    def _ns_fields(self, inode: int | None) -> dict[str, str]:
+        return incident_text.ns_fields(self._labels.get(inode) if inode is not None else None)
 
     # -- evidence beside the loop -------------------------------------------------------------
 

@@ -45,7 +45,7 @@ IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast eno
 # stopped after 20,000 flows. A bump now makes room for what the table holds and lost plus
 # `cover` seconds of the growth still going on (sizing.bump_size), and growth that goes on is met
 # by another bump before the cooldown once it would reach `act` within `cover / 2` seconds, or
-# while the table is at act or the kernel drops above warn ("urgent"), still within the budget.
+# while the kernel still drops above warn ("urgent", `_urgent`), still within the budget.
 FAST_COVER = 6              # fast intervals of growth a bump covers at least (a slow fast_interval needs more)
 LOSS_WINDOW = 7 * 86400.0   # drops this recent make the persisted sizing use sizing.HEADROOM_AFTER_DROPS
 
@@ -110,7 +110,8 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
 
 
 def growth_rate(history: History, sample: Sample, inode: int) -> float:
-    """Entries per second in namespace `inode`.
+    """Entries per second in namespace `inode` (not used by decide(): it uses one rate,
+    `current_rate`, for triggering, sizing and reporting).
 
     The smaller of two slopes: over the whole RATE_WINDOW (steady, but it remembers a burst
     for seconds after it stopped) and since the previous sample (current, but noisy). A
@@ -204,7 +205,17 @@ def _trigger(policy: Policy, sample: Sample, history: History, events: Sequence[
     if new_drops > 0:
         return "drops", f"the kernel counted {new_drops} new drops at fill {fill:.1%}"
     if t.horizon > 0 and rate > 0:
-        seconds_left = (sample.limits.max - (sample.worst.count if sample.worst else 0)) / rate
+        count = sample.worst.count if sample.worst else 0
+        if history.incident is not None and history.incident.bumps > 0:
+            # The horizon's early warning is spent once this incident has bumped: the next bump
+            # comes when the growth reaches act within half a cover. (Doubling again on every
+            # 10 s prediction overshot sustained floods: bench_ramp at 40k/s ended at 425,984
+            # for 120,000 flows.)
+            to_act = (t.act * sample.limits.max - count) / rate
+            if to_act <= cover_for(policy) / 2:
+                return "growth", f"growing {rate:.0f}/s, at act in {max(0.0, to_act):.1f} s (this incident's last bump runs out)"
+            return None, ""
+        seconds_left = (sample.limits.max - count) / rate
         if seconds_left <= t.horizon:
             return "growth", f"growing {rate:.0f}/s, full in {seconds_left:.1f} s (horizon {t.horizon:g} s)"
     return None, ""
@@ -451,7 +462,10 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int) -> Decision:
         if policy.buckets.manage and limits.buckets < buckets_for(policy, to):
             actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
         if policy.persist.mode != "never":
-            actions.append(Persist(to, buckets_for(policy, to) if policy.buckets.manage else None, "operator's bump"))
+            # Persisted buckets never below the live ones nor the kernel's default (issue 11).
+            buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+                       if policy.buckets.manage else None)
+            actions.append(Persist(to, buckets, "operator's bump"))
     return Decision(tuple(actions), None, 0.0, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
 
 

@@ -1,14 +1,16 @@
 #!/bin/bash
-# Keep a debootstrapped Debian 13 (trixie) root in a cache for the system test.
+# Keep a debootstrapped Debian root (13 trixie, or 12 bookworm) in a cache for the system test.
 #
-#   debian_root.sh [CACHE_DIR]      prints the path of a ready root folder
+#   debian_root.sh [CACHE_DIR [SUITE]]   prints the path of a ready root folder (SUITE: trixie,
+#                                        the default, or bookworm)
 #
 # The root is made once (debootstrap, minbase + systemd as PID 1 + the tools the test
 # drives inside) and reused while it is younger than CTGUARD_ROOT_MAX_AGE_DAYS (default 14).
-# A flock on CACHE_DIR/lock keeps two runs from building it at once; the root is built in
+# A flock on CACHE_DIR/lock keeps two runs from building one at once; the root is built in
 # a temporary folder and renamed into place, so an interrupted run never leaves half a root
 # behind. Downloaded .debs go to CACHE_DIR/apt-archives, which the test also binds into its
-# containers as /var/cache/apt/archives so later apt runs download nothing twice.
+# containers as /var/cache/apt/archives so later apt runs download nothing twice (one folder
+# for both suites: a name_version_arch.deb is the same file whichever suite it came from).
 #
 # Environment: CTGUARD_DEBIAN_MIRROR (default http://deb.debian.org/debian),
 #              CTGUARD_ROOT_MAX_AGE_DAYS (default 14).
@@ -17,7 +19,11 @@ set -euo pipefail
 cache=${1:-/var/cache/ctguard-tests}
 mirror=${CTGUARD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 max_age=${CTGUARD_ROOT_MAX_AGE_DAYS:-14}
-suite=trixie
+suite=${2:-trixie}
+case "$suite" in
+    trixie|bookworm) ;;
+    *) echo "debian_root.sh: unknown suite $suite (trixie or bookworm)" >&2; exit 2 ;;
+esac
 root="$cache/$suite-base"
 stamp="$root/.ctguard-root-ready"
 

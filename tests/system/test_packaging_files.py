@@ -70,4 +70,7 @@ def test_unit_runs_the_installed_policy() -> None:
     assert "78" in service["RestartPreventExitStatus"].split()
     install = (REPO / "debian" / "ctguard.install").read_text()
     assert "etc/ctguard/policy.toml etc/ctguard/" in install
-    assert "systemd/ctguard.service usr/lib/systemd/system/" in install
+    # dh_installsystemd installs the unit (see debian/rules): never a path in ctguard.install.
+    assert "ctguard.service" not in install, "install the unit through debian/ctguard.service"
+    link = REPO / "debian" / "ctguard.service"
+    assert link.is_symlink() and link.resolve() == UNIT.resolve(), f"{link} must link to {UNIT}"
