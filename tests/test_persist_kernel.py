@@ -39,6 +39,7 @@ def metric(path: Path, name: str) -> int | None:
 
 def test_lowered_max_is_noticed_journaled_and_set_back(tmp_path: Path, journald) -> None:
     policy = write_policy(tmp_path, QUIET + "[bump]\nceiling = 262144\ncooldown = 30\n")
+    policy.write_text(policy.read_text().replace("defend = false", "defend = true"))
     with saved_kernel_values():
         set_max(131072)
         with Running(policy) as daemon:
@@ -63,8 +64,8 @@ def test_lowered_max_is_noticed_journaled_and_set_back(tmp_path: Path, journald)
 
 
 def test_not_set_back_with_defend_false(tmp_path: Path, journald) -> None:
-    policy = write_policy(tmp_path, QUIET + "[bump]\nceiling = 262144\n", ) 
-    policy.write_text(policy.read_text().replace("[persist]\n", "[persist]\ndefend = false\n"))
+    policy = write_policy(tmp_path, QUIET + "[bump]\nceiling = 262144\n")
+    assert "defend = false" in policy.read_text()
     with saved_kernel_values():
         set_max(131072)
         with Running(policy) as daemon:
