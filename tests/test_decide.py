@@ -325,9 +325,49 @@ def test_manual_bump_is_held_to_the_same_bounds():
     p = pol("[bump]\nceiling = 65536")
     limits = KernelLimits(8192, 2048, 320, 16 * GiB, GiB)
     ok = decide_manual(p, limits, 32768)
+    # The operator's value is persisted at once, also with persist.mode = "stable" (the default).
     assert kinds(ok) == ["SetMax", "SetBuckets", "Persist"] and ok.actions[0].trigger == "manual"
     assert decide_manual(p, limits, 70000).actions[0].kind == "ceiling"
     assert "never lowers" in decide_manual(p, limits, 4096).actions[0].reason
+
+
+# (persist.mode, to, lower, worst count) -> action kinds, refusal kind or None
+MANUAL_ROWS = [
+    ("immediate", 32768, False, 0, ["SetMax", "SetBuckets", "Persist"], None),
+    ("stable", 32768, False, 0, ["SetMax", "SetBuckets", "Persist"], None),
+    ("never", 32768, False, 0, ["SetMax", "SetBuckets"], None),
+    ("stable", 8192, False, 0, ["Refuse"], "unchanged"),
+    ("stable", 4096, False, 0, ["Refuse"], "lower"),                 # lowering needs --lower
+    ("stable", 4096, True, 3000, ["SetMax", "Persist"], None),       # 3000 / 0.85 = 3530 <= 4096
+    ("immediate", 4096, True, 3000, ["SetMax", "Persist"], None),
+    ("never", 4096, True, 3000, ["SetMax"], None),
+    ("stable", 3529, True, 3000, ["Refuse"], "lower"),               # below live count / act
+    ("stable", 3530, True, 3000, ["SetMax", "Persist"], None),
+    ("stable", 70000, True, 0, ["Refuse"], "ceiling"),               # --lower never passes the ceiling
+]
+
+
+@pytest.mark.parametrize("mode,to,lower,count,expected,refusal", MANUAL_ROWS)
+def test_manual_bump_rows(mode, to, lower, count, expected, refusal):
+    p = pol(f'[bump]\nceiling = 65536\n[persist]\nmode = "{mode}"')
+    limits = KernelLimits(8192, 2048, 320, 16 * GiB, GiB)
+    d = decide_manual(p, limits, to, lower=lower, worst=(4026531840, count), who="uid 0")
+    assert kinds(d) == expected
+    if refusal:
+        assert d.actions[0].kind == refusal and d.actions[0].trigger == "manual"
+    else:
+        assert d.actions[0].new == to and "uid 0" in d.actions[0].reason
+    for persist in d.of(Persist):
+        assert persist.max == to and (persist.buckets or 0) >= 2048, "live buckets are never shrunk"
+
+
+def test_a_lowering_leaves_nothing_higher_pending():
+    p = pol("[bump]\nceiling = 65536")
+    limits = KernelLimits(65536, 16384, 320, 16 * GiB, GiB)
+    h = History(unpersisted_max=65536, persisted_max=8192)
+    d = decide_manual(p, limits, 16384, lower=True, worst=(None, 1000))
+    h = advance(h, None, [], [Outcome(d.actions[0], True, read_back=16384)], at(10), p)
+    assert h.unpersisted_max is None and h.bumps[-1].new == 16384 and h.bumps[-1].trigger == "manual"
 
 
 def test_start_reapplies_a_persisted_max_within_bounds():

@@ -73,7 +73,11 @@ def test_capture_list_show_export(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (path / "policy.toml").read_text() == "[evidence]\ntop = 5\n"
     listed = json.loads(run(["bundles", "list", "--json"], pol, capsys)[1])
     assert [b["id"] for b in listed] == [path.name] and listed[0]["complete"]
-    assert path.name in run(["bundles", "list"], pol, capsys)[1]
+    listing = run(["bundles", "list"], pol, capsys)[1]
+    assert path.name in listing
+    assert listing.splitlines()[0].split()[1:6] == ["SIZE", "(KiB)", "TOOK", "(s)", "NOTES"], "columns carry units"
+    kib = float(listing.splitlines()[1].split()[1])
+    assert kib == round(listed[0]["bytes"] / 1024, 1)
     code, out, _ = run(["bundles", "show", path.name], pol, capsys)
     assert code == 0 and "new_max = 131072" in out and "NAT:" in out
     code, out, _ = run(["bundles", "export", path.name, "-o", str(tmp_path)], pol, capsys)

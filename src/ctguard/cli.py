@@ -44,7 +44,10 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         kernel_max: int | None = Kernel().read_max()
     except OSError:
         kernel_max = None
-    print(policy_mod.summary(policy))
+    if args.effective:
+        print(policy_mod.effective(policy), end="")
+    else:
+        print(policy_mod.summary(policy))
     for w in policy_mod.warnings_for(policy, kernel_max):
         print(f"warning: {w}")
     boot = _boot_report(policy)
@@ -100,15 +103,30 @@ def _boot_report(policy: Policy):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ctguard import status
+    from ctguard import client, status
     from ctguard.kernel import ConntrackNotLoaded
     from ctguard.state import StateStore
 
-    loaded = _load_or_report(Path(args.policy), status.UNKNOWN)
-    if isinstance(loaded, int):
+    path = Path(args.policy)
+    policy, problems = client.load(path)
+    # The running daemon answers first (its policy in force, its history, even while the file
+    # on disk is broken after a rejected reload); read directly only when none answers.
+    answered = client.status_from_daemon(path, policy, problems)
+    if answered is not None:
+        view, hour = answered
+        worst = view.data["namespaces"][0]["inode"] if view.data.get("namespaces") else None
+        client.add_local_views(view, worst)
+        if policy is not None:
+            _add_last_bundle(view, policy)
+            boot = _boot_report(policy)
+            if boot is not None:
+                view = status.with_boot(view, boot, policy)
+        thresholds = policy.thresholds if policy is not None else None
+        return _print_status(args, view, hour, view.data["daemon"].get("sample_age"), thresholds)
+    if policy is None:
+        _load_or_report(path, status.UNKNOWN)
         print("CTGUARD UNKNOWN - the policy cannot be read")
-        return loaded
-    policy = loaded
+        return status.UNKNOWN
     try:
         sample, now, refs = _live(policy)
     except (ConntrackNotLoaded, OSError) as exc:
@@ -116,62 +134,57 @@ def cmd_status(args: argparse.Namespace) -> int:
         return status.UNKNOWN
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     history = store.load_history()
+    from dataclasses import replace
+
+    from ctguard.relief_io import ReliefStore
+
+    relief_store = ReliefStore(policy.state.dir)
+    relief_store.load(warn=lambda m: print(f"warning: {m}", file=sys.stderr), set_aside=False)
+    history = replace(history, relief=relief_store.state())
     role, timeouts = _role_and_timeouts(sample, refs)
     view = status.build(policy, sample, history, now, role, timeouts, boot=_boot_report(policy))
+    view.data["daemon"] = None
+    _add_last_bundle(view, policy)
+    return _print_status(args, view, store.load_hour() if sys.stdout.isatty() and not args.json else {},
+                         None, policy.thresholds)
+
+
+def _add_last_bundle(view, policy: Policy) -> None:
+    """The newest bundle's id and its top finding (ctguard.evidence.review)."""
+    from ctguard.evidence.review import last_bundle
+
+    try:
+        view.data["last_bundle"] = last_bundle(policy.evidence.dir)
+    except OSError:
+        view.data["last_bundle"] = None
+
+
+def _print_status(args: argparse.Namespace, view, hour, _age, thresholds) -> int:
+    from ctguard import status
+    from ctguard.policy import Thresholds
+
+    t = thresholds or Thresholds()
     if args.json:
         print(status.render_json(view))
     elif sys.stdout.isatty():
-        hour = store.load_hour()
-        print(status.render_tty(view, hour, now.wall, policy.thresholds.warn, policy.thresholds.act))
+        import time
+
+        print(status.render_tty(view, hour, time.time(), t.warn, t.act))
     else:
         print(status.render_text(view))
     return view.code
 
 
 def cmd_bump(args: argparse.Namespace) -> int:
-    from ctguard.act import Actor
-    from ctguard.clock import Clock
-    from ctguard.decide import advance, decide_manual
-    from ctguard.kernel import ConntrackNotLoaded, Kernel
-    from ctguard.model import Refuse, SetMax
-    from ctguard.state import StateStore
+    from ctguard import client
 
-    loaded = _load_or_report(Path(args.policy), EX_CONFIG)
-    if isinstance(loaded, int):
-        return loaded
-    policy = loaded
-    kernel = Kernel()
-    try:
-        limits = kernel.limits()
-    except ConntrackNotLoaded as exc:
-        print(f"ctguard: {exc}", file=sys.stderr)
-        return EX_FAIL
-    decision = decide_manual(policy, limits, args.to)
-    for refusal in decision.of(Refuse):
-        print(f"ctguard: refused: {refusal.reason}", file=sys.stderr)
-        return EX_FAIL
-    outcomes = Actor(kernel, policy, wall_clock=__import__("time").time).carry_out(decision)
-    store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    history = advance(store.load_history(), None, [], outcomes, Clock().now(), policy)
-    try:
-        store.save_history(history)
-    except OSError as exc:
-        print(f"warning: cannot record the bump in {policy.state.dir}: {exc}", file=sys.stderr)
-    code = EX_OK
-    for o in outcomes:
-        print(("" if o.ok else "not done: ") + o.detail)
-        if isinstance(o.action, SetMax) and not o.ok:
-            code = EX_FAIL
-    try:
-        from ctguard.events import EventLog
+    return client.bump(Path(args.policy), args.to, args.lower)
 
-        for o in outcomes:
-            if isinstance(o.action, SetMax) and o.ok:
-                EventLog().emit("bump", f"operator raised nf_conntrack_max {o.action.old} -> {o.read_back}",
-                                CTGUARD_OLD_MAX=o.action.old, CTGUARD_NEW_MAX=o.read_back, CTGUARD_REASON="manual")
-    except ImportError:
-        pass
-    return code
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from ctguard import client
+
+    return client.reload(Path(args.policy), args.pid)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -198,13 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check-policy", parents=[common], help="validate a policy")
     p.add_argument("file", nargs="?", help="policy to check (default: --policy)")
+    p.add_argument("--effective", action="store_true",
+                   help="print the policy merged with its policy.d drop-ins, each key with the file it came from")
     p.set_defaults(func=cmd_check_policy)
     p = sub.add_parser("status", parents=[common], help="live fill per namespace; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("bump", parents=[common], help="an operator's increase, held to the same ceiling")
     p.add_argument("--to", type=_positive_int, required=True, metavar="N")
+    p.add_argument("--lower", action="store_true",
+                   help="allow N below the current max (undo a bump); refused below the live count / thresholds.act")
     p.set_defaults(func=cmd_bump)
+    p = sub.add_parser("reload", parents=[common],
+                       help="make the running daemon reload its policy now; exit 1 when it rejects the file")
+    p.add_argument("--pid", type=_positive_int, metavar="PID",
+                   help="signal this daemon (SIGHUP) when it has no control socket (ExecReload passes $MAINPID)")
+    p.set_defaults(func=cmd_reload)
     p = sub.add_parser("recommend", parents=[common], help="sizing advice from recorded peaks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
@@ -238,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     func = args.func
     # The evidence commands take the loaded policy as a second argument.
     if len(inspect.signature(func).parameters) == 2:
+        if args.command == "capture" and getattr(args, "decision_file", None) is None:
+            # A broken policy file (a rejected reload) need not stop a capture the daemon can make.
+            from ctguard import client
+
+            if client.load(Path(args.policy))[0] is None:
+                code = client.capture(Path(args.policy), None, args.reason, args.netns)
+                if code is not None:
+                    return code
         loaded = _load_or_report(Path(args.policy), EX_CONFIG)
         if isinstance(loaded, int):
             return loaded

@@ -18,6 +18,7 @@ from ctguard.model import (
 from ctguard.policy import Policy
 from ctguard.sizing import GROWTH_COVER, STEP, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
     kernel_default_max, round_up
+from ctguard import relief
 
 RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
 HOUR = 3600.0
@@ -59,7 +60,8 @@ def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 
     """Largest max whose entries (and their share of buckets) fit in memory_fraction of MemTotal.
 
     When /proc/slabinfo cannot be read, 320 bytes per entry is assumed: larger than the
-    nf_conntrack object on every 64-bit kernel we know of, so the cap errs low.
+    nf_conntrack slab object (/proc/slabinfo: 256 bytes on the x86_64 6.18 test VM), so the
+    cap errs low.
     """
     obj = limits.slab_object_size or default_object_size
     per_entry = obj + (HASH_HEAD_BYTES / policy.buckets.ratio if policy.buckets.manage else 0)
@@ -286,6 +288,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     if bumped_to is None:
         actions.extend(_stable_persist(policy, limits, history, now, sample))
 
+    relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
+    actions.extend(relief_actions)
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
@@ -295,7 +299,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             and _calm_for(history.incident, now) >= policy.thresholds.calm)
     return Decision(tuple(actions), netns, fill, max(0.0, size_rate if trigger is not None else rate), pressure,
                     summary, to_full, headroom, confirm,
-                    needs_shape, ends)
+                    needs_shape, ends, needs_relief=needs_relief)
 
 
 def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
@@ -447,26 +451,54 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
                   size.rate, size.need, size.cover)
 
 
-def decide_manual(policy: Policy, limits: KernelLimits, to: int) -> Decision:
-    """`ctguard bump --to N`: the operator's increase, held to the same bounds (but no budget)."""
+def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = False,
+                  worst: tuple[int | None, int] = (None, 0), who: str = "operator") -> Decision:
+    """`ctguard bump --to N [--lower]`: the operator's change, held to the same bounds (no budget).
+
+    The operator's value is a deliberate sizing, not an emergency: it is persisted at once
+    unless persist.mode is never (stable's wait is there so that an emergency value does not
+    become the boot value; and a lowering must not come back at the next boot). A lowering
+    (`lower`, an undo of a bump) is refused below what the table holds now (the worst
+    namespace's count / thresholds.act: it would be at `act` at once); live buckets are never
+    shrunk. `worst` is (namespace inode, entries) of the fullest namespace.
+    """
     actions: list[Action] = []
     upper, binding = upper_bound(policy, limits)
-    if to <= limits.max:
-        actions.append(Refuse(to, limits.max, "ceiling", "manual", None, 0.0,
-                              f"{to} is not above the current max {limits.max}; ctguard never lowers max"))
+    netns, count = worst
+    fill = count / limits.max if limits.max > 0 else 0.0
+    if to == limits.max:
+        actions.append(Refuse(to, limits.max, "unchanged", "manual", netns, fill,
+                              f"{who} asked for {to}, which is the current max already; nothing to do"))
+    elif to < limits.max and not lower:
+        actions.append(Refuse(to, limits.max, "lower", "manual", netns, fill,
+                              f"{who} asked for {to}, below the current max {limits.max}; ctguard never lowers "
+                              f"max unless told to: `ctguard bump --to {to} --lower`"))
+    elif to < limits.max:
+        floor = round_up(count / policy.thresholds.act, 1) if count else 1
+        if to < floor:
+            actions.append(Refuse(to, limits.max, "lower", "manual", netns, fill,
+                                  f"{who} asked to lower max to {to}, below what the table holds now: {count} "
+                                  f"entries need at least {floor} to stay under thresholds.act "
+                                  f"{policy.thresholds.act:g}"))
+        else:
+            actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} lowered max to {to}"))
+            if policy.persist.mode != "never":
+                buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+                           if policy.buckets.manage else None)
+                actions.append(Persist(to, buckets, f"operator lowered max to {to}"))
     elif to > upper:
-        actions.append(Refuse(to, limits.max, binding, "manual", None, 0.0,  # type: ignore[arg-type]
-                              f"{to} is above the {binding} {upper}"))
+        actions.append(Refuse(to, limits.max, binding, "manual", netns, fill,  # type: ignore[arg-type]
+                              f"{who} asked for {to}, above the {binding} {upper}"))
     else:
-        actions.append(SetMax(limits.max, to, "manual", None, 0.0, f"operator asked for {to}"))
+        actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} asked for {to}"))
         if policy.buckets.manage and limits.buckets < buckets_for(policy, to):
             actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
         if policy.persist.mode != "never":
             # Persisted buckets never below the live ones nor the kernel's default (issue 11).
             buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
                        if policy.buckets.manage else None)
-            actions.append(Persist(to, buckets, "operator's bump"))
-    return Decision(tuple(actions), None, 0.0, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
+            actions.append(Persist(to, buckets, f"operator raised max to {to}"))
+    return Decision(tuple(actions), netns, fill, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
 
 
 def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None) -> Decision:
@@ -586,7 +618,9 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         a = o.action
         if isinstance(a, SetMax):
             bumps.append(BumpRecord(now, a.old, o.read_back if o.ok and o.read_back else a.new, a.trigger, o.ok))
-            if o.ok and a.trigger != "reapply":
+            if o.ok and a.new < a.old:
+                changes["unpersisted_max"] = None   # an operator's lowering: nothing higher is pending
+            elif o.ok and a.trigger != "reapply":
                 changes["unpersisted_max"] = max(o.read_back or a.new, h.unpersisted_max or 0)
                 changes["bumps_total"] = changes.get("bumps_total", h.bumps_total) + 1
         elif isinstance(a, SetBuckets):
@@ -600,10 +634,15 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["last_capture"] = now
         elif isinstance(a, Warn) and a.kind == "pressure":
             changes["last_warn"] = now
+        elif isinstance(a, Refuse) and a.kind != "cooldown":
+            counts = dict(changes.get("refusals", h.refusals))
+            counts[a.kind] = counts.get(a.kind, 0) + 1
+            changes["refusals"] = tuple(sorted(counts.items()))
     # Keep what budget, cooldown and `status` need: the last hour and at least the last 20.
     keep = [b for b in bumps if now.since(b.at) < HOUR]
     changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)
 
+    changes["relief"] = relief.advance(h.relief, h, sample, outcomes, now, policy)
     live_events = [e for e in events if not e.backlog]
     if live_events:
         changes["last_drop"] = now

@@ -148,6 +148,19 @@ class Kernel:
             return None
         return None
 
+    def slab_bytes(self) -> int | None:
+        """Bytes held by the nf_conntrack slab cache now (objects x object size); None when
+        /proc/slabinfo is unreadable or the cache is merged into another (no line of its own)."""
+        try:
+            with open(self.paths.slabinfo) as fh:
+                for line in fh:
+                    if line.startswith("nf_conntrack "):
+                        f = line.split()
+                        return int(f[2]) * int(f[3])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
     def meminfo(self) -> tuple[int, int]:
         total = avail = 0
         for line in self._meminfo.read().split("\n"):

@@ -3,17 +3,27 @@
 An empty file is a valid policy (every key has a default). Unknown keys, wrong types,
 out-of-range values and contradictions are errors; the loader collects all of them so the
 operator fixes the file once, not one key per run.
+
+Drop-ins: `<folder of the policy>/policy.d/*.toml` are read after the policy file in lexical
+order of their names, a later file's key overriding an earlier one's (configuration
+management ships site defaults in the package's file and writes per-host values in a
+drop-in). Each file is checked on its own (keys, types, ranges: an error names that file);
+the merged result is checked as a whole (contradictions between keys, each named with the
+file it came from). The Policy remembers where every key it holds came from.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 DEFAULT_POLICY_PATH = Path("/etc/ctguard/policy.toml")
+DROPIN_FOLDER = "policy.d"          # beside the policy file
+DEFAULT_ORIGIN = "built-in default"
 
 # The kernel stores nf_conntrack_max in an unsigned int and the sysctl handler rejects
 # anything above INT_MAX; hashsize is an unsigned int too. Values past this are refused
@@ -59,6 +69,45 @@ class Guard:
     sample_budget: float = 0.05
 
 
+# [relief.timeouts]: the sysctl's name without `nf_conntrack_` and `_timeout` -> (default
+# emergency value, hard floor), seconds. The floor is what the policy can never go below, and
+# why: the kernel defaults are udp 30, udp_stream 120, tcp_syn_sent 120, tcp_syn_recv 60,
+# tcp_time_wait 120, tcp_close_wait 60, tcp_fin_wait 120, tcp_unacknowledged 300,
+# tcp_established 432000.
+RELIEF_TIMEOUTS: dict[str, tuple[int | None, int]] = {
+    "udp": (10, 5),                  # a DNS/NTP answer with one retry arrives within 5 s
+    "udp_stream": (30, 10),          # replied UDP (QUIC, VPN): outlive a keepalive gap of 10 s
+    "tcp_syn_sent": (10, 5),         # SYN retransmits at 1 s and 3 s: both still fit in 5 s
+    "tcp_syn_recv": (10, 5),         # the SYN-ACK's own retransmits at 1 s and 3 s
+    "tcp_time_wait": (10, 2),        # late segments of a closed connection: 2 s (2x a LAN MSL guess)
+    "tcp_close_wait": (15, 5),       # the application's close after the peer's FIN
+    "tcp_fin_wait": (15, 5),         # the peer's FIN after ours
+    "tcp_unacknowledged": (30, 10),  # data in flight: a few retransmission timeouts
+    "tcp_established": (None, 600),  # only when named: an idle SSH session must survive 10 min
+}
+
+
+def sysctl_name(key: str) -> str:
+    """The sysctl a relief key names: udp -> nf_conntrack_udp_timeout, udp_stream ->
+    nf_conntrack_udp_timeout_stream, tcp_syn_sent -> nf_conntrack_tcp_timeout_syn_sent."""
+    proto, _, rest = key.partition("_")
+    return f"nf_conntrack_{proto}_timeout" + (f"_{rest}" if rest else "")
+
+
+@dataclass(frozen=True)
+class Relief:
+    """Past the ceiling, shorten the timeouts holding the entries that fill one namespace (and
+    the remaining time of those entries), in that namespace only; put them back once calm."""
+
+    mode: str = "advise"
+    calm_for: float = 300.0
+    timeouts: tuple[tuple[str, int], ...] = tuple(
+        (k, v) for k, (v, _) in RELIEF_TIMEOUTS.items() if v is not None)
+
+    def emergency(self, key: str) -> int | None:
+        return dict(self.timeouts).get(key)
+
+
 @dataclass(frozen=True)
 class Buckets:
     manage: bool = True
@@ -82,6 +131,7 @@ class Evidence:
     max_bytes: int = 268435456
     top: int = 20
     budget: float = 15.0
+    incident_captures: int = 2      # bundles per incident: the first (at the first bump) and one at its end
 
 
 @dataclass(frozen=True)
@@ -92,6 +142,13 @@ class State:
 @dataclass(frozen=True)
 class Metrics:
     textfile: str = "/var/lib/prometheus/node-exporter/ctguard.prom"
+
+
+@dataclass(frozen=True)
+class Control:
+    """Where the daemon listens for `ctguard status`, `bump`, `capture` (root only)."""
+
+    socket: Path = Path("/run/ctguard/control.sock")
 
 
 @dataclass(frozen=True)
@@ -106,11 +163,25 @@ class Policy:
     evidence: Evidence = field(default_factory=Evidence)
     state: State = field(default_factory=State)
     metrics: Metrics = field(default_factory=Metrics)
+    control: Control = field(default_factory=Control)
+    relief: Relief = field(default_factory=Relief)
     source: str = "<defaults>"
+    # Where each key's value came from: ((section, key, file), ...), section "" for the top
+    # level; keys not listed hold their built-in default. Not part of equality: two policies
+    # holding the same values are the same policy wherever the values were written.
+    origins: tuple[tuple[str, str, str], ...] = field(default=(), compare=False)
+    dropins: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def observe_only(self) -> bool:
         return self.mode == "observe"
+
+    def origin(self, section: str, key: str) -> str:
+        """The file that set `[section] key` (section "" for the top level), or "built-in default"."""
+        for s, k, f in self.origins:
+            if (s, k) == (section, key):
+                return f
+        return DEFAULT_ORIGIN
 
 
 class PolicyError(Exception):
@@ -134,6 +205,8 @@ _SECTIONS: dict[str, type] = {
     "evidence": Evidence,
     "state": State,
     "metrics": Metrics,
+    "control": Control,
+    "relief": Relief,
 }
 
 
@@ -177,15 +250,28 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "max_bytes"): (int, _between(1 << 20, 1 << 50), "bytes, at least 1048576"),
     ("evidence", "top"): (int, _between(1, 10000), "an integer between 1 and 10000"),
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
+    ("evidence", "incident_captures"): (int, _between(1, 100), "an integer between 1 and 100"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
+    ("control", "socket"): (str, "abspath", "an absolute path"),
+    ("relief", "mode"): (str, {"off", "advise", "enforce"}, 'one of "off", "advise", "enforce"'),
+    ("relief", "calm_for"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
+    ("relief", "timeouts"): (dict, "relief-timeouts", "a table of timeout name = seconds"),
 }
+
+
+def known_keys() -> dict[str, list[str]]:
+    """Every key the loader accepts: {"": top-level keys, section: its keys}, in file order."""
+    keys: dict[str, list[str]] = {"": [k for (s, k) in _CHECKS if s == ""]}
+    for section, cls in _SECTIONS.items():
+        keys[section] = [f.name for f in fields(cls)]
+    return keys
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:
     if t == _NUM:
         return "a number"
-    return {str: "a string", int: "an integer", bool: "true or false"}.get(t, str(t))  # type: ignore[arg-type]
+    return {str: "a string", int: "an integer", bool: "true or false", dict: "a table"}.get(t, str(t))  # type: ignore[arg-type]
 
 
 def _check_value(where: str, section: str, key: str, value: Any, problems: list[str]) -> Any:
@@ -202,6 +288,8 @@ def _check_value(where: str, section: str, key: str, value: Any, problems: list[
         return None
     if check is None:
         return value
+    if check == "relief-timeouts":
+        return _relief_timeouts(where, value, problems)
     if check in ("abspath", "abspath-or-empty"):
         if check == "abspath-or-empty" and value == "":
             return value
@@ -223,6 +311,30 @@ def _check_value(where: str, section: str, key: str, value: Any, problems: list[
     return value
 
 
+def _relief_timeouts(where: str, table: dict, problems: list[str]) -> tuple[tuple[str, int], ...] | None:
+    """[relief.timeouts]: the keys it names replace the defaults; each at or above its floor."""
+    values = {k: v for k, (v, _) in RELIEF_TIMEOUTS.items() if v is not None}
+    bad = False
+    for key, value in table.items():
+        here = f"{where.replace('] timeouts', '.timeouts]')} {key}"
+        if key not in RELIEF_TIMEOUTS:
+            problems.append(f"{here}: unknown timeout (known: {', '.join(RELIEF_TIMEOUTS)})")
+            bad = True
+            continue
+        floor = RELIEF_TIMEOUTS[key][1]
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{here}: must be an integer number of seconds, not {value!r}")
+            bad = True
+        elif value < floor or value > 432000:
+            problems.append(f"{here}: {value} is below the floor of {floor} s for {sysctl_name(key)} "
+                            f"(see ctguard-policy(5) for why)" if value < floor
+                            else f"{here}: {value} is above 432000 s, longer than any kernel default")
+            bad = True
+        else:
+            values[key] = value
+    return None if bad else tuple(values.items())
+
+
 def _cast(value: Any, default: Any) -> Any:
     # Integers are accepted where seconds/ratios are floats (interval = 1).
     if isinstance(default, float) and isinstance(value, int):
@@ -230,11 +342,9 @@ def _cast(value: Any, default: Any) -> Any:
     return value
 
 
-def from_mapping(doc: dict[str, Any], source: str) -> Policy:
-    """Build a Policy from a parsed TOML document, or raise PolicyError listing every problem."""
-    problems: list[str] = []
-    top: dict[str, Any] = {}
-    built: dict[str, Any] = {}
+def _checked_values(doc: dict[str, Any], source: str, problems: list[str]) -> dict[tuple[str, str], Any]:
+    """One file's keys, each checked on its own: {(section, key): value}; problems name `source`."""
+    values: dict[tuple[str, str], Any] = {}
     for key, value in doc.items():
         where = f"{source}: {key}"
         if key in _SECTIONS:
@@ -244,7 +354,6 @@ def from_mapping(doc: dict[str, Any], source: str) -> Policy:
             cls = _SECTIONS[key]
             defaults = cls()
             known = {f.name for f in fields(cls)}
-            values: dict[str, Any] = {}
             for sub, subvalue in value.items():
                 subwhere = f"{source}: [{key}] {sub}"
                 if sub not in known:
@@ -252,51 +361,155 @@ def from_mapping(doc: dict[str, Any], source: str) -> Policy:
                     continue
                 checked = _check_value(subwhere, key, sub, subvalue, problems)
                 if checked is not None:
-                    values[sub] = _cast(checked, getattr(defaults, sub))
-            built[key] = cls(**values)
+                    values[(key, sub)] = _cast(checked, getattr(defaults, sub))
         elif key == "mode":
             checked = _check_value(where, "", "mode", value, problems)
             if checked is not None:
-                top["mode"] = checked
+                values[("", "mode")] = checked
         else:
             known_top = sorted(["mode", *_SECTIONS])
             problems.append(f"{where}: unknown key (known: {', '.join(known_top)})")
-    policy = Policy(**top, **built, source=source)
+    return values
+
+
+def _build(values: dict[tuple[str, str], Any], origins: dict[tuple[str, str], str], source: str,
+           dropins: tuple[str, ...] = ()) -> Policy:
+    top = {k: v for (s, k), v in values.items() if s == ""}
+    built = {}
+    for section, cls in _SECTIONS.items():
+        mine = {k: v for (s, k), v in values.items() if s == section}
+        if mine:
+            built[section] = cls(**mine)
+    return Policy(**top, **built, source=source, dropins=dropins,
+                  origins=tuple((s, k, f) for (s, k), f in origins.items()))
+
+
+def from_mapping(doc: dict[str, Any], source: str) -> Policy:
+    """Build a Policy from a parsed TOML document, or raise PolicyError listing every problem."""
+    problems: list[str] = []
+    values = _checked_values(doc, source, problems)
+    policy = _build(values, {k: source for k in values}, source)
     problems.extend(_contradictions(policy))
     if problems:
         raise PolicyError(problems)
     return policy
 
 
+def _at(p: Policy, section: str, key: str) -> str:
+    """`FILE: [section] key` for an error about a key, FILE being where its value came from."""
+    origin = p.origin(section, key)
+    name = f"[{section}] {key}" if section else key
+    return f"{p.source if origin == DEFAULT_ORIGIN else origin}: {name}"
+
+
 def _contradictions(p: Policy) -> list[str]:
-    out = []
-    src = p.source
+    out: list[str] = []
     if p.thresholds.act < p.thresholds.warn:
-        out.append(f"{src}: [thresholds] act: {p.thresholds.act} is below [thresholds] warn {p.thresholds.warn}; act must be >= warn")
+        out.append(f"{_at(p, 'thresholds', 'act')}: {p.thresholds.act} is below [thresholds] warn {p.thresholds.warn} "
+                   f"({p.origin('thresholds', 'warn')}); act must be >= warn")
     if p.watch.fast_interval > p.watch.interval:
-        out.append(f"{src}: [watch] fast_interval: {p.watch.fast_interval} is above [watch] interval {p.watch.interval}")
+        out.append(f"{_at(p, 'watch', 'fast_interval')}: {p.watch.fast_interval} is above [watch] interval "
+                   f"{p.watch.interval} ({p.origin('watch', 'interval')})")
     if p.state.dir == p.evidence.dir:
-        out.append(f"{src}: [evidence] dir: must differ from [state] dir ({p.state.dir})")
+        out.append(f"{_at(p, 'evidence', 'dir')}: must differ from [state] dir ({p.state.dir})")
     if p.persist.sysctl_file == p.persist.modprobe_file:
-        out.append(f"{src}: [persist] modprobe_file: must differ from [persist] sysctl_file")
+        out.append(f"{_at(p, 'persist', 'modprobe_file')}: must differ from [persist] sysctl_file")
     return out
 
 
-def load(path: Path | str) -> Policy:
-    """Load and validate a policy file; PolicyError names the file and every bad key."""
-    path = Path(path)
+def dropin_folder(path: Path | str) -> Path:
+    return Path(path).parent / DROPIN_FOLDER
+
+
+def dropin_files(path: Path | str) -> list[Path]:
+    """The drop-ins that apply to the policy at `path`, in the order they are read.
+
+    Names ending in `.toml` and not starting with a dot (editor and dpkg leftovers such as
+    `.50-x.toml.swp` or `50-x.toml.dpkg-old` are not read), sorted by name as bytes.
+    """
+    folder = dropin_folder(path)
+    try:
+        names = sorted(os.listdir(folder), key=os.fsencode)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise PolicyError([f"{folder}: not a folder; drop-ins go in a folder of that name"]) from None
+    except OSError as exc:
+        raise PolicyError([f"{folder}: cannot read the drop-in folder: {exc.strerror}"]) from None
+    return [folder / n for n in names if n.endswith(".toml") and not n.startswith(".")]
+
+
+def _read_doc(path: Path, problems: list[str]) -> dict[str, Any] | None:
     source = str(path)
     try:
         raw = path.read_bytes()
+    except IsADirectoryError:
+        problems.append(f"{source}: a folder, not a file; a drop-in must be a TOML file")
+        return None
+    except OSError as exc:
+        problems.append(f"{source}: cannot read: {exc.strerror}")
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{source}: not UTF-8 text (byte {exc.start})")
+        return None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"{source}: not valid TOML: {exc}")
+        return None
+
+
+def load(path: Path | str) -> Policy:
+    """Load and validate a policy file and its drop-ins; PolicyError names the file and every bad key."""
+    path = Path(path)
+    source = str(path)
+    problems: list[str] = []
+    values: dict[tuple[str, str], Any] = {}
+    origins: dict[tuple[str, str], str] = {}
+    try:
+        path.stat()
     except FileNotFoundError:
-        if path == DEFAULT_POLICY_PATH:
-            # Installed without the package's conffile (pip, a source checkout): every key
-            # has a default, so run on those rather than refuse to start.
-            return Policy(source=f"built-in defaults ({source} does not exist)")
-        raise PolicyError([f"{source}: no such file; create it (an empty file is a valid policy) or pass --policy"]) from None
+        if path != DEFAULT_POLICY_PATH:
+            raise PolicyError([f"{source}: no such file; create it (an empty file is a valid policy) or pass --policy"]) from None
+        # Installed without the package's conffile (pip, a source checkout): every key
+        # has a default, so run on those (and on any drop-ins) rather than refuse to start.
+        source = f"built-in defaults ({source} does not exist)"
     except OSError as exc:
         raise PolicyError([f"{source}: cannot read: {exc.strerror}"]) from None
-    return loads(raw, source)
+    else:
+        doc = _read_doc(path, problems)
+        if doc is None:
+            raise PolicyError(problems)
+        values = _checked_values(doc, source, problems)
+        origins = {k: source for k in values}
+    dropins = dropin_files(path)
+    for dropin in dropins:
+        try:
+            mode = dropin.stat().st_mode
+        except OSError as exc:
+            problems.append(f"{dropin}: cannot read: {exc.strerror}")
+            continue
+        if mode & 0o002:
+            # ctguard runs as root and the policy says where it writes: a file anyone may
+            # change must not steer it.
+            problems.append(f"{dropin}: writable by every user (mode {mode & 0o777:04o}); "
+                            f"run `chmod o-w {dropin}`")
+            continue
+        doc = _read_doc(dropin, problems)
+        if doc is None:
+            continue
+        mine = _checked_values(doc, str(dropin), problems)
+        values.update(mine)
+        origins.update({k: str(dropin) for k in mine})
+    if problems:
+        raise PolicyError(problems)
+    policy = _build(values, origins, source, tuple(str(d) for d in dropins))
+    problems = _contradictions(policy)
+    if problems:
+        raise PolicyError(problems)
+    return policy
 
 
 def loads(raw: bytes | str, source: str = "<string>") -> Policy:
@@ -317,11 +530,11 @@ def warnings_for(policy: Policy, kernel_max: int | None) -> list[str]:
     out = []
     if kernel_max is not None and policy.bump.ceiling < kernel_max:
         out.append(
-            f"{policy.source}: [bump] ceiling: {policy.bump.ceiling} is below the kernel's current "
+            f"{_at(policy, 'bump', 'ceiling')}: {policy.bump.ceiling} is below the kernel's current "
             f"nf_conntrack_max {kernel_max}; ctguard will never bump (it never lowers max)"
         )
     if policy.bump.max_per_hour == 0 and policy.mode == "enforce":
-        out.append(f"{policy.source}: [bump] max_per_hour: 0 means automatic bumps are off")
+        out.append(f"{_at(policy, 'bump', 'max_per_hour')}: 0 means automatic bumps are off")
     return out
 
 
@@ -336,12 +549,56 @@ def summary(policy: Policy) -> str:
     buckets = f"buckets kept at max/{p.buckets.ratio}" if p.buckets.manage else "buckets left alone"
     guard = (f"attack-shaped growth stops at {min(p.guard.ceiling, p.bump.ceiling)}" if p.guard.enabled
              else "no guard against attack-shaped growth")
+    relief = {
+        "off": "no timeout relief",
+        "advise": "timeout relief advised, never made",
+        "enforce": f"timeouts shortened in a namespace the ceiling cannot save, restored after {p.relief.calm_for:g} s calm",
+    }[p.relief.mode]
+    source = p.source + "".join(f" + {d}" for d in p.dropins)
     return (
-        f"{p.source}: mode {p.mode}; sampling {p.watch.namespaces} namespaces every {p.watch.interval:g} s "
+        f"{source}: mode {p.mode}; sampling {p.watch.namespaces} namespaces every {p.watch.interval:g} s "
         f"({p.watch.fast_interval:g} s above {p.thresholds.warn:.0%}); warns after {p.thresholds.sustain:g} s above "
         f"{p.thresholds.warn:.0%}; bumps at {p.thresholds.act:.0%}{horizon}, by x{p.bump.factor:g} up to a ceiling of "
         f"{p.bump.ceiling} and {p.bump.memory_fraction:.0%} of memory, at most {p.bump.max_per_hour} per hour "
-        f"{p.bump.cooldown:g} s apart; {guard}; {buckets}; {persist}; bundles in {p.evidence.dir} "
+        f"{p.bump.cooldown:g} s apart; {guard}; {relief}; {buckets}; {persist}; bundles in {p.evidence.dir} "
         f"(keep {p.evidence.keep}); state in {p.state.dir}; metrics "
         f"{'to ' + p.metrics.textfile if p.metrics.textfile else 'off'}."
     )
+
+
+
+def _toml_value(value: Any) -> str:
+    import tomli_w
+
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, tuple) and value and all(isinstance(x, tuple) and len(x) == 2 for x in value):
+        # [relief] timeouts: an inline table of name = seconds (loadable as it is printed)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value) + "}"
+    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
+
+
+def effective(policy: Policy) -> str:
+    """The merged policy as TOML, every key with the file its value came from.
+
+    What `ctguard check-policy --effective` prints: loadable as a policy itself, so an operator
+    can diff two hosts' effective policies.
+    """
+    p = policy
+    files = [p.source, *p.dropins]
+    lines = [f"# effective policy: {', then '.join(files)}"]
+
+    def key_line(section: str, name: str, value: Any) -> str:
+        text = f"{name} = {_toml_value(value)}"
+        return f"{text:<48} # {p.origin(section, name)}"
+
+    for f in fields(Policy):
+        if f.name in ("source", "origins", "dropins") or f.name in _SECTIONS:
+            continue
+        lines.append(key_line("", f.name, getattr(p, f.name)))
+    for section in _SECTIONS:
+        lines.append(f"\n[{section}]")
+        value = getattr(p, section)
+        for g in fields(value):
+            lines.append(key_line(section, g.name, getattr(value, g.name)))
+    return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 STEP = 1024                 # nf_conntrack_max moves in whole multiples of this
 GROWTH_COVER = 1.0          # seconds of current growth a bump makes room for (beyond what is held)
-HEADROOM = 2                # persisted max = HEADROOM x peak (the seed's rule, also `recommend`'s)
+HEADROOM = 2                # persisted max = HEADROOM x peak (docs/contract.md, Sizing; `recommend` uses it too)
 HEADROOM_AFTER_DROPS = 3    # ... once the kernel dropped or evicted flows in the window
 # The kernel's defaults (net/netfilter/nf_conntrack_core.c, nf_conntrack_init_start, since
 # Linux 5.15 "netfilter: conntrack: sanitize table size default settings"): buckets =

@@ -77,6 +77,7 @@ def history_to_json(h: History) -> dict:
         "last_incident": _incident_json(h.last_incident),
         "sizing_peak": h.sizing_peak,
         "recorded_p99": h.recorded_p99,
+        "refusals": dict(h.refusals),
     }
 
 
@@ -109,7 +110,16 @@ def history_from_json(d: dict) -> History:
         last_incident=_incident(d.get("last_incident")),
         sizing_peak=_opt_int(d.get("sizing_peak")) or 0,
         recorded_p99=_opt_int(d.get("recorded_p99")) or 0,
+        refusals=_refusals(d.get("refusals")),
     )
+
+
+def _refusals(v) -> tuple[tuple[str, int], ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise ValueError(f"not a table of counts: {v!r}")
+    return tuple(sorted((str(k), _opt_int(n) or 0) for k, n in v.items()))
 
 
 @dataclass(frozen=True)

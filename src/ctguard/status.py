@@ -14,7 +14,8 @@ from ctguard import incident as incident_text
 from ctguard import persist
 from ctguard.decide import budget_left as budget_left_of, persist_advice, persist_due_in, upper_bound
 from ctguard.model import History, Instant, Sample
-from ctguard.policy import Policy
+from ctguard.policy import Policy, sysctl_name
+from ctguard import relief
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -30,7 +31,7 @@ class StatusView:
 
 
 def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
-          timeouts: list | None = None, boot=None) -> StatusView:
+          timeouts: list | None = None, last_bundle: dict | None = None, boot=None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -69,6 +70,9 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         inc = history.incident
         problems.append((WARNING, f"incident {inc.id} in {incident_text.where(inc.name, inc.unit, inc.netns)} "
                                   f"open for {_ago(now.since(inc.started))}"))
+    relieved = relief.rows(policy, history.relief, now)
+    if relieved:
+        problems.append((WARNING, f"timeout relief active in {len({r['netns'] for r in relieved})} namespace(s)"))
     if boot is not None:   # a bootreport.BootReport: what the next boot keeps of ctguard's values
         for s in boot.view.shadows:
             problems.append((WARNING, f"{s.file} overrides ctguard's {s.key} at boot ({s.value})"))
@@ -111,13 +115,33 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "last_drop": history.last_drop.wall if history.last_drop else None,
         "host_role": None if role is None else {"role": role.role, "roles": list(role.roles),
                                                  "evidence": list(role.evidence), "unknown": list(role.unknown)},
+        "relief": relieved,
+        "relief_mode": policy.relief.mode,
         "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
                             for t in (timeouts or [])],
+        "last_bundle": last_bundle,
     }
     if boot is not None:
         data["boot"] = boot.as_dict()
         data["boot"]["lines"] = boot.text_lines(policy.buckets.manage)
     return StatusView(code, headline, data)
+
+
+def with_boot(view: StatusView, boot, policy: Policy) -> StatusView:
+    """A view the daemon built, with what the next boot keeps added here (bootreport.BootReport,
+    read by the CLI like the host role): a shadowed file is a WARNING."""
+    data = dict(view.data)
+    data["boot"] = boot.as_dict()
+    data["boot"]["lines"] = boot.text_lines(policy.buckets.manage)
+    extra = [f"{s.file} overrides ctguard's {s.key} at boot ({s.value})" for s in boot.view.shadows]
+    if not extra:
+        return StatusView(view.code, view.headline, data)
+    code = max(view.code, WARNING) if view.code != UNKNOWN else view.code
+    data["problems"] = list(data.get("problems", [])) + extra
+    data["status"], data["code"] = LABELS[code], code
+    head = view.headline.replace(f"CTGUARD {LABELS[view.code]} ", f"CTGUARD {LABELS[code]} ", 1)
+    head = head[:-1] + f"; {'; '.join(extra)})" if head.endswith(")") else head + f" ({'; '.join(extra)})"
+    return StatusView(code, head, data)
 
 
 def render_text(view: StatusView) -> str:
@@ -137,6 +161,11 @@ def render_text(view: StatusView) -> str:
     for t in d["raised_timeouts"]:
         held = f", holding about {t['entries']} entries" if t["entries"] is not None else ""
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
+    for r in d.get("relief", []):
+        left = ("restored after calm_for once the namespace is calm" if r["seconds_left"] is None
+                else f"restored in {r['seconds_left']:.0f} s if it stays calm")
+        lines.append(f"relief: netns {r['name']}: {sysctl_name(r['key'])} {r['value']} s "
+                     f"(was {r['original']} s), {left}")
     persisted = d["persisted_max"]
     pb = d.get("persisted_buckets")
     lines.append(f"persisted: {'max ' + str(persisted) if persisted is not None else 'nothing'}"
@@ -154,6 +183,18 @@ def render_text(view: StatusView) -> str:
             lines.append(f"{label}: {inc['id']} from {stamp} in {inc['name'] or inc['netns']}: peak fill "
                          f"{inc['peak_fill']:.1%}, {inc['drops']} drops, {inc['early_drops']} early drops, "
                          f"{inc['bumps']} bump(s)" + (f", bundles {', '.join(inc['bundles'])}" if inc["bundles"] else ""))
+    daemon = d.get("daemon")
+    if daemon:
+        lines.append(f"daemon: pid {daemon['pid']}, policy {daemon['policy_source']} ({daemon['note']})")
+        if daemon.get("reload_rejected"):
+            lines.append(f"policy: {daemon['reload_rejected']}")
+    elif "daemon" in d:
+        lines.append("daemon: none answering; read directly from the kernel and the state on disk")
+    last = d.get("last_bundle")
+    if last:
+        top = last.get("top_finding")
+        lines.append(f"last bundle: {last['id']}" + (f" - {top['severity']} {top['id']}: {top['summary']}" if top
+                                                      else " - no finding"))
     lines.extend((d.get("boot") or {}).get("lines", []))
     if d["last_bumps"]:
         lines.append("last bumps:")

@@ -8,9 +8,10 @@
 # drives inside) and reused while it is younger than CTGUARD_ROOT_MAX_AGE_DAYS (default 14).
 # A flock on CACHE_DIR/lock keeps two runs from building one at once; the root is built in
 # a temporary folder and renamed into place, so an interrupted run never leaves half a root
-# behind. Downloaded .debs go to CACHE_DIR/apt-archives, which the test also binds into its
-# containers as /var/cache/apt/archives so later apt runs download nothing twice (one folder
-# for both suites: a name_version_arch.deb is the same file whichever suite it came from).
+# behind. Downloaded .debs go to CACHE_DIR/apt-archives, from which the test seeds each
+# container's own /var/cache/apt/archives (hard links) and into which it collects what apt
+# downloaded there, so later runs download nothing twice (one folder for both suites: a
+# name_version_arch.deb is the same file whichever suite it came from).
 #
 # Environment: CTGUARD_DEBIAN_MIRROR (default http://deb.debian.org/debian),
 #              CTGUARD_ROOT_MAX_AGE_DAYS (default 14).
@@ -56,7 +57,7 @@ debootstrap --variant=minbase --include="$include" --cache-dir="$cache/apt-archi
 echo "ctguard-test" >"$tmp/etc/hostname"
 rm -f "$tmp/etc/machine-id" && : >"$tmp/etc/machine-id"   # systemd makes one at boot
 printf 'deb %s %s main\n' "$mirror" "$suite" >"$tmp/etc/apt/sources.list"
-# Keep what apt downloads: the test binds CACHE_DIR/apt-archives over /var/cache/apt/archives.
+# Keep what apt downloads: the test collects it into CACHE_DIR/apt-archives.
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >"$tmp/etc/apt/apt.conf.d/90ctguard-keep"
 echo 'APT::Install-Recommends "false";' >"$tmp/etc/apt/apt.conf.d/90ctguard-norecommends"
 # Nothing in the container may try to manage the host's network, time or kernel settings:

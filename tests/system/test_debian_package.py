@@ -11,6 +11,8 @@ One test per release (trixie, bookworm), in phases, each timed and printed:
   policy    a changed policy, check-policy, `systemctl reload`
   flood     a conntrack flood between two namespaces made inside the container meets a bump
             that stays within the ceiling, and the bump is persisted
+  control   a rejected `systemctl reload` exits non-zero; status and bump go through the daemon's
+            control socket with the file broken, journaled under ctguard.service
   watchdog  (trixie) ctguard stopped with SIGSTOP: systemd's watchdog kills it and restarts it
             within WatchdogSec + RestartSec; the bump budget and history survive
   restart   (trixie) `systemctl restart` keeps the bump budget
@@ -185,6 +187,41 @@ def sh(*args: str, timeout: float = 600, check: bool = True, input: str | None =
 
 def copy_root(src: Path, dst: Path) -> None:
     sh("cp", "-a", "--reflink=auto", str(src), str(dst), timeout=600)
+    seed_archives(dst)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:     # another file system
+        shutil.copy2(src, dst)
+
+
+# Each root gets an apt archive of its own, seeded from the shared cache, rather than the
+# cache itself bound in: apt holds /var/cache/apt/archives/lock while it works, and a second
+# run's container (another checkout's CI, a build beside a boot) then fails with "Could not
+# get lock /var/cache/apt/archives/lock. It is held by process 0".
+def seed_archives(root: Path) -> None:
+    """Hard links to every cached .deb in the root's own archive (apt never rewrites a .deb)."""
+    archive = root / "var/cache/apt/archives"
+    (archive / "partial").mkdir(parents=True, exist_ok=True)
+    for deb in APT_ARCHIVES.glob("*.deb"):
+        if not (archive / deb.name).exists():
+            with contextlib.suppress(FileNotFoundError):
+                _link_or_copy(deb, archive / deb.name)
+
+
+def harvest_archives(root: Path) -> None:
+    """What apt downloaded in the root goes back to the cache, each file renamed into place
+    whole (a concurrent run sees the old set or the new file, never half of it)."""
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        target = APT_ARCHIVES / deb.name
+        if target.exists():
+            continue
+        tmp = APT_ARCHIVES / f".{deb.name}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            _link_or_copy(deb, tmp)
+            os.replace(tmp, target)
 
 
 def remove_root(path: Path) -> None:
@@ -212,7 +249,6 @@ def nspawn(root: Path, script: str, timeout: float = 900, check: bool = True,
     return sh(
         "systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root),
         *(["--private-network"] if offline else []),
-        f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
         "--setenv=DEBIAN_FRONTEND=noninteractive", "--setenv=LC_ALL=C.UTF-8",
         f"--setenv=PATH={PATH_INSIDE}",
         "/bin/sh", "-ec", script, timeout=timeout, check=check)
@@ -255,7 +291,6 @@ class Machine:
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "--register=no", "--keep-unit", "-b", "-D", str(self.root),
                  "--capability=all", "--link-journal=no", "--console=read-only",
-                 f"--bind={APT_ARCHIVES}:/var/cache/apt/archives",
                  # The kernel log, so that ctguard's /dev/kmsg early warning is exercised
                  # too (nspawn gives a container none).
                  *(["--bind-ro=/dev/kmsg"] if KMSG.exists() else []),
@@ -432,8 +467,9 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
                     piuparts(base, release.suite, debs["first"], work, phase)
     finally:
         t_clean = time.monotonic()
-        remove_root(work / "root")
-        remove_root(work / "build")
+        for root in (work / "build", work / "root"):
+            harvest_archives(root)
+            remove_root(root)
         phase.times.append(("cleanup", time.monotonic() - t_clean))
         if not KEEP:
             shutil.rmtree(work, ignore_errors=True)
@@ -527,7 +563,8 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
         m.write("/etc/ctguard/policy.toml", BAD_POLICY)
         bad = m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml", check=False)
         assert bad.returncode == 1 and "ceiling" in bad.stdout + bad.stderr, bad
-        m.run("systemctl", "reload", "ctguard.service", timeout=60)
+        rejected = m.run("systemctl", "reload", "ctguard.service", check=False, timeout=60)
+        assert rejected.returncode != 0, "a rejected reload must fail `systemctl reload`"
         if rejected_id:
             assert wait_for(lambda: len(m.entries(rejected_id)) > 0, 10), f"no policy-rejected entry:\n{m.journal()}"
         time.sleep(0.5)
@@ -538,6 +575,9 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
 
     with phase("flood"):
         flood(m, phase)
+
+    with phase("control socket: a rejected reload fails loudly, status and bump go through the daemon"):
+        control_socket(m, phase)
 
     if release.full:
         with phase("watchdog replaces a hung daemon"):
@@ -734,6 +774,54 @@ def check_boot_values(m: Machine, phase: Phases) -> None:
     finally:
         m.run("rm", "-f", tuning)
         m.run("systemctl", "reload", "ctguard.service", timeout=60)
+def control_socket(m: Machine, phase: Phases) -> None:
+    """`systemctl reload` with a bad policy exits non-zero and STATUS= says so; with the file
+    broken, `ctguard status` and `ctguard bump` are answered by the daemon's policy in force, and
+    the manual bump and a refused one are journaled under ctguard.service."""
+    assert "203/EXEC" not in m.journal(lines=2000), "a start step could not be executed (modprobe: kmod)"
+    sock = "/run/ctguard/control.sock"
+    assert m.run("stat", "-c", "%a %F", sock).stdout.strip() == "600 socket"
+    assert m.run("stat", "-c", "%a", "/run/ctguard").stdout.strip() == "700"
+    pid = m.show("MainPID")
+    m.write("/etc/ctguard/policy.toml", BAD_POLICY)
+    try:
+        rejected = m.run("systemctl", "reload", "ctguard.service", check=False, timeout=60)
+        assert rejected.returncode != 0, rejected
+        assert m.show("ActiveState") == "active" and m.show("MainPID") == pid, m.journal()
+        assert wait_for(lambda: "reload REJECTED" in m.show("StatusText"), 10), m.show("StatusText")
+        phase.say(f"after a rejected reload: StatusText {m.show('StatusText')[:160]!r}")
+
+        status = m.run("ctguard", "status", check=False)
+        assert status.returncode in (0, 1, 2), f"{status.stdout}{status.stderr}"
+        assert f"daemon: pid {pid}" in status.stdout and "[bump] ceiling" in status.stderr, status
+        code, data = m.status_json()
+        assert data["daemon"]["pid"] == int(pid) and data["ceiling"] == TEST_CEILING, data["daemon"]
+
+        over = m.run("ctguard", "bump", "--to", str(2 * TEST_CEILING), check=False)
+        assert over.returncode == 1 and "ceiling" in over.stderr, over
+        current = data["max"]
+        worst = max((n["count"] for n in data["namespaces"]), default=0)
+        floor = -(-worst * 4 // 3)          # the test policy's act = 0.75
+        # Above LOW_MAX: the restart phase writes LOW_MAX and waits for the persisted value to return.
+        target = max(LOW_MAX + 1024, -(-floor // 1024) * 1024)
+        lower = target < current
+        if not lower:
+            target = min(TEST_CEILING, current + 1024)
+        args = ["--to", str(target)] + (["--lower"] if lower else [])
+        done = m.run("ctguard", "bump", *args, check=False)
+        assert done.returncode == 0 and f"done by the running daemon (pid {pid})" in done.stdout, done
+        assert int(PROC_MAX.read_text()) == target
+        phase.say(f"ctguard bump {' '.join(args)}: {current} -> {target} through the daemon")
+        assert wait_for(lambda: f"= {target}" in m.run("cat", "/etc/sysctl.d/90-ctguard.conf").stdout, 10)
+        manual = [e for e in m.entries(_message_id("BUMP"))
+                  if e.get("CTGUARD_REASON") == "manual" and e.get("CTGUARD_NEW_MAX") == str(target)]
+        assert manual and manual[-1]["_PID"] == pid, f"no manual bump under ctguard.service:\n{m.journal()}"
+        refused = [e for e in m.entries(_message_id("BUMP_REFUSED")) if e.get("CTGUARD_TRIGGER") == "manual"]
+        assert refused and refused[-1]["CTGUARD_REASON"] == "ceiling", f"no refused manual bump:\n{m.journal()}"
+    finally:
+        m.write("/etc/ctguard/policy.toml", TEST_POLICY)
+    m.run("systemctl", "reload", "ctguard.service", timeout=60)
+    assert wait_for(lambda: "REJECTED" not in m.show("StatusText"), 10), m.show("StatusText")
 
 
 def _persisted_max(text: str) -> int:

@@ -11,7 +11,8 @@ an nla object tree per entry) measured 14,000-16,000 entries/s on the 2-vCPU tes
 budget. On the same table this module measured: kernel + recv 0.42 s, decode 0.66-0.89 s,
 decode + aggregation 1.1-1.3 s, dump_table() end to end 1.33-1.55 s (170,000-200,000
 entries/s; the reader thread overlaps the kernel's share with decoding), which puts the whole
-capture at 0.50-0.56x the time of the `conntrack -L | awk | sort | uniq -c` playbook.
+capture at 0.50-0.56x the time of the manual `conntrack -L | awk | sort | uniq -c` pipeline
+(the same figures by hand; bench/capture.md).
 """
 
 from __future__ import annotations
