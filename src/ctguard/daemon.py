@@ -126,7 +126,6 @@ class Daemon:
         self.control = None                     # the control socket (ctguard.control), once open
         self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
         self.started_at = time.time()
-        self._policy_text = self._read_policy_text()
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
 
     def _note_p99(self) -> None:
@@ -466,8 +465,7 @@ class Daemon:
             return list(exc.problems)
         else:
             self.reload_rejected = None
-            self._policy_text = self._read_policy_text()
-            self.policy = new
+                self.policy = new
             self.actor.policy = new
             self.observer.namespaces = new.watch.namespaces
             self.observer.rediscover()
@@ -479,19 +477,15 @@ class Daemon:
         self.notifier.ready(f"policy reloaded from {self.policy_path}")
         return []
 
-    def _read_policy_text(self) -> str:
-        try:
-            return Path(self.policy_path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
     def _policy_for_child(self) -> Path:
-        """The policy file a capture child loads: after a rejected reload the file on disk is
-        broken, so the child gets a private copy of the text in force instead."""
+        """The policy file a capture child loads: after a rejected reload the files on disk are
+        broken, so the child gets the policy in force, merged with its drop-ins
+        (policy.effective), in a private folder of its own (no policy.d beside it)."""
         if self.reload_rejected is None:
             return self.policy_path
-        copy = Path(self.policy.state.dir) / "policy-in-force.toml"
-        atomic_write(copy, self._policy_text, 0o600)
+        folder = ensure_private_dir(Path(self.policy.state.dir) / "policy-in-force")
+        copy = folder / "policy.toml"
+        atomic_write(copy, policy_mod.effective(self.policy), 0o600)
         return copy
 
     def _status_line(self, text: str) -> str:
