@@ -465,7 +465,7 @@ class Daemon:
             return list(exc.problems)
         else:
             self.reload_rejected = None
-                self.policy = new
+            self.policy = new
             self.actor.policy = new
             self.observer.namespaces = new.watch.namespaces
             self.observer.rediscover()
