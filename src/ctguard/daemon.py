@@ -384,7 +384,8 @@ class Daemon:
                 if o.ok:
                     verb = "lowered" if a.new < a.old else "raised"   # an operator's --lower
                     self.last_action = f"{'bumped' if a.new > a.old else 'lowered'} {a.old} -> {o.read_back} ({a.trigger})"
-                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
+                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}",
+                            limited=a.trigger != "manual", **fields)
                 else:
                     self.last_action = f"bump to {a.new} not done"
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
@@ -399,7 +400,8 @@ class Daemon:
                     log.debug("%s", a.reason)
                     continue
                 self.last_action = f"bump refused ({a.kind})"
-                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
+                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}",
+                        limited=a.trigger != "manual", CTGUARD_NETNS=a.netns or "",
                         CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
                         CTGUARD_REASON=a.kind, CTGUARD_TRIGGER=a.trigger, **self._ns_fields(a.netns))
             elif isinstance(a, Persist):
