@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ROOT / "docs" / "contract.md"
 SRC = ROOT / "src" / "ctguard"
 
-# Strings that look like metric names but are not metrics (none yet): name them here, with why.
-NOT_METRICS: set[str] = set()
+# Strings that look like metric names but are not metrics: name them here, with why.
+NOT_METRICS: set[str] = {
+    "ctguard_suggested", "ctguard_notrack",   # nftables table names in the rules diagnose.py suggests
+}
 
 
 def section(title: str) -> str:
@@ -111,6 +113,8 @@ def test_every_policy_key_the_loader_accepts_is_documented_with_its_default() ->
                 value = table[key]
                 if isinstance(default, Path):
                     default = str(default)
+                if isinstance(default, tuple) and all(isinstance(x, tuple) and len(x) == 2 for x in default):
+                    default = dict(default)     # a table of its own ([relief.timeouts])
                 if value != default or type(value) is bool and type(default) is not bool:
                     wrong.append(f"  [{sec or 'top level'}] {key} = {value!r} there, but the default is "
                                  f"{_toml_line(key, default)}")

@@ -217,7 +217,7 @@ def test_bundle_counts_known_flows_exactly(tmp_path: Path) -> None:
     assert path.name.endswith("-bump-refused-ceiling")
 
     text = show(cfg.dir, path.name)
-    assert f"Table: {k.total} entries read" in text
+    assert f"Table at capture: {k.total:,} entries read" in text
     assert "this host does NAT / masquerade" in text
     assert pair.sender_addr in text and "udp/5353" in text
     assert "fill = 0.91" in text

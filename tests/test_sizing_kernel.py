@@ -193,7 +193,9 @@ def test_incident_start_and_end_are_journaled_and_status_warns_after_the_bump(tm
         assert str(start["CTGUARD_NETNS"]) == str(pair.receiver_inode)
         assert int(end["CTGUARD_BUMPS"]) == inc["bumps"] >= 1
         assert int(end["CTGUARD_DROPS"]) == inc["drops"] and int(end["CTGUARD_EARLY_DROPS"]) == inc["early_drops"]
-        assert float(end["CTGUARD_PEAK_FILL"]) > 0.7 and float(end["CTGUARD_RATE"]) >= 0
+        # (The bump may come before the table fills: the peak is what the samples saw.)
+        assert float(end["CTGUARD_PEAK_FILL"]) == pytest.approx(inc["peak_fill"], abs=1e-4) and inc["peak_fill"] > 0
+        assert float(end["CTGUARD_RATE"]) == pytest.approx(inc["rate"], abs=1)
         assert "ended after" in end["MESSAGE"] and "peak fill" in end["MESSAGE"]
         # The bump entry: the rate, horizon and need it used, the namespace by name, the incident.
         bumps = [e for e in journal_entries(MESSAGE_ID=ID_BUMP, SYSLOG_IDENTIFIER="ctguard")
@@ -203,5 +205,7 @@ def test_incident_start_and_end_are_journaled_and_status_warns_after_the_bump(tm
         # status: WARNING after the emergency bump, naming it; the last incident shown.
         res = ctguard("status", "--json", "--policy", str(policy))
         data = json.loads(res.stdout)
-        assert res.returncode >= 1 and any("emergency bump 2048 ->" in p for p in data["problems"]), data
+        last = st["bumps"][-1]
+        assert res.returncode >= 1 and any(f"emergency bump {last['old']} -> {last['new']} ({last['trigger']})" in p
+                                           for p in data["problems"]), data
         assert data["last_incident"]["id"] == incident_id

@@ -11,18 +11,23 @@ from collections.abc import Callable
 
 from ctguard import persist
 from ctguard.kernel import Kernel, KernelWriteError
-from ctguard.model import Action, Capture, Decision, Outcome, Persist, Refuse, SetBuckets, SetMax, Warn
-from ctguard.policy import Policy
+from ctguard.model import (
+    Action, Capture, Decision, Outcome, Persist, Refuse, RestoreTimeout, SetBuckets, SetMax, ShortenTimeout,
+    TrimEntries, Warn,
+)
+from ctguard.policy import Policy, sysctl_name
 
-_ORDER = {SetMax: 0, SetBuckets: 1, Persist: 2, Refuse: 3, Warn: 4, Capture: 5}
+_ORDER = {SetMax: 0, SetBuckets: 1, Persist: 2, Refuse: 3, Warn: 4, Capture: 5,
+          RestoreTimeout: 6, ShortenTimeout: 7, TrimEntries: 8}
 
 CaptureStarter = Callable[[Capture, Decision], str]
 
 
 class Actor:
     def __init__(self, kernel: Kernel, policy: Policy, start_capture: CaptureStarter | None = None,
-                 wall_clock: Callable[[], float] = lambda: 0.0) -> None:
+                 wall_clock: Callable[[], float] = lambda: 0.0, relief=None) -> None:
         self.kernel = kernel
+        self.relief = relief    # relief_io.ReliefActor: timeouts per namespace, entry trims
         self.policy = policy
         self.start_capture = start_capture
         self.wall_clock = wall_clock
@@ -42,6 +47,16 @@ class Actor:
 
     def _one(self, action: Action, decision: Decision) -> Outcome:
         observe = self.policy.observe_only
+        if isinstance(action, (ShortenTimeout, RestoreTimeout, TrimEntries)):
+            if isinstance(action, ShortenTimeout) and (observe or action.advise):
+                return Outcome(action, False, ("observe mode" if observe else "relief.mode is advise")
+                               + f": would lower {sysctl_name(action.key)} {action.old} -> {action.new} "
+                               f"in netns {action.name}")
+            if isinstance(action, TrimEntries) and observe:
+                return Outcome(action, False, "observe mode: no entry trimmed")
+            if self.relief is None:
+                return Outcome(action, False, "relief is not available here")
+            return self.relief.carry_out(action, self.policy)
         if isinstance(action, SetMax):
             if observe:
                 return Outcome(action, False, f"observe mode: would raise nf_conntrack_max {action.old} -> {action.new}")

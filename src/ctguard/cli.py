@@ -101,6 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         view, hour = answered
         worst = view.data["namespaces"][0]["inode"] if view.data.get("namespaces") else None
         client.add_local_views(view, worst)
+        if policy is not None:
+            _add_last_bundle(view, policy)
         thresholds = policy.thresholds if policy is not None else None
         return _print_status(args, view, hour, view.data["daemon"].get("sample_age"), thresholds)
     if policy is None:
@@ -114,11 +116,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         return status.UNKNOWN
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     history = store.load_history()
+    from dataclasses import replace
+
+    from ctguard.relief_io import ReliefStore
+
+    relief_store = ReliefStore(policy.state.dir)
+    relief_store.load(warn=lambda m: print(f"warning: {m}", file=sys.stderr), set_aside=False)
+    history = replace(history, relief=relief_store.state())
     role, timeouts = _role_and_timeouts(sample, refs)
     view = status.build(policy, sample, history, now, role, timeouts)
     view.data["daemon"] = None
+    _add_last_bundle(view, policy)
     return _print_status(args, view, store.load_hour() if sys.stdout.isatty() and not args.json else {},
                          None, policy.thresholds)
+
+
+def _add_last_bundle(view, policy: Policy) -> None:
+    """The newest bundle's id and its top finding (ctguard.evidence.review)."""
+    from ctguard.evidence.review import last_bundle
+
+    try:
+        view.data["last_bundle"] = last_bundle(policy.evidence.dir)
+    except OSError:
+        view.data["last_bundle"] = None
 
 
 def _print_status(args: argparse.Namespace, view, hour, _age, thresholds) -> int:

@@ -34,7 +34,10 @@ from ctguard.model import (
     Capture, Decision, History, Instant, Outcome, Persist, Refuse, Sample, SetBuckets, SetMax, TableFull, Warn,
 )
 from ctguard.observe import Observer
-from ctguard.policy import Policy, PolicyError
+from ctguard.policy import Policy, PolicyError, sysctl_name
+from ctguard import relief as relief_core
+from ctguard.model import RestoreTimeout, ShortenTimeout, TrimEntries
+from ctguard.relief_io import ReliefActor, ReliefStore, read_timeouts
 from ctguard.sizing import p99
 from ctguard.state import PEAK_DAYS, PeakRecorder, StateStore
 
@@ -85,6 +88,7 @@ class Children:
                     del self.finished[next(iter(self.finished))]
                 self.running.remove(entry)
                 decision_file.unlink(missing_ok=True)
+                decision_file.with_name(decision_file.name.replace("-decision-", "-timeline-")).unlink(missing_ok=True)
         return done
 
 
@@ -107,7 +111,11 @@ class Daemon:
         self.history: History = self.store.load_history()
         self.peaks = PeakRecorder(*self.store.load_recorded())
         self._note_p99()
-        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time)
+        self.relief_store = ReliefStore(policy.state.dir)
+        self.relief_store.load(warn=lambda m: log.warning("%s", m))
+        self.history = replace(self.history, relief=self.relief_store.state())
+        self.relief_actor = ReliefActor(self.relief_store, self.observer.path_of, self.clock.now)
+        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time, relief=self.relief_actor)
         self.children = Children()
         self.follower = None
         self.running = True
@@ -123,6 +131,12 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        from ctguard.recorder import FlightRecorder
+
+        self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
+        self._queued: list[tuple[Capture, Decision, dict | None]] = []  # started once the turn is recorded
+        self._findings: list[str] = []         # finding ids of the last automatic bundle (metrics)
+        self._in_turn = False
         self.control = None                     # the control socket (ctguard.control), once open
         self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
         self.started_at = time.time()
@@ -262,11 +276,15 @@ class Daemon:
         """One observe-decide-act-record turn; returns the seconds until the next one."""
         for reason, code, out in self.children.reap():
             if code == 0 and out:
-                self.events.emit("bundle", f"evidence bundle captured ({reason}): {out}",
-                                 CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason)
+                top = self._diagnose(out.splitlines()[-1])
+                self.events.emit("bundle", f"evidence bundle captured ({reason}): {out}"
+                                 + (f"; top finding: {top}" if top else ""),
+                                 CTGUARD_BUNDLE=out.splitlines()[-1], CTGUARD_REASON=reason,
+                                 CTGUARD_FINDING=top or None)
                 self.history = note_bundle(self.history, Path(out.splitlines()[-1]).name)
             else:
                 log.warning("evidence capture (%s) failed with exit code %s: %s", reason, code, out[-500:])
+        self._reap_trims()
         try:
             sample = self.observer.sample()
         except ConntrackNotLoaded as exc:
@@ -288,18 +306,37 @@ class Daemon:
             # guard.sample_budget) and decide again knowing its shape.
             sample = replace(sample, shape=self.observer.shape(decision.needs_shape, self.policy.guard))
             decision = decide(self.policy, sample, self.history, now, kernel_events)
-        outcomes = self.actor.carry_out(decision) if decision.actions else []
+        if decision.needs_relief is not None:
+            # Relief may shorten timeouts here: look at what holds the table and at the
+            # namespace's current timeouts, and decide again knowing them.
+            sample = self._relief_look(sample, decision.needs_relief)
+            decision = decide(self.policy, sample, self.history, now, kernel_events)
+        self._in_turn = True           # captures asked for now are automatic: queued, limited per incident
+        try:
+            outcomes = self.actor.carry_out(decision) if decision.actions else []
+        finally:
+            self._in_turn = False
         before = self.history
         self.history = advance(self.history, sample, kernel_events, outcomes, now, self.policy)
+        calm = {n: t for n, t in self.history.relief.calm_since if any(x.netns == n for x in self.history.relief.active)}
+        if calm != self.relief_store.calm:
+            self.relief_store.calm = calm       # for `ctguard status`: the time left before the restore
+            self._safe(lambda _: self.relief_store.save(), None, what="relief", where=str(self.relief_store.path))
         self._labels = {ns.inode: ns for ns in sample.namespaces}
         started, ended = incident_changes(before, self.history)
         if started is not None:
             w = sample.worst
             self.events.emit("incident-start", incident_text.start_message(started, sample.worst_fill, w.count if w else 0),
                              **incident_text.start_fields(started, sample.worst_fill))
+        open_incident = self.history.incident
+        self.recorder.turn(sample, decision.pressure, outcomes, kernel_events,
+                           open_incident.id if open_incident is not None else None)
         self._report(decision, outcomes, kernel_events)
         if ended is not None:
             self.events.emit("incident-end", incident_text.end_message(ended), **incident_text.end_fields(ended))
+            # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
+            self._queued.append((Capture("incident-end", ended.netns), decision, incident_text.summary(ended)))
+        self._launch_captures()
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
             self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
@@ -315,8 +352,58 @@ class Daemon:
             self.ready = True
         return next_interval(self.policy, decision)
 
+    def _relief_look(self, sample: Sample, netns: int) -> Sample:
+        shape = sample.shape
+        if shape is None or shape.netns != netns or not shape.states:
+            shape = self.observer.shape(netns, self.policy.guard)
+        found, path = self.observer.path_of(netns)
+        values: dict[str, int] = {}
+        if found:
+            try:
+                values = read_timeouts(path, [k for k, _ in self.policy.relief.timeouts])
+            except OSError as exc:
+                log.warning("relief cannot read the conntrack timeouts of netns %s: %s", netns, exc)
+        return replace(sample, shape=shape, timeouts=((netns, tuple(sorted(values.items()))),))
+
+    def _reap_trims(self) -> None:
+        for trim, report in self.relief_actor.reap():
+            if "error" in report:
+                log.warning("relief: the trim of netns %s failed: %s", trim.name, report["error"])
+                continue
+            self.events.emit("relief-trimmed",
+                             f"relief: capped the remaining timeout of {report.get('changed', 0)} existing entries "
+                             f"in netns {trim.name} ({report.get('seen', 0)} looked at, {report.get('gone', 0)} "
+                             f"already gone, {report.get('seconds', 0)} s"
+                             + (", cut short by its bounds)" if report.get("cut_short") else ")"),
+                             CTGUARD_NETNS=trim.netns, CTGUARD_ENTRIES=report.get("changed", 0),
+                             CTGUARD_REASON="trim")
+
+    def _relief_restore_all(self, why: str) -> None:
+        """Put every relieved timeout back now (stop, or relief turned off by a reload)."""
+        actions = tuple(RestoreTimeout(x.netns, x.name, x.key, x.original, x.value, why)
+                        for x in self.history.relief.active)
+        if not actions:
+            return
+        decision = Decision(actions, None, 0.0, 0.0, False, why)
+        outcomes = self.actor.carry_out(decision)
+        self.history = replace(self.history, relief=relief_core.advance(
+            self.history.relief, self.history, None, outcomes, self.clock.now(), self.policy))
+        self._report(decision, outcomes, [])
+
     def _start(self, sample: Sample, now: Instant) -> None:
         self._not_loaded_said = False
+        restores, kept = relief_core.at_start(self.history.relief, now.boot_id, self.relief_store.boot_ids())
+        for (n, k) in list(self.relief_store.records):
+            if not any(x.netns == n and x.key == k for x in kept.active):
+                log.info("relief of nf_conntrack_%s_timeout in netns %s was undone by a reboot; forgotten", k, n)
+                del self.relief_store.records[(n, k)]
+        self.history = replace(self.history, relief=kept)
+        if restores:
+            decision = Decision(tuple(restores), None, 0.0, 0.0, False, "relief left behind")
+            outcomes = self.actor.carry_out(decision)
+            self.history = replace(self.history, relief=relief_core.advance(
+                self.history.relief, self.history, None, outcomes, now, self.policy))
+            self._report(decision, outcomes, [])
         persisted = persist.read_persisted_max(self.policy.persist.sysctl_file)
         start = decide_start(self.policy, sample.limits, persisted)
         if start.actions:
@@ -351,6 +438,10 @@ class Daemon:
         text = metrics.render(sample, self.history, self.policy.bump.ceiling,
                               budget_left(self.policy, self.history, sample.at),
                               upper_bound(self.policy, sample.limits)[0], self.kernel.slab_bytes())
+        from ctguard.recorder import metrics_text
+
+        last = self.history.incident or self.history.last_incident
+        text += metrics_text(last.started.wall if last else None, self._findings)
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
 
@@ -361,8 +452,12 @@ class Daemon:
         ready = metrics.folder_ready(path)
         if ready != self._metrics_folder_said:
             if not ready:
+                # Under systemd the sandbox's writable folders are fixed when the service starts:
+                # a folder made later stays read-only to ctguard until it is restarted.
+                then = ("; once it exists, `systemctl restart ctguard` (the sandbox fixes its writable "
+                        "folders at start)") if os.environ.get("INVOCATION_ID") else ""
                 log.info("metrics are off until %s exists (node_exporter's textfile folder: install "
-                         "prometheus-node-exporter, or set [metrics] textfile)", Path(path).parent)
+                         "prometheus-node-exporter, or set [metrics] textfile)%s", Path(path).parent, then)
             elif self._metrics_folder_said is not None:
                 log.info("%s exists: metrics are written to %s", Path(path).parent, path)
             self._metrics_folder_said = ready
@@ -421,6 +516,44 @@ class Daemon:
                             **self._ns_fields(a.netns))
             elif isinstance(a, Capture) and not o.ok:
                 log.warning("%s", o.detail)
+            elif isinstance(a, (ShortenTimeout, RestoreTimeout, TrimEntries)):
+                self._report_relief(o)
+
+    def _report_relief(self, o: Outcome) -> None:
+        from ctguard.events import LOG_ERR
+
+        a = o.action
+        ev = self.events
+        if isinstance(a, ShortenTimeout):
+            if o.ok or a.advise or self.policy.observe_only:
+                self.relief_store.note(a.key, a.old, a.new, a.held, time.time())
+                self._safe(lambda _: self.relief_store.save(), None, what="relief", where=str(self.relief_store.path))
+            fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.old, CTGUARD_NEW=a.new,
+                          CTGUARD_REASON=a.reason)
+            if o.ok:
+                self.last_action = f"relief: {a.key} timeout {a.old} -> {o.read_back} in {a.name}"
+                ev.emit("relief", f"relief: lowered {sysctl_name(a.key)} {o.extra.get('old', a.old)} -> "
+                                  f"{o.read_back} s in netns {a.name}: {a.reason}", **fields)
+            elif a.advise or self.policy.observe_only:
+                ev.emit("relief-advice", f"relief would lower {sysctl_name(a.key)} {a.old} -> {a.new} s "
+                                         f"in netns {a.name} ({o.detail.split(':')[0]}): {a.reason}", **fields)
+            else:
+                ev.emit("relief", f"relief: did not lower {sysctl_name(a.key)} in netns {a.name}: {o.detail}",
+                        priority=LOG_ERR, **fields)
+        elif isinstance(a, RestoreTimeout):
+            why = o.extra.get("why", "calm" if o.ok else "failed")
+            fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.relieved,
+                          CTGUARD_NEW=a.original if o.ok else o.extra.get("found", ""), CTGUARD_REASON=why)
+            if o.ok:
+                self.last_action = f"relief over: {a.key} timeout back to {a.original} in {a.name}"
+                ev.emit("relief-restored", f"relief over: {sysctl_name(a.key)} {a.relieved} -> {o.read_back} s "
+                                           f"in netns {a.name} ({a.reason})", **fields)
+            elif o.extra.get("forget"):
+                ev.emit("relief-restored", f"relief over, nothing restored: {o.detail}", **fields)
+            else:
+                log.warning("%s", o.detail)
+        elif isinstance(a, TrimEntries) and not o.ok and "still running" not in o.detail:
+            log.warning("relief: %s", o.detail)
 
     def _in_ns(self, inode: int | None) -> str:
         """' in netns NAME (inode N, unit U)' for a message, by name and unit where known."""
@@ -433,6 +566,43 @@ class Daemon:
     # -- evidence beside the loop -------------------------------------------------------------
 
     def _start_capture(self, action: Capture, decision: Decision) -> str:
+        if not self._in_turn:
+            # Asked for outside a turn (an operator, through the control socket): at once.
+            return self._launch_capture(action, decision, None)
+        # Automatic: started at the end of the turn, once the flight recorder holds this turn's
+        # sample and actions (the bump is made by then: a capture never delays one).
+        if not self.recorder.capture_allowed(action.reason, self.policy.evidence.incident_captures):
+            return ("capture skipped: this incident has its bundle, the next comes at its end "
+                    "([evidence] incident_captures)")
+        self._queued.append((action, decision, None))
+        return "capture queued"
+
+    def _launch_captures(self) -> None:
+        queued, self._queued = self._queued, []
+        for action, decision, incident in queued:
+            try:
+                detail = self._launch_capture(action, decision, incident)
+            except OSError as exc:
+                log.warning("cannot start the %s capture: %s", action.reason, exc)
+            else:
+                log.debug("%s", detail)
+
+    def _diagnose(self, bundle: str) -> str:
+        """The top finding's id of a bundle just written (for its journal entry and the metrics)."""
+        from ctguard.evidence import review
+
+        try:
+            _path, data = review.load(Path(bundle).parent, Path(bundle).name)
+            from ctguard.diagnose import diagnose
+
+            found = diagnose(data)
+        except Exception as exc:  # a bundle that cannot be read must not take the loop down
+            log.warning("cannot diagnose %s: %s", bundle, exc)
+            return ""
+        self._findings = [f.id for f in found]
+        return found[0].id if found else ""
+
+    def _launch_capture(self, action: Capture, decision: Decision, incident: dict | None) -> str:
         # The decision goes to the capture in a private file (it names addresses and namespaces);
         # the file is removed when the capture is reaped.
         folder = ensure_private_dir(Path(self.policy.state.dir))
@@ -442,14 +612,30 @@ class Daemon:
                               "worst_netns": decision.worst_netns, "worst_fill": decision.worst_fill,
                               "rate": decision.rate, "policy": str(self.policy_path)})
         atomic_write(decision_file, payload, 0o600)
+        timeline_file = folder / f"capture-timeline-{os.getpid()}-{self._captures}.json"
+        # Tens of ms for 50 namespaces x 15 minutes (bench/bench_review.py), once or twice an
+        # incident, after the bump was made; a failure costs the bundle its timeline only.
+        _write_timeline(timeline_file, self._timeline(incident))
         args = [sys.executable, "-m", "ctguard", "--policy", str(self._policy_for_child()), "capture",
-                "--reason", action.reason, "--decision-file", str(decision_file)]
+                "--reason", action.reason, "--decision-file", str(decision_file),
+                "--timeline-file", str(timeline_file)]
         if action.netns:
             args += ["--netns", str(action.netns)]
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=_lower_priority, close_fds=True)
         self.children.running.append((proc, action.reason, decision_file))
         return f"capture started (pid {proc.pid})"
+
+    def control_timeline(self, args) -> dict:
+        """The `timeline` control command: a hand-run `ctguard capture` asks for the window."""
+        return {"timeline": self._timeline()}
+
+    def _timeline(self, incident: dict | None = None, args=None) -> dict:
+        """The flight recorder's window with the bounds in force (also the `timeline` command)."""
+        limits = self.last_sample.limits if self.last_sample is not None else None
+        upper, binding = upper_bound(self.policy, limits) if limits is not None else (self.policy.bump.ceiling, "ceiling")
+        return self.recorder.window(ceiling=self.policy.bump.ceiling, upper=upper, upper_by=binding,
+                                    incident=incident)
 
     # -- reload and stop -------------------------------------------------------------------
 
@@ -469,6 +655,9 @@ class Daemon:
             self.reload_rejected = None
             self.policy = new
             self.actor.policy = new
+            if new.relief.mode != "enforce" or new.observe_only:
+                self._relief_restore_all(f"relief.mode is {new.relief.mode}" if new.relief.mode != "enforce"
+                                         else "mode is observe")
             self.observer.namespaces = new.watch.namespaces
             self.observer.rediscover()
             if new.state.dir != self.store.folder:
@@ -506,6 +695,7 @@ class Daemon:
             "bump": lambda args: cmds.bump(self, args),
             "capture": lambda args: cmds.capture(self, args),
             "reload": lambda args: cmds.reload(self, args),
+            "timeline": self.control_timeline,
         }
 
     def _open_control(self) -> None:
@@ -522,6 +712,8 @@ class Daemon:
 
     def _stop(self) -> None:
         self.notifier.stopping()
+        self.relief_actor.stop()
+        self._relief_restore_all("ctguard stopping")
         self._safe(self.store.save_history, self.history, what="state")
         self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.current(), what="peaks")
         if self.follower is not None:
@@ -539,6 +731,14 @@ class Daemon:
         signal.set_wakeup_fd(-1)
         self.events.emit("stop", "ctguard stopped")
         self.events.flush_all()
+
+
+def _write_timeline(path: Path, window: dict) -> None:
+    # A timeline that cannot be written costs the bundle its timeline (the capture says so), not the capture.
+    try:
+        atomic_write(path, json.dumps(window, separators=(",", ":")), 0o600)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot write the flight recorder's window to %s: %s", path, exc)
 
 
 def _lower_priority() -> None:

@@ -18,6 +18,7 @@ from ctguard.model import (
 from ctguard.policy import Policy
 from ctguard.sizing import GROWTH_COVER, STEP, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
     kernel_default_max, round_up
+from ctguard import relief
 
 RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
 HOUR = 3600.0
@@ -287,6 +288,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     if bumped_to is None:
         actions.extend(_stable_persist(policy, limits, history, now, sample))
 
+    relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
+    actions.extend(relief_actions)
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
@@ -296,7 +299,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             and _calm_for(history.incident, now) >= policy.thresholds.calm)
     return Decision(tuple(actions), netns, fill, max(0.0, size_rate if trigger is not None else rate), pressure,
                     summary, to_full, headroom, confirm,
-                    needs_shape, ends)
+                    needs_shape, ends, needs_relief=needs_relief)
 
 
 def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
@@ -639,6 +642,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
     keep = [b for b in bumps if now.since(b.at) < HOUR]
     changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)
 
+    changes["relief"] = relief.advance(h.relief, h, sample, outcomes, now, policy)
     live_events = [e for e in events if not e.backlog]
     if live_events:
         changes["last_drop"] = now

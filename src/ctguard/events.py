@@ -68,6 +68,10 @@ MESSAGE_ID_SUPPRESSED = "a8e3d94bec444addb0fba40e032cbcce"
 MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
 MESSAGE_ID_INCIDENT_START = "6db88ec617644a76ae0f2b5bc77769fb"
 MESSAGE_ID_INCIDENT_END = "d86f06d8bda24112af95694381fa6299"
+MESSAGE_ID_RELIEF = "3c62b1e1ef5c4f61aee61acc8b3cfdaf"
+MESSAGE_ID_RELIEF_RESTORED = "7f5d2dfa814047bcb208cb3539bec07a"
+MESSAGE_ID_RELIEF_ADVICE = "2dc6104bea8c46d19a172f17d267e468"
+MESSAGE_ID_RELIEF_TRIMMED = "3e17d4cefa214d39ac76d1e8ba35ea68"
 
 KINDS: Mapping[str, Kind] = {
     k.name: k
@@ -97,6 +101,16 @@ KINDS: Mapping[str, Kind] = {
              "reloaded policy invalid; the old one stays in force (MESSAGE names file and key)"),
         Kind("suppressed", MESSAGE_ID_SUPPRESSED, LOG_NOTICE,
              "N entries of one kind were not written (rate limit); CTGUARD_REASON: the kind, CTGUARD_SUPPRESSED: N"),
+        Kind("relief", MESSAGE_ID_RELIEF, LOG_WARNING,
+             "relief: a conntrack timeout shortened in one namespace (CTGUARD_NETNS, CTGUARD_KEY, CTGUARD_OLD, "
+             "CTGUARD_NEW, CTGUARD_REASON); a failed write says so in MESSAGE with PRIORITY err"),
+        Kind("relief-restored", MESSAGE_ID_RELIEF_RESTORED, LOG_NOTICE,
+             "relief over: the original timeout is back (CTGUARD_OLD: relief's value, CTGUARD_NEW: the original), "
+             "or left alone: CTGUARD_REASON `operator` (someone changed it meanwhile) or `gone` (namespace vanished)"),
+        Kind("relief-advice", MESSAGE_ID_RELIEF_ADVICE, LOG_NOTICE,
+             "relief.mode is advise (or mode observe): the timeout relief would shorten, nothing changed"),
+        Kind("relief-trimmed", MESSAGE_ID_RELIEF_TRIMMED, LOG_NOTICE,
+             "existing entries' remaining timeout capped over ctnetlink (CTGUARD_ENTRIES: how many changed)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
         Kind("incident-start", MESSAGE_ID_INCIDENT_START, LOG_WARNING,
              "pressure began (fill at warn, a table-full line, or a bump); CTGUARD_INCIDENT names it"),
@@ -121,7 +135,9 @@ ALIASES: Mapping[str, str] = {
 FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX", "CTGUARD_REASON", "CTGUARD_BUNDLE",
           "CTGUARD_NETNS_NAME", "CTGUARD_UNIT", "CTGUARD_RATE", "CTGUARD_NEED", "CTGUARD_HORIZON",
           "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
-          "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_TRIGGER")
+          "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_TRIGGER",
+          "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES", "CTGUARD_FINDING")
+
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or
 # underscore (leading underscore = trusted fields journald sets itself).

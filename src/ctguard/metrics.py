@@ -88,6 +88,13 @@ def render(sample: Sample, history: History, ceiling: int, budget_left: int | No
     if upper_bound is not None:
         head("ctguard_upper_bound", "gauge", "Highest max ctguard may set: the ceiling or the memory cap, the lower.")
         out.append(f"ctguard_upper_bound {upper_bound}\n")
+    if history.relief.active:      # (a family with no series would be a HELP without a sample)
+        head("ctguard_relief_active", "gauge",
+             "Timeouts relief holds shortened: the emergency value in seconds, per namespace and timeout key.")
+    for x in history.relief.active:
+        out.append(f'ctguard_relief_active{{netns="{x.netns}",name="{_label(x.name)}",key="{x.key}"}} {x.value}\n')
+    head("ctguard_relief_total", "counter", "Conntrack timeouts shortened by relief.")
+    out.append(f"ctguard_relief_total {history.relief.total}\n")
     if slab_bytes is not None:
         head("ctguard_conntrack_slab_bytes", "gauge", "Bytes of the nf_conntrack slab cache (objects x object size).")
         out.append(f"ctguard_conntrack_slab_bytes {slab_bytes}\n")

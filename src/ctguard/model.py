@@ -77,6 +77,9 @@ class TableShape:
     sources: int                    # distinct source addresses seen (capped by the summary's size)
     seconds: float = 0.0
     error: str = ""                 # the look failed: the guard then cannot tell, and does not hold back
+    # Entries per relief timeout key ("udp": unreplied UDP, "tcp_syn_sent", "tcp_time_wait", ...):
+    # which timeouts hold what fills the table (see relief.py).
+    states: tuple[tuple[str, int], ...] = ()
 
     @property
     def share(self) -> float:
@@ -89,6 +92,8 @@ class Sample:
     limits: KernelLimits
     namespaces: tuple[NamespaceReading, ...]
     shape: TableShape | None = None  # taken only when a bump would pass the guard's ceiling
+    # (netns inode, ((relief timeout key, seconds), ...)): read only for a namespace relief looks at
+    timeouts: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
 
     def fill(self, ns: NamespaceReading) -> float:
         return ns.count / self.limits.max if self.limits.max > 0 else 1.0
@@ -170,7 +175,43 @@ class Capture:
     netns: int | None
 
 
-Action = Union[SetMax, SetBuckets, Refuse, Warn, Persist, Capture]
+@dataclass(frozen=True)
+class ShortenTimeout:
+    """Relief: lower one conntrack timeout in one namespace (or, advising, say so)."""
+
+    netns: int
+    name: str
+    key: str                        # sysctl name without nf_conntrack_ and _timeout: "udp", "tcp_syn_sent"
+    old: int
+    new: int
+    reason: str
+    advise: bool = False            # relief.mode = "advise": reported, never written
+    held: float = 0.0               # share of the sampled table these entries held (for `recommend`)
+
+
+@dataclass(frozen=True)
+class RestoreTimeout:
+    """Relief over: put the original back, unless someone else changed the value meanwhile."""
+
+    netns: int
+    name: str
+    key: str
+    original: int
+    relieved: int                   # what ctguard wrote; any other value found is the operator's
+    reason: str
+
+
+@dataclass(frozen=True)
+class TrimEntries:
+    """Relief: cap the remaining timeout of the existing entries the shortened timeouts hold."""
+
+    netns: int
+    name: str
+    timeouts: tuple[tuple[str, int], ...]
+    reason: str
+
+
+Action = Union[SetMax, SetBuckets, Refuse, Warn, Persist, Capture, ShortenTimeout, RestoreTimeout, TrimEntries]
 
 
 @dataclass(frozen=True)
@@ -186,6 +227,7 @@ class Decision:
     confirm: bool = False           # the rate is stale (a bump waits for it, or was sized without it): sample again at once
     needs_shape: int | None = None  # a bump would pass [guard] ceiling: look at this namespace's table, decide again
     incident_ends: bool = False     # the open incident ends with this turn (advance closes it: History.last_incident)
+    needs_relief: int | None = None  # relief needs this namespace's table shape and timeouts: look, decide again
 
     def of(self, kind: type) -> list:
         return [a for a in self.actions if isinstance(a, kind)]
@@ -236,6 +278,31 @@ class Incident:
 
 
 @dataclass(frozen=True)
+class Relieved:
+    """One timeout ctguard shortened and has not yet put back."""
+
+    netns: int
+    name: str
+    key: str
+    original: int
+    value: int                      # what ctguard wrote (read back)
+    since: Instant
+
+
+@dataclass(frozen=True)
+class ReliefState:
+    active: tuple[Relieved, ...] = ()
+    advised: tuple[tuple[int, str], ...] = ()               # (netns, key) advised this episode (advise mode)
+    calm_since: tuple[tuple[int, Instant], ...] = ()        # per relieved namespace
+    last_look: tuple[tuple[int, Instant], ...] = ()
+    last_trim: tuple[tuple[int, Instant], ...] = ()
+    total: int = 0                  # timeouts shortened, ever (a counter for metrics)
+
+    def of(self, netns: int) -> list[Relieved]:
+        return [r for r in self.active if r.netns == netns]
+
+
+@dataclass(frozen=True)
 class History:
     """What the core remembers between decisions; pure data, advanced by `decide.advance`."""
 
@@ -252,6 +319,7 @@ class History:
     unpersisted_max: int | None = None
     table_full_events: int = 0
     bumps_total: int = 0
+    relief: ReliefState = field(default_factory=ReliefState)
     buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
     early: tuple[tuple[int, int], ...] = ()   # last early_drop counter per inode
     incident: Incident | None = None          # the open incident

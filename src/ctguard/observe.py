@@ -69,8 +69,29 @@ class Observer:
         except (OSError, ValueError) as exc:
             return TableShape(inode, 0, 0, 0, error=str(exc))
         suspicious = t.unreplied + t.by_tcp_state.get("SYN_RECV", 0)
-        return TableShape(inode, t.entries, suspicious, t.top_sources.tracked, t.seconds)
+        return TableShape(inode, t.entries, suspicious, t.top_sources.tracked, t.seconds, states=relief_states(t))
+
+    def path_of(self, inode: int) -> tuple[bool, str | None]:
+        """(found, path) of a namespace being sampled; the host's path is None (ctguard's own)."""
+        ref = next((r for r in self.readers.refs if r.inode == inode), None)
+        if ref is None:
+            return False, None
+        return True, None if ref.name == "host" else ref.path
 
     def close(self) -> None:
         self.readers.close()
         self.kernel.close()
+
+
+def relief_states(t) -> tuple[tuple[str, int], ...]:
+    """Entries per relief timeout key, from a table breakdown. Unanswered UDP is estimated as the
+    unreplied entries less the half-open TCP ones (SYN_SENT is unreplied by nature), capped at UDP's count."""
+    tcp = t.by_tcp_state
+    names = {"SYN_SENT": "tcp_syn_sent", "SYN_RECV": "tcp_syn_recv", "TIME_WAIT": "tcp_time_wait",
+             "CLOSE_WAIT": "tcp_close_wait", "FIN_WAIT": "tcp_fin_wait", "ESTABLISHED": "tcp_established"}
+    udp = t.by_proto.get("udp", 0)
+    unanswered = max(0, min(udp, t.unreplied - tcp.get("SYN_SENT", 0)))
+    out = {"udp": unanswered, "udp_stream": udp - unanswered}
+    out.update({key: tcp.get(state, 0) for state, key in names.items()})
+    return tuple((k, v) for k, v in out.items() if v)
+

@@ -69,6 +69,45 @@ class Guard:
     sample_budget: float = 0.05
 
 
+# [relief.timeouts]: the sysctl's name without `nf_conntrack_` and `_timeout` -> (default
+# emergency value, hard floor), seconds. The floor is what the policy can never go below, and
+# why: the kernel defaults are udp 30, udp_stream 120, tcp_syn_sent 120, tcp_syn_recv 60,
+# tcp_time_wait 120, tcp_close_wait 60, tcp_fin_wait 120, tcp_unacknowledged 300,
+# tcp_established 432000.
+RELIEF_TIMEOUTS: dict[str, tuple[int | None, int]] = {
+    "udp": (10, 5),                  # a DNS/NTP answer with one retry arrives within 5 s
+    "udp_stream": (30, 10),          # replied UDP (QUIC, VPN): outlive a keepalive gap of 10 s
+    "tcp_syn_sent": (10, 5),         # SYN retransmits at 1 s and 3 s: both still fit in 5 s
+    "tcp_syn_recv": (10, 5),         # the SYN-ACK's own retransmits at 1 s and 3 s
+    "tcp_time_wait": (10, 2),        # late segments of a closed connection: 2 s (2x a LAN MSL guess)
+    "tcp_close_wait": (15, 5),       # the application's close after the peer's FIN
+    "tcp_fin_wait": (15, 5),         # the peer's FIN after ours
+    "tcp_unacknowledged": (30, 10),  # data in flight: a few retransmission timeouts
+    "tcp_established": (None, 600),  # only when named: an idle SSH session must survive 10 min
+}
+
+
+def sysctl_name(key: str) -> str:
+    """The sysctl a relief key names: udp -> nf_conntrack_udp_timeout, udp_stream ->
+    nf_conntrack_udp_timeout_stream, tcp_syn_sent -> nf_conntrack_tcp_timeout_syn_sent."""
+    proto, _, rest = key.partition("_")
+    return f"nf_conntrack_{proto}_timeout" + (f"_{rest}" if rest else "")
+
+
+@dataclass(frozen=True)
+class Relief:
+    """Past the ceiling, shorten the timeouts holding the entries that fill one namespace (and
+    the remaining time of those entries), in that namespace only; put them back once calm."""
+
+    mode: str = "advise"
+    calm_for: float = 300.0
+    timeouts: tuple[tuple[str, int], ...] = tuple(
+        (k, v) for k, (v, _) in RELIEF_TIMEOUTS.items() if v is not None)
+
+    def emergency(self, key: str) -> int | None:
+        return dict(self.timeouts).get(key)
+
+
 @dataclass(frozen=True)
 class Buckets:
     manage: bool = True
@@ -90,6 +129,7 @@ class Evidence:
     max_bytes: int = 268435456
     top: int = 20
     budget: float = 15.0
+    incident_captures: int = 2      # bundles per incident: the first (at the first bump) and one at its end
 
 
 @dataclass(frozen=True)
@@ -122,6 +162,7 @@ class Policy:
     state: State = field(default_factory=State)
     metrics: Metrics = field(default_factory=Metrics)
     control: Control = field(default_factory=Control)
+    relief: Relief = field(default_factory=Relief)
     source: str = "<defaults>"
     # Where each key's value came from: ((section, key, file), ...), section "" for the top
     # level; keys not listed hold their built-in default. Not part of equality: two policies
@@ -163,6 +204,7 @@ _SECTIONS: dict[str, type] = {
     "state": State,
     "metrics": Metrics,
     "control": Control,
+    "relief": Relief,
 }
 
 
@@ -204,9 +246,13 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("evidence", "max_bytes"): (int, _between(1 << 20, 1 << 50), "bytes, at least 1048576"),
     ("evidence", "top"): (int, _between(1, 10000), "an integer between 1 and 10000"),
     ("evidence", "budget"): (_NUM, _between(0.1, 3600), "seconds between 0.1 and 3600"),
+    ("evidence", "incident_captures"): (int, _between(1, 100), "an integer between 1 and 100"),
     ("state", "dir"): (str, "abspath", "an absolute path"),
     ("metrics", "textfile"): (str, "abspath-or-empty", 'an absolute path, or "" to turn metrics off'),
     ("control", "socket"): (str, "abspath", "an absolute path"),
+    ("relief", "mode"): (str, {"off", "advise", "enforce"}, 'one of "off", "advise", "enforce"'),
+    ("relief", "calm_for"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
+    ("relief", "timeouts"): (dict, "relief-timeouts", "a table of timeout name = seconds"),
 }
 
 
@@ -221,7 +267,7 @@ def known_keys() -> dict[str, list[str]]:
 def _type_name(t: type | tuple[type, ...]) -> str:
     if t == _NUM:
         return "a number"
-    return {str: "a string", int: "an integer", bool: "true or false"}.get(t, str(t))  # type: ignore[arg-type]
+    return {str: "a string", int: "an integer", bool: "true or false", dict: "a table"}.get(t, str(t))  # type: ignore[arg-type]
 
 
 def _check_value(where: str, section: str, key: str, value: Any, problems: list[str]) -> Any:
@@ -238,6 +284,8 @@ def _check_value(where: str, section: str, key: str, value: Any, problems: list[
         return None
     if check is None:
         return value
+    if check == "relief-timeouts":
+        return _relief_timeouts(where, value, problems)
     if check in ("abspath", "abspath-or-empty"):
         if check == "abspath-or-empty" and value == "":
             return value
@@ -257,6 +305,30 @@ def _check_value(where: str, section: str, key: str, value: Any, problems: list[
         problems.append(f"{where}: must be {described}, not {value!r}")
         return None
     return value
+
+
+def _relief_timeouts(where: str, table: dict, problems: list[str]) -> tuple[tuple[str, int], ...] | None:
+    """[relief.timeouts]: the keys it names replace the defaults; each at or above its floor."""
+    values = {k: v for k, (v, _) in RELIEF_TIMEOUTS.items() if v is not None}
+    bad = False
+    for key, value in table.items():
+        here = f"{where.replace('] timeouts', '.timeouts]')} {key}"
+        if key not in RELIEF_TIMEOUTS:
+            problems.append(f"{here}: unknown timeout (known: {', '.join(RELIEF_TIMEOUTS)})")
+            bad = True
+            continue
+        floor = RELIEF_TIMEOUTS[key][1]
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{here}: must be an integer number of seconds, not {value!r}")
+            bad = True
+        elif value < floor or value > 432000:
+            problems.append(f"{here}: {value} is below the floor of {floor} s for {sysctl_name(key)} "
+                            f"(see ctguard-policy(5) for why)" if value < floor
+                            else f"{here}: {value} is above 432000 s, longer than any kernel default")
+            bad = True
+        else:
+            values[key] = value
+    return None if bad else tuple(values.items())
 
 
 def _cast(value: Any, default: Any) -> Any:
@@ -473,13 +545,18 @@ def summary(policy: Policy) -> str:
     buckets = f"buckets kept at max/{p.buckets.ratio}" if p.buckets.manage else "buckets left alone"
     guard = (f"attack-shaped growth stops at {min(p.guard.ceiling, p.bump.ceiling)}" if p.guard.enabled
              else "no guard against attack-shaped growth")
+    relief = {
+        "off": "no timeout relief",
+        "advise": "timeout relief advised, never made",
+        "enforce": f"timeouts shortened in a namespace the ceiling cannot save, restored after {p.relief.calm_for:g} s calm",
+    }[p.relief.mode]
     source = p.source + "".join(f" + {d}" for d in p.dropins)
     return (
         f"{source}: mode {p.mode}; sampling {p.watch.namespaces} namespaces every {p.watch.interval:g} s "
         f"({p.watch.fast_interval:g} s above {p.thresholds.warn:.0%}); warns after {p.thresholds.sustain:g} s above "
         f"{p.thresholds.warn:.0%}; bumps at {p.thresholds.act:.0%}{horizon}, by x{p.bump.factor:g} up to a ceiling of "
         f"{p.bump.ceiling} and {p.bump.memory_fraction:.0%} of memory, at most {p.bump.max_per_hour} per hour "
-        f"{p.bump.cooldown:g} s apart; {guard}; {buckets}; {persist}; bundles in {p.evidence.dir} "
+        f"{p.bump.cooldown:g} s apart; {guard}; {relief}; {buckets}; {persist}; bundles in {p.evidence.dir} "
         f"(keep {p.evidence.keep}); state in {p.state.dir}; metrics "
         f"{'to ' + p.metrics.textfile if p.metrics.textfile else 'off'}."
     )
@@ -491,6 +568,9 @@ def _toml_value(value: Any) -> str:
 
     if isinstance(value, Path):
         value = str(value)
+    if isinstance(value, tuple) and value and all(isinstance(x, tuple) and len(x) == 2 for x in value):
+        # [relief] timeouts: an inline table of name = seconds (loadable as it is printed)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value) + "}"
     return tomli_w.dumps({"v": value}).strip()[len("v = "):]
 
 

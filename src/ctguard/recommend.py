@@ -122,7 +122,27 @@ def render(a: dict) -> str:
                      f"(/etc/ctguard/policy.toml or a drop-in: [bump] ceiling, [persist] mode), or set "
                      f"persist.mode = \"never\" and pin your own value in a sysctl drop-in read after ctguard's "
                      f"(e.g. {OWN_LOCAL}).")
+    for t in a.get("timeouts", []):
+        lines.append(f"Timeout: {t['why']}.")
+        lines.append(f"  {t['line']}")
+    if a.get("timeouts"):
+        lines.append("Put timeout lines in a sysctl drop-in of your own (e.g. /etc/sysctl.d/95-conntrack-local.conf); "
+                     "ctguard never writes timeouts to /etc.")
     return "\n".join(lines)
+
+
+def _timeout_advice(policy: Policy) -> list[dict]:
+    """Timeout advice from what relief saw (relief.json) and the host's raised timeouts."""
+    from ctguard import hostrole, relief
+    from ctguard.relief_io import ReliefStore
+
+    store = ReliefStore(policy.state.dir)
+    store.load(set_aside=False)
+    try:
+        raised = [(t.name, t.value) for t in hostrole.raised_timeouts()]
+    except OSError:
+        raised = []
+    return relief.timeout_advice(store.seen, dict(hostrole.DEFAULT_TIMEOUTS), raised)
 
 
 def main(policy: Policy, as_json: bool = False) -> int:
@@ -144,5 +164,6 @@ def main(policy: Policy, as_json: bool = False) -> int:
     if persisted is not None and history.persisted_max is None:
         history = history.with_(persisted_max=persisted)   # a file written by an older ctguard, or by hand
     advice = advise(policy, peaks, cur_max, cur_buckets, obj, now.wall, history, mem, now)
+    advice["timeouts"] = _timeout_advice(policy)
     print(json.dumps(advice, indent=2, sort_keys=True) if as_json else render(advice))
     return 0

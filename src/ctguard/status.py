@@ -14,7 +14,8 @@ from ctguard import incident as incident_text
 from ctguard import persist
 from ctguard.decide import budget_left as budget_left_of, persist_advice, persist_due_in, upper_bound
 from ctguard.model import History, Instant, Sample
-from ctguard.policy import Policy
+from ctguard.policy import Policy, sysctl_name
+from ctguard import relief
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 LABELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -30,7 +31,7 @@ class StatusView:
 
 
 def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
-          timeouts: list | None = None) -> StatusView:
+          timeouts: list | None = None, last_bundle: dict | None = None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -69,6 +70,9 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         inc = history.incident
         problems.append((WARNING, f"incident {inc.id} in {incident_text.where(inc.name, inc.unit, inc.netns)} "
                                   f"open for {_ago(now.since(inc.started))}"))
+    relieved = relief.rows(policy, history.relief, now)
+    if relieved:
+        problems.append((WARNING, f"timeout relief active in {len({r['netns'] for r in relieved})} namespace(s)"))
     code = max((c for c, _ in problems), default=OK)
     worst_txt = f"{worst.name} {fill:.1%}" if worst else "no namespace"
     reasons = "; ".join(m for _, m in problems)
@@ -108,8 +112,11 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "last_drop": history.last_drop.wall if history.last_drop else None,
         "host_role": None if role is None else {"role": role.role, "roles": list(role.roles),
                                                  "evidence": list(role.evidence), "unknown": list(role.unknown)},
+        "relief": relieved,
+        "relief_mode": policy.relief.mode,
         "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
                             for t in (timeouts or [])],
+        "last_bundle": last_bundle,
     }
     return StatusView(code, headline, data)
 
@@ -131,6 +138,11 @@ def render_text(view: StatusView) -> str:
     for t in d["raised_timeouts"]:
         held = f", holding about {t['entries']} entries" if t["entries"] is not None else ""
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
+    for r in d.get("relief", []):
+        left = ("restored after calm_for once the namespace is calm" if r["seconds_left"] is None
+                else f"restored in {r['seconds_left']:.0f} s if it stays calm")
+        lines.append(f"relief: netns {r['name']}: {sysctl_name(r['key'])} {r['value']} s "
+                     f"(was {r['original']} s), {left}")
     persisted = d["persisted_max"]
     pb = d.get("persisted_buckets")
     lines.append(f"persisted: {'max ' + str(persisted) if persisted is not None else 'nothing'}"
@@ -155,6 +167,11 @@ def render_text(view: StatusView) -> str:
             lines.append(f"policy: {daemon['reload_rejected']}")
     elif "daemon" in d:
         lines.append("daemon: none answering; read directly from the kernel and the state on disk")
+    last = d.get("last_bundle")
+    if last:
+        top = last.get("top_finding")
+        lines.append(f"last bundle: {last['id']}" + (f" - {top['severity']} {top['id']}: {top['summary']}" if top
+                                                      else " - no finding"))
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:

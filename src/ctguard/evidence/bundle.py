@@ -9,6 +9,7 @@ manifest is a capture still running or one that crashed, and listings say so.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from ctguard.files import UnsafePathError, atomic_write, ensure_private_dir, saf
 FORMAT = 1
 MANIFEST = "manifest.toml"
 EVIDENCE = "evidence.toml"
+TIMELINE = "timeline.json"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 BUNDLE_NAME = re.compile(r"^\d{8}T\d{6}Z-[a-z0-9-]+$")
@@ -144,8 +146,14 @@ def capture(
     progress: Callable[[str], None] | None = None,
     proc_root: str | Path = "/proc",
     sys_root: str | Path = "/sys",
+    timeline: Mapping[str, Any] | None = None,
+    timeline_note: str | None = None,
 ) -> Path:
-    """Capture a bundle of the namespace at `netns_path` (None: the caller's); return its folder."""
+    """Capture a bundle of the namespace at `netns_path` (None: the caller's); return its folder.
+
+    `timeline` is the daemon's flight-recorder window (ctguard.recorder), kept as timeline.json;
+    without one, `timeline_note` says why (e.g. no daemon answered).
+    """
     say = progress or (lambda _msg: None)
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
@@ -242,6 +250,9 @@ def capture(
         evidence["table"] = table_to_toml(table)
     atomic_write(path / EVIDENCE, tomli_w.dumps(evidence), FILE_MODE)
     written.append(EVIDENCE)
+    if timeline is not None:
+        atomic_write(path / TIMELINE, json.dumps(timeline, separators=(",", ":"), default=str), FILE_MODE)
+        written.append(TIMELINE)
 
     elapsed = time.monotonic() - t0
     if elapsed > budget and not cut:
@@ -272,6 +283,10 @@ def capture(
         }
     if decision is not None:
         manifest["decision"] = collect.tomlable(decision)
+    if timeline is None:
+        manifest["timeline_note"] = timeline_note or "no timeline: the capture was not given the daemon's window"
+    elif isinstance(timeline.get("incident"), Mapping):
+        manifest["incident"] = collect.tomlable(timeline["incident"])
     atomic_write(path / MANIFEST, tomli_w.dumps(collect.tomlable(manifest)), FILE_MODE)
     say(f"bundle written in {elapsed:.1f} s: {path}")
     try:
@@ -391,13 +406,21 @@ def prune(folder: Path | str, keep: int, max_bytes: int, protect: Path | None = 
     return removed
 
 
-def export(folder: Path | str, bundle_id: str, out: Path | None = None) -> Path:
-    """Write bundle `bundle_id` as a .tar.gz (0600: it holds addresses); return the file."""
+def export(folder: Path | str, bundle_id: str, out: Path | None = None, redact: bool = False) -> Path:
+    """Write bundle `bundle_id` as a .tar.gz (0600: it holds addresses); return the file.
+
+    `redact`: every IP address in every file is replaced by a pseudonym keyed for this export
+    (ctguard.evidence.redact); the bundle on disk is left as it is.
+    """
+    from ctguard.evidence.redact import NOTE, Redactor
+
+    redactor = Redactor() if redact else None
     path = bundle_path(folder, bundle_id)
+    suffix = "-redacted.tar.gz" if redact else ".tar.gz"
     if out is None:
-        out = Path.cwd() / f"{path.name}.tar.gz"
+        out = Path.cwd() / f"{path.name}{suffix}"
     elif Path(out).is_dir():
-        out = Path(out) / f"{path.name}.tar.gz"
+        out = Path(out) / f"{path.name}{suffix}"
     out = Path(out)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -408,11 +431,19 @@ def export(folder: Path | str, bundle_id: str, out: Path | None = None) -> Path:
             with os.fdopen(fd, "rb") as fh:
                 data = fh.read()
                 st = os.fstat(fh.fileno())
+            if redactor is not None:
+                data = redactor.bytes(data)
             info = tarfile.TarInfo(f"{path.name}/{name}")
             info.size = len(data)
             info.mode = FILE_MODE
             info.mtime = int(st.st_mtime)
             tar.addfile(info, io.BytesIO(data))
+        if redactor is not None:
+            info = tarfile.TarInfo(f"{path.name}/REDACTED.txt")
+            info.size = len(NOTE)
+            info.mode = FILE_MODE
+            info.mtime = int(time.time())
+            tar.addfile(info, io.BytesIO(NOTE))
     atomic_write(out, buf.getvalue(), FILE_MODE)
     return out
 
@@ -420,155 +451,8 @@ def export(folder: Path | str, bundle_id: str, out: Path | None = None) -> Path:
 # --- the readable summary --------------------------------------------------------------------
 
 
-def _pct(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else "-"
+def show(folder: Path | str, bundle_id: str, tty: bool = False) -> str:
+    """The readable review: verdict, findings, timeline, details (ctguard.evidence.review)."""
+    from ctguard.evidence import review
 
-
-def _top_lines(title: str, top: Mapping[str, Any], entries: int, what: str) -> list[str]:
-    rows = top.get("rows", [])
-    if not rows:
-        return []
-    if top.get("exact", True):
-        qual = "exact counts"
-    else:
-        qual = f"approximate: each count may overstate by its ±; {top.get('capacity')} counters kept"
-    lines = [f"{title} ({qual}):"]
-    width = max(len(str(r["key"])) for r in rows)
-    for r in rows:
-        err = f" ±{r['error']}" if r.get("error") else ""
-        lines.append(f"  {str(r['key']).ljust(width)}  {r['count']:>9}{err:<8} {_pct(r['count'], entries):>6} of {what}")
-    return lines
-
-
-def what_filled(table: Mapping[str, Any]) -> str:
-    """One sentence: the dominant protocol, TCP state and talker."""
-    entries = int(table.get("entries", 0))
-    if not entries:
-        return "the table was empty when it was read"
-    parts = []
-    protos = table.get("by_proto", {})
-    if protos:
-        name, n = max(protos.items(), key=lambda kv: kv[1])
-        parts.append(f"{name} {_pct(n, entries)}")
-    states = table.get("by_tcp_state", {})
-    if states:
-        name, n = max(states.items(), key=lambda kv: kv[1])
-        parts.append(f"mostly TCP {name} among TCP")
-    unreplied = int(table.get("unreplied", 0))
-    parts.append(f"{_pct(unreplied, entries)} never answered")
-    for key, label in (("top_sources", "from"), ("top_destinations", "to"), ("top_dports", "port")):
-        rows = table.get(key, {}).get("rows", [])
-        if rows and rows[0]["count"] - rows[0].get("error", 0) > entries * 0.2:
-            parts.append(f"{label} {rows[0]['key']} {_pct(rows[0]['count'], entries)}")
-    return ", ".join(parts)
-
-
-def show(folder: Path | str, bundle_id: str) -> str:
-    path = bundle_path(folder, bundle_id)
-    try:
-        m = _load_toml(path / MANIFEST)
-    except FileNotFoundError:
-        raise BundleError(f"{path.name} has no manifest: the capture is still running or it crashed") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BundleError(f"{path / MANIFEST} is damaged: {exc}") from None
-    try:
-        ev = _load_toml(path / EVIDENCE)
-    except (OSError, tomllib.TOMLDecodeError):
-        ev = {}
-    netns = m.get("netns", {})
-    out = [
-        f"Bundle {m.get('id', path.name)}",
-        f"  taken {m.get('created')} on {m.get('host')} because: {m.get('reason')}",
-        f"  namespace {netns.get('path')} (inode {netns.get('inode', '?')}), took {m.get('seconds', 0):.2f} s"
-        f" of a {m.get('budget', 0):g} s budget",
-    ]
-    for note in m.get("cut_short_what", []):
-        out.append(f"  CUT SHORT: {note}")
-    for ns in ev.get("namespaces", {}).get("namespaces", []):
-        if ns.get("inode") == netns.get("inode"):
-            who = f"  in it: {ns.get('processes', 0)} processes"
-            if ns.get("units"):
-                who += "; units " + ", ".join(ns["units"])
-            if ns.get("containers"):
-                who += "; containers " + ", ".join(ns["containers"])
-            out.append(who)
-    sysctl = ev.get("sysctl", {}).get("sysctl", {})
-    table = ev.get("table")
-    out.append("")
-    if table:
-        entries = int(table["entries"])
-        limit = sysctl.get("nf_conntrack_max")
-        fill = f", {_pct(int(sysctl.get('nf_conntrack_count', entries)), int(limit))} of nf_conntrack_max {limit}" if limit else ""
-        out.append(f"Table: {entries} entries read{fill}; {table.get('unreplied', 0)} unreplied, {table.get('assured', 0)} assured")
-        out.append(f"What filled it: {what_filled(table)}")
-        if table.get("by_proto"):
-            out.append("  by protocol: " + ", ".join(f"{k} {v} ({_pct(v, entries)})" for k, v in table["by_proto"].items()))
-        if table.get("by_tcp_state"):
-            out.append("  TCP states:  " + ", ".join(f"{k} {v}" for k, v in table["by_tcp_state"].items()))
-        for key, title, what in (
-            ("top_sources", "Top sources", "entries"),
-            ("top_destinations", "Top destinations", "entries"),
-            ("top_dports", "Top destination ports", "entries"),
-            ("marks", "Marks", "entries"),
-            ("zones", "Zones", "entries"),
-        ):
-            lines = _top_lines(title, table.get(key, {}), entries, what)
-            if lines:
-                out.append("")
-                out.extend(lines)
-    else:
-        err = m.get("collectors", {}).get("conntrack", {}).get("error", "no table in this bundle")
-        out.append(f"Table: not read ({err})")
-    out.append("")
-    host = ev.get("host", {})
-    if host:
-        also = [r for r in host.get("roles", []) if r != host.get("role")]
-        out.append(f"Host: {host.get('role')}" + (f" (also {', '.join(also)})" if also else "")
-                   + (f" - {'; '.join(host.get('seen', []))}" if host.get("seen") else ""))
-        for t in host.get("raised_timeouts", []):
-            held = f", holding about {t['entries']} entries" if "entries" in t else ""
-            out.append(f"  raised timeout: {t['name']} = {t['value']} s (kernel default {t['default']} s){held}")
-    rules = ev.get("rules", {})
-    out.append(f"NAT: {rules.get('nat_verdict', 'unknown (rules not collected)')}")
-    net = ev.get("network", {})
-    if net:
-        ifaces = ", ".join(f"{i['name']} {' '.join(i.get('addresses', []))}".strip() for i in net.get("interfaces", []))
-        out.append(f"Network: {net.get('verdict')}; interfaces: {ifaces}")
-        if net.get("top_sources_by_interface"):
-            out.append("  top sources arrive on: " + ", ".join(
-                f"{dev} ({n} of them)" for dev, n in sorted(net["top_sources_by_interface"].items(), key=lambda kv: -kv[1])))
-    stats = ev.get("cpu_stats", {}).get("totals", {})
-    if stats:
-        keys = [k for k in ("drop", "insert_failed", "early_drop", "invalid", "search_restart", "clashres") if k in stats]
-        out.append("Per-CPU totals: " + ", ".join(f"{k} {stats[k]}" for k in keys))
-    if "hashsize" in ev.get("sysctl", {}):
-        out.append(f"Buckets (hashsize): {ev['sysctl']['hashsize']}")
-    slab_info = ev.get("slab", {}).get("slab")
-    mem = ev.get("memory", {}).get("bytes", {})
-    if slab_info:
-        out.append(
-            f"Slab: {slab_info['num_objs']} objects x {slab_info['objsize']} B = {slab_info['bytes'] / 1048576:.1f} MiB"
-            + (f" ({_pct(slab_info['bytes'], mem['MemTotal'])} of MemTotal)" if mem.get("MemTotal") else "")
-        )
-    if mem:
-        out.append(f"Memory: MemTotal {mem.get('MemTotal', 0) // 1048576} MiB, MemAvailable {mem.get('MemAvailable', 0) // 1048576} MiB")
-    jour = ev.get("journal", {})
-    if jour:
-        out.append(f"Kernel journal: {jour.get('lines', 0)} conntrack lines" + (f"; last: {jour['last']}" if jour.get("last") else ""))
-    decision = m.get("decision")
-    out.append("")
-    if decision:
-        out.append("Decision that led here:")
-        for k, v in decision.items():
-            out.append(f"  {k} = {v}")
-    else:
-        out.append("Decision: none recorded (manual capture)")
-    errors = {k: c["error"] for k, c in m.get("collectors", {}).items() if isinstance(c, dict) and c.get("error")}
-    if errors:
-        out.append("")
-        out.append("Collectors that failed:")
-        for k, e in errors.items():
-            out.append(f"  {k}: {e}")
-    out.append("")
-    out.append("Files: " + ", ".join(m.get("files", [])))
-    return "\n".join(out) + "\n"
+    return review.show(folder, bundle_id, tty)

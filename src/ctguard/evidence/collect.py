@@ -498,6 +498,13 @@ def policy_and_decision(ctx: Context) -> Result:
     return data, files
 
 
+def relief(ctx: Context) -> Result:
+    """The timeout relief in force (ctguard.relief_io owns the file)."""
+    from ctguard.relief_io import bundle_collector
+
+    return bundle_collector(ctx)
+
+
 Collector = Callable[[Context], Result]
 
 # (name, function, runs inside the inspected namespace)
@@ -513,6 +520,7 @@ HOST_COLLECTORS: tuple[tuple[str, Collector], ...] = (
     ("namespaces", namespaces),
     ("journal", journal),
     ("policy", policy_and_decision),
+    ("relief", relief),
 )
 
 
