@@ -382,6 +382,7 @@ class Daemon:
         """Put every relieved timeout back now (stop, or relief turned off by a reload)."""
         actions = tuple(RestoreTimeout(x.netns, x.name, x.key, x.original, x.value, why)
                         for x in self.history.relief.active)
+        self.relief_actor.cancel()
         if not actions:
             return
         decision = Decision(actions, None, 0.0, 0.0, False, why)
