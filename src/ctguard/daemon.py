@@ -142,7 +142,6 @@ class Daemon:
         self.control = None                     # the control socket (ctguard.control), once open
         self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
         self.started_at = time.time()
-        self._policy_text = self._read_policy_text()
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
 
     def _note_p99(self) -> None:
@@ -387,6 +386,7 @@ class Daemon:
         """Put every relieved timeout back now (stop, or relief turned off by a reload)."""
         actions = tuple(RestoreTimeout(x.netns, x.name, x.key, x.original, x.value, why)
                         for x in self.history.relief.active)
+        self.relief_actor.cancel()
         if not actions:
             return
         decision = Decision(actions, None, 0.0, 0.0, False, why)
@@ -485,7 +485,8 @@ class Daemon:
                 if o.ok:
                     verb = "lowered" if a.new < a.old else "raised"   # an operator's --lower
                     self.last_action = f"{'bumped' if a.new > a.old else 'lowered'} {a.old} -> {o.read_back} ({a.trigger})"
-                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
+                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}",
+                            limited=a.trigger != "manual", **fields)
                 else:
                     self.last_action = f"bump to {a.new} not done"
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
@@ -500,7 +501,8 @@ class Daemon:
                     log.debug("%s", a.reason)
                     continue
                 self.last_action = f"bump refused ({a.kind})"
-                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
+                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}",
+                        limited=a.trigger != "manual", CTGUARD_NETNS=a.netns or "",
                         CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
                         CTGUARD_REASON=a.kind, CTGUARD_TRIGGER=a.trigger, **self._ns_fields(a.netns))
             elif isinstance(a, Persist):
@@ -657,7 +659,6 @@ class Daemon:
             return list(exc.problems)
         else:
             self.reload_rejected = None
-            self._policy_text = self._read_policy_text()
             self.policy = new
             self.actor.policy = new
             if new.relief.mode != "enforce" or new.observe_only:
@@ -674,19 +675,15 @@ class Daemon:
         self.notifier.ready(f"policy reloaded from {self.policy_path}")
         return []
 
-    def _read_policy_text(self) -> str:
-        try:
-            return Path(self.policy_path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
     def _policy_for_child(self) -> Path:
-        """The policy file a capture child loads: after a rejected reload the file on disk is
-        broken, so the child gets a private copy of the text in force instead."""
+        """The policy file a capture child loads: after a rejected reload the files on disk are
+        broken, so the child gets the policy in force, merged with its drop-ins
+        (policy.effective), in a private folder of its own (no policy.d beside it)."""
         if self.reload_rejected is None:
             return self.policy_path
-        copy = Path(self.policy.state.dir) / "policy-in-force.toml"
-        atomic_write(copy, self._policy_text, 0o600)
+        folder = ensure_private_dir(Path(self.policy.state.dir) / "policy-in-force")
+        copy = folder / "policy.toml"
+        atomic_write(copy, policy_mod.effective(self.policy), 0o600)
         return copy
 
     def _status_line(self, text: str) -> str:

@@ -212,15 +212,19 @@ class EventLog:
     _windows: dict[str, _Window] = field(default_factory=dict, init=False, repr=False)
     _journal_down: bool = field(default=False, init=False, repr=False)
 
-    def emit(self, kind: str, message: str, priority: int | None = None, **fields: Any) -> bool:
-        """Write one entry; False when the rate limiter held it back (it is counted)."""
+    def emit(self, kind: str, message: str, priority: int | None = None, limited: bool = True,
+             **fields: Any) -> bool:
+        """Write one entry; False when the rate limiter held it back (it is counted).
+
+        `limited=False`: an operator's own request (`ctguard bump`), written even when a flood
+        has used up the kind's window; it still counts towards the window."""
         k = kind_of(kind)
         now = self.clock()
         self._close_windows(now)
         win = self._windows.get(k.name)
         if win is None:
             win = self._windows[k.name] = _Window(start=now)
-        if win.written >= self.burst:
+        if win.written >= self.burst and limited:
             win.suppressed += 1
             return False
         win.written += 1
