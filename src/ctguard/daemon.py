@@ -40,6 +40,7 @@ from ctguard.model import RestoreTimeout, ShortenTimeout, TrimEntries
 from ctguard.relief_io import ReliefActor, ReliefStore, read_timeouts
 from ctguard.sizing import p99
 from ctguard.state import PEAK_DAYS, PeakRecorder, StateStore
+from ctguard.persistwatch import PersistWatch
 
 log = logging.getLogger("ctguard")
 
@@ -131,6 +132,7 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        self.persistwatch = PersistWatch(self)  # issue 16: boot values, initramfs, max lowered by others
         from ctguard.recorder import FlightRecorder
 
         self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
@@ -140,7 +142,6 @@ class Daemon:
         self.control = None                     # the control socket (ctguard.control), once open
         self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
         self.started_at = time.time()
-        self._policy_text = self._read_policy_text()
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
 
     def _note_p99(self) -> None:
@@ -301,6 +302,7 @@ class Daemon:
         now = self.clock.now()
         if self.last_sample is None:
             self._start(sample, now)
+        sample = self.persistwatch.before_decide(sample, now)
         decision = decide(self.policy, sample, self.history, now, kernel_events)
         if decision.needs_shape is not None:
             # The bump would pass [guard] ceiling: look at the table (bounded by
@@ -338,6 +340,7 @@ class Daemon:
             # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
             self._queued.append((Capture("incident-end", ended.netns), decision, incident_text.summary(ended)))
         self._launch_captures()
+        self.persistwatch.after_turn(sample, outcomes)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
             self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
@@ -444,6 +447,7 @@ class Daemon:
 
         last = self.history.incident or self.history.last_incident
         text += metrics_text(last.started.wall if last else None, self._findings)
+        text += self.persistwatch.metrics()
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
 
@@ -481,7 +485,8 @@ class Daemon:
                 if o.ok:
                     verb = "lowered" if a.new < a.old else "raised"   # an operator's --lower
                     self.last_action = f"{'bumped' if a.new > a.old else 'lowered'} {a.old} -> {o.read_back} ({a.trigger})"
-                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}", **fields)
+                    ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}{in_ns}: {a.reason}",
+                            limited=a.trigger != "manual", **fields)
                 else:
                     self.last_action = f"bump to {a.new} not done"
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
@@ -496,7 +501,8 @@ class Daemon:
                     log.debug("%s", a.reason)
                     continue
                 self.last_action = f"bump refused ({a.kind})"
-                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}", CTGUARD_NETNS=a.netns or "",
+                ev.emit("refused", f"bump refused ({a.kind}){self._in_ns(a.netns)}: {a.reason}",
+                        limited=a.trigger != "manual", CTGUARD_NETNS=a.netns or "",
                         CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
                         CTGUARD_REASON=a.kind, CTGUARD_TRIGGER=a.trigger, **self._ns_fields(a.netns))
             elif isinstance(a, Persist):
@@ -653,7 +659,6 @@ class Daemon:
             return list(exc.problems)
         else:
             self.reload_rejected = None
-            self._policy_text = self._read_policy_text()
             self.policy = new
             self.actor.policy = new
             if new.relief.mode != "enforce" or new.observe_only:
@@ -666,22 +671,19 @@ class Daemon:
             for warning in policy_mod.warnings_for(new, self._kernel_max()):
                 log.warning("%s", warning)
             self.events.emit("policy-reloaded", f"policy reloaded from {self.policy_path}")
+            self.persistwatch.reloaded()
         self.notifier.ready(f"policy reloaded from {self.policy_path}")
         return []
 
-    def _read_policy_text(self) -> str:
-        try:
-            return Path(self.policy_path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
     def _policy_for_child(self) -> Path:
-        """The policy file a capture child loads: after a rejected reload the file on disk is
-        broken, so the child gets a private copy of the text in force instead."""
+        """The policy file a capture child loads: after a rejected reload the files on disk are
+        broken, so the child gets the policy in force, merged with its drop-ins
+        (policy.effective), in a private folder of its own (no policy.d beside it)."""
         if self.reload_rejected is None:
             return self.policy_path
-        copy = Path(self.policy.state.dir) / "policy-in-force.toml"
-        atomic_write(copy, self._policy_text, 0o600)
+        folder = ensure_private_dir(Path(self.policy.state.dir) / "policy-in-force")
+        copy = folder / "policy.toml"
+        atomic_write(copy, policy_mod.effective(self.policy), 0o600)
         return copy
 
     def _status_line(self, text: str) -> str:
@@ -717,6 +719,7 @@ class Daemon:
 
     def _stop(self) -> None:
         self.notifier.stopping()
+        self.persistwatch.stop()
         self.relief_actor.stop()
         self._relief_restore_all("ctguard stopping")
         self._safe(self.store.save_history, self.history, what="state")

@@ -120,6 +120,8 @@ class Persist:
     stable_for: float = 600.0
     sysctl_file: Path = Path("/etc/sysctl.d/90-ctguard.conf")
     modprobe_file: Path = Path("/etc/modprobe.d/ctguard.conf")
+    update_initramfs: bool = False  # run update-initramfs -u after writing the modprobe file (nf_conntrack in the initramfs)
+    defend: bool = True             # set a max another tool lowered back (enforce mode, once per [bump] cooldown)
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("persist", "stable_for"): (_NUM, _between(0, 7 * 86400), "seconds between 0 and 604800"),
     ("persist", "sysctl_file"): (str, "abspath", "an absolute path"),
     ("persist", "modprobe_file"): (str, "abspath", "an absolute path"),
+    ("persist", "update_initramfs"): (bool, None, "true or false"),
+    ("persist", "defend"): (bool, None, "true or false"),
     ("evidence", "dir"): (str, "abspath", "an absolute path"),
     ("evidence", "keep"): (int, _between(1, 100000), "an integer between 1 and 100000"),
     ("evidence", "max_bytes"): (int, _between(1 << 20, 1 << 50), "bytes, at least 1048576"),
