@@ -337,13 +337,14 @@ class Daemon:
             self.events.emit("incident-end", incident_text.end_message(ended), **incident_text.end_fields(ended))
             # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
             self._queued.append((Capture("incident-end", ended.netns), decision, incident_text.summary(ended)))
-        self._launch_captures()
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         if self.peaks.observe(sample, extra_drops):
             self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
             self._note_p99()
         if outcomes or kernel_events or started is not None or ended is not None:
             self._safe(self.store.save_history, self.history, what="state")
+        # Captures start once the bump is on record (state file) and the recorder holds this turn.
+        self._launch_captures()
         self.last_sample = sample
         self._write_metrics(sample)
         self.notifier.status(self._status_line(f"{decision.summary}; last action: {self.last_action}"))
