@@ -188,3 +188,11 @@ def test_socket_for_reads_the_key_even_from_a_policy_with_other_problems(tmp_pat
     p.write_text("this is [not toml")
     assert control.socket_for(p) == control.DEFAULT_SOCKET
     assert control.socket_for(tmp_path / "missing.toml") == control.DEFAULT_SOCKET
+
+
+def test_socket_for_follows_the_drop_ins(tmp_path: Path) -> None:
+    p = tmp_path / "policy.toml"
+    p.write_text('[control]\nsocket = "/run/a.sock"\n')
+    (tmp_path / "policy.d").mkdir()
+    (tmp_path / "policy.d" / "50-host.toml").write_text('[control]\nsocket = "/run/b.sock"\n[bump]\nceiling = "x"\n')
+    assert control.socket_for(p) == Path("/run/b.sock")

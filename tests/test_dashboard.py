@@ -149,7 +149,7 @@ class Prometheus:
 @pytest.mark.skipif(PROMETHEUS is None or NODE_EXPORTER is None,
                     reason="needs prometheus and prometheus-node-exporter (Debian packages; scripts/bootstrap test installs them)")
 def test_every_panel_query_and_alert_rule_returns_data_from_a_real_flood(tmp_path: Path) -> None:
-    from kernelenv import kernel_ready, netns_pair, saved_kernel_values, set_max, wait_for
+    from kernelenv import get_max, kernel_ready, netns_pair, saved_kernel_values, set_max, wait_for
     from test_daemon_kernel import Running, write_policy
 
     if kernel_ready():
@@ -165,13 +165,20 @@ def test_every_panel_query_and_alert_rule_returns_data_from_a_real_flood(tmp_pat
                 Prometheus(tmp_path, f"127.0.0.1:{ne.port}") as prom:
             prom.wait_ready()
             assert wait_for(lambda: prom.has("ctguard_conntrack_max"), 30), prom.log.read_text()[-2000:]
+
+            def why() -> str:
+                # The kernel's max is global: name it, in case something outside the lock moved it.
+                state = daemon.state.read_text() if daemon.state.exists() else "(no state yet)"
+                return (f"nf_conntrack_max is now {get_max()} (this test set 4096, ceiling 8192); "
+                        f"state: {state[-1500:]}; log: {daemon.output()[-1500:]}")
+
             # The flood: met by a bump to the ceiling, then more than the ceiling holds, so the
             # table is full (drops) and the next bump is refused (refusals{reason="ceiling"}).
             pair.flood_udp(3900, rate=4000)
-            assert wait_for(lambda: prom.has("ctguard_bumps_total > 0"), 20), daemon.output()
+            assert wait_for(lambda: prom.has("ctguard_bumps_total > 0"), 20), why()
             pair.flood_udp(6000, rate=6000, first_port=4000)
-            assert wait_for(lambda: prom.has('ctguard_refusals_total{reason="ceiling"} > 0'), 20), daemon.output()
-            assert wait_for(lambda: prom.has("ctguard_conntrack_drops_total > 0"), 20), daemon.output()
+            assert wait_for(lambda: prom.has('ctguard_refusals_total{reason="ceiling"} > 0'), 20), why()
+            assert wait_for(lambda: prom.has("ctguard_conntrack_drops_total > 0"), 20), why()
             assert prom.has("node_textfile_scrape_error == 0")
             time.sleep(3)   # a few more scrapes, so every rate() window holds samples from during the flood
 

@@ -118,6 +118,15 @@ def test_rate_limit_then_one_summary_per_window() -> None:
     assert len([s for s in sent if s[1]["MESSAGE_ID"] == events.MESSAGE_ID_SUPPRESSED]) == 1
 
 
+def test_an_operators_entry_is_written_through_a_spent_window() -> None:
+    log, sent, _ = recording()
+    for _ in range(20):
+        log.emit("refused", "a flood's refusals fill the window")
+    assert not log.emit("refused", "another automatic one is held back")
+    assert log.emit("refused", "the operator's own bump, refused", limited=False, CTGUARD_TRIGGER="manual")
+    assert sent[-1][1]["CTGUARD_TRIGGER"] == "manual" and "limited" not in sent[-1][1]
+
+
 def test_flush_all_summarises_open_windows_on_stop() -> None:
     log, sent, clock = recording()
     for _ in range(15):

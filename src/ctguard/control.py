@@ -131,15 +131,26 @@ def request(path: Path | str, cmd: str, args: Mapping[str, Any] | None = None,
 
 
 def socket_for(policy_path: Path | str) -> Path:
-    """The socket named by a policy file, even when the file has other problems (a reload was
-    rejected, the daemon still runs the old policy): the `[control] socket` string if the file
-    is TOML and holds one, else the default."""
+    """The socket named by a policy file and its drop-ins, even when they have other problems
+    (a reload was rejected, the daemon still runs the old policy): the last `[control] socket`
+    string found in the files that are TOML, else the default."""
+    from ctguard.policy import PolicyError, dropin_files
+
     try:
-        doc = tomllib.loads(Path(policy_path).read_text(encoding="utf-8", errors="replace"))
-    except (OSError, ValueError):
-        return DEFAULT_SOCKET
-    value = doc.get("control", {}).get("socket") if isinstance(doc.get("control"), dict) else None
-    return Path(value) if isinstance(value, str) and value.startswith("/") else DEFAULT_SOCKET
+        files = [Path(policy_path), *dropin_files(policy_path)]
+    except PolicyError:
+        files = [Path(policy_path)]
+    found = DEFAULT_SOCKET
+    for f in files:
+        try:
+            doc = tomllib.loads(f.read_text(encoding="utf-8", errors="replace"))
+        except (OSError, ValueError):
+            continue
+        section = doc.get("control")
+        value = section.get("socket") if isinstance(section, dict) else None
+        if isinstance(value, str) and value.startswith("/"):
+            found = Path(value)
+    return found
 
 
 # -- server ---------------------------------------------------------------------------------

@@ -337,6 +337,18 @@ class ReliefActor:
             done.append((t, report))
         return done
 
+    def cancel(self) -> None:
+        """Relief is over (restored, turned off): a trim still running has nothing left to do."""
+        for t in self.trims:
+            if t.proc.poll() is None:
+                t.proc.terminate()
+            try:
+                t.proc.communicate(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                t.proc.kill()
+                t.proc.communicate()
+        self.trims.clear()
+
     def stop(self, timeout: float = 1.0) -> None:
         for t in self.trims:
             try:
