@@ -59,7 +59,13 @@ def measure(daemon: Daemon, seconds: float) -> dict:
             "rss": rss, "hwm": hwm, "namespaces": ns}
 
 
-def idle(folder: Path, extra: int, seconds: float) -> dict:
+def idle(folder: Path, extra: int, seconds: float, max_: int = 0) -> dict:
+    """With max_, nf_conntrack_max is held at that value (under the tests' kernel lock) so the
+    idle sampling interval ([watch] guard_rate) is the one of a table that size."""
+    if max_:
+        with saved_kernel_values():
+            set_max(max_)
+            return idle(folder, extra, seconds)
     names = []
     try:
         for i in range(extra):
@@ -96,6 +102,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=600.0, help="seconds per idle case")
     ap.add_argument("--pressure-duration", type=float, default=120.0, help="seconds of the pressure case")
     ap.add_argument("--cases", default="idle1,idle50,pressure")
+    ap.add_argument("--max", type=int, default=0,
+                    help="idle cases: hold nf_conntrack_max at this value (0: the machine's own)")
     ap.add_argument("--quick", action="store_true", help="3 s per case, short warm-up (smoke test)")
     args = ap.parse_args()
     clean_exit_on_signals()
@@ -117,15 +125,17 @@ def main() -> int:
         for case in [c for c in args.cases.split(",") if c]:
             folder = Path(tmp) / case
             if case == "idle1":
-                r, note = idle(folder, 0, args.duration), "default intervals"
+                r, note = idle(folder, 0, args.duration, args.max), "default intervals"
             elif case == "idle50":
-                r, note = idle(folder, 49, args.duration), "default intervals"
+                r, note = idle(folder, 49, args.duration, args.max), "default intervals"
             elif case == "pressure":
                 r = pressure(folder, args.pressure_duration, warmup)
                 note = f"fill {r['fill']:.0%} of {PRESSURE_MAX}: fast_interval"
             else:
                 print(f"unknown case {case}", file=sys.stderr)
                 return 2
+            if case.startswith("idle"):
+                note += f", max {args.max or kernelenv.get_max()}"
             print(f"{case:<9} {r['namespaces']:>10} {r['wall']:>8.0f} {r['cpu_s']:>7.2f} {r['pct']:>6.2f}% "
                   f"{r['children_s']:>10.2f} {r['rss'] / 2**20:>7.1f} {r['hwm'] / 2**20:>7.1f} {r['kernel_lines']:>12}  {note}", flush=True)
     return 0

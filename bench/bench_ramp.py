@@ -74,6 +74,12 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
         set_max(args.max)
         if args.buckets:
             kernelenv.HASHSIZE.write_text(str(args.buckets))
+        if args.prefill:
+            # A table already holding --prefill entries (issue 15 item 5): they stay for the run
+            # (the receiver's UDP timeout raised; the namespace is deleted after), from other
+            # source ports than the flood's.
+            pair.exec(pair.receiver, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=600")
+            Flood(pair, args.prefill, 0, senders=2, first_port=30000).wait(timeout=600)
         daemon = None
         if mode != "none":
             daemon = Daemon(write_policy(folder / f"{mode}-{rate}", policy_body(mode, args.ceiling, args.cooldown)))
@@ -125,7 +131,7 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
             "first_bump_ms": (changes[0][0] - result.start) * 1000 if changes else None,
             "drop_before_bump": drops_at_first_bump,
             "last_drop_ms": (last_drop_at - result.start) * 1000 if last_drop_at else None,
-            "final_max": get_max(), "bumps": len(changes), "triggers": triggers, "count": count,
+            "final_max": get_max(), "final_buckets": kernelenv.get_buckets(), "bumps": len(changes), "triggers": triggers, "count": count,
         }
 
 
@@ -171,6 +177,8 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--repeat", type=int, default=1, help="runs per (rate, mode)")
     ap.add_argument("--json", help="also write every run to this file")
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="entries the receiver holds before the daemon starts (e.g. 1000000 with --max 1048576)")
     ap.add_argument("--resize", default="262144,1000000",
                     help="after the runs: table sizes at which to time a hashsize resize and max writes ('' skips)")
     ap.add_argument("--quick", action="store_true", help="one rate, 3,000 flows into a table of 2,048 (smoke test)")
@@ -189,10 +197,10 @@ def main() -> int:
     modes = [m for m in args.modes.split(",") if m]
     print(header())
     print(f"# max {args.max}, hashsize {args.buckets or kernelenv.get_buckets()}, {args.flows} flows per run, ceiling {args.ceiling}, "
-          f"cooldown {args.cooldown:g} s, {args.senders} sender(s), UDP timeout "
+          f"cooldown {args.cooldown:g} s, {args.senders} sender(s), prefill {args.prefill}, UDP timeout "
           f"{Path('/proc/sys/net/netfilter/nf_conntrack_udp_timeout').read_text().strip()} s")
     print(f"{'rate/s':>7} {'run':<9} {'sent/s':>7} {'drop':>7} {'early_drop':>10} {'1st bump ms':>11} "
-          f"{'drop<bump':>9} {'last drop ms':>12} {'final max':>9} {'bumps':>5}  triggers")
+          f"{'drop<bump':>9} {'last drop ms':>12} {'final max':>9} {'bumps':>5} {'buckets':>8}  triggers")
     runs = []
     with tempfile.TemporaryDirectory(prefix="ctguard-ramp-") as tmp, saved_kernel_values():
         for rate in rates:
@@ -205,7 +213,8 @@ def main() -> int:
                     ld = f"{r['last_drop_ms']:.0f}" if r["last_drop_ms"] is not None else "-"
                     print(f"{rate:>7} {mode:<9} {r['sent_rate']:>7.0f} {r['drop']:>7} {r['early_drop']:>10} {fb:>11} "
                           f"{db:>9} {ld:>12} "
-                          f"{r['final_max']:>9} {r['bumps']:>5}  {','.join(r['triggers']) or '-'}", flush=True)
+                          f"{r['final_max']:>9} {r['bumps']:>5} {r['final_buckets']:>8}  {','.join(r['triggers']) or '-'}",
+                          flush=True)
         sizes = [int(x) for x in args.resize.split(",") if x]
         if sizes:
             print(f"\n{'entries':>9} {'max write us':>12} {'hashsize':>17} {'resize ms':>9} {'same size ms':>12}")

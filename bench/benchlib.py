@@ -119,9 +119,13 @@ class Daemon:
     namespaces on a shared machine cannot make an idle measurement busy.
     """
 
-    def __init__(self, policy: Path, only_netns: list[str] | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(SRC)}
+    def __init__(self, policy: Path, only_netns: list[str] | None = None, env: dict[str, str] | None = None,
+                 src: Path | None = None) -> None:
+        extra = env or {}
+        env = {**os.environ, "PYTHONPATH": str(src or SRC)}
         env.pop("NOTIFY_SOCKET", None)
+        env.pop("WATCHDOG_PID", None)
+        env.update(extra)       # e.g. NOTIFY_SOCKET + WATCHDOG_USEC to time the watchdog pings
         self.log = policy.parent / "daemon.log"
         self.metrics = policy.parent / "ctguard.prom"
         self._logf = open(self.log, "w")

@@ -60,3 +60,10 @@ def test_journal_latency_quick() -> None:
     assert "latency ms" in out
     assert len(rows(out, "1")) == 1 and len(rows(out, "2")) == 1, out
     assert "median" in out, out
+
+
+def test_resize_quick() -> None:
+    out = run_bench("bench_resize.py")
+    assert "wd gap" in out and "full->bump" in out, out
+    assert {r[0] for r in rows(out, "never") + rows(out, "at-once")} == {"never", "at-once"}, out
+    assert "max/buckets 4" in out and "resize x2" in out, out

@@ -78,9 +78,16 @@ def test_udp_flood_relieved_in_its_namespace_and_undone_when_calm(tmp_path: Path
         set_max(MAX)
         set_sysctl(pair, "udp", 600)
         with Running(policy) as daemon:
-            # 600 new flows/s for 20 s: under 600 s the table is full in 7 s and drops for good;
-            # under 5 s it holds ~3,000 entries, below act (85% of 4,096).
-            flood = background(pair.flood_udp, 12000, rate=600)
+            # 600 new flows/s until told to stop (2 s rounds, each from a new source port): under
+            # 600 s the table is full in 7 s and drops for good; under 5 s it holds ~3,000
+            # entries, below act (85% of 4,096).
+            stop = threading.Event()
+
+            def udp_flood() -> None:
+                while not stop.is_set():
+                    pair.flood_udp(1200, rate=600)
+
+            flood = background(udp_flood)
             assert wait_for(lambda: sysctl(pair, "udp") == 5, 20), daemon.output()
             # (Relief comes at thresholds.act once the bump is refused, often before any drop.)
             # The entries made under 600 s are capped too, so the table drains below act (the
@@ -99,6 +106,7 @@ def test_udp_flood_relieved_in_its_namespace_and_undone_when_calm(tmp_path: Path
             assert [(r["key"], r["value"]) for r in status["relief"]] == [("udp", 5)]
             prom = daemon.metrics.read_text()
             assert f'ctguard_relief_active{{netns="{pair.receiver_inode}",name="{pair.receiver}",key="udp"}} 5' in prom
+            stop.set()
             flood.join()
             # After the flood, the lazy collection of its entries and calm_for, the 600 s is back.
             assert wait_for(lambda: sysctl(pair, "udp") == 600, 90), daemon.output()

@@ -171,7 +171,10 @@ def journal_entries(**match: str) -> list[dict]:
 
 
 def test_incident_start_and_end_are_journaled_and_status_warns_after_the_bump(tmp_path: Path, journald) -> None:
-    policy = write_policy(tmp_path, "[bump]\nceiling = 65536\n[thresholds]\ncalm = 2\n", persist_mode="never")
+    # guard_rate 10,000: an idle sample every ~0.17 s, so the 0.125 s flood is seen whole (peak
+    # fill above warn); at the default 100,000 the first sample inside it bumps at ~11%.
+    policy = write_policy(tmp_path, "[bump]\nceiling = 65536\n[thresholds]\ncalm = 2\n[watch]\nguard_rate = 10000\n",
+                          persist_mode="never")
     with saved_kernel_values(), netns_pair() as pair:
         set_max(2048)
         with Running(policy) as daemon:

@@ -21,13 +21,16 @@ _ORDER = {SetMax: 0, SetBuckets: 1, Persist: 2, Refuse: 3, Warn: 4, Capture: 5,
           RestoreTimeout: 6, ShortenTimeout: 7, TrimEntries: 8}
 
 CaptureStarter = Callable[[Capture, Decision], str]
+ResizeStarter = Callable[[SetBuckets], Outcome]     # hands a resize to a worker (ctguard.resize); never waits
 
 
 class Actor:
     def __init__(self, kernel: Kernel, policy: Policy, start_capture: CaptureStarter | None = None,
-                 wall_clock: Callable[[], float] = lambda: 0.0, relief=None) -> None:
+                 wall_clock: Callable[[], float] = lambda: 0.0, relief=None,
+                 start_resize: ResizeStarter | None = None) -> None:
         self.kernel = kernel
         self.relief = relief    # relief_io.ReliefActor: timeouts per namespace, entry trims
+        self.start_resize = start_resize
         self.policy = policy
         self.start_capture = start_capture
         self.wall_clock = wall_clock
@@ -68,6 +71,8 @@ class Actor:
         if isinstance(action, SetBuckets):
             if observe:
                 return Outcome(action, False, f"observe mode: would resize buckets {action.old} -> {action.new}")
+            if self.start_resize is not None:
+                return self.start_resize(action)    # the daemon: beside the loop, reported when done
             try:
                 got = self.kernel.write_hashsize(action.new)
             except KernelWriteError as exc:

@@ -50,6 +50,10 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         print(policy_mod.summary(policy))
     for w in policy_mod.warnings_for(policy, kernel_max):
         print(f"warning: {w}")
+    boot = _boot_report(policy)
+    if boot is not None:
+        for w in boot.warnings(policy):
+            print(f"warning: {w}")
     return EX_OK
 
 
@@ -87,6 +91,17 @@ def _role_and_timeouts(sample, refs):
     return role, timeouts
 
 
+def _boot_report(policy: Policy):
+    """What the next boot keeps (sysctl.d/modprobe.d order, initramfs, kube-proxy); None if unreadable."""
+    from ctguard import bootreport
+
+    try:
+        return bootreport.build(policy)
+    except OSError as exc:
+        print(f"warning: cannot model the boot values: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from ctguard import client, status
     from ctguard.kernel import ConntrackNotLoaded
@@ -103,6 +118,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         client.add_local_views(view, worst)
         if policy is not None:
             _add_last_bundle(view, policy)
+            boot = _boot_report(policy)
+            if boot is not None:
+                view = status.with_boot(view, boot, policy)
         thresholds = policy.thresholds if policy is not None else None
         return _print_status(args, view, hour, view.data["daemon"].get("sample_age"), thresholds)
     if policy is None:
@@ -124,7 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     relief_store.load(warn=lambda m: print(f"warning: {m}", file=sys.stderr), set_aside=False)
     history = replace(history, relief=relief_store.state())
     role, timeouts = _role_and_timeouts(sample, refs)
-    view = status.build(policy, sample, history, now, role, timeouts)
+    view = status.build(policy, sample, history, now, role, timeouts, boot=_boot_report(policy))
     view.data["daemon"] = None
     _add_last_bundle(view, policy)
     return _print_status(args, view, store.load_hour() if sys.stdout.isatty() and not args.json else {},

@@ -128,6 +128,9 @@ def bump(d: "Daemon", args: Mapping[str, Any]) -> Mapping[str, Any]:
     now = d.clock.now()
     decision, outcomes, d.history = manual_bump(d.policy, d.actor, d.history, sample, now, to, lower,
                                                 who(args.get("peer") or {}))
+    for o in outcomes:     # ctguard's own write (an operator's --lower too): not a foreign lowering
+        if isinstance(o.action, SetMax) and o.ok and o.read_back is not None:
+            d.persistwatch.accept_max(o.read_back)
     # Journaled by the daemon, so `journalctl -u ctguard` holds it, refused or done.
     d._report(decision, outcomes, [])
     d._safe(d.store.save_history, d.history, what="state")

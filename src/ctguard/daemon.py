@@ -38,8 +38,10 @@ from ctguard.policy import Policy, PolicyError, sysctl_name
 from ctguard import relief as relief_core
 from ctguard.model import RestoreTimeout, ShortenTimeout, TrimEntries
 from ctguard.relief_io import ReliefActor, ReliefStore, read_timeouts
+from ctguard.resize import Resizer
 from ctguard.sizing import p99
 from ctguard.state import PEAK_DAYS, PeakRecorder, StateStore
+from ctguard.persistwatch import PersistWatch
 
 log = logging.getLogger("ctguard")
 
@@ -115,7 +117,9 @@ class Daemon:
         self.relief_store.load(warn=lambda m: log.warning("%s", m))
         self.history = replace(self.history, relief=self.relief_store.state())
         self.relief_actor = ReliefActor(self.relief_store, self.observer.path_of, self.clock.now)
-        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time, relief=self.relief_actor)
+        self.resizer = Resizer(self.kernel.write_hashsize)
+        self.actor = Actor(self.kernel, policy, self._start_capture, wall_clock=time.time, relief=self.relief_actor,
+                           start_resize=self.resizer.start)
         self.children = Children()
         self.follower = None
         self.running = True
@@ -131,6 +135,8 @@ class Daemon:
         self._sig_r, self._sig_w = socket.socketpair()
         self._captures = 0
         self._failing: dict[str, str] = {}     # file kind -> the error last said about it
+        self._deferred: set[str] = set()       # files not written while the kernel rehashed
+        self.persistwatch = PersistWatch(self)  # issue 16: boot values, initramfs, max lowered by others
         from ctguard.recorder import FlightRecorder
 
         self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
@@ -178,6 +184,7 @@ class Daemon:
             signal.signal(sig, lambda *_: None)  # the wake-up fd carries the number
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self._sel.register(self._sig_r.fileno(), selectors.EVENT_READ, "signal")
+        self._sel.register(self.resizer.fileno(), selectors.EVENT_READ, "resize")
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -208,6 +215,8 @@ class Daemon:
                         self._signals()
                     elif key.data == "journal":
                         kernel_events.extend(self._read_journal())
+                    elif key.data == "resize":
+                        self._resize_done(self.resizer.collect())
                     elif key.data == "control" and self.control is not None:
                         self.control.ready(key.fileobj)
                 if self.control is not None:
@@ -220,6 +229,7 @@ class Daemon:
                         kernel_events = self._read_journal()   # a safety net for a missed wake-up
                     interval = self._turn(kernel_events)
                     next_sample = time.monotonic() + interval
+                self.resizer.launch()   # after the turn's files are written (ctguard.resize)
                 if wd and time.monotonic() >= next_watchdog:
                     # Only a loop that gets here pings: a stuck loop lets systemd's watchdog fire.
                     self.notifier.watchdog()
@@ -300,6 +310,9 @@ class Daemon:
         now = self.clock.now()
         if self.last_sample is None:
             self._start(sample, now)
+        if self.resizer.busy():
+            sample = replace(sample, resizing=self.resizer.target)
+        sample = self.persistwatch.before_decide(sample, now)
         decision = decide(self.policy, sample, self.history, now, kernel_events)
         if decision.needs_shape is not None:
             # The bump would pass [guard] ceiling: look at the table (bounded by
@@ -337,20 +350,42 @@ class Daemon:
             # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
             self._queued.append((Capture("incident-end", ended.netns), decision, incident_text.summary(ended)))
         self._launch_captures()
+        self.persistwatch.after_turn(sample, outcomes)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
+        # While the kernel rehashes, an fsync waits for it (ctguard.resize): files wait too.
+        rehashing = self.resizer.running()
         if self.peaks.observe(sample, extra_drops):
-            self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
+            if rehashing:
+                self._deferred.add("peaks")
+            else:
+                self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
             self._note_p99()
         if outcomes or kernel_events or started is not None or ended is not None:
-            self._safe(self.store.save_history, self.history, what="state")
+            if rehashing:
+                self._deferred.add("state")
+            else:
+                self._safe(self.store.save_history, self.history, what="state")
         self.last_sample = sample
-        self._write_metrics(sample)
+        if not rehashing:
+            self._write_metrics(sample)
         self.notifier.status(self._status_line(f"{decision.summary}; last action: {self.last_action}"))
         self.events.flush()
         if not self.ready:
             self.notifier.ready()
             self.ready = True
         return next_interval(self.policy, decision)
+
+    def _resize_done(self, outcomes: list[Outcome]) -> None:
+        """A resize beside the loop finished: fold its read-back outcome in and report it."""
+        if not outcomes:
+            return
+        self.history = advance(self.history, None, [], outcomes, self.clock.now(), self.policy)
+        self._report(Decision((), None, 0.0, 0.0, False, "resize done"), outcomes, [])
+        self._safe(self.store.save_history, self.history, what="state")
+        if "peaks" in self._deferred:
+            self._safe(lambda p: self.store.save_peaks(p, self.peaks.hour), self.peaks.peaks, what="peaks")
+        self._deferred.clear()
+        self.events.flush()
 
     def _relief_look(self, sample: Sample, netns: int) -> Sample:
         shape = sample.shape
@@ -443,6 +478,7 @@ class Daemon:
 
         last = self.history.incident or self.history.last_incident
         text += metrics_text(last.started.wall if last else None, self._findings)
+        text += self.persistwatch.metrics()
         self._safe(lambda t: metrics.write(self.policy.metrics.textfile, t), text, what="metrics",
                    where=self.policy.metrics.textfile)
 
@@ -468,6 +504,9 @@ class Daemon:
         ev = self.events
         for o in outcomes:
             a = o.action
+            if o.pending:
+                log.info("%s", o.detail)    # reported when the worker is done (_resize_done)
+                continue
             if isinstance(a, SetMax):
                 fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
                               CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.trigger)
@@ -487,7 +526,9 @@ class Daemon:
                     ev.emit("bump-failed", f"did not raise nf_conntrack_max to {a.new}: {o.detail}", **fields)
             elif isinstance(a, SetBuckets):
                 if o.ok:
-                    ev.emit("buckets", f"resized conntrack buckets {a.old} -> {o.read_back}",
+                    took = o.extra.get("seconds")
+                    ev.emit("buckets", f"resized conntrack buckets {a.old} -> {o.read_back}"
+                            + (f" in {took * 1000:.0f} ms" if took is not None else ""),
                             CTGUARD_OLD_MAX=a.old, CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.reason)
                 else:
                     ev.emit("bump-failed", f"buckets not resized: {o.detail}", CTGUARD_REASON="buckets")
@@ -666,6 +707,7 @@ class Daemon:
             for warning in policy_mod.warnings_for(new, self._kernel_max()):
                 log.warning("%s", warning)
             self.events.emit("policy-reloaded", f"policy reloaded from {self.policy_path}")
+            self.persistwatch.reloaded()
         self.notifier.ready(f"policy reloaded from {self.policy_path}")
         return []
 
@@ -713,6 +755,7 @@ class Daemon:
 
     def _stop(self) -> None:
         self.notifier.stopping()
+        self.persistwatch.stop()
         self.relief_actor.stop()
         self._relief_restore_all("ctguard stopping")
         self._safe(self.store.save_history, self.history, what="state")
@@ -720,6 +763,9 @@ class Daemon:
         if self.follower is not None:
             self._save_cursor()
             self.follower.close()
+        # A resize in flight cannot be interrupted (the kernel is rehashing); record its outcome.
+        self._resize_done(self.resizer.wait(10.0))
+        self.resizer.close()
         deadline = time.monotonic() + 1.0
         for proc, _, _ in self.children.running:
             try:

@@ -41,7 +41,24 @@ HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
 #   1 s), a table of 8,192 is sampled every 0.28 s (0.07% of a core with one namespace).
 CONFIRM_AFTER = 0.02
 STALE_AFTER = 2.0           # fast intervals
-IDLE_GUARD_RATE = 25_000.0  # new flows/s a small table must be sampled fast enough to catch
+# Issue 15 (bench_ramp.py at 40k-100k new flows/s into 8,192): the guard rate is a policy key,
+# [watch] guard_rate (default 100,000/s), and the guard interval may go below fast_interval,
+# down to MIN_GUARD_INTERVAL: a table of 8,192 is sampled every 70 ms while idle (0.3% of a core
+# with one namespace), a default 262,144 table still every 1 s. Under pressure a table that is
+# growing is sampled at the guard interval too when that is shorter than fast_interval.
+MIN_GUARD_INTERVAL = 0.02
+# [buckets] resize = "calm" (bench/bench_resize.py, bench/README.md "Resizing during a storm"):
+# while the kernel rehashes it holds every bucket lock and new flows wait, ~0.4 us per entry in
+# the (global) table: 123 ms at 262,144 entries, 435 ms at 1,000,000 (one new flow waited 111 and
+# 417 ms). Longer chains cost new flows far less: +7% median new-flow latency at max/buckets 8,
+# +14% at 16. But the kernel refuses a new flow whose bucket chain passes a random 50-80 tuples
+# ("chaintoolong"; every entry is hashed twice, so a full table at max/buckets 16 averages 32
+# tuples a bucket and its long tail drops flows; at 64 every new flow in the probe was lost).
+# So mid-storm a resize waits for calm unless it is cheap (CHEAP_RESIZE_ENTRIES: ~10 ms) or the
+# chains would pass CHAIN_BOUND entries per bucket at the new max (16 tuples: no chaintoolong).
+CHEAP_RESIZE_ENTRIES = 25_000
+CHAIN_BOUND = 8
+CALM_AFTER = 10.0           # seconds without a bump or a drop before a storm counts as over
 # Issue 11: sizing a bump from rate x cooldown sent 4,096 to 177,152 for a 5,000/s flood that
 # stopped after 20,000 flows. A bump now makes room for what the table holds and lost plus
 # `cover` seconds of the growth still going on (sizing.bump_size), and growth that goes on is met
@@ -275,7 +292,11 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             actions.append(Warn("table-full", e.netns, fill, "the kernel reported: table full, dropping packet"))
             break
 
-    actions.extend(_buckets_action(policy, limits, history, now, bumped_to))
+    inc = history.incident
+    recent = (history.last_drop, _last_ok_bump_at(history), (inc.last_active or inc.started) if inc else None)
+    calm = (trigger is None and not confirm and not pressure
+            and not any(x is not None and now.since(x) < CALM_AFTER for x in recent))
+    actions.extend(_buckets_action(policy, limits, history, now, bumped_to, sample, calm))
     if bumped_to is not None:
         if _capture_due(policy, history, now):
             actions.append(Capture(reason="bump", netns=netns))
@@ -303,16 +324,23 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
 
 
 def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now: Instant,
-                    bumped_to: int | None) -> list[Action]:
-    """Buckets kept at max/ratio; a failed resize is retried with the next bump or after a while."""
-    if not policy.buckets.manage:
+                    bumped_to: int | None, sample: Sample | None = None, calm: bool = True) -> list[Action]:
+    """Buckets kept at max/ratio; a failed resize is retried with the next bump or after a while.
+    One resize at a time; with resize = "calm", an expensive one waits for the storm to end."""
+    if not policy.buckets.manage or policy.buckets.resize == "never":
         return []
+    if sample is not None and sample.resizing is not None:
+        return []       # one in flight: the next sample after it sees its result
     if bumped_to is None and history.buckets_failed is not None and now.since(history.buckets_failed) < BUCKETS_RETRY:
         return []
     target_max = bumped_to or limits.max
     want = buckets_for(policy, target_max)
     if limits.buckets >= want:
         return []
+    if policy.buckets.resize == "calm" and not calm and sample is not None:
+        entries = sum(ns.count for ns in sample.namespaces)
+        if entries > CHEAP_RESIZE_ENTRIES and target_max / max(1, limits.buckets) <= CHAIN_BOUND:
+            return []   # mid-storm: a resize would stall every new flow longer than the chains cost them
     return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}")]
 
 
@@ -373,12 +401,21 @@ def next_interval(policy: Policy, decision: Decision) -> float:
     watch_window = max(policy.thresholds.horizon, policy.watch.interval) * 3
     if decision.confirm:
         return min(CONFIRM_AFTER, policy.watch.fast_interval)
-    if decision.pressure or decision.seconds_to_full <= watch_window:
-        return policy.watch.fast_interval
-    if decision.headroom is not None:
-        guard = max(policy.watch.fast_interval, decision.headroom / IDLE_GUARD_RATE)
+    guard = guard_interval(policy, decision.headroom)
+    growing = decision.seconds_to_full <= watch_window
+    if decision.pressure or growing:
+        return min(policy.watch.fast_interval, guard) if growing and guard is not None else policy.watch.fast_interval
+    if guard is not None:
         return min(policy.watch.interval, guard)
     return policy.watch.interval
+
+
+def guard_interval(policy: Policy, headroom: int | None) -> float | None:
+    """Seconds the worst namespace's headroom to `act` lasts at [watch] guard_rate new flows/s
+    (at least MIN_GUARD_INTERVAL); None when the guard is off or there is no headroom left."""
+    if headroom is None or headroom <= 0 or policy.watch.guard_rate <= 0:
+        return None
+    return max(MIN_GUARD_INTERVAL, headroom / policy.watch.guard_rate)
 
 
 def _last_ok_bump_at(history: History) -> Instant | None:
@@ -491,7 +528,7 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = F
                               f"{who} asked for {to}, above the {binding} {upper}"))
     else:
         actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} asked for {to}"))
-        if policy.buckets.manage and limits.buckets < buckets_for(policy, to):
+        if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, to):
             actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
         if policy.persist.mode != "never":
             # Persisted buckets never below the live ones nor the kernel's default (issue 11).
@@ -512,7 +549,7 @@ def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None
             actions.append(SetMax(limits.max, target, "reapply", None, 0.0,
                                   f"persisted max {persisted_max} is not in force (kernel has {limits.max})"
                                   + (f", clipped by the {binding}" if target < persisted_max else "")))
-            if policy.buckets.manage and limits.buckets < buckets_for(policy, target):
+            if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, target):
                 actions.append(SetBuckets(limits.buckets, buckets_for(policy, target), "with the persisted max"))
     return Decision(tuple(actions), None, 0.0, 0.0, False, "start")
 
@@ -623,7 +660,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             elif o.ok and a.trigger != "reapply":
                 changes["unpersisted_max"] = max(o.read_back or a.new, h.unpersisted_max or 0)
                 changes["bumps_total"] = changes.get("bumps_total", h.bumps_total) + 1
-        elif isinstance(a, SetBuckets):
+        elif isinstance(a, SetBuckets) and not o.pending:
             changes["buckets_failed"] = None if o.ok else now
         elif isinstance(a, Persist) and o.ok:
             changes["persisted_max"] = a.max

@@ -66,6 +66,9 @@ MESSAGE_ID_POLICY_RELOADED = "a9926543953149339cc939be08d68182"
 MESSAGE_ID_POLICY_REJECTED = "b49f6a2aa0274efb9f18bcfe1719c402"
 MESSAGE_ID_SUPPRESSED = "a8e3d94bec444addb0fba40e032cbcce"
 MESSAGE_ID_OTHER = "f2472e9e90994e07b701cb7218da156e"
+MESSAGE_ID_MAX_LOWERED = "96a87547c4fb4b649cb95fae581ef6e8"
+MESSAGE_ID_PERSIST_SHADOWED = "3db2626d632b4d289d8b9049100a7e1c"
+MESSAGE_ID_INITRAMFS = "c567043ca59949d088052c3ec12b26b8"
 MESSAGE_ID_INCIDENT_START = "6db88ec617644a76ae0f2b5bc77769fb"
 MESSAGE_ID_INCIDENT_END = "d86f06d8bda24112af95694381fa6299"
 MESSAGE_ID_RELIEF = "3c62b1e1ef5c4f61aee61acc8b3cfdaf"
@@ -101,6 +104,14 @@ KINDS: Mapping[str, Kind] = {
              "reloaded policy invalid; the old one stays in force (MESSAGE names file and key)"),
         Kind("suppressed", MESSAGE_ID_SUPPRESSED, LOG_NOTICE,
              "N entries of one kind were not written (rate limit); CTGUARD_REASON: the kind, CTGUARD_SUPPRESSED: N"),
+        Kind("max-lowered", MESSAGE_ID_MAX_LOWERED, LOG_WARNING,
+             "another writer lowered nf_conntrack_max (CTGUARD_OLD_MAX, CTGUARD_NEW_MAX, CTGUARD_WRITER: the likely "
+             "writer; CTGUARD_REASON: `defend`, `defend-failed`, `gave-up`, `not-defended`, `observe`, `at-bound`)"),
+        Kind("persist-shadowed", MESSAGE_ID_PERSIST_SHADOWED, LOG_WARNING,
+             "a file applied after ctguard's decides the boot value (CTGUARD_FILE, CTGUARD_NEW_MAX: its value; "
+             "MESSAGE names the fix)"),
+        Kind("initramfs", MESSAGE_ID_INITRAMFS, LOG_NOTICE,
+             "update-initramfs run after the modprobe file changed (CTGUARD_REASON: `updated` or `failed`)"),
         Kind("relief", MESSAGE_ID_RELIEF, LOG_WARNING,
              "relief: a conntrack timeout shortened in one namespace (CTGUARD_NETNS, CTGUARD_KEY, CTGUARD_OLD, "
              "CTGUARD_NEW, CTGUARD_REASON); a failed write says so in MESSAGE with PRIORITY err"),
@@ -136,7 +147,8 @@ FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX",
           "CTGUARD_NETNS_NAME", "CTGUARD_UNIT", "CTGUARD_RATE", "CTGUARD_NEED", "CTGUARD_HORIZON",
           "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
           "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_TRIGGER",
-          "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES", "CTGUARD_FINDING")
+          "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES", "CTGUARD_FINDING",
+          "CTGUARD_WRITER", "CTGUARD_FILE")
 
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or

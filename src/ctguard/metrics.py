@@ -115,3 +115,20 @@ def write(path: str, text: str) -> None:
     if not path:
         return
     atomic_write(Path(path), text, 0o644)
+
+
+def render_persist(shadowed: list[tuple[str, int]], lowered_total: int, defended_total: int) -> str:
+    """What the boot will not take from ctguard, and max lowered by other writers (issue 16)."""
+    out = [
+        "# HELP ctguard_persist_shadowed Value a file applied after ctguard's sets at boot (by file); absent when "
+        "ctguard's own files decide.\n# TYPE ctguard_persist_shadowed gauge\n",
+    ]
+    for file, value in shadowed:
+        out.append(f'ctguard_persist_shadowed{{file="{_label(file)}"}} {value}\n')
+    out.append("# HELP ctguard_max_lowered_total Times another writer lowered nf_conntrack_max below what ctguard "
+               "set or found.\n# TYPE ctguard_max_lowered_total counter\n")
+    out.append(f"ctguard_max_lowered_total {lowered_total}\n")
+    out.append("# HELP ctguard_max_defended_total Times ctguard set a lowered nf_conntrack_max back "
+               "([persist] defend).\n# TYPE ctguard_max_defended_total counter\n")
+    out.append(f"ctguard_max_defended_total {defended_total}\n")
+    return "".join(out)

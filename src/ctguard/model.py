@@ -92,6 +92,7 @@ class Sample:
     limits: KernelLimits
     namespaces: tuple[NamespaceReading, ...]
     shape: TableShape | None = None  # taken only when a bump would pass the guard's ceiling
+    resizing: int | None = None     # buckets a hashsize resize in flight (beside the loop) asks for
     # (netns inode, ((relief timeout key, seconds), ...)): read only for a namespace relief looks at
     timeouts: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
 
@@ -341,3 +342,4 @@ class Outcome:
     detail: str = ""
     read_back: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    pending: bool = False           # handed to a worker beside the loop; its real outcome comes later

@@ -36,6 +36,7 @@ class Watch:
     interval: float = 1.0
     fast_interval: float = 0.1
     namespaces: str = "all"
+    guard_rate: float = 100000.0    # new flows/s a table with headroom is sampled fast enough to catch
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Relief:
 class Buckets:
     manage: bool = True
     ratio: int = 4
+    resize: str = "calm"    # when the run-time resize happens: "calm", "at-once", "never"
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class Persist:
     stable_for: float = 600.0
     sysctl_file: Path = Path("/etc/sysctl.d/90-ctguard.conf")
     modprobe_file: Path = Path("/etc/modprobe.d/ctguard.conf")
+    update_initramfs: bool = False  # run update-initramfs -u after writing the modprobe file (nf_conntrack in the initramfs)
+    defend: bool = True             # set a max another tool lowered back (enforce mode, once per [bump] cooldown)
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("watch", "interval"): (_NUM, _between(0, 3600, True), "a number of seconds > 0 and <= 3600"),
     ("watch", "fast_interval"): (_NUM, _between(0.01, 3600), "a number of seconds >= 0.01 and <= 3600"),
     ("watch", "namespaces"): (str, {"all", "host"}, 'one of "all", "host"'),
+    ("watch", "guard_rate"): (_NUM, _between(0, 10_000_000), "new flows per second between 0 (off) and 10000000"),
     ("thresholds", "warn"): (_NUM, _between(0, 1, True), "a fill ratio > 0 and <= 1"),
     ("thresholds", "sustain"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("thresholds", "act"): (_NUM, _between(0, 1, True), "a fill ratio > 0 and <= 1"),
@@ -237,10 +242,13 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("guard", "sample_budget"): (_NUM, _between(0.001, 5), "seconds between 0.001 and 5"),
     ("buckets", "manage"): (bool, None, "true or false"),
     ("buckets", "ratio"): (int, _between(1, 64), "an integer between 1 and 64"),
+    ("buckets", "resize"): (str, {"calm", "at-once", "never"}, 'one of "calm", "at-once", "never"'),
     ("persist", "mode"): (str, {"immediate", "stable", "never"}, 'one of "immediate", "stable", "never"'),
     ("persist", "stable_for"): (_NUM, _between(0, 7 * 86400), "seconds between 0 and 604800"),
     ("persist", "sysctl_file"): (str, "abspath", "an absolute path"),
     ("persist", "modprobe_file"): (str, "abspath", "an absolute path"),
+    ("persist", "update_initramfs"): (bool, None, "true or false"),
+    ("persist", "defend"): (bool, None, "true or false"),
     ("evidence", "dir"): (str, "abspath", "an absolute path"),
     ("evidence", "keep"): (int, _between(1, 100000), "an integer between 1 and 100000"),
     ("evidence", "max_bytes"): (int, _between(1 << 20, 1 << 50), "bytes, at least 1048576"),

@@ -143,6 +143,24 @@ def _timeout_advice(policy: Policy) -> list[dict]:
     except OSError:
         raised = []
     return relief.timeout_advice(store.seen, dict(hostrole.DEFAULT_TIMEOUTS), raised)
+    for note in a.get("boot_notes", []):   # a later file, the command line or the initramfs (issue 16)
+        lines.append(f"Note: {note}")
+    return "\n".join(lines)
+
+
+def _boot_notes(policy: Policy) -> list[str]:
+    """What would keep the advice from holding at boot: a file that overrides ctguard's, the initramfs."""
+    from ctguard import bootreport
+
+    try:
+        boot = bootreport.build(policy)
+    except OSError:
+        return []
+    notes = [s.message() for s in boot.view.shadows]
+    advice = boot.initramfs.advice() if boot.initramfs is not None else None
+    if advice:
+        notes.append(advice)
+    return notes
 
 
 def main(policy: Policy, as_json: bool = False) -> int:
@@ -165,5 +183,6 @@ def main(policy: Policy, as_json: bool = False) -> int:
         history = history.with_(persisted_max=persisted)   # a file written by an older ctguard, or by hand
     advice = advise(policy, peaks, cur_max, cur_buckets, obj, now.wall, history, mem, now)
     advice["timeouts"] = _timeout_advice(policy)
+    advice["boot_notes"] = _boot_notes(policy)
     print(json.dumps(advice, indent=2, sort_keys=True) if as_json else render(advice))
     return 0

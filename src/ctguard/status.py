@@ -31,7 +31,7 @@ class StatusView:
 
 
 def build(policy: Policy, sample: Sample, history: History, now: Instant, role=None,
-          timeouts: list | None = None, last_bundle: dict | None = None) -> StatusView:
+          timeouts: list | None = None, last_bundle: dict | None = None, boot=None) -> StatusView:
     lim = sample.limits
     upper, binding = upper_bound(policy, lim)
     namespaces = sorted(sample.namespaces, key=lambda n: n.count, reverse=True)
@@ -73,6 +73,9 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
     relieved = relief.rows(policy, history.relief, now)
     if relieved:
         problems.append((WARNING, f"timeout relief active in {len({r['netns'] for r in relieved})} namespace(s)"))
+    if boot is not None:   # a bootreport.BootReport: what the next boot keeps of ctguard's values
+        for s in boot.view.shadows:
+            problems.append((WARNING, f"{s.file} overrides ctguard's {s.key} at boot ({s.value})"))
     code = max((c for c, _ in problems), default=OK)
     worst_txt = f"{worst.name} {fill:.1%}" if worst else "no namespace"
     reasons = "; ".join(m for _, m in problems)
@@ -118,7 +121,27 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
                             for t in (timeouts or [])],
         "last_bundle": last_bundle,
     }
+    if boot is not None:
+        data["boot"] = boot.as_dict()
+        data["boot"]["lines"] = boot.text_lines(policy.buckets.manage)
     return StatusView(code, headline, data)
+
+
+def with_boot(view: StatusView, boot, policy: Policy) -> StatusView:
+    """A view the daemon built, with what the next boot keeps added here (bootreport.BootReport,
+    read by the CLI like the host role): a shadowed file is a WARNING."""
+    data = dict(view.data)
+    data["boot"] = boot.as_dict()
+    data["boot"]["lines"] = boot.text_lines(policy.buckets.manage)
+    extra = [f"{s.file} overrides ctguard's {s.key} at boot ({s.value})" for s in boot.view.shadows]
+    if not extra:
+        return StatusView(view.code, view.headline, data)
+    code = max(view.code, WARNING) if view.code != UNKNOWN else view.code
+    data["problems"] = list(data.get("problems", [])) + extra
+    data["status"], data["code"] = LABELS[code], code
+    head = view.headline.replace(f"CTGUARD {LABELS[view.code]} ", f"CTGUARD {LABELS[code]} ", 1)
+    head = head[:-1] + f"; {'; '.join(extra)})" if head.endswith(")") else head + f" ({'; '.join(extra)})"
+    return StatusView(code, head, data)
 
 
 def render_text(view: StatusView) -> str:
@@ -172,6 +195,7 @@ def render_text(view: StatusView) -> str:
         top = last.get("top_finding")
         lines.append(f"last bundle: {last['id']}" + (f" - {top['severity']} {top['id']}: {top['summary']}" if top
                                                       else " - no finding"))
+    lines.extend((d.get("boot") or {}).get("lines", []))
     if d["last_bumps"]:
         lines.append("last bumps:")
         for b in d["last_bumps"]:

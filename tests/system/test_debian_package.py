@@ -110,6 +110,9 @@ TEST_POLICY = textwrap.dedent(f"""\
 
     [persist]
     mode = "immediate"
+    # The test lowers max by hand under the running daemon (room for a flood, a max the kernel
+    # lost before a restart); with defend on, ctguard would set it straight back.
+    defend = false
     """)
 BAD_POLICY = TEST_POLICY.replace(f"ceiling = {TEST_CEILING}", 'ceiling = "lots"')
 LOW_MAX = 4096
@@ -614,6 +617,9 @@ def check_restarts_upgrade_remove(m: Machine, debs: dict[str, Path], phase: Phas
         assert before["bump_budget_left"] < TEST_MAX_PER_HOUR, before
         assert after["bump_budget_left"] <= before["bump_budget_left"], (before, after)
 
+    with phase("boot values: a later sysctl.d file shadows ctguard's"):
+        check_boot_values(m, phase)
+
     with phase("bad policy at start: exit 78, no restart loop"):
         m.write("/etc/ctguard/policy.toml", BAD_POLICY)
         m.run("systemctl", "restart", "ctguard.service", check=False, timeout=60)
@@ -731,6 +737,43 @@ def piuparts(base: Path, suite: str, deb: Path, work: Path, phase: Phases) -> No
     assert out.returncode == 0, f"piuparts failed:\n{out.stdout[-8000:]}{out.stderr[-2000:]}"
 
 
+def check_boot_values(m: Machine, phase: Phases) -> None:
+    """Issue 16: the usual tuning advice's 99-conntrack-tuning.conf sorts after 90-ctguard.conf and
+    wins at boot; status (text and JSON), check-policy, the journal and the metric say so, and the
+    model's file order is the one systemd 257 itself reads (`systemd-analyze cat-config`)."""
+    tuning = "/etc/sysctl.d/99-conntrack-tuning.conf"
+    persisted = _persisted_max(m.run("cat", "/etc/sysctl.d/90-ctguard.conf").stdout)
+    lower = persisted // 2
+    m.write(tuning, f"# the usual tuning advice\nnet.netfilter.nf_conntrack_max = {lower}\n")
+    try:
+        code, data = m.status_json()
+        assert code >= 1, data["problems"]
+        shadowed = data["boot"]["shadowed"]
+        assert [(s["file"], s["value"], s["ours_value"]) for s in shadowed] == [(tuning, str(lower), str(persisted))], data["boot"]
+        assert data["boot"]["max"]["file"] == tuning and data["boot"]["max"]["value"] == lower
+        text = m.run("ctguard", "status", check=False).stdout
+        assert f"SHADOWED: {tuning} sets net.netfilter.nf_conntrack_max = {lower}" in text, text
+        check = m.run("ctguard", "check-policy", "/etc/ctguard/policy.toml").stdout
+        assert f"warning: {tuning} sets" in check and "[persist] sysctl_file" in check, check
+        shadow_id = _message_id("PERSIST_SHADOWED")
+        # node_exporter's folder, so that the unit's ReadWritePaths=-... takes it at the restart;
+        # a started daemon looks at the boot files in its first turn.
+        m.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
+        m.run("systemctl", "restart", "ctguard.service", timeout=60)
+        assert m.wait_active() == "active", m.journal()
+        assert wait_for(lambda: any(e.get("CTGUARD_FILE") == tuning for e in m.entries(shadow_id)), 15), m.journal()
+        prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
+        assert wait_for(lambda: f'ctguard_persist_shadowed{{file="{tuning}"}} {lower}' in
+                        m.run("cat", prom, check=False).stdout, 15), m.run("cat", prom, check=False).stdout
+        model = m.run("python3", "-c", "from ctguard import bootvalues as b; "
+                      "print('\\n'.join(c.path for c in b.conf_files('/', b.SYSCTL_DIRS)))").stdout.split()
+        cat = [line[2:] for line in m.run("systemd-analyze", "cat-config", "--no-pager", "sysctl.d").stdout.splitlines()
+               if line.startswith("# /") and line.endswith(".conf")]
+        assert model == cat, (model, cat)
+        phase.say(f"boot order (systemd-analyze cat-config = model): {' '.join(cat)}")
+    finally:
+        m.run("rm", "-f", tuning)
+        m.run("systemctl", "reload", "ctguard.service", timeout=60)
 def control_socket(m: Machine, phase: Phases) -> None:
     """`systemctl reload` with a bad policy exits non-zero and STATUS= says so; with the file
     broken, `ctguard status` and `ctguard bump` are answered by the daemon's policy in force, and

@@ -1,0 +1,472 @@
+#!/usr/bin/env python3
+"""What a hashsize resize costs: ctguard's loop during one, and new flows during one.
+
+    sudo python3 bench/bench_resize.py [--entries 1000000] [--runs 3] [--probe-sizes 262144,1000000]
+    sudo python3 bench/bench_resize.py --quick        # tiny (the smoke test)
+    sudo python3 bench/bench_resize.py --parts loop --src /path/to/old/src   # the loop, older code
+
+Part "loop" (issue 15 item 3). A hidden namespace holds --entries UDP flows (the kernel's hash
+is global: a resize rehashes every namespace's entries, ~0.4 us each), in a namespace the
+daemon does not see (its own mount namespace shows it only the host and namespace B). Per run,
+fresh: nf_conntrack_max = 65,536, hashsize = 32,768, B pre-filled to 65,000 entries; then
+`ctguard run` with `[buckets] ratio = 1` (it wants 65,536 buckets, so its first turn resizes the
+whole table), `act = 1.0`, `horizon = 0`, `cooldown = 0`, NOTIFY_SOCKET and WATCHDOG_USEC =
+100 ms (a ping is due every 50 ms). As soon as the daemon starts that resize (its log says so),
+2,000 new flows go to B: the table is full, the kernel prints `table full`, ctguard bumps (and,
+at ratio 1, resizes again). Measured from the daemon's start to 3 s after the bump:
+
+  wd gap       largest gap between two WATCHDOG=1 pings (ms)
+  ticker       the control: largest gap of a process that only sleeps 2 ms at a time (ms); when
+               it is as large as `wd gap`, nothing ran on the machine (the kernel held both CPUs:
+               new flows spin on the bucket locks the resize holds), not ctguard's loop
+  status       `ctguard status --json` wall time, back to back (ms, median and max; a new
+               Python each call, ~150 ms of it start-up), and, when the code under test has
+               a control socket, the daemon's answer to `status` on it (ms)
+  full->bump   the kernel's first table-full line of the run (/dev/kmsg timestamp on
+               CLOCK_MONOTONIC, as bench_journal_latency.py does) to the raised max (polled
+               every ms)
+  resize ms    the daemon's resize: its log line to the hashsize change (polled every ms)
+
+Modes: `never` (`[buckets] resize = "never"`: the same run without the daemon's resize, the
+baseline) and `at-once` (the resize in every run); with --src, the code there runs
+instead (its policy without the `resize` key), to show the loop before the resize moved off it.
+
+Part "probe" (item 4). New-flow latency from a probe: one UDP datagram from a fresh source port
+(so a new conntrack entry) to an echo server in the tracked receiver and back, every ~1 ms. Per
+--probe-sizes N: the receiver filled with N flows, then the probe for 1.5 s at max/buckets =
+each of --chains (4, 8, 16, 64; hashsize = N / chain; with the kernel's `chaintoolong` counter,
+new flows refused because their bucket chain passed 50-80 tuples), and the probe during one resize from
+N/4 to N/2 buckets (what a x2 bump asks for at ratio 4). p50 / p99 / max RTT, probes slower
+than 10 ms, and each p50 as a ratio to the chain-4 row (the ratio ctguard keeps).
+
+Holds the tests' kernel lock for the whole run; restores nf_conntrack_max and hashsize; deletes
+its namespaces. Needs root, and a journald for the full->bump column (tests/journald.py starts one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import SRC, clean_exit_on_signals, Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
+
+from kernelenv import get_buckets, netns_pair, saved_kernel_values, set_max  # noqa: E402
+
+B_MAX = 2048
+B_FILL = 2000
+B_BURST = 2000
+START_BUCKETS = 262144
+RAISE_TO = 1048576
+WATCHDOG_USEC = 100_000
+
+ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(64)
+    s.sendto(data, peer)
+"""
+
+# A control: a process that only sleeps 2 ms at a time and records when it woke. A gap here
+# means the machine ran nothing for that long (both CPUs held by the kernel), not ctguard's loop.
+TICKER = r"""
+import json, sys, time
+end = time.monotonic() + float(sys.argv[1]); out = []
+while time.monotonic() < end:
+    time.sleep(0.002); out.append(time.monotonic())
+print(json.dumps(out))
+"""
+
+# One new flow per probe: an explicit, never reused source port. Prints [[t_sent, rtt], ...].
+PROBE = r"""
+import json, socket, sys, time
+dst, port, first, seconds, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+out, sport, end = [], first, time.monotonic() + seconds
+while time.monotonic() < end and sport < 65535:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", sport)); sport += 1
+    s.settimeout(3.0)
+    t = time.monotonic()
+    try:
+        s.sendto(b"p", (dst, port)); s.recv(16); out.append([t, time.monotonic() - t])
+    except OSError as exc:
+        out.append([t, None, type(exc).__name__])
+    s.close()
+    time.sleep(gap)
+print(json.dumps(out))
+"""
+
+
+def chaintoolong(pair) -> int:
+    """New flows the kernel refused for a too-long bucket chain (only ctnetlink reports it)."""
+    out = pair.exec(pair.receiver, "conntrack", "-S", check=False).stdout
+    return sum(int(w.split("=")[1]) for w in out.split() if w.startswith("chaintoolong="))
+
+
+def ns_sysctl(pair, key: str, value: str) -> None:
+    pair.exec(pair.receiver, "sysctl", "-qw", f"{key}={value}")
+
+
+def fill(pair, n: int, senders: int, first_port: int = 1) -> None:
+    Flood(pair, n, 0, senders=senders, first_port=first_port).wait(timeout=600)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+# --- part "loop" ------------------------------------------------------------------------------
+
+def policy_body(mode: str, old_src: bool, control_sock: Path | None) -> str:
+    body = ("[thresholds]\nact = 1.0\nhorizon = 0\n[bump]\nceiling = 4194304\ncooldown = 0\nmax_per_hour = 60\n"
+            "[buckets]\nratio = 1\n")
+    if not old_src:
+        body += f'resize = "{mode}"\n'
+    if control_sock is not None:
+        body += f'[control]\nsocket = "{control_sock}"\n'
+    return body
+
+
+class Pings:
+    """WATCHDOG=1 datagrams on our NOTIFY_SOCKET, timestamped on arrival."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.path = path
+        self.times: list[float] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop:
+            if select.select([self.sock], [], [], 0.2)[0]:
+                if b"WATCHDOG=1" in self.sock.recv(4096):
+                    self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+class StatusLoop:
+    """`ctguard status --json` every ~0.3 s (and the control socket's `status`, if any), timed."""
+
+    def __init__(self, policy: Path, src: Path, control_sock: Path | None) -> None:
+        self.cli: list[tuple[float, float]] = []     # (started, seconds)
+        self.sock: list[tuple[float, float]] = []
+        self._stop = False
+        self._policy, self._src, self._control = policy, src, control_sock
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(self._src)}
+        request = None
+        if self._control is not None:
+            sys.path.insert(0, str(self._src))
+            from ctguard.control import request  # type: ignore[no-redef]
+        while not self._stop:
+            t = time.monotonic()
+            subprocess.run([sys.executable, "-m", "ctguard", "status", "--json", "--policy", str(self._policy)],
+                           env=env, capture_output=True, timeout=30)
+            self.cli.append((t, time.monotonic() - t))
+            if request is not None and self._control.exists():
+                for _ in range(10):
+                    t = time.monotonic()
+                    try:
+                        request(str(self._control), "status", timeout=2.0)
+                    except Exception:
+                        continue
+                    self.sock.append((t, time.monotonic() - t))
+                    time.sleep(0.02)
+            time.sleep(0.3)     # back to back, the CLI's start-up alone would load the 2 cores
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(60)
+
+
+def loop_run(mode: str, args, tmp: Path, run: int, tap, burst_on: bool) -> dict:
+    """One run: steady daemon; at T the max goes to RAISE_TO (the daemon wants RAISE_TO buckets at
+    ratio 1 and resizes the whole table); with burst_on, at T + 150 ms max goes back to B_MAX and
+    B gets B_BURST new flows (unpaced) (B is sparse in the hash: early_drop fails, the kernel drops and says
+    `table full` as soon as the rehash lets the flows in)."""
+    from bench_journal_latency import kmsg_offset
+    from ctguard.journal import match_kernel_line
+
+    folder = tmp / f"{mode}-{'burst' if burst_on else 'quiet'}-{run}"
+    folder.mkdir(parents=True)
+    src = Path(args.src) if args.src else SRC
+    control_sock = folder / "control.sock" if (src / "ctguard/control.py").exists() else None
+    policy = write_policy(folder, policy_body(mode, bool(args.src), control_sock))
+    with netns_pair("ctgb") as b:
+        set_max(B_MAX)
+        kernelenv.HASHSIZE.write_text(str(START_BUCKETS))    # the bench's own resize: not measured
+        ns_sysctl(b, "net.netfilter.nf_conntrack_udp_timeout", "600")
+        fill(b, B_FILL, 1)
+        offset = kmsg_offset(tap) if tap is not None else None
+        pings = Pings(folder / "notify.sock")
+        env = {"NOTIFY_SOCKET": str(pings.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        daemon = Daemon(policy, only_netns=[b.sender, b.receiver], env=env, src=src)
+        status = None
+        fd = os.open(kernelenv.PROC_MAX, os.O_RDONLY)
+        hfd = os.open(kernelenv.HASHSIZE, os.O_RDONLY)
+        raised = burst = burst_at = resize_end = bumped = None
+        try:
+            daemon.__enter__()
+            status = StatusLoop(policy, src, control_sock)
+            time.sleep(1.0)                     # steady: pings flowing, the status loop running
+            ticker = subprocess.Popen([sys.executable, "-c", TICKER, "6.0"], stdout=subprocess.PIPE, text=True)
+            if burst_on:
+                burst = Flood(b, B_BURST, 0, first_port=40000)     # its senders start at start_at
+                burst_at = burst.start_at
+                time.sleep(max(0.0, burst_at - 0.15 - time.monotonic()))
+            raised = time.monotonic()
+            set_max(RAISE_TO)
+            lowered = False
+            deadline = raised + 20
+            while time.monotonic() < deadline:
+                now = time.monotonic()
+                if burst is not None and not lowered and now >= burst_at - 0.005:
+                    set_max(B_MAX)
+                    lowered = True
+                if resize_end is None and int(os.pread(hfd, 32, 0)) != START_BUCKETS:
+                    resize_end = now
+                if lowered and bumped is None and int(os.pread(fd, 32, 0)) != B_MAX:
+                    bumped = now
+                resized = resize_end is not None and now - resize_end > 2.0
+                if (resized or (mode == "never" and now - raised > 3.0)) and (not burst_on or bumped is not None):
+                    break
+                time.sleep(0.001)
+            if burst is not None:
+                burst.wait()
+            ticks = json.loads(ticker.communicate(timeout=60)[0])
+        finally:
+            os.close(fd)
+            os.close(hfd)
+            if status is not None:
+                status.close()
+            daemon.stop()
+            pings.close()
+            if args.keep_logs:
+                Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                (Path(args.keep_logs) / f"{folder.name}.log").write_text(daemon.log.read_text())
+        first_line = None
+        if tap is not None and burst_at is not None:
+            for rec in tap.read():
+                if (rec.facility == 0 and match_kernel_line(rec.message)
+                        and rec.usec / 1e6 + offset >= burst_at - 0.05):
+                    first_line = rec.usec / 1e6 + offset
+                    break
+        window = [t for t in pings.times if t >= raised - 0.2] if raised else []
+        gaps = [y - x for x, y in zip(window, window[1:])]
+        tw = [t for t in ticks if raised is not None and raised - 0.2 <= t <= (window[-1] if window else t)]
+        tgaps = [y - x for x, y in zip(tw, tw[1:])]
+        in_window = lambda xs: [d * 1000 for t, d in xs if raised is not None and t >= raised - 0.2]  # noqa: E731
+        return {
+            "mode": mode, "burst": burst_on, "run": run, "pings": len(window),
+            "wd_gap_ms": max(gaps) * 1000 if gaps else None,
+            "ticker_gap_ms": max(tgaps) * 1000 if tgaps else None,
+            "status_ms": in_window(status.cli) if status else [], "status_sock_ms": in_window(status.sock) if status else [],
+            "full_to_bump_ms": (bumped - first_line) * 1000 if bumped and first_line else None,
+            "resize_end_ms": (resize_end - raised) * 1000 if resize_end and raised else None,
+            "line_ms": (first_line - raised) * 1000 if first_line and raised else None,
+        }
+
+
+def part_loop(args, tmp: Path) -> list[dict]:
+    tap = None
+    jd = None
+    try:
+        from journald import Journald, journald_unavailable_reason
+        from ctguard.journal import KmsgTap
+        if journald_unavailable_reason() is None:
+            jd = Journald()
+            jd.start()
+            tap = KmsgTap()
+    except (ImportError, OSError) as exc:
+        print(f"# no journald or /dev/kmsg ({exc}): no full->bump column", flush=True)
+    modes = ["old"] if args.src else [m for m in args.modes.split(",") if m]
+    bursts = [x == "burst" for x in args.loop_cases.split(",") if x]
+    out = []
+    f = lambda v: f"{v:.0f}" if v is not None else "-"  # noqa: E731
+    try:
+        with netns_pair("ctga") as hidden:
+            # The hidden namespace's flows make the (global) hash big; the daemon never sees them.
+            set_max(int(args.entries * 1.1) + 1024)
+            kernelenv.HASHSIZE.write_text(str(START_BUCKETS))
+            ns_sysctl(hidden, "net.netfilter.nf_conntrack_udp_timeout", "600")
+            fill(hidden, args.entries, 2)
+            print(f"\n# loop: {hidden.count()} entries in a namespace the daemon does not see; B holds {B_FILL} of max "
+                  f"{B_MAX}, hashsize {START_BUCKETS}; at T max -> {RAISE_TO} (ratio 1: the daemon resizes the whole "
+                  f"table); burst: at T+150 ms max -> {B_MAX} and {B_BURST} new flows into B. WATCHDOG_USEC "
+                  f"{WATCHDOG_USEC} (a ping due every {WATCHDOG_USEC / 2000:.0f} ms). Times in ms from T. "
+                  f"Code: {args.src or SRC}")
+            print(f"{'mode':<8} {'case':<5} {'run':>3} {'pings':>5} {'wd gap':>6} {'ticker':>6} {'status med/max':>14} "
+                  f"{'sock med/max':>12} {'resize end':>10} {'line':>5} {'full->bump':>10}", flush=True)
+            for run in range(args.runs):
+                for burst_on in bursts:
+                    for mode in modes:
+                        t = time.monotonic()
+                        r = loop_run(mode, args, tmp, run, tap, burst_on)
+                        out.append(r)
+                        st, ss = r["status_ms"], r["status_sock_ms"]
+                        fb = f"{r['full_to_bump_ms']:.1f}" if r["full_to_bump_ms"] is not None else "-"
+                        print(f"{mode:<8} {'burst' if burst_on else 'quiet':<5} {run + 1:>3} {r['pings']:>5} "
+                              f"{f(r['wd_gap_ms']):>6} {f(r['ticker_gap_ms']):>6} "
+                              f"{(f'{statistics.median(st):.0f}/{max(st):.0f}' if st else '-'):>14} "
+                              f"{(f'{statistics.median(ss):.1f}/{max(ss):.1f}' if ss else '-'):>12} "
+                              f"{f(r['resize_end_ms']):>10} {f(r['line_ms']):>5} "
+                              f"{fb:>10}",
+                              flush=True)
+                        # net_ratelimit: 10 lines per 5 s; give every run a fresh first line.
+                        time.sleep(max(0.0, t + 6.0 - time.monotonic()))
+    finally:
+        if tap is not None:
+            tap.close()
+        if jd is not None:
+            jd.stop()
+    return out
+
+
+# --- part "probe" -----------------------------------------------------------------------------
+
+def probe(pair, seconds: float, first_port: int, during=None) -> list[list]:
+    proc = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", PROBE, pair.receiver_addr, "7",
+                             str(first_port), str(seconds), "0.001"], stdout=subprocess.PIPE, text=True)
+    window = None
+    if during is not None:
+        time.sleep(seconds / 3)
+        t = time.monotonic()
+        during()
+        window = (t, time.monotonic())
+    out, _ = proc.communicate(timeout=seconds + 60)
+    return json.loads(out), window
+
+
+def summary(samples: list[list]) -> dict:
+    rtts = [x[1] for x in samples if x[1] is not None]
+    lost = sum(1 for x in samples if x[1] is None)
+    errors = sorted({x[2] for x in samples if len(x) > 2})
+    return {"n": len(samples), "lost": lost, "p50": pct(rtts, 0.5) * 1e3 if rtts else None,
+            "p99": pct(rtts, 0.99) * 1e3 if rtts else None, "max": max(rtts) * 1e3 if rtts else None,
+            "slow": sum(1 for r in rtts if r > 0.010), "errors": errors}
+
+
+def part_probe(args) -> list[dict]:
+    out = []
+    chains = [int(c) for c in args.chains.split(",") if c]
+    print(f"\n# probe: a new UDP flow per probe (fresh source port) to an echo server in the tracked receiver, "
+          f"every ~1 ms; p50/p99/max RTT in ms; slow = probes over 10 ms", flush=True)
+    print(f"{'entries':>9} {'case':<22} {'probes':>6} {'p50':>7} {'p99':>7} {'max':>8} {'slow':>5} {'p50 ratio':>9} "
+          f"{'chaintoolong':>5}", flush=True)
+    for n in [int(x) for x in args.probe_sizes.split(",") if x]:
+        with netns_pair("ctgq") as pair:
+            set_max(int(n * 1.1) + 1024)
+            kernelenv.HASHSIZE.write_text(str(max(1024, n // 4)))
+            ns_sysctl(pair, "net.netfilter.nf_conntrack_udp_timeout", "600")
+            fill(pair, n, 2)
+            echo = subprocess.Popen(["ip", "netns", "exec", pair.receiver, sys.executable, "-c", ECHO, "7"],
+                                    stdout=subprocess.PIPE, text=True)
+            try:
+                echo.stdout.readline()
+                entries = pair.count()
+                port = 40000
+                base = None
+                rows = []
+                for c in chains:
+                    kernelenv.HASHSIZE.write_text(str(max(1024, n // c)))
+                    before = chaintoolong(pair)
+                    samples, _ = probe(pair, args.probe_seconds, port)
+                    port += len(samples) + 10
+                    s = summary(samples)
+                    s["chaintoolong"] = chaintoolong(pair) - before
+                    base = base or s["p50"]
+                    rows.append((f"max/buckets {c}", s))
+                kernelenv.HASHSIZE.write_text(str(max(1024, n // 4)))
+                buckets = get_buckets()
+                took = {}
+
+                def resize() -> None:
+                    t = time.perf_counter()
+                    kernelenv.HASHSIZE.write_text(str(buckets * 2))
+                    took["ms"] = (time.perf_counter() - t) * 1000
+
+                samples, window = probe(pair, args.probe_seconds * 2, port, during=resize)
+                s = summary(samples)
+                inside = [x[1] for x in samples if x[1] is not None and window[0] - 0.002 <= x[0] <= window[1]]
+                s["in_window"] = len(inside)
+                rows.append((f"resize x2 ({took['ms']:.0f} ms)", s))
+                for name, s in rows:
+                    if s["p50"] is None:
+                        print(f"{entries:>9} {name:<22} {s['n']:>6} all lost: {', '.join(s['errors'])}; "
+                              f"chaintoolong +{s.get('chaintoolong', '?')}", flush=True)
+                        out.append({"entries": entries, "case": name, **s})
+                        continue
+                    ratio = s["p50"] / base if base else float("nan")
+                    print(f"{entries:>9} {name:<22} {s['n']:>6} {s['p50']:>7.3f} {s['p99']:>7.3f} {s['max']:>8.1f} "
+                          f"{s['slow']:>5} {ratio:>8.2f}x {s.get('chaintoolong', '-'):>5}", flush=True)
+                    out.append({"entries": entries, "case": name, **s})
+            finally:
+                echo.kill()
+                echo.wait()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="loop,probe")
+    ap.add_argument("--entries", type=int, default=1_000_000, help="hidden entries for the loop part")
+    ap.add_argument("--runs", type=int, default=3, help="runs per mode in the loop part")
+    ap.add_argument("--modes", default="never,at-once")
+    ap.add_argument("--loop-cases", default="quiet,burst", help="quiet: the resize alone; burst: with new flows")
+    ap.add_argument("--src", help="run the daemon from this src/ folder (older code, no `resize` key)")
+    ap.add_argument("--probe-sizes", default="262144,1000000")
+    ap.add_argument("--chains", default="4,8,16,64")
+    ap.add_argument("--probe-seconds", type=float, default=1.5)
+    ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--keep-logs", help="copy each daemon's log into this folder")
+    ap.add_argument("--quick", action="store_true", help="tiny tables, one run (the smoke test)")
+    args = ap.parse_args()
+    clean_exit_on_signals()
+    if args.quick:
+        args.entries, args.runs, args.probe_sizes, args.chains, args.probe_seconds = 20000, 1, "20000", "4,16", 0.3
+    if os.geteuid() != 0:
+        print("bench_resize: needs root (namespaces, nf_conntrack_max, hashsize)", file=sys.stderr)
+        return 77
+    reason = kernelenv.kernel_ready()
+    if reason:
+        print(f"bench_resize: {reason}", file=sys.stderr)
+        return 77
+    print(header())
+    results: dict = {}
+    parts = args.parts.split(",")
+    with tempfile.TemporaryDirectory(prefix="ctguard-resize-") as tmp, saved_kernel_values():
+        if "loop" in parts:
+            results["loop"] = part_loop(args, Path(tmp))
+        if "probe" in parts:
+            results["probe"] = part_probe(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
