@@ -349,7 +349,6 @@ class Daemon:
             self.events.emit("incident-end", incident_text.end_message(ended), **incident_text.end_fields(ended))
             # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
             self._queued.append((Capture("incident-end", ended.netns), decision, incident_text.summary(ended)))
-        self._launch_captures()
         self.persistwatch.after_turn(sample, outcomes)
         extra_drops = sum(1 + e.suppressed for e in kernel_events if not e.backlog)
         # While the kernel rehashes, an fsync waits for it (ctguard.resize): files wait too.
@@ -365,6 +364,8 @@ class Daemon:
                 self._deferred.add("state")
             else:
                 self._safe(self.store.save_history, self.history, what="state")
+        # Captures start once the bump is on record (state file) and the recorder holds this turn.
+        self._launch_captures()
         self.last_sample = sample
         if not rehashing:
             self._write_metrics(sample)
