@@ -139,7 +139,8 @@ def unit_entries(unit: str, message_id: str, since: float) -> list[dict]:
 
 def test_manual_bumps_go_through_the_daemon_and_are_journaled_under_its_unit(tmp_path: Path, journald) -> None:
     unit = f"ctguard-test-{os.getpid()}-bump.service"
-    policy = policy_file(tmp_path, "stable")
+    # No growth prediction: the --lower part floods a little, and only the operator may move max here.
+    policy = policy_file(tmp_path, "stable", extra="[thresholds]\nhorizon = 0")
     sysctl = tmp_path / "etc/sysctl.d/90-ctguard.conf"
     since = time.time() - 1
     with saved_kernel_values(), netns_pair() as pair, service_cgroup(unit) as cgroups:
@@ -171,7 +172,7 @@ def test_manual_bumps_go_through_the_daemon_and_are_journaled_under_its_unit(tmp
             assert refused["ceiling"]["CTGUARD_NEW_MAX"] == "70000"
 
             # --lower: refused below the live count / act, done (and persisted at once) above it.
-            pair.flood_udp(3400, rate=20000)
+            pair.flood_udp(3400, rate=2000)
             assert wait_for(lambda: pair.count() >= 3400, 5)
             floor = -(-pair.count() * 100 // 85)
             low = ctguard("bump", "--to", str(floor - 1), "--lower", "--policy", str(policy))
