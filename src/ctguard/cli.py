@@ -48,12 +48,14 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         print(policy_mod.effective(policy), end="")
     else:
         print(policy_mod.summary(policy))
+    # --effective output is itself a policy (diffable, loadable): its warnings are TOML comments.
+    prefix = "# warning: " if args.effective else "warning: "
     for w in policy_mod.warnings_for(policy, kernel_max):
-        print(f"warning: {w}")
+        print(f"{prefix}{w}")
     boot = _boot_report(policy)
     if boot is not None:
         for w in boot.warnings(policy):
-            print(f"warning: {w}")
+            print(f"{prefix}{w}")
     return EX_OK
 
 
