@@ -128,29 +128,6 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
     return 0.0, math.inf
 
 
-def growth_rate(history: History, sample: Sample, inode: int) -> float:
-    """Entries per second in namespace `inode` (not used by decide(): it uses one rate,
-    `current_rate`, for triggering, sizing and reporting).
-
-    The smaller of two slopes: over the whole RATE_WINDOW (steady, but it remembers a burst
-    for seconds after it stopped) and since the previous sample (current, but noisy). A
-    steady ramp shows in both; a burst that has stopped shows in only one, and must not keep
-    projecting growth that is no longer there.
-    """
-    now = sample.at.boot
-    current = next((demand(ns) for ns in sample.namespaces if ns.inode == inode), None)
-    if current is None:
-        return 0.0
-    slopes = []
-    usable = [(t, dict(counts).get(inode)) for t, counts in history.points if 0.0 < now - t <= RATE_WINDOW]
-    usable = [(t, c) for t, c in usable if c is not None]
-    if not usable:
-        return 0.0
-    for t, before in (usable[0], usable[-1]):
-        slopes.append((current - before) / (now - t))
-    return min(slopes)
-
-
 def _bumps_in_last_hour(history: History, now: Instant) -> int:
     return sum(1 for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply") and now.since(b.at) < HOUR)
 
