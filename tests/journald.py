@@ -229,3 +229,35 @@ def journald() -> Iterator[Journald]:
         yield handle
     finally:
         handle.stop()
+
+
+def journal_entries(**match: str) -> list[dict]:
+    from systemd import journal
+
+    r = journal.Reader()
+    r.this_boot()
+    for k, v in match.items():
+        r.add_match(**{k: v})
+    r.seek_head()
+    return list(r)
+
+
+# The daemon's sd_notify messages, received the way systemd would (NOTIFY_SOCKET).
+class NotifySocket:
+    def __init__(self, folder: Path) -> None:
+        self.path = str(folder / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def drain(self, until, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+            if until(self.messages):
+                return True
+        return until(self.messages)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from journald import journald  # noqa: F401  (fixture)
+from journald import NotifySocket
 from kernelenv import get_buckets, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max, wait_for
 from test_daemon_kernel import SRC, ctguard
 
@@ -223,24 +224,6 @@ def test_another_policys_daemon_is_not_asked(tmp_path: Path, journald) -> None:
             daemon.stop()
 
 
-class NotifySocket:
-    def __init__(self, folder: Path) -> None:
-        self.path = str(folder / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-
-    def drain(self, until, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-            if until(self.messages):
-                return True
-        return until(self.messages)
 
 
 def test_a_rejected_reload_fails_loudly_and_status_and_bump_keep_working(tmp_path: Path, journald) -> None:

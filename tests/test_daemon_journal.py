@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from journald import journald  # noqa: F401  (fixture)
+from journald import NotifySocket, journal_entries
 from kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_values, set_max, wait_for
 from test_daemon_kernel import SRC, Running, write_policy
 
@@ -29,15 +30,6 @@ SLOW = "[watch]\ninterval = 60\nfast_interval = 60\n[thresholds]\nwarn = 0.99\na
 RATELIMIT_WINDOW = 5.5
 
 
-def journal_entries(**match: str) -> list[dict]:
-    from systemd import journal
-
-    r = journal.Reader()
-    r.this_boot()
-    for k, v in match.items():
-        r.add_match(**{k: v})
-    r.seek_head()
-    return list(r)
 
 
 def test_table_full_line_is_met_by_a_bump_within_a_second(tmp_path: Path, journald) -> None:
@@ -116,24 +108,6 @@ def test_lines_written_while_down_are_history(tmp_path: Path, journald) -> None:
             assert status["table_full_events"] >= 1, "counted as history"
 
 
-class NotifySocket:
-    def __init__(self, folder: Path) -> None:
-        self.path = str(folder / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-
-    def drain(self, until, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-            if until(self.messages):
-                return True
-        return until(self.messages)
 
 
 def test_sd_notify_ready_status_watchdog_reload_stop(tmp_path: Path, journald) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from journald import journald  # noqa: F401  (fixture)
+from journald import journal_entries
 from kernelenv import get_buckets, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max, wait_for
 from test_daemon_kernel import Running, ctguard, write_policy
 
@@ -159,15 +160,6 @@ def test_recommend_after_drops_counts_them_and_never_advises_less_than_the_defau
         assert "drops seen: yes" in text and "do not edit that file" in text and "drop-in" in text
 
 
-def journal_entries(**match: str) -> list[dict]:
-    from systemd import journal
-
-    r = journal.Reader()
-    r.this_boot()
-    for k, v in match.items():
-        r.add_match(**{k: v})
-    r.seek_head()
-    return list(r)
 
 
 def test_incident_start_and_end_are_journaled_and_status_warns_after_the_bump(tmp_path: Path, journald) -> None:
