@@ -149,7 +149,7 @@ def test_syn_flood_stopped_by_the_guard_is_relieved(tmp_path: Path, journald) ->
             flood = background(syn_flood)
             try:
                 assert wait_for(lambda: sysctl(pair, "tcp_syn_sent") == 5, 25), daemon.output()
-                assert get_max() == 4096, "the guard held the table at its ceiling"
+                assert get_max() == 4096, ("the guard held the table at its ceiling", daemon.output())
                 t0, d0 = time.monotonic(), pair.drops()
                 time.sleep(1.0)
                 early_rate = (pair.drops() - d0) / (time.monotonic() - t0)

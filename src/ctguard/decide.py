@@ -400,6 +400,11 @@ def _last_ok_bump_at(history: History) -> Instant | None:
     return ok[-1].at if ok else None
 
 
+# A look "cannot tell yet" when at least one entry in this many has its own source: the source
+# count is bounded by the table's size, not by the traffic (a few busy clients give far fewer).
+UNSETTLED_SOURCES = 2
+
+
 def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | None) -> str | None:
     """Why the growth in namespace `inode` looks like an attack, or None.
 
@@ -407,6 +412,12 @@ def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | 
     drops (garbage traffic, not new work), or a look into the table (`sample.shape`) finds
     most entries never answered or half-open, from many sources (a spoofed SYN or UDP flood;
     a burst from a few busy clients has few sources and passes).
+
+    A look that cannot tell yet counts as attack-shaped too: mostly unanswered, nearly every
+    entry from its own source, but fewer entries than [guard] min_sources (a spoofed flood
+    caught in its first half-second). Letting that bump pass would take max past the guard's
+    ceiling for good on the very traffic the guard is for; holding it there until the next
+    look costs a legitimate burst one sample, since the table is still far below full.
     """
     g = policy.guard
     if not g.enabled or inode is None:
@@ -425,6 +436,12 @@ def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | 
             and shape.share >= g.suspicious_share and shape.sources >= g.min_sources):
         return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
                 f"from {shape.sources} or more sources")
+    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
+            and shape.share >= g.suspicious_share and shape.sources < g.min_sources
+            and shape.sources * UNSETTLED_SOURCES >= shape.seen):
+        return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
+                f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
+                f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell")
     return None
 
 
