@@ -3,6 +3,7 @@ that runs a resize beside the loop (one in flight, outcome read back and handed 
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 from dataclasses import replace
@@ -163,6 +164,38 @@ def test_one_resize_in_flight(tmp_path: Path):
     r.launch()      # nothing queued: nothing runs
     assert calls == [2048] and not r.running()
     r.close()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to keep the loop off")
+def test_the_loop_keeps_off_the_rehashing_cpu(tmp_path: Path):
+    """While the kernel rehashes (preemption off on the worker's CPU) the loop's thread may not be
+    queued there; once the outcome is collected it may run anywhere again."""
+    k = kernel_tree(tmp_path)
+    gate = threading.Event()
+    seen = {}
+    before = os.sched_getaffinity(0)
+
+    def write(n: int) -> int:
+        seen["worker"] = os.sched_getaffinity(0)
+        gate.wait(5.0)
+        return k.write_hashsize(n)
+
+    r = Resizer(write)
+    r.start(SetBuckets(1024, 2048, "t"))
+    try:
+        r.launch()
+        loop = os.sched_getaffinity(0)
+        gate.set()
+        assert wait_readable(r.fileno())
+        [done] = r.collect()
+        assert done.ok
+        assert len(seen["worker"]) == 1 and not (seen["worker"] & loop) and loop | seen["worker"] == before
+        assert os.sched_getaffinity(0) == before
+    finally:
+        gate.set()
+        r.wait(5.0)
+        os.sched_setaffinity(0, before)
+        r.close()
 
 
 def test_a_queued_resize_never_launched_is_dropped_at_stop(tmp_path: Path):

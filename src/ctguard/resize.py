@@ -12,6 +12,12 @@ returns at once. `start` only queues it; the loop calls `launch` once the turn's
 written, and writes no file while the kernel rehashes: with softirqs held off on one CPU for
 the whole rehash, an fsync (its I/O completion) waited for it (bench/bench_resize.py: a turn's
 state save took 422 ms during a 1,000,000-entry resize).
+
+The rehash also holds that CPU with preemption off: a thread queued on it waits for the end.
+The worker wakes the loop as it starts (Thread.start waits for it), and the scheduler puts the
+woken loop on the waker's CPU: the loop then missed its watchdog pings for 35-140 ms of a
+1,000,000-entry resize. So while a resize runs, the worker keeps to one CPU and the loop's
+thread to the others (`_Pinning`; nothing to do on a single CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +32,44 @@ from ctguard.model import Outcome, SetBuckets
 Write = Callable[[int], int]        # writes hashsize, returns the value read back; raises OSError
 
 
+class _Pinning:
+    """The loop's thread off the worker's CPU while a resize runs (Linux: affinity is per thread,
+    pid 0 is the calling thread). Every step is best effort: a refused affinity only costs latency."""
+
+    def __init__(self) -> None:
+        self._saved: set[int] | None = None
+        self.worker_cpu: int | None = None
+
+    def loop_off(self) -> None:
+        """In the loop's thread, before the worker starts."""
+        try:
+            cpus = os.sched_getaffinity(0)
+            if len(cpus) < 2:
+                return
+            worker = max(cpus)
+            os.sched_setaffinity(0, cpus - {worker})
+        except (AttributeError, OSError):
+            return
+        self._saved, self.worker_cpu = cpus, worker
+
+    def worker_on(self) -> None:
+        """In the worker thread, before the write."""
+        if self.worker_cpu is not None:
+            try:
+                os.sched_setaffinity(0, {self.worker_cpu})
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        """In the loop's thread, once the worker is done."""
+        if self._saved is not None:
+            try:
+                os.sched_setaffinity(0, self._saved)
+            except OSError:
+                pass
+        self._saved = self.worker_cpu = None
+
+
 class Resizer:
     """Runs `write(new)` for one SetBuckets at a time in a thread; `collect()` returns outcomes."""
 
@@ -36,6 +80,7 @@ class Resizer:
         self._thread: threading.Thread | None = None
         self._action: SetBuckets | None = None      # queued or running
         self._done: list[Outcome] = []
+        self._pin = _Pinning()
         self.started_at: float | None = None
 
     def fileno(self) -> int:
@@ -69,11 +114,13 @@ class Resizer:
         if self._action is None or self._thread is not None:
             return
         self.started_at = time.monotonic()
+        self._pin.loop_off()
         self._thread = threading.Thread(target=self._run, args=(self._action,), name="ctguard-resize", daemon=True)
         self._thread.start()
 
     def _run(self, action: SetBuckets) -> None:
         took = 0.0
+        self._pin.worker_on()
         t = time.monotonic()
         try:
             got = self._write(action.new)
@@ -106,6 +153,7 @@ class Resizer:
         if done:
             if self._thread is not None:
                 self._thread.join()
+                self._pin.restore()
             self._thread = None
             self._action = None
             self.started_at = None
