@@ -13,7 +13,7 @@ from ctguard import metrics, persist
 from ctguard import policy as policy_mod
 from ctguard import status as status_mod
 from ctguard.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
-from ctguard.kernel import Kernel, KernelWriteError, parse_stat_table
+from ctguard.kernel import Kernel, KernelWriteError, parse_stat_entries, parse_stat_table
 from ctguard.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample
 from ctguard.state import Peak, PeakRecorder, StateStore
 
@@ -158,6 +158,32 @@ def test_parse_stat_table_sums_cpus_and_reads_entries() -> None:
     assert entries == 0xABC
     assert d["drop"] == 0x1A and d["invalid"] == 5 and d["search_restart"] == 3 and d["insert_failed"] == 1
     assert "entries" not in d
+
+
+def test_parse_stat_entries_reads_the_first_row_only() -> None:
+    assert parse_stat_entries(STAT.encode()) == 0xABC
+    assert parse_stat_entries(STAT.encode()[:300]) == 0xABC, "a tick reads only the start of the file"
+
+
+def test_tick_counts_match_the_full_sample() -> None:
+    """A tick's count-only read of a namespace holding 300 flows gives the count the full sample
+    parses, from the same open file (UDP entries live 30 s: the count holds still meanwhile)."""
+    from kernelenv import kernel_ready, netns_pair
+    from ctguard.netns import NamespaceRef, StatReaders
+
+    if kernel_ready() is not None:
+        pytest.skip(str(kernel_ready()))
+    with netns_pair() as pair:
+        pair.flood_udp(300)
+        ino = pair.receiver_inode
+        readers = StatReaders()
+        try:
+            assert readers.refresh([NamespaceRef(ino, pair.receiver, f"/run/netns/{pair.receiver}", None)]) == []
+            readings, failed = readers.read()
+            counts = readers.counts()
+        finally:
+            readers.close()
+        assert not failed and counts == {ino: readings[0].count} and counts[ino] >= 290
 
 
 def test_kernel_reads_limits_from_a_tree(tmp_path: Path) -> None:

@@ -391,17 +391,6 @@ def test_fast_sampling_under_pressure_or_steep_growth():
     assert next_interval(p, steep) == 0.1
 
 
-@pytest.mark.parametrize("max_, count, expected", [
-    (262144, 100, 1.0),                     # 222,700 entries to act: 2.2 s at 100k/s, so watch.interval
-    (8192, 100, (6963 - 100) / 100000),     # bench_ramp's table: fills to act in 69 ms at guard_rate 100k/s
-    (8192, 6000, 0.1),                      # above warn, not growing: fast_interval
-    (2048, 1400, 0.02),                     # never below MIN_GUARD_INTERVAL
-])
-def test_idle_interval_shrinks_with_headroom(max_, count, expected):
-    p = pol()
-    assert next_interval(p, decide(p, sample(10, max_, count), History(), at(10))) == pytest.approx(expected)
-
-
 def test_buckets_for():
     assert buckets_for(pol(), 16384) == 4096
     assert buckets_for(pol("[buckets]\nratio = 3"), 10000) == 3334

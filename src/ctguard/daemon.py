@@ -40,6 +40,8 @@ from ctguard.model import RestoreTimeout, ShortenTimeout, TrimEntries
 from ctguard.relief_io import ReliefActor, ReliefStore, read_timeouts
 from ctguard.resize import Resizer
 from ctguard.sizing import p99
+from ctguard import ticks
+from ctguard.ticks import Ticks
 from ctguard.state import PEAK_DAYS, PeakRecorder, StateStore
 from ctguard.persistwatch import PersistWatch
 
@@ -147,6 +149,8 @@ class Daemon:
         self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
         self.started_at = time.time()
         self._labels: dict = {}                 # inode -> NamespaceReading of the last sample (names in entries)
+        self._ticks: Ticks | None = None        # count-only reads until the next full turn (ctguard.ticks)
+        self._quiet: tuple[float, dict[int, int]] | None = None  # the last tick that woke nothing
 
     def _note_p99(self) -> None:
         """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
@@ -196,12 +200,14 @@ class Daemon:
             log.warning("%s", warning)
         self._open_journal()
         next_sample = time.monotonic()
+        next_tick = next_sample
         wd = self.notifier.watchdog_interval()
         next_watchdog = time.monotonic()
         try:
             while self.running:
                 now = time.monotonic()
-                wake = next_sample if not wd else min(next_sample, next_watchdog)
+                wake = next_sample if self._ticks is None else min(next_sample, next_tick)
+                wake = wake if not wd else min(wake, next_watchdog)
                 journal_timeout = self.follower.timeout() if self.follower else None
                 timeout = max(0.0, wake - now)
                 if journal_timeout is not None:
@@ -224,11 +230,16 @@ class Daemon:
                 if not self.running:
                     break
                 now = time.monotonic()
+                if not kernel_events and now < next_sample and self._ticks is not None and now >= next_tick:
+                    next_tick = now + self._ticks.every
+                    if self._tick():
+                        next_sample = now      # a count rose: a full turn now
                 if kernel_events or now >= next_sample:
                     if self.follower is not None and not kernel_events:
                         kernel_events = self._read_journal()   # a safety net for a missed wake-up
                     interval = self._turn(kernel_events)
                     next_sample = time.monotonic() + interval
+                    next_tick = time.monotonic() + (self._ticks.every if self._ticks else 0.0)
                 self.resizer.launch()   # after the turn's files are written (ctguard.resize)
                 if wd and time.monotonic() >= next_watchdog:
                     # Only a loop that gets here pings: a stuck loop lets systemd's watchdog fire.
@@ -237,6 +248,19 @@ class Daemon:
         finally:
             self._stop()
         return 0
+
+    def _tick(self) -> bool:
+        """A count-only read between full turns; True when it wakes a full turn now. The quiet
+        tick before the wake is the reference of that turn's rate (ticks.note_quiet)."""
+        assert self._ticks is not None
+        counts = self.observer.counts()
+        at = self.clock.now().boot
+        if ticks.woken(self._ticks, counts) is None:
+            self._quiet = (at, counts)
+            return False
+        if self._quiet is not None:
+            self.history = ticks.note_quiet(self.history, self._ticks, *self._quiet)
+        return True
 
     def _kernel_max(self) -> int | None:
         try:
@@ -284,6 +308,7 @@ class Daemon:
 
     def _turn(self, kernel_events: list[TableFull]) -> float:
         """One observe-decide-act-record turn; returns the seconds until the next one."""
+        self._ticks = None      # planned again at the end of a turn that completes
         for reason, code, out in self.children.reap():
             if code == 0 and out:
                 top = self._diagnose(out.splitlines()[-1])
@@ -374,6 +399,7 @@ class Daemon:
         if not self.ready:
             self.notifier.ready()
             self.ready = True
+        self._ticks, self._quiet = ticks.plan(self.policy, sample, decision), None
         return next_interval(self.policy, decision)
 
     def _resize_done(self, outcomes: list[Outcome]) -> None:

@@ -57,6 +57,10 @@ class Observer:
             self._last_discovery = -1e9
         return Sample(self.clock.now(), limits, tuple(readings))
 
+    def counts(self) -> dict[int, int]:
+        """{inode: entries} of every namespace being sampled (a tick: no limits, no stats)."""
+        return self.readers.counts()
+
     def shape(self, inode: int, guard) -> TableShape:
         """A time-bounded look into one namespace's table: how much of it is unanswered or
         half-open, and from how many sources. Failures are reported in the shape, not raised."""
