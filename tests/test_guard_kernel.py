@@ -28,10 +28,15 @@ def test_syn_flood_stops_at_the_guard_ceiling(tmp_path: Path) -> None:
             assert get_max() == 8192, "no table handed to a spoofed flood past the guard's ceiling"
             state = json.loads((tmp_path / "state/state.json").read_text())
             assert max(b["new"] for b in state["bumps"] if b["ok"]) == 8192
+
+            def bundles() -> list[dict]:
+                return json.loads(ctguard("bundles", "list", "--json", "--policy", str(policy)).stdout)
+
+            # The bump's capture runs beside the daemon (seconds on a loaded machine): wait for it
+            # to complete before stopping the daemon, or the list shows it half-written.
+            assert wait_for(lambda: any(b["complete"] and ("guard" in b["reason"] or "bump" in b["reason"])
+                                        for b in bundles()), 60), (bundles(), daemon.output())
         assert pair.drops() > 0, "the flood really was bigger than the guard allowed"
-        bundles = ctguard("bundles", "list", "--json", "--policy", str(policy))
-        reasons = [b.get("reason", "") for b in json.loads(bundles.stdout)]
-        assert any("guard" in r or "bump" in r for r in reasons), bundles.stdout
 
 
 def test_udp_burst_of_the_same_size_is_bumped(tmp_path: Path) -> None:
