@@ -8,10 +8,12 @@ its namespaces (their timeouts go with them); the host's UDP timeout is checked,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,22 @@ def set_sysctl(pair, key: str, value: int) -> None:
     pair.exec(pair.receiver, "sh", "-c", f"echo {value} > /proc/sys/net/netfilter/nf_conntrack_{key}_timeout")
 
 
+@contextlib.contextmanager
+def udp_raised() -> Iterator:
+    """The kernel lock held and every value restored after, a fresh namespace pair, max at MAX
+    and the receiver's UDP timeout raised to 600 s (what relief shortens)."""
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(MAX)
+        set_sysctl(pair, "udp", 600)
+        yield pair
+
+
+def relieve(pair, daemon) -> None:
+    """A burst past act at the ceiling: relief shortens the receiver's UDP timeout to 5 s."""
+    pair.flood_udp(6000, rate=3000)
+    assert wait_for(lambda: sysctl(pair, "udp") == 5, 20), daemon.output()
+
+
 def background(fn, *args, **kw) -> threading.Thread:
     t = threading.Thread(target=fn, args=args, kwargs=kw, daemon=True)
     t.start()
@@ -74,9 +92,7 @@ def test_udp_flood_relieved_in_its_namespace_and_undone_when_calm(tmp_path: Path
     policy = write_policy(tmp_path, POLICY.replace("MODE", "enforce"))
     host_before = HOST_UDP.read_text()
     start = time.time()
-    with saved_kernel_values(), netns_pair() as pair:
-        set_max(MAX)
-        set_sysctl(pair, "udp", 600)
+    with udp_raised() as pair:
         with Running(policy) as daemon:
             # 600 new flows/s until told to stop (2 s rounds, each from a new source port): under
             # 600 s the table is full in 7 s and drops for good; under 5 s it holds ~3,000
@@ -167,12 +183,9 @@ def test_syn_flood_stopped_by_the_guard_is_relieved(tmp_path: Path, journald) ->
 def test_sigkill_during_relief_then_restart_restores(tmp_path: Path) -> None:
     """(c) SIGKILL during relief; the next start puts the originals back."""
     policy = write_policy(tmp_path, POLICY.replace("MODE", "enforce").replace("calm_for = 3", "calm_for = 3600"))
-    with saved_kernel_values(), netns_pair() as pair:
-        set_max(MAX)
-        set_sysctl(pair, "udp", 600)
+    with udp_raised() as pair:
         with Running(policy) as daemon:
-            pair.flood_udp(6000, rate=3000)
-            assert wait_for(lambda: sysctl(pair, "udp") == 5, 20), daemon.output()
+            relieve(pair, daemon)
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait()
         assert sysctl(pair, "udp") == 5, "killed: nothing could undo it yet"
@@ -187,12 +200,9 @@ def test_sigkill_during_relief_then_restart_restores(tmp_path: Path) -> None:
 
 def test_operator_change_during_relief_wins(tmp_path: Path) -> None:
     policy = write_policy(tmp_path, POLICY.replace("MODE", "enforce"))
-    with saved_kernel_values(), netns_pair() as pair:
-        set_max(MAX)
-        set_sysctl(pair, "udp", 600)
+    with udp_raised() as pair:
         with Running(policy) as daemon:
-            pair.flood_udp(6000, rate=3000)
-            assert wait_for(lambda: sysctl(pair, "udp") == 5, 20), daemon.output()
+            relieve(pair, daemon)
             set_sysctl(pair, "udp", 45)             # the operator's own decision
             assert wait_for(lambda: not json.loads((tmp_path / "state/relief.json").read_text())["active"], 30), \
                 daemon.output()
@@ -204,9 +214,7 @@ def test_advise_and_observe_change_nothing(tmp_path: Path, mode: str, relief_mod
     """(d) advise mode and observe mode: the same flood, no timeout changed, advice written."""
     policy = write_policy(tmp_path, f'mode = "{mode}"\n' + POLICY.replace("MODE", relief_mode))
     start = time.time()
-    with saved_kernel_values(), netns_pair() as pair:
-        set_max(MAX)
-        set_sysctl(pair, "udp", 600)
+    with udp_raised() as pair:
         with Running(policy) as daemon:
             pair.flood_udp(6000, rate=3000)
             assert wait_for(lambda: "relief would lower nf_conntrack_udp_timeout 600 -> 5" in daemon.output()
@@ -231,12 +239,9 @@ def _advised(pair, since: float) -> bool:
 def test_reload_turning_relief_off_restores_at_once(tmp_path: Path) -> None:
     """SIGHUP with relief.mode = "off": the originals are back without waiting for calm_for."""
     policy = write_policy(tmp_path, POLICY.replace("MODE", "enforce").replace("calm_for = 3", "calm_for = 3600"))
-    with saved_kernel_values(), netns_pair() as pair:
-        set_max(MAX)
-        set_sysctl(pair, "udp", 600)
+    with udp_raised() as pair:
         with Running(policy) as daemon:
-            pair.flood_udp(6000, rate=3000)
-            assert wait_for(lambda: sysctl(pair, "udp") == 5, 20), daemon.output()
+            relieve(pair, daemon)
             policy.write_text(policy.read_text().replace('mode = "enforce"', 'mode = "off"'))
             daemon.proc.send_signal(signal.SIGHUP)
             assert wait_for(lambda: sysctl(pair, "udp") == 600, 5), daemon.output()
