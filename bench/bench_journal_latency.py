@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
 
-from ctguard.journal import KmsgTap, match_kernel_line  # noqa: E402
+from ctguard.host.journal import KmsgTap, match_kernel_line  # noqa: E402
 from kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 POLICY = """

@@ -55,7 +55,7 @@ def count_entries(pid: int, log: Path) -> dict[str, int]:
     """ctguard's own entries by kind: from the journal, or from stderr where journald is absent."""
     from collections import Counter
 
-    from ctguard.events import KINDS
+    from ctguard.host.events import KINDS
 
     by_id = {k.message_id: name for name, k in KINDS.items()}
     kinds: Counter[str] = Counter()

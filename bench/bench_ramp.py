@@ -50,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, stat_totals, write_policy  # noqa: E402
 
-from ctguard.netns import open_in_namespace  # noqa: E402
+from ctguard.host.netns import open_in_namespace  # noqa: E402
 from kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 
@@ -137,9 +137,9 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
 
 def resize_costs(entries: int, senders: int) -> dict:
     """Fill one namespace to `entries` (max raised first, hashsize at max/4 as ctguard keeps it),
-    then time, as the daemon does them (ctguard.kernel: write, read back): nf_conntrack_max
+    then time, as the daemon does them (ctguard.host.kernel: write, read back): nf_conntrack_max
     writes, and one hashsize resize to twice its size (what a x2 bump asks for)."""
-    from ctguard.kernel import Kernel
+    from ctguard.host.kernel import Kernel
 
     k = Kernel()
     with netns_pair("ctgz") as pair:

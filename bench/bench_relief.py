@@ -24,8 +24,8 @@ Columns:
                     below act again ("-": never, during the flood)
   daemon HWM        the daemon's peak RSS (VmHWM): the trims run in a child, so it must not grow
 Then the trim itself: N unanswered UDP entries under a 600 s timeout, capped to 10 s by
-`python3 -m ctguard.relief_trim` (one pass, no bounds hit): seconds, entries/s, the child's
-peak RSS, against `python3 -c "import ctguard.daemon"`'s.
+`python3 -m ctguard.host.trim` (one pass, no bounds hit): seconds, entries/s, the child's
+peak RSS, against `python3 -c "import ctguard.daemon.loop"`'s.
 The benchmark holds the tests' kernel lock and restores nf_conntrack_max and hashsize.
 """
 
@@ -117,11 +117,11 @@ def trim_cost(entries: int) -> dict:
         kernelenv.wait_for(lambda: pair.count() >= entries * 0.99, 10)
         found = pair.count()
         env = {"PYTHONPATH": str(benchlib.SRC), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        out = subprocess.run([*env_py, "-m", "ctguard.relief_trim", "--netns-path", f"/run/netns/{pair.receiver}",
+        out = subprocess.run([*env_py, "-m", "ctguard.host.trim", "--netns-path", f"/run/netns/{pair.receiver}",
                               "--timeout", "udp=10", "--max-entries", str(entries * 2), "--budget", "60"],
                              capture_output=True, text=True, env=env, check=True).stdout
         report = json.loads(out.strip().splitlines()[-1])
-        base = subprocess.run([*env_py, "-c", "import ctguard.daemon, resource; "
+        base = subprocess.run([*env_py, "-c", "import ctguard.daemon.loop, resource; "
                                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                               capture_output=True, text=True, env=env, check=True).stdout
         report["entries_in_table"] = found
@@ -166,7 +166,7 @@ def main() -> int:
     rate = trim["changed"] / max(1e-9, trim["seconds"])
     print(f"\ntrim: {trim['changed']:,} of {trim['entries_in_table']:,} entries capped in {trim['seconds']} s "
           f"({rate:,.0f}/s, pyroute2 import included); child peak RSS {trim['max_rss_kb'] / 1024:.1f} MB "
-          f"vs {trim['daemon_import_rss_kb'] / 1024:.1f} MB for `import ctguard.daemon`")
+          f"vs {trim['daemon_import_rss_kb'] / 1024:.1f} MB for `import ctguard.daemon.loop`")
     return 0
 
 

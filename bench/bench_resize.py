@@ -32,7 +32,7 @@ and the CLI run byte-compiled (PYTHONPYCACHEPREFIX), as installed. Per run, from
                it is as large as `wd gap`, nothing ran on the machine (the kernel held both CPUs:
                new flows spin on the bucket locks the resize holds), not ctguard's loop
   sock         the daemon's answer to `status` on its control socket, requests 5 ms apart
-               (ctguard.control.request of the code under test): p50/max of those started from
+               (ctguard.control.protocol.request of the code under test): p50/max of those started from
                T to the end of the resize (`never`: T to T + 500 ms), how many, failures
   cli med      `ctguard status --json` wall time every ~0.3 s, median (ms; a new Python each
                call, most of it start-up: for reference, not the loop's latency)
@@ -233,7 +233,7 @@ class StatusLoop:
 
     def _sock(self) -> None:
         sys.path.insert(0, str(self._src))
-        from ctguard.control import request  # the code under test's client side
+        from ctguard.control.protocol import request  # the code under test's client side
         while not self._stop:
             t = time.monotonic()
             try:
@@ -267,7 +267,7 @@ def loop_run(mode: str, args, tmp: Path, run: int, tap, case: str, hidden) -> di
     new flows starts: table full, a bump to the ceiling (STORM_CEILING: max/buckets 8), which
     wants a resize of the whole table while new flows still arrive."""
     from bench_journal_latency import kmsg_offset
-    from ctguard.journal import match_kernel_line
+    from ctguard.host.journal import match_kernel_line
 
     folder = tmp / f"{mode}-{case}-{run}"
     folder.mkdir(parents=True)
@@ -431,7 +431,7 @@ def part_loop(args, tmp: Path) -> list[dict]:
     jd = None
     try:
         from journald import Journald, journald_unavailable_reason
-        from ctguard.journal import KmsgTap
+        from ctguard.host.journal import KmsgTap
         if journald_unavailable_reason() is None:
             jd = Journald()
             jd.start()

@@ -10,7 +10,7 @@ samples), then read back as `bundles show` / `bundles report` read it.
 
 Part 1, review of one bundle (milliseconds, best of --rounds):
   parse       read and parse the bundle's files (manifest/evidence TOML, timeline JSON): the baseline
-  diagnose    ctguard.diagnose.diagnose() + verdict() on the parsed data
+  diagnose    ctguard.core.diagnose.diagnose() + verdict() on the parsed data
   show        the whole `bundles show` text (load + diagnose + render)
   report      the whole `bundles report` HTML (load + diagnose + render)
   goal: diagnose + report under 1 s
@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import tomli_w  # noqa: E402
 
-from ctguard.diagnose import diagnose, verdict  # noqa: E402
+from ctguard.core.diagnose import diagnose, verdict  # noqa: E402
 from ctguard.evidence.bundle import table_to_toml  # noqa: E402
-from ctguard.evidence.ctnetlink import Aggregator  # noqa: E402
+from ctguard.host.ctnetlink import Aggregator  # noqa: E402
 from ctguard.evidence.report import render  # noqa: E402
 from ctguard.evidence.review import load, render_text  # noqa: E402
-from ctguard.model import Capture, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Sample, SetMax  # noqa: E402
-from ctguard.recorder import FlightRecorder  # noqa: E402
+from ctguard.core.model import Capture, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Sample, SetMax  # noqa: E402
+from ctguard.daemon.recorder import FlightRecorder  # noqa: E402
 
 
 def sample(t: float, counts: list[int], kmax: int, drops: int) -> Sample:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from ctguard.clock import Clock  # noqa: E402
-from ctguard.kernel import Kernel, parse_stat_table  # noqa: E402
-from ctguard.netns import StatReaders, discover  # noqa: E402
-from ctguard.observe import DISCOVER_EVERY, Observer  # noqa: E402
+from ctguard.host.clock import Clock  # noqa: E402
+from ctguard.host.kernel import Kernel, parse_stat_table  # noqa: E402
+from ctguard.host.netns import StatReaders, discover  # noqa: E402
+from ctguard.host.observe import DISCOVER_EVERY, Observer  # noqa: E402
 
 
 def make_namespaces(n: int, tag: str) -> list[str]:

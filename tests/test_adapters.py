@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import metrics, persist
-from ctguard import policy as policy_mod
-from ctguard import status as status_mod
-from ctguard.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
-from ctguard.kernel import Kernel, KernelWriteError, parse_stat_entries, parse_stat_table
-from ctguard.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample
-from ctguard.state import Peak, PeakRecorder, StateStore
+from ctguard.daemon import metrics
+from ctguard.boot import persist
+from ctguard.config import policy as policy_mod
+from ctguard.core import status as status_mod
+from ctguard.store.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
+from ctguard.host.kernel import Kernel, KernelWriteError, parse_stat_entries, parse_stat_table
+from ctguard.core.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.store.state import Peak, PeakRecorder, StateStore
 
 STAT = """entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
 00000abc  00000000 00000001 00000000 00000002 00000000 00000000 00000000 00000000 00000000 0000000a 00000001 00000000  00000000 00000000 00000000 00000003
@@ -169,7 +170,7 @@ def test_tick_counts_match_the_full_sample() -> None:
     """A tick's count-only read of a namespace holding 300 flows gives the count the full sample
     parses, from the same open file (UDP entries live 30 s: the count holds still meanwhile)."""
     from kernelenv import kernel_ready, netns_pair
-    from ctguard.netns import NamespaceRef, StatReaders
+    from ctguard.host.netns import NamespaceRef, StatReaders
 
     if kernel_ready() is not None:
         pytest.skip(str(kernel_ready()))
@@ -269,7 +270,7 @@ def test_status_on_a_terminal_has_bars_and_sparklines() -> None:
 
 
 def test_recommend_from_recorded_peaks() -> None:
-    from ctguard import recommend
+    from ctguard.cli import recommend
 
     MB128 = 128 << 20       # the kernel's default here: 1,024 (the floor does not hide the peak sizing)
     p = policy_mod.loads("[bump]\nceiling = 65536", "t.toml")
@@ -312,7 +313,7 @@ def test_metrics_label_units_and_containers() -> None:
     ],
 )
 def test_cgroup_labels(tmp_path: Path, cgroup: str, unit, container) -> None:
-    from ctguard.cgroups import labels_of
+    from ctguard.host.cgroups import labels_of
 
     (tmp_path / "42").mkdir()
     (tmp_path / "42/cgroup").write_text(cgroup)

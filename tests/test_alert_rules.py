@@ -26,8 +26,8 @@ def test_rules_unit_tests_pass() -> None:
 def test_alerts_only_use_metrics_ctguard_writes() -> None:
     import re
 
-    from ctguard import metrics
-    from ctguard.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.daemon import metrics
+    from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
 
     sample = Sample(Instant(1.0, 1.0, "b"), KernelLimits(8192, 2048, 256, 1 << 30, 1 << 29),
                     (NamespaceReading(1, "host", 1, (("drop", 0),)),))

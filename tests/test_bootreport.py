@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import bootreport, initramfs, metrics
-from ctguard import policy as policy_mod
-from ctguard import status as status_mod
-from ctguard.model import History, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.boot import report as bootreport
+from ctguard.boot import initramfs
+from ctguard.daemon import metrics
+from ctguard.config import policy as policy_mod
+from ctguard.core import status as status_mod
+from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
 
 
 def put(root: Path, path: str, text: str) -> Path:

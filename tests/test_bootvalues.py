@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import bootvalues as bv
+from ctguard.boot import values as bv
 
 OURS = "/etc/sysctl.d/90-ctguard.conf"
 OURS_MP = "/etc/modprobe.d/ctguard.conf"

@@ -13,9 +13,10 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from ctguard import metrics, policy as policy_mod
-from ctguard.cli import build_parser
-from ctguard.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.daemon import metrics
+from ctguard.config import policy as policy_mod
+from ctguard.cli.main import build_parser
+from ctguard.core.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ROOT / "docs" / "contract.md"
@@ -48,7 +49,7 @@ def rendered() -> str:
 def written_metrics() -> dict[str, str]:
     """{metric: where it is written}: whatever render() writes, plus every `ctguard_...` name in
     the source (a metric written by another module, or only in some states, counts too)."""
-    found = {name: "src/ctguard/metrics.py" for name in re.findall(r"^# TYPE (\S+) ", rendered(), re.M)}
+    found = {name: "src/ctguard/daemon/metrics.py" for name in re.findall(r"^# TYPE (\S+) ", rendered(), re.M)}
     for path in sorted(SRC.rglob("*.py")):
         for name in re.findall(r"\bctguard_[a-z][a-z0-9_]*\b", path.read_text()):
             if name not in NOT_METRICS:

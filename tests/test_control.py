@@ -1,4 +1,4 @@
-"""The control socket's protocol (ctguard.control) over a real Unix socket.
+"""The control socket's protocol (ctguard.control.protocol) over a real Unix socket.
 
 The server runs in a loop of its own here (a thread standing in for the daemon's loop); the
 daemon's own use of it is tested in test_control_daemon.py against a running `ctguard run`.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import control
-from ctguard.control import ControlBusy, ControlError, ControlServer, request
+from ctguard.control import protocol as control
+from ctguard.control.protocol import ControlBusy, ControlError, ControlServer, request
 
 
 @contextmanager

@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from ctguard import policy as policy_mod
-from ctguard.decide import (
+from ctguard.config import policy as policy_mod
+from ctguard.core.decide import (
     advance, buckets_for, decide, decide_manual, decide_start, memory_cap, next_interval, persist_due_in, round_up,
     wanted_max,
 )
-from ctguard.model import (
+from ctguard.core.model import (
     BumpRecord, Capture, History, Incident, Instant, KernelLimits, NamespaceReading, Outcome, Persist, Refuse, Sample,
     SetBuckets, SetMax, TableFull, Warn,
 )
@@ -398,7 +398,7 @@ def test_buckets_for():
 
 # --- the guard against attack-shaped growth ----------------------------------------------------
 
-from ctguard.model import TableShape  # noqa: E402
+from ctguard.core.model import TableShape  # noqa: E402
 
 GUARD = "[guard]\nceiling = 16384\nmin_sources = 100\n[bump]\nceiling = 1048576"
 NS0 = 4026531000
@@ -472,8 +472,8 @@ def _turn(p, h, smp, events=()):
 
 
 def test_incident_opens_counts_and_ends_after_calm():
-    from ctguard.decide import incident_changes, note_bundle
-    from ctguard.state import history_from_json, history_to_json
+    from ctguard.core.decide import incident_changes, note_bundle
+    from ctguard.store.state import history_from_json, history_to_json
 
     p = pol("[thresholds]\ncalm = 30")
     ns = 4026531000

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ctguard.diagnose import FINDING_IDS, BundleData, diagnose, facts, verdict
+from ctguard.core.diagnose import FINDING_IDS, BundleData, diagnose, facts, verdict
 
 
 def rows(pairs: list[tuple[str, int]], exact: bool = True, tracked: int | None = None) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import pytest
 
 from journald import journald  # noqa: F401  (fixture)
 
-from ctguard import events
-from ctguard.events import KINDS, EventLog, docs_table, kind_of
+from ctguard.host import events
+from ctguard.host.events import KINDS, EventLog, docs_table, kind_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,7 +178,7 @@ def test_no_systemd_module_means_stderr() -> None:
 
 def test_docs_table_is_current() -> None:
     doc = (ROOT / "docs" / "journal.md").read_text()
-    assert docs_table() in doc, "docs/journal.md is out of date: paste ctguard.events.docs_table() into it"
+    assert docs_table() in doc, "docs/journal.md is out of date: paste ctguard.host.events.docs_table() into it"
 
 
 # -- real journald ------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_entries_reach_journald_and_are_findable_by_id(journald) -> None:  # noq
 
 @needs_root
 def test_own_entries_never_trigger_the_follower(journald) -> None:  # noqa: F811
-    from ctguard.journal import JournalFollower
+    from ctguard.host.journal import JournalFollower
 
     f = JournalFollower()
     try:
@@ -249,7 +249,7 @@ def test_real_fallback_without_journald_socket(tmp_path: Path) -> None:
     # container looks like to systemd.journal.send.
     code = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from ctguard.events import EventLog\n"
+        "from ctguard.host.events import EventLog\n"
         "EventLog().emit('bump', 'raised nf_conntrack_max 1 -> 2', CTGUARD_NEW_MAX=2)\n"
     ) % str(ROOT / "src")
     proc = subprocess.run(

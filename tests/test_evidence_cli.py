@@ -13,7 +13,7 @@ import pytest
 
 from kernelenv import needs_kernel, netns_pair
 
-from ctguard.evidence import cli
+from ctguard.cli import bundles as cli
 
 
 def parser() -> argparse.ArgumentParser:

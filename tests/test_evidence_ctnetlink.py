@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctguard.evidence.ctnetlink import Aggregator, Entry, decode_all, iter_entries
+from ctguard.host.ctnetlink import Aggregator, Entry, decode_all, iter_entries
 
 NESTED = 0x8000
 
@@ -151,7 +151,7 @@ def _batch(n: int, start: int = 0) -> bytes:
 
 
 def test_dump_table_streams_batches_through_the_reader() -> None:
-    from ctguard.evidence.ctnetlink import dump_table
+    from ctguard.host.ctnetlink import dump_table
 
     sock = FakeSock([_batch(100), _batch(100, 100), _batch(10, 200) + DONE])
     r = dump_table(None, budget=10, top=3, sock=sock, expected=210)  # type: ignore[arg-type]
@@ -161,7 +161,7 @@ def test_dump_table_streams_batches_through_the_reader() -> None:
 
 
 def test_dump_table_hands_kernel_errors_to_the_caller() -> None:
-    from ctguard.evidence.ctnetlink import dump_table
+    from ctguard.host.ctnetlink import dump_table
 
     err = struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -errno.EPERM) + b"\0" * 16
     with pytest.raises(OSError) as info:
@@ -170,7 +170,7 @@ def test_dump_table_hands_kernel_errors_to_the_caller() -> None:
 
 
 def test_dump_table_budget_zero_reads_one_batch_and_says_so() -> None:
-    from ctguard.evidence.ctnetlink import dump_table
+    from ctguard.host.ctnetlink import dump_table
 
     sock = FakeSock([_batch(50), _batch(50, 50), _batch(50, 100) + DONE])
     r = dump_table(None, budget=0, sock=sock, expected=150)  # type: ignore[arg-type]

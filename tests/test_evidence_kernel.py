@@ -26,7 +26,7 @@ import pytest
 from kernelenv import NetnsPair, get_max, netns_pair, needs_kernel, saved_kernel_values, set_max, wait_for
 
 from ctguard.evidence import capture, export, list_bundles, show
-from ctguard.evidence.ctnetlink import _HDR, RECV_BUFFER, decode_all, dump_table, open_ctnetlink
+from ctguard.host.ctnetlink import _HDR, RECV_BUFFER, decode_all, dump_table, open_ctnetlink
 
 pytestmark = [needs_kernel, pytest.mark.kernel]
 
@@ -309,7 +309,7 @@ def _raw_dump(sock) -> bytes:
 
 
 def test_netns_resolution_by_name_inode_and_pid() -> None:
-    from ctguard.netns import NetnsError, resolve
+    from ctguard.host.netns import NetnsError, resolve
 
     with kernel_free_pair() as pair:
         by_name = resolve(pair.receiver).path

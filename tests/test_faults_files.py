@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import persist
-from ctguard.files import atomic_write
-from ctguard.metrics import render, write
-from ctguard.model import History, Instant, KernelLimits, NamespaceReading, Sample
-from ctguard.state import StateStore
+from ctguard.boot import persist
+from ctguard.store.files import atomic_write
+from ctguard.daemon.metrics import render, write
+from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.store.state import StateStore
 from kernelenv import IS_ROOT, needs_kernel, run
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -76,7 +76,7 @@ def test_full_disk_leaves_every_previous_file_whole(tmp_path: Path) -> None:
 _WRITER = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-from ctguard.files import atomic_write
+from ctguard.store.files import atomic_write
 target = sys.argv[2]
 i = 0
 while True:
@@ -103,10 +103,10 @@ def test_sigkill_at_any_point_leaves_old_or_new_never_torn(tmp_path: Path) -> No
 
 @needs_kernel
 def test_a_namespace_vanishing_mid_sample(tmp_path: Path) -> None:
-    from ctguard.clock import Clock
-    from ctguard.kernel import Kernel
-    from ctguard.netns import NamespaceRef, StatReaders, discover
-    from ctguard.observe import Observer
+    from ctguard.host.clock import Clock
+    from ctguard.host.kernel import Kernel
+    from ctguard.host.netns import NamespaceRef, StatReaders, discover
+    from ctguard.host.observe import Observer
 
     name = f"ctgv{os.getpid()}"
     run("ip", "netns", "add", name)

@@ -41,7 +41,7 @@ def test_numbers_beyond_the_kernels_range_are_refused_before_the_kernel(tmp_path
 
 @pytest.mark.parametrize("spec", ["../../etc", "/etc/passwd", "..", ".hidden", "a/b", "99999999999999999999"])
 def test_netns_values_cannot_leave_run_netns(spec: str) -> None:
-    from ctguard.netns import NetnsError, resolve
+    from ctguard.host.netns import NetnsError, resolve
 
     with pytest.raises(NetnsError):
         resolve(spec)
@@ -112,7 +112,7 @@ def test_planted_symlinks_are_not_followed(tmp_path: Path) -> None:
 @needs_kernel
 def test_forged_journal_fields_from_a_user_do_not_count(tmp_path: Path) -> None:
     """Even root-written /dev/kmsg lines carry a user facility; see test_daemon_journal too."""
-    from ctguard.journal import match_kernel_line
+    from ctguard.host.journal import match_kernel_line
 
     assert match_kernel_line("nf_conntrack: table full, dropping packet") is not None
     assert match_kernel_line("myapp: nf_conntrack: table full, dropping packet") is None

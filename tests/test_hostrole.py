@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import hostrole
+from ctguard.host import hostrole
 
 
 def tree(tmp: Path, forward: str = "0", bridges: tuple[str, ...] = (), cni: tuple[str, ...] = ()) -> dict:
@@ -93,7 +93,7 @@ def test_recommend_reads_the_peaks_the_daemon_recorded(tmp_path: Path) -> None:
     """`ctguard recommend --json` over a state folder as the daemon leaves it."""
     import time as _time
 
-    from ctguard.state import Peak, StateStore
+    from ctguard.store.state import Peak, StateStore
     from test_daemon_kernel import ctguard, write_policy
 
     policy = write_policy(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctguard.journal import (
+from ctguard.host.journal import (
     TableFullMatch,
     journald_available,
     load_cursor,
@@ -267,7 +267,7 @@ FULL = "nf_conntrack: nf_conntrack: table full in netns 42, dropping packet"
 
 
 def follower(entries: list[dict], cursor: str | None = None):
-    from ctguard.journal import JournalFollower
+    from ctguard.host.journal import JournalFollower
 
     reader = FakeReader(entries)
     return JournalFollower(cursor=cursor, reader_factory=lambda: reader, watched_dirs=()), reader
@@ -327,7 +327,7 @@ def test_suppressed_lines_are_attributed_only_after_table_full() -> None:
 
 
 def test_backlog_is_bounded(monkeypatch) -> None:
-    import ctguard.journal as j
+    import ctguard.host.journal as j
 
     monkeypatch.setattr(j, "BACKLOG_LIMIT", 100)
     entries = [entry(i, FULL) for i in range(1, 1002)]

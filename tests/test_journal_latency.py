@@ -27,7 +27,7 @@ import kernelenv
 from journald import journald  # noqa: F401  (fixture)
 from kernelenv import kernel_ready, netns_pair, saved_kernel_values, set_max
 
-from ctguard.journal import JournalFollower
+from ctguard.host.journal import JournalFollower
 
 pytestmark = [
     pytest.mark.kernel,

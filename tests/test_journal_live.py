@@ -14,7 +14,7 @@ import pytest
 from journald import journald  # noqa: F401  (fixture)
 from kernelenv import NetnsPair, kernel_ready, netns_pair, saved_kernel_values, set_max
 
-from ctguard.journal import JournalFollower, TableFullEvent, load_cursor, save_cursor
+from ctguard.host.journal import JournalFollower, TableFullEvent, load_cursor, save_cursor
 
 pytestmark = [
     pytest.mark.kernel,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ctguard.lowered import MaxWatch, defended, judge
-from ctguard.model import Instant
-from ctguard.policy import Policy, loads
+from ctguard.core.lowered import MaxWatch, defended, judge
+from ctguard.core.model import Instant
+from ctguard.config.policy import Policy, loads
 
 
 def at(t: float) -> Instant:
@@ -76,7 +76,7 @@ def test_a_tool_that_lowers_once_a_minute_gets_one_answer_each_time() -> None:
 
 def test_policy_keys() -> None:
     assert Policy().persist.defend is True and Policy().persist.update_initramfs is False
-    from ctguard.policy import PolicyError
+    from ctguard.config.policy import PolicyError
     with pytest.raises(PolicyError, match=r"\[persist\] defend: must be true or false"):
         loads("[persist]\ndefend = 1\n", "p.toml")
     with pytest.raises(PolicyError, match=r"p.toml: \[persist\] update_initramfs"):

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import __version__, metrics
-from ctguard.decide import advance
-from ctguard.model import (
+from ctguard import __version__
+from ctguard.daemon import metrics
+from ctguard.core.decide import advance
+from ctguard.core.model import (
     BumpRecord, History, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Sample,
 )
-from ctguard.policy import Policy
-from ctguard.state import history_from_json, history_to_json
+from ctguard.config.policy import Policy
+from ctguard.store.state import history_from_json, history_to_json
 
 NODE_EXPORTER = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
 SRC = str(Path(__file__).resolve().parent.parent / "src")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctguard.notify import Notifier
+from ctguard.host.notify import Notifier
 
 
 @pytest.fixture

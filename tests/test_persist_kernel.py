@@ -13,7 +13,7 @@ from journald import journald  # noqa: F401  (fixture)
 from kernelenv import get_max, needs_kernel, saved_kernel_values, set_max, wait_for
 from test_daemon_kernel import Running, write_policy
 
-from ctguard.events import MESSAGE_ID_MAX_LOWERED
+from ctguard.host.events import MESSAGE_ID_MAX_LOWERED
 
 pytestmark = [needs_kernel, pytest.mark.kernel]
 

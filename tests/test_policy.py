@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import policy
-from ctguard.policy import Policy, PolicyError
+from ctguard.config import policy
+from ctguard.config.policy import Policy, PolicyError
 
 
 def test_empty_file_is_the_default_policy(tmp_path: Path) -> None:

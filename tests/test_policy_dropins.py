@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import policy
-from ctguard.policy import PolicyError
+from ctguard.config import policy
+from ctguard.config.policy import PolicyError
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 

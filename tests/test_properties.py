@@ -10,10 +10,10 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctguard import policy as policy_mod
-from ctguard.decide import decide, upper_bound
-from ctguard.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample, SetBuckets, SetMax
-from ctguard.policy import Policy, PolicyError, _CHECKS
+from ctguard.config import policy as policy_mod
+from ctguard.core.decide import decide, upper_bound
+from ctguard.core.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample, SetBuckets, SetMax
+from ctguard.config.policy import Policy, PolicyError, _CHECKS
 
 SECTIONS = sorted({s for s, _ in _CHECKS if s})
 KEYS = {s: sorted(k for sec, k in _CHECKS if sec == s) for s in SECTIONS}

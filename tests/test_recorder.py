@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import pytest
 
-from ctguard.diagnose import BundleData, diagnose, verdict
-from ctguard.model import (
+from ctguard.core.diagnose import BundleData, diagnose, verdict
+from ctguard.core.model import (
     Capture, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Sample, SetMax, ShortenTimeout, TableFull,
 )
-from ctguard.recorder import MAX_POINTS, FlightRecorder, metrics_text
+from ctguard.daemon.recorder import MAX_POINTS, FlightRecorder, metrics_text
 
 
 def sample(t: float, counts: dict[int, int], kmax: int = 4096, drop: int = 0, invalid: int = 0) -> Sample:

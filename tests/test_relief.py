@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
-from ctguard import policy as policy_mod
-from ctguard import relief
-from ctguard.decide import advance, decide
-from ctguard.model import (
+from ctguard.config import policy as policy_mod
+from ctguard.core import relief
+from ctguard.core.decide import advance, decide
+from ctguard.core.model import (
     BumpRecord, History, Instant, KernelLimits, NamespaceReading, Outcome, Refuse, Relieved, ReliefState,
     RestoreTimeout, Sample, SetMax, ShortenTimeout, TableShape, TrimEntries,
 )
@@ -99,7 +99,7 @@ def test_still_dropping_in_the_cooldown_cannot_keep_up():
 def test_dropping_below_act_still_counts():
     # Refused at the ceiling (a table-full line), fill under act, but the kernel drops there.
     p = pol(ENFORCE)
-    from ctguard.model import TableFull
+    from ctguard.core.model import TableFull
     d = decide(p, sample(10, 6000, drops=50), hist(drops=10), at(10), [TableFull(at(10), NS)])
     assert [a.key for a in d.actions if isinstance(a, ShortenTimeout)] == ["udp"]
 
@@ -240,7 +240,7 @@ def test_at_start_restores_this_boot_and_forgets_another():
 # --- the adapters, over a temp tree ------------------------------------------------------------
 
 def test_sysctl_names_follow_the_kernel():
-    from ctguard.policy import RELIEF_TIMEOUTS, sysctl_name
+    from ctguard.config.policy import RELIEF_TIMEOUTS, sysctl_name
 
     names = {k: sysctl_name(k) for k in RELIEF_TIMEOUTS}
     assert names["udp"] == "nf_conntrack_udp_timeout"
@@ -250,7 +250,7 @@ def test_sysctl_names_follow_the_kernel():
 
 
 def test_timeout_writer_reads_back_and_compares(tmp_path):
-    from ctguard.relief_io import TimeoutChanged, read_timeouts, write_timeout
+    from ctguard.daemon.relief import TimeoutChanged, read_timeouts, write_timeout
 
     (tmp_path / "nf_conntrack_udp_timeout").write_text("600\n")
     (tmp_path / "nf_conntrack_tcp_timeout_syn_sent").write_text("120\n")
@@ -263,7 +263,7 @@ def test_timeout_writer_reads_back_and_compares(tmp_path):
 
 
 def test_store_keeps_the_originals_and_sets_a_damaged_file_aside(tmp_path):
-    from ctguard.relief_io import Record, ReliefStore
+    from ctguard.daemon.relief import Record, ReliefStore
 
     store = ReliefStore(tmp_path)
     store.records[(NS, "udp")] = Record(NS, "tenant", "/run/netns/tenant", "udp", 600, 10, at(1))
@@ -283,7 +283,7 @@ def test_store_keeps_the_originals_and_sets_a_damaged_file_aside(tmp_path):
 
 
 def test_actor_saves_the_original_before_writing_and_restores_by_compare_and_set(tmp_path):
-    from ctguard.relief_io import ReliefActor, ReliefStore
+    from ctguard.daemon.relief import ReliefActor, ReliefStore
 
     sysctl = tmp_path / "sys"
     sysctl.mkdir()
@@ -307,7 +307,7 @@ def test_actor_saves_the_original_before_writing_and_restores_by_compare_and_set
 
 
 def test_trim_selects_only_unanswered_half_open_and_time_wait():
-    from ctguard.relief_trim import IPS_ASSURED, IPS_SEEN_REPLY, key_of
+    from ctguard.host.trim import IPS_ASSURED, IPS_SEEN_REPLY, key_of
 
     assert key_of(17, 0, None) == "udp"
     assert key_of(17, IPS_SEEN_REPLY | IPS_ASSURED, None) is None
@@ -320,7 +320,7 @@ def test_trim_selects_only_unanswered_half_open_and_time_wait():
 
 def test_every_bundle_carries_the_relief_in_force(tmp_path):
     from ctguard.evidence import collect
-    from ctguard.relief_io import Record, ReliefStore
+    from ctguard.daemon.relief import Record, ReliefStore
 
     store = ReliefStore(tmp_path / "state")
     store.records[(NS, "udp")] = Record(NS, "tenant", "/run/netns/tenant", "udp", 600, 10, at(1))
@@ -339,7 +339,7 @@ def test_every_bundle_carries_the_relief_in_force(tmp_path):
 # --- recommend's timeout advice --------------------------------------------------------------
 
 def test_timeout_advice_from_what_relief_saw_and_raised_timeouts():
-    from ctguard.hostrole import DEFAULT_TIMEOUTS
+    from ctguard.host.hostrole import DEFAULT_TIMEOUTS
 
     seen = {"udp": {"times": 3, "original": 600, "value": 10, "held": 0.92},
             "tcp_syn_recv": {"times": 1, "original": 60, "value": 10, "held": 0.7}}
@@ -361,7 +361,7 @@ def test_recommend_prints_timeout_lines(tmp_path):
     import sys
     from pathlib import Path
 
-    from ctguard.relief_io import ReliefStore
+    from ctguard.daemon.relief import ReliefStore
 
     store = ReliefStore(tmp_path / "state")
     store.note("udp", 600, 10, 0.9, 1.0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from journald import journald  # noqa: F401  (fixture)
-from ctguard.policy import sysctl_name
+from ctguard.config.policy import sysctl_name
 from kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_values, set_max, wait_for
 from test_daemon_kernel import Running, ctguard, write_policy
 
@@ -87,7 +87,7 @@ def journal(message_id: str, netns: int, since: float = 0.0) -> list[dict]:
 
 def test_udp_flood_relieved_in_its_namespace_and_undone_when_calm(tmp_path: Path, journald) -> None:
     """(a) A UDP flood into a namespace whose UDP timeout was raised to 600 s, past the ceiling."""
-    from ctguard import events
+    from ctguard.host import events
 
     policy = write_policy(tmp_path, POLICY.replace("MODE", "enforce"))
     host_before = HOST_UDP.read_text()
@@ -228,7 +228,7 @@ def test_advise_and_observe_change_nothing(tmp_path: Path, mode: str, relief_mod
 
 
 def _advised(pair, since: float) -> bool:
-    from ctguard import events
+    from ctguard.host import events
 
     try:
         return bool(journal(events.MESSAGE_ID_RELIEF_ADVICE, pair.receiver_inode, since))

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import policy as policy_mod
-from ctguard.act import Actor
-from ctguard.decide import advance, decide, decide_manual, decide_start
-from ctguard.kernel import Kernel
-from ctguard.model import Decision, History, Outcome, Persist, SetBuckets, SetMax
-from ctguard.resize import Resizer
+from ctguard.config import policy as policy_mod
+from ctguard.host.act import Actor
+from ctguard.core.decide import advance, decide, decide_manual, decide_start
+from ctguard.host.kernel import Kernel
+from ctguard.core.model import Decision, History, Outcome, Persist, SetBuckets, SetMax
+from ctguard.daemon.resize import Resizer
 from test_decide import at, bumps, kinds, sample
 
 

@@ -15,7 +15,7 @@ import pytest
 from browser import chromium, load_page, png_size_and_colours
 from reviewdata import ADDRESSES, DEST, SOURCE, write_bundle
 
-from ctguard.cli import main
+from ctguard.cli.main import main
 from ctguard.evidence import export
 from ctguard.evidence.report import report
 from ctguard.evidence.review import show, show_json
@@ -183,10 +183,10 @@ def test_review_benchmark_runs_quick() -> None:
 def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from ctguard import status
+    from ctguard.core import status
     from ctguard.evidence.review import last_bundle
-    from ctguard.model import History, Instant, KernelLimits, NamespaceReading, Sample
-    from ctguard.policy import Policy
+    from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.config.policy import Policy
 
     last = last_bundle(folder)
     assert last is not None and last["id"] == "20260101T000100Z-manual"    # the newest complete one

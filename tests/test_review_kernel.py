@@ -192,13 +192,13 @@ def test_hand_run_capture_without_a_daemon_says_there_is_no_timeline(tmp_path: P
 
 
 def _has_control_section() -> bool:
-    from ctguard import policy as p
+    from ctguard.config import policy as p
 
     return "control" in getattr(p, "_SECTIONS", {})
 
 
 def test_hand_run_capture_gets_the_running_daemons_window(tmp_path: Path) -> None:
-    pytest.importorskip("ctguard.control", reason="needs the control socket (ctguard.control)")
+    pytest.importorskip("ctguard.control.protocol", reason="needs the control socket (ctguard.control.protocol)")
     policy = write_policy(tmp_path, f'[control]\nsocket = "{tmp_path}/control.sock"\n')
     with saved_kernel_values(), netns_pair() as pair:
         set_max(65536)

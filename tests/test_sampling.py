@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from ctguard import policy as policy_mod
+from ctguard.config import policy as policy_mod
 from dataclasses import replace
 
-from ctguard import ticks
-from ctguard.decide import MIN_GUARD_INTERVAL, advance, current_rate, decide, next_interval
-from ctguard.model import History, Sample, SetMax
+from ctguard.core import ticks
+from ctguard.core.decide import MIN_GUARD_INTERVAL, advance, current_rate, decide, next_interval
+from ctguard.core.model import History, Sample, SetMax
 from test_decide import at, sample
 
 

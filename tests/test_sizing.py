@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import incident as incident_text
-from ctguard import policy as policy_mod
-from ctguard import recommend
-from ctguard import status as status_mod
-from ctguard.model import BumpRecord, History, Incident, Instant, KernelLimits, NamespaceReading, Sample
-from ctguard.sizing import advice, bump_size, kernel_default_buckets, kernel_default_max, round_up
+from ctguard.core import incident as incident_text
+from ctguard.config import policy as policy_mod
+from ctguard.cli import recommend
+from ctguard.core import status as status_mod
+from ctguard.core.model import BumpRecord, History, Incident, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.core.sizing import advice, bump_size, kernel_default_buckets, kernel_default_max, round_up
 
 GiB = 1 << 30
 
@@ -117,7 +117,7 @@ def test_incident_end_message_tells_the_story():
 
 
 def test_recommend_reads_the_daemons_history_and_agrees_with_what_it_persists():
-    from ctguard.decide import persist_advice
+    from ctguard.core.decide import persist_advice
 
     p = policy_mod.loads("[bump]\nceiling = 1048576", "t.toml")
     t = 1_800_000_000

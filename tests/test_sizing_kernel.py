@@ -18,7 +18,7 @@ from journald import journal_entries
 from kernelenv import get_buckets, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max, wait_for
 from test_daemon_kernel import Running, ctguard, write_policy
 
-from ctguard.sizing import kernel_default_buckets, kernel_default_max, round_up
+from ctguard.core.sizing import kernel_default_buckets, kernel_default_max, round_up
 
 pytestmark = [needs_kernel, pytest.mark.kernel]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ctguard import writers
-from ctguard.writers import KubeProxy, conntrack_from_config
+from ctguard.boot import writers
+from ctguard.boot.writers import KubeProxy, conntrack_from_config
 
 CONFIG = """apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration

@@ -1,3 +1,3 @@
-from ctguard.cli import main
+from ctguard.cli.main import main
 
 raise SystemExit(main())

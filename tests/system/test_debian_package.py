@@ -124,7 +124,7 @@ LOW_BUCKETS = 1024
 def _message_id(name: str) -> str | None:
     """The fixed MESSAGE_ID of a kind of entry, from the source tree (None if it has none)."""
     try:
-        from ctguard import events
+        from ctguard.host import events
     except ImportError:
         return None
     return getattr(events, f"MESSAGE_ID_{name}", None)

@@ -12,7 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from ctguard import policy as policy_mod
+from ctguard.config import policy as policy_mod
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = REPO / "etc" / "ctguard" / "policy.toml"

@@ -27,9 +27,9 @@ from typing import Any, Protocol
 import tomli_w
 
 from ctguard.evidence import collect
-from ctguard.evidence.ctnetlink import TableBreakdown, Top, dump_table, open_ctnetlink
-from ctguard.netns import netns_inode, run_in_netns
-from ctguard.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
+from ctguard.host.ctnetlink import TableBreakdown, Top, dump_table, open_ctnetlink
+from ctguard.host.netns import netns_inode, run_in_netns
+from ctguard.store.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
 
 FORMAT = 1
 MANIFEST = "manifest.toml"
@@ -151,7 +151,7 @@ def capture(
 ) -> Path:
     """Capture a bundle of the namespace at `netns_path` (None: the caller's); return its folder.
 
-    `timeline` is the daemon's flight-recorder window (ctguard.recorder), kept as timeline.json;
+    `timeline` is the daemon's flight-recorder window (ctguard.daemon.recorder), kept as timeline.json;
     without one, `timeline_note` says why (e.g. no daemon answered).
     """
     say = progress or (lambda _msg: None)

@@ -6,7 +6,7 @@ structured summary (for the manifest and `bundles show`) and raw attachments (fi
 bundle verbatim, so the review can check the summary against the source).
 
 Collectors marked `in_netns` read what belongs to the inspected namespace; the bundle code runs
-them in a thread that has joined it (see ctguard.netns.run_in_netns), so they read /proc/sys/net and
+them in a thread that has joined it (see ctguard.host.netns.run_in_netns), so they read /proc/sys/net and
 /proc/thread-self/net there, and the programs they start (nft, iptables-save) run there too.
 All paths hang off `proc_root` / `sys_root` so tests can point them at prepared trees.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctguard.cgroups import parse_cgroup
+from ctguard.host.cgroups import parse_cgroup
 
 MAX_FILE = 4 << 20  # never keep more than this much of one source
 JOURNAL_LINES = 50
@@ -499,8 +499,8 @@ def policy_and_decision(ctx: Context) -> Result:
 
 
 def relief(ctx: Context) -> Result:
-    """The timeout relief in force (ctguard.relief_io owns the file)."""
-    from ctguard.relief_io import bundle_collector
+    """The timeout relief in force (ctguard.daemon.relief owns the file)."""
+    from ctguard.daemon.relief import bundle_collector
 
     return bundle_collector(ctx)
 
@@ -528,8 +528,8 @@ def host_profile(ctx: Context, netns_path: str | None, by_proto: Mapping[str, in
                  by_tcp_state: Mapping[str, int] | None) -> Collected:
     """What this host is, and the namespace's timeouts raised above the kernel defaults with
     the entries they likely hold (from the table breakdown just taken)."""
-    from ctguard import hostrole
-    from ctguard.netns import run_in_netns
+    from ctguard.host import hostrole
+    from ctguard.host.netns import run_in_netns
 
     start = time.monotonic()
     try:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctguard.diagnose import BundleData, Finding, diagnose, facts, verdict
+from ctguard.core.diagnose import BundleData, Finding, diagnose, facts, verdict
 from ctguard.evidence.review import busiest, decision_sentences, fill_points, load, top_section
 
 W, H = 880, 260                 # chart size (px)

@@ -1,7 +1,7 @@
 """`ctguard bundles show`: a bundle read back as verdict, findings, timeline, then the details.
 
 Loading is the only I/O here (`load`); everything else renders the pure diagnosis
-(ctguard.diagnose) as text for a terminal or a pipe, or as JSON with the same content.
+(ctguard.core.diagnose) as text for a terminal or a pipe, or as JSON with the same content.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctguard.diagnose import BundleData, Finding, diagnose, facts, verdict
+from ctguard.core.diagnose import BundleData, Finding, diagnose, facts, verdict
 from ctguard.evidence import bundle as bundle_mod
 from ctguard.evidence.bundle import BundleError, bundle_path
 
@@ -225,7 +225,7 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
 
 
 def incident_line(inc: Mapping[str, Any]) -> str:
-    """The core's incident summary (ctguard.incident.summary) as one sentence."""
+    """The core's incident summary (ctguard.core.incident.summary) as one sentence."""
     try:
         start, end = float(inc.get("started", 0)), float(inc.get("ended") or 0)
         span = f"{_clock(start)} - {_clock(end)} UTC ({end - start:.0f} s)" if end else f"from {_clock(start)} UTC"
