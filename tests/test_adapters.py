@@ -12,7 +12,8 @@ import pytest
 from ctguard.daemon import metrics
 from ctguard.boot import persist
 from ctguard.config import policy as policy_mod
-from ctguard.core import status as status_mod
+from ctguard.cli import status as status_cli
+from ctguard.control import status as status_mod
 from ctguard.store.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
 from ctguard.host.kernel import Kernel, KernelWriteError, parse_stat_entries, parse_stat_table
 from ctguard.core.model import BumpRecord, History, Instant, KernelLimits, NamespaceReading, Sample
@@ -249,9 +250,9 @@ def test_status_codes(max_, counts, history, code) -> None:
     view = status_mod.build(p, sample_of(max_, *counts), history, now(10))
     assert view.code == code, view.headline
     assert view.headline.startswith(f"CTGUARD {status_mod.LABELS[code]}")
-    data = json.loads(status_mod.render_json(view))
+    data = json.loads(status_cli.render_json(view))
     assert data["namespaces"][0]["count"] == max(counts), "worst first"
-    assert "worst" in status_mod.render_text(view)
+    assert "worst" in status_cli.render_text(view)
 
 
 def test_status_on_a_terminal_has_bars_and_sparklines() -> None:
@@ -260,13 +261,13 @@ def test_status_on_a_terminal_has_bars_and_sparklines() -> None:
     view = status_mod.build(p, s, History(), now(10))
     minute = int(s.at.wall // 60) * 60
     hour = {4026531001: [(minute - 120, 0.1), (minute - 60, 0.5), (minute, 0.99)]}
-    text = status_mod.render_tty(view, hour, s.at.wall, 0.7, 0.85)
+    text = status_cli.render_tty(view, hour, s.at.wall, 0.7, 0.85)
     first_ns = [line for line in text.splitlines() if line.startswith('n"1')][0]
     assert "█" * 15 in first_ns and "73.2%" in first_ns
     assert first_ns.endswith("▁▅█")
     assert "\x1b[33m" in text, "warning colour for a namespace above warn"
     assert "max 8192" in text
-    assert status_mod.sparkline([], minute) == " " * 60
+    assert status_cli.sparkline([], minute) == " " * 60
 
 
 def test_recommend_from_recorded_peaks() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from ctguard.evidence import BundleError, export, list_bundles, prune, show
+from ctguard.evidence.bundle import BundleError, export, list_bundles, prune
+from ctguard.evidence.review import show
 from ctguard.evidence.bundle import bundle_path, slug
 
 

@@ -25,7 +25,8 @@ import pytest
 
 from kernelenv import NetnsPair, get_max, netns_pair, needs_kernel, saved_kernel_values, set_max, wait_for
 
-from ctguard.evidence import capture, export, list_bundles, show
+from ctguard.evidence.bundle import capture, export, list_bundles
+from ctguard.evidence.review import show
 from ctguard.host.ctnetlink import _HDR, RECV_BUFFER, decode_all, dump_table, open_ctnetlink
 
 pytestmark = [needs_kernel, pytest.mark.kernel]

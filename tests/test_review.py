@@ -16,7 +16,7 @@ from browser import chromium, load_page, png_size_and_colours
 from reviewdata import ADDRESSES, DEST, SOURCE, write_bundle
 
 from ctguard.cli.main import main
-from ctguard.evidence import export
+from ctguard.evidence.bundle import export
 from ctguard.evidence.report import report
 from ctguard.evidence.review import show, show_json
 
@@ -183,7 +183,8 @@ def test_review_benchmark_runs_quick() -> None:
 def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from ctguard.core import status
+    from ctguard.cli import status as status_cli
+    from ctguard.control import status
     from ctguard.evidence.review import last_bundle
     from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
     from ctguard.config.policy import Policy
@@ -197,6 +198,6 @@ def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path
     sample = Sample(now, KernelLimits(4096, 1024, 320, 8 << 30, 4 << 30), (NamespaceReading(1, "host", 10),))
     view = status.build(policy, sample, History(), now, last_bundle=last)
     assert view.data["last_bundle"]["top_finding"]["id"] == "kernel-drops"
-    text = status.render_text(view)
+    text = status_cli.render_text(view)
     assert "last bundle: 20260101T000100Z-manual - critical kernel-drops:" in text
     assert last_bundle(tmp_path / "empty") is None

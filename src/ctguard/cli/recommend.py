@@ -13,14 +13,19 @@ from __future__ import annotations
 import json
 import time
 
-from ctguard.core import incident as incident_text
 from ctguard.boot import persist
-from ctguard.host.clock import Clock
-from ctguard.core.decide import HASH_HEAD_BYTES, persist_advice, persist_due_in
-from ctguard.host.kernel import Kernel
-from ctguard.core.model import History, Instant, KernelLimits
+from ctguard.boot import report as bootreport
 from ctguard.config.policy import Policy
-from ctguard.core.sizing import p99
+from ctguard.core import incident as incident_text
+from ctguard.core import relief
+from ctguard.core.decide import persist_advice, persist_due_in
+from ctguard.core.model import History, Instant, KernelLimits
+from ctguard.core.sizing import HASH_HEAD_BYTES, p99
+from ctguard.core.timeouts import DEFAULT_TIMEOUTS
+from ctguard.host import hostrole
+from ctguard.host.clock import Clock
+from ctguard.host.kernel import Kernel
+from ctguard.store.relief import ReliefStore
 from ctguard.store.state import Peak, StateStore
 
 WINDOW = 7 * 86400
@@ -128,31 +133,24 @@ def render(a: dict) -> str:
     if a.get("timeouts"):
         lines.append("Put timeout lines in a sysctl drop-in of your own (e.g. /etc/sysctl.d/95-conntrack-local.conf); "
                      "ctguard never writes timeouts to /etc.")
+    for note in a.get("boot_notes", []):   # a later file, the command line or the initramfs (issue 16)
+        lines.append(f"Note: {note}")
     return "\n".join(lines)
 
 
 def _timeout_advice(policy: Policy) -> list[dict]:
     """Timeout advice from what relief saw (relief.json) and the host's raised timeouts."""
-    from ctguard.host import hostrole
-    from ctguard.core import relief
-    from ctguard.daemon.relief import ReliefStore
-
     store = ReliefStore(policy.state.dir)
     store.load(set_aside=False)
     try:
         raised = [(t.name, t.value) for t in hostrole.raised_timeouts()]
     except OSError:
         raised = []
-    return relief.timeout_advice(store.seen, dict(hostrole.DEFAULT_TIMEOUTS), raised)
-    for note in a.get("boot_notes", []):   # a later file, the command line or the initramfs (issue 16)
-        lines.append(f"Note: {note}")
-    return "\n".join(lines)
+    return relief.timeout_advice(store.seen, dict(DEFAULT_TIMEOUTS), raised)
 
 
 def _boot_notes(policy: Policy) -> list[str]:
     """What would keep the advice from holding at boot: a file that overrides ctguard's, the initramfs."""
-    from ctguard.boot import report as bootreport
-
     try:
         boot = bootreport.build(policy)
     except OSError:

@@ -31,7 +31,7 @@ HEADROOM_AFTER_DROPS = 3    # ... once the kernel dropped or evicted flows in th
 # outright above 4 GiB on 64-bit; nf_conntrack_max = buckets.
 KERNEL_MIN_BUCKETS = 1024
 KERNEL_MAX_BUCKETS = 262144
-HASH_HEAD_BYTES = 8
+HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket (64-bit); the one home of this fact
 
 
 def round_up(value: float, step: int = STEP) -> int:

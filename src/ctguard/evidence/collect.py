@@ -22,12 +22,18 @@ import subprocess
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctguard.config.policy import State
+from ctguard.host import hostrole
 from ctguard.host.cgroups import parse_cgroup
+from ctguard.host.netns import run_in_netns
+from ctguard.store.files import read_text_nofollow
+from ctguard.store.relief import ReliefStore
 
 MAX_FILE = 4 << 20  # never keep more than this much of one source
 JOURNAL_LINES = 50
@@ -499,10 +505,28 @@ def policy_and_decision(ctx: Context) -> Result:
 
 
 def relief(ctx: Context) -> Result:
-    """The timeout relief in force (ctguard.daemon.relief owns the file)."""
-    from ctguard.daemon.relief import bundle_collector
-
-    return bundle_collector(ctx)
+    """Evidence: the relief in force when the bundle was taken (relief.json of the policy's
+    state folder), so a review sees which timeouts were shortened, where, since when, and
+    what they will be put back to."""
+    try:
+        doc = tomllib.loads(ctx.policy_text) if ctx.policy_text else {}
+    except tomllib.TOMLDecodeError:
+        doc = {}
+    relief_doc = doc.get("relief", {}) if isinstance(doc.get("relief"), dict) else {}
+    state = doc.get("state", {}) if isinstance(doc.get("state"), dict) else {}
+    store = ReliefStore(Path(state.get("dir", str(State().dir))))
+    problems: list[str] = []
+    store.load(warn=problems.append, set_aside=False)
+    data = {"mode": relief_doc.get("mode", "advise"), "file": str(store.path), "total": store.total,
+            "active": [r.to_json() for r in store.records.values()]}
+    if problems:
+        data["problems"] = problems
+    files = {}
+    try:
+        files["relief.json"] = read_text_nofollow(store.path).encode()
+    except OSError:
+        pass
+    return data, files
 
 
 Collector = Callable[[Context], Result]
@@ -528,9 +552,6 @@ def host_profile(ctx: Context, netns_path: str | None, by_proto: Mapping[str, in
                  by_tcp_state: Mapping[str, int] | None) -> Collected:
     """What this host is, and the namespace's timeouts raised above the kernel defaults with
     the entries they likely hold (from the table breakdown just taken)."""
-    from ctguard.host import hostrole
-    from ctguard.host.netns import run_in_netns
-
     start = time.monotonic()
     try:
         role = hostrole.detect(ctx.proc_root, ctx.sys_root)
@@ -541,9 +562,8 @@ def host_profile(ctx: Context, netns_path: str | None, by_proto: Mapping[str, in
     except Exception as exc:  # one broken source must not sink the bundle
         return Collected("host", error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
     data: dict[str, Any] = {
-        "role": role.role, "roles": list(role.roles), "seen": list(role.evidence), "unknown": list(role.unknown),
-        "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default,
-                             **({"entries": t.entries} if t.entries is not None else {})} for t in raised],
+        **role.as_dict(),
+        "raised_timeouts": [t.as_dict() for t in raised],
     }
     return Collected("host", data, {}, None, time.monotonic() - start)
 

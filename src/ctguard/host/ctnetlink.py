@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from ctguard.host.netns import run_in_netns
-from ctguard.evidence.topk import HeavyHitter, SpaceSaving
+from ctguard.core.topk import HeavyHitter, SpaceSaving
 
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2

@@ -15,40 +15,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Kernel defaults (net/netfilter/nf_conntrack_proto_*.c, v5.x-v6.x), in seconds.
-DEFAULT_TIMEOUTS: dict[str, int] = {
-    "nf_conntrack_tcp_timeout_syn_sent": 120,
-    "nf_conntrack_tcp_timeout_syn_recv": 60,
-    "nf_conntrack_tcp_timeout_established": 432000,
-    "nf_conntrack_tcp_timeout_fin_wait": 120,
-    "nf_conntrack_tcp_timeout_close_wait": 60,
-    "nf_conntrack_tcp_timeout_last_ack": 30,
-    "nf_conntrack_tcp_timeout_time_wait": 120,
-    "nf_conntrack_tcp_timeout_close": 10,
-    "nf_conntrack_tcp_timeout_max_retrans": 300,
-    "nf_conntrack_tcp_timeout_unacknowledged": 300,
-    "nf_conntrack_udp_timeout": 30,
-    "nf_conntrack_udp_timeout_stream": 120,
-    "nf_conntrack_icmp_timeout": 30,
-    "nf_conntrack_icmpv6_timeout": 30,
-    "nf_conntrack_generic_timeout": 600,
-}
-
-# Which entries a timeout keeps alive: (protocol, TCP state or None, "unreplied"/"assured"/None).
-HOLDS: dict[str, tuple[str, str | None]] = {
-    "nf_conntrack_tcp_timeout_syn_sent": ("tcp", "SYN_SENT"),
-    "nf_conntrack_tcp_timeout_syn_recv": ("tcp", "SYN_RECV"),
-    "nf_conntrack_tcp_timeout_established": ("tcp", "ESTABLISHED"),
-    "nf_conntrack_tcp_timeout_fin_wait": ("tcp", "FIN_WAIT"),
-    "nf_conntrack_tcp_timeout_close_wait": ("tcp", "CLOSE_WAIT"),
-    "nf_conntrack_tcp_timeout_last_ack": ("tcp", "LAST_ACK"),
-    "nf_conntrack_tcp_timeout_time_wait": ("tcp", "TIME_WAIT"),
-    "nf_conntrack_tcp_timeout_close": ("tcp", "CLOSE"),
-    "nf_conntrack_udp_timeout": ("udp", None),
-    "nf_conntrack_udp_timeout_stream": ("udp", None),
-    "nf_conntrack_icmp_timeout": ("icmp", None),
-    "nf_conntrack_icmpv6_timeout": ("icmpv6", None),
-}
+from ctguard.core.timeouts import DEFAULT_TIMEOUTS, HOLDS
+from ctguard.host.ctnetlink import dump_table
+from ctguard.host.netns import NamespaceRef, resolve
 
 KUBE_PROCESSES = {"kube-proxy", "kubelet", "k3s", "k3s-server", "k3s-agent", "rke2", "cilium-agent", "calico-node",
                   "flanneld", "kube-router"}
@@ -63,6 +32,11 @@ class HostRole:
     evidence: tuple[str, ...]                   # what was seen, for the reader to check
     unknown: tuple[str, ...] = field(default=())  # sources that could not be read
 
+    def as_dict(self) -> dict:
+        """The one dict form, in bundles and in `status --json` alike (bundles have called the
+        evidence "seen" since the first release, and reviews of old bundles read that key)."""
+        return {"role": self.role, "roles": list(self.roles), "seen": list(self.evidence), "unknown": list(self.unknown)}
+
 
 @dataclass(frozen=True)
 class RaisedTimeout:
@@ -70,6 +44,11 @@ class RaisedTimeout:
     value: int
     default: int
     entries: int | None                         # entries in the states it keeps, when a breakdown is known
+
+    def as_dict(self) -> dict:
+        # No "entries" key when unknown: bundles are TOML, which has no null.
+        return {"name": self.name, "value": self.value, "default": self.default,
+                **({"entries": self.entries} if self.entries is not None else {})}
 
     def line(self) -> str:
         held = f", holding about {self.entries} entries" if self.entries is not None else ""
@@ -199,3 +178,21 @@ def raised_timeouts(proc_root: str | Path = "/proc", by_proto: dict[str, int] | 
             entries = by_proto.get(proto, 0)
         out.append(RaisedTimeout(name, value, default, entries))
     return out
+
+
+def role_and_timeouts(netns: NamespaceRef | str | None) -> tuple[HostRole, list[RaisedTimeout]]:
+    """The host's role, and the raised timeouts with the entries they hold in `netns` (a
+    namespace the caller's sample found, or a name/inode/PID to resolve; None: no table look).
+
+    The table look is a dump bounded to a fifth of a second, taken only when some timeout was
+    raised; the command line takes it, never the daemon, whose loop it must not hold up."""
+    role = detect()
+    timeouts = raised_timeouts()
+    if timeouts and netns is not None:
+        try:
+            ref = resolve(netns) if isinstance(netns, str) else netns
+            t = dump_table(None if ref.name == "host" else ref.path, budget=0.2, top=1)
+            timeouts = raised_timeouts(by_proto=t.by_proto, by_tcp_state=t.by_tcp_state)
+        except (OSError, ValueError):
+            pass
+    return role, timeouts

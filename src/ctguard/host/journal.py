@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import select
+import selectors
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -416,8 +417,6 @@ class JournalFollower:
 
     def events(self) -> int:
         """selectors event mask for `fileno()`."""
-        import selectors
-
         return selectors.EVENT_READ
 
     def timeout(self) -> float | None:
