@@ -308,7 +308,8 @@ def test_actor_saves_the_original_before_writing_and_restores_by_compare_and_set
 
 
 def test_trim_selects_only_unanswered_half_open_and_time_wait():
-    from ctguard.host.trim import IPS_ASSURED, IPS_SEEN_REPLY, key_of
+    from ctguard.host.ctnetlink import IPS_ASSURED, IPS_SEEN_REPLY
+    from ctguard.host.trim import key_of
 
     assert key_of(17, 0, None) == "udp"
     assert key_of(17, IPS_SEEN_REPLY | IPS_ASSURED, None) is None

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ctguard.config.policy import State
-from ctguard.host import hostrole
+from ctguard.host import hostrole, procs
+from ctguard.host.nat import IptablesNatCounter, NftNatCounter, iptables_nat_rules, nft_nat_rules  # noqa: F401
 from ctguard.host.cgroups import parse_cgroup
 from ctguard.host.netns import run_in_netns
 from ctguard.store.files import read_text_nofollow
@@ -222,74 +223,6 @@ def _stream(argv: list[str], ctx: Context, on_chunk: Callable[[bytes], None], ca
     return out
 
 
-NAT_STATEMENTS = ("masquerade", "snat", "dnat", "redirect")
-_NFT_NAT = re.compile(rb'"(masquerade|snat|dnat|redirect)"\s*:')
-_IPT_NAT = re.compile(r"-j\s+(MASQUERADE|SNAT|DNAT|REDIRECT|NETMAP)\b")
-
-
-class NftNatCounter:
-    """Counts NAT statements in `nft -j list ruleset` output, chunk by chunk.
-
-    In nft's JSON a statement is an object key (`{"masquerade": null}`, `{"snat": {...}}`);
-    names and comments are string values, so a key pattern does not mistake them.
-    """
-
-    OVERLAP = 32
-
-    def __init__(self) -> None:
-        self.found: dict[str, int] = {}
-        self._tail = b""
-
-    def feed(self, chunk: bytes) -> None:
-        text = self._tail + chunk
-        for m in _NFT_NAT.finditer(text):
-            if m.end() > len(self._tail):  # not already counted in the previous chunk
-                kind = m.group(1).decode()
-                self.found[kind] = self.found.get(kind, 0) + 1
-        self._tail = text[-self.OVERLAP:]
-
-
-class IptablesNatCounter:
-    """Counts NAT targets in the *nat table of `iptables-save` output, chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.found: dict[str, int] = {}
-        self._table = ""
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> None:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for raw in lines:
-            self._line(raw.decode(errors="replace"))
-
-    def close(self) -> None:
-        if self._partial:
-            self._line(self._partial.decode(errors="replace"))
-            self._partial = b""
-
-    def _line(self, line: str) -> None:
-        if line.startswith("*"):
-            self._table = line[1:].strip()
-        elif self._table == "nat" and line.startswith("-A"):
-            m = _IPT_NAT.search(line)
-            if m:
-                self.found[m.group(1)] = self.found.get(m.group(1), 0) + 1
-
-
-def nft_nat_rules(output: bytes) -> dict[str, int]:
-    counter = NftNatCounter()
-    counter.feed(output)
-    return counter.found
-
-
-def iptables_nat_rules(text: str) -> dict[str, int]:
-    counter = IptablesNatCounter()
-    counter.feed(text.encode())
-    counter.close()
-    return counter.found
-
-
 def nat_verdict(nft: dict[str, int] | None, ipt: dict[str, int] | None) -> str:
     checked = [name for name, res in (("nft", nft), ("iptables-save", ipt)) if res is not None]
     if not checked:
@@ -411,7 +344,7 @@ def namespaces(ctx: Context) -> Result:
     except OSError:
         pass
     try:
-        pids = sorted((int(p) for p in os.listdir(ctx.proc_root) if p.isdigit()))
+        pids = procs.pids(ctx.proc_root)
     except OSError as exc:
         raise CollectorError(f"cannot list {ctx.proc_root}: {exc}") from None
     for pid in pids:
@@ -425,10 +358,7 @@ def namespaces(ctx: Context) -> Result:
             continue
         ns = slot(int(m.group(1)))
         ns["processes"] += 1
-        try:
-            comm = (base / "comm").read_text().strip()
-        except OSError:
-            comm = "?"
+        comm = procs.comm(ctx.proc_root, pid) or "?"
         try:
             unit, containers = parse_cgroup((base / "cgroup").read_text())
         except OSError:

@@ -8,7 +8,6 @@ holds its pods', and a "be safe" timeout raise keeps dead entries for days. Read
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctguard.core.timeouts import DEFAULT_TIMEOUTS, HOLDS
+from ctguard.host import procs
 from ctguard.host.ctnetlink import dump_table
+from ctguard.host.nat import nft_nat_rules
 from ctguard.host.netns import NamespaceRef, resolve
 
 KUBE_PROCESSES = {"kube-proxy", "kubelet", "k3s", "k3s-server", "k3s-agent", "rke2", "cilium-agent", "calico-node",
@@ -56,17 +57,10 @@ class RaisedTimeout:
 
 
 def _processes(proc: Path) -> set[str]:
-    names = set()
     try:
-        pids = [p for p in os.listdir(proc) if p.isdigit()]
+        return {c for c in (procs.comm(proc, pid) for pid in procs.pids(proc)) if c is not None}
     except OSError:
-        return names
-    for pid in pids:
-        try:
-            names.add((proc / pid / "comm").read_text().strip())
-        except OSError:
-            continue
-    return names
+        return set()
 
 
 def _bridges(sys_root: Path) -> list[str]:
@@ -77,21 +71,9 @@ def _bridges(sys_root: Path) -> list[str]:
 
 
 def nat_rule_counts(ruleset_json: str) -> dict[str, int]:
-    """Counts of NAT statements in `nft -j list ruleset` output (masquerade, snat, dnat)."""
-    counts = {"masquerade": 0, "snat": 0, "dnat": 0}
-    try:
-        doc = json.loads(ruleset_json)
-    except ValueError:
-        return counts
-    for item in doc.get("nftables", []):
-        rule = item.get("rule") if isinstance(item, dict) else None
-        if not rule:
-            continue
-        for stmt in rule.get("expr", []):
-            for key in counts:
-                if isinstance(stmt, dict) and key in stmt:
-                    counts[key] += 1
-    return counts
+    """NAT statements in `nft -j list ruleset` output: masquerade, snat and dnat always (0 when
+    none), redirect when there is one (ctguard.host.nat counts them)."""
+    return {"masquerade": 0, "snat": 0, "dnat": 0, **nft_nat_rules(ruleset_json.encode())}
 
 
 def _nft_ruleset() -> str | None:
@@ -143,8 +125,9 @@ def detect(proc_root: str | Path = "/proc", sys_root: str | Path = "/sys", etc_r
         seen.append(f"{nat['masquerade']} masquerade and {nat['snat']} snat rules")
     elif forwarding and "Kubernetes node" not in roles and "container host" not in roles:
         roles.append("router")
-    if nat["dnat"]:
-        seen.append(f"{nat['dnat']} dnat rules")
+    for kind in ("dnat", "redirect"):
+        if nat.get(kind):
+            seen.append(f"{nat[kind]} {kind} rules")
     if forwarding:
         seen.append("IPv4 forwarding on")
 
