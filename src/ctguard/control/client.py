@@ -38,6 +38,12 @@ def _err(message: str) -> None:
     print(f"ctguard: {message}", file=sys.stderr)
 
 
+def _problems(head: str, problems: list[str]) -> None:
+    _err(head)
+    for p in problems:
+        _err(f"  {p}")
+
+
 def load(path: Path) -> tuple[Policy | None, list[str]]:
     try:
         return policy_mod.load(path), []
@@ -68,6 +74,19 @@ def ask(path: Path, policy: Policy | None, cmd: str, args: Mapping[str, Any] | N
     return result, f"answered by the running daemon on {sock}"
 
 
+def _ask_or_exit(path: Path, policy: Policy | None, cmd: str, args: Mapping[str, Any],
+                 timeout: float = 2.0) -> tuple[Mapping[str, Any] | None, str] | int:
+    """`ask`, or the exit code when the daemon refused (said on stderr): 77 not allowed, 1 otherwise."""
+    try:
+        return ask(path, policy, cmd, args, timeout)
+    except ControlDenied as exc:
+        _err(str(exc))
+        return EX_NOPERM
+    except ControlError as exc:
+        _err(str(exc))
+        return EX_FAIL
+
+
 # -- status -----------------------------------------------------------------------------------
 
 def status_from_daemon(path: Path, policy: Policy | None, problems: list[str]):
@@ -88,9 +107,7 @@ def status_from_daemon(path: Path, policy: Policy | None, problems: list[str]):
     data = dict(result["view"])
     data["daemon"] = {**d, "note": note, "sample_age": result.get("sample_age")}
     if problems:
-        _err(f"{path} has problems (the running daemon keeps the policy it loaded before):")
-        for p in problems:
-            _err(f"  {p}")
+        _problems(f"{path} has problems (the running daemon keeps the policy it loaded before):", problems)
     hour = {int(k): [(int(m), float(f)) for m, f in v] for k, v in result.get("hour", {}).items()}
     return status.StatusView(int(result["code"]), str(result["headline"]), data), hour
 
@@ -110,22 +127,16 @@ def _print_bump(result: Mapping[str, Any]) -> int:
 
 def bump(path: Path, to: int, lower: bool) -> int:
     policy, problems = load(path)
-    try:
-        result, note = ask(path, policy, "bump", {"to": to, "lower": lower}, timeout=BUMP_TIMEOUT)
-    except ControlDenied as exc:
-        _err(str(exc))
-        return EX_NOPERM
-    except ControlError as exc:
-        _err(str(exc))
-        return EX_FAIL
+    asked = _ask_or_exit(path, policy, "bump", {"to": to, "lower": lower}, timeout=BUMP_TIMEOUT)
+    if isinstance(asked, int):
+        return asked
+    result, note = asked
     if result is not None:
         code = _print_bump(result)
         print(f"done by the running daemon (pid {result.get('daemon_pid', '?')}); see `journalctl -u ctguard`")
         return code
     if policy is None:
-        _err("the policy has problems:")
-        for p in problems:
-            _err(f"  {p}")
+        _problems("the policy has problems:", problems)
         return EX_CONFIG
     _err(f"{note} (the journal entry carries this command's unit, not ctguard.service)")
     return bump_directly(policy, to, lower)
@@ -179,14 +190,10 @@ def capture(path: Path, policy: Policy | None, reason: str, netns: str | None) -
     args: dict[str, Any] = {"reason": reason}
     if netns:
         args["netns"] = netns
-    try:
-        result, note = ask(path, policy, "capture", args)
-    except ControlDenied as exc:
-        _err(str(exc))
-        return EX_NOPERM
-    except ControlError as exc:
-        _err(str(exc))
-        return EX_FAIL
+    asked = _ask_or_exit(path, policy, "capture", args)
+    if isinstance(asked, int):
+        return asked
+    result, note = asked
     if result is None:
         _err(note)
         return None
@@ -229,9 +236,7 @@ def reload(path: Path, pid: int | None) -> int:
         print(f"reloaded: {result.get('summary', '')}")
         return EX_OK
     if problems:
-        _err(f"{path} has problems; not reloading, the running policy stays in force:")
-        for p in problems:
-            _err(f"  {p}")
+        _problems(f"{path} has problems; not reloading, the running policy stays in force:", problems)
         return EX_FAIL
     if pid is None:
         _err(f"{note}; nothing to reload (pass --pid to signal a daemon without a control socket)")

@@ -241,35 +241,29 @@ def rules(ctx: Context) -> Result:
     files: dict[str, bytes] = {}
     data: dict[str, Any] = {}
     problems: list[str] = []
-    nft_found: dict[str, int] | None = None
-    ipt_found: dict[str, int] | None = None
-    nft = shutil.which("nft")
-    if nft:
-        counter = NftNatCounter()
+
+    def counted(name: str, argv: list[str], counter: NftNatCounter | IptablesNatCounter, file: str,
+                truncated: str) -> dict[str, int] | None:
+        """Stream a ruleset through its NAT counter, keeping its head as a file; None when unread."""
+        path = shutil.which(argv[0])
+        if path is None:
+            data[name] = "not installed"
+            return None
         try:
-            out = _stream([nft, "-j", "list", "ruleset"], ctx, counter.feed)
-            files["nft-ruleset.json"] = bytes(out.head)
-            nft_found = counter.found
-            if out.total > len(out.head):
-                data["nft_truncated"] = f"kept the first {len(out.head)} of {out.total} bytes"
+            out = _stream([path, *argv[1:]], ctx, counter.feed)
+            if isinstance(counter, IptablesNatCounter):
+                counter.close()
         except (CollectorError, OSError) as exc:
-            problems.append(f"nft: {exc}")
-    else:
-        data["nft"] = "not installed"
-    ipt = shutil.which("iptables-save")
-    if ipt:
-        ipt_counter = IptablesNatCounter()
-        try:
-            out = _stream([ipt], ctx, ipt_counter.feed)
-            ipt_counter.close()
-            files["iptables-save.txt"] = bytes(out.head)
-            ipt_found = ipt_counter.found
-            if out.total > len(out.head):
-                data["iptables_save_truncated"] = f"kept the first {len(out.head)} of {out.total} bytes"
-        except (CollectorError, OSError) as exc:
-            problems.append(f"iptables-save: {exc}")
-    else:
-        data["iptables_save"] = "not installed"
+            problems.append(f"{argv[0]}: {exc}")
+            return None
+        files[file] = bytes(out.head)
+        if out.total > len(out.head):
+            data[truncated] = f"kept the first {len(out.head)} of {out.total} bytes"
+        return counter.found
+
+    nft_found = counted("nft", ["nft", "-j", "list", "ruleset"], NftNatCounter(), "nft-ruleset.json", "nft_truncated")
+    ipt_found = counted("iptables_save", ["iptables-save"], IptablesNatCounter(), "iptables-save.txt",
+                        "iptables_save_truncated")
     data["nat_verdict"] = nat_verdict(nft_found, ipt_found)
     if nft_found:
         data["nft_nat"] = nft_found
@@ -277,7 +271,7 @@ def rules(ctx: Context) -> Result:
         data["iptables_nat"] = ipt_found
     if problems:
         data["errors"] = problems
-        if nft_found is None and ipt_found is None and (nft or ipt):
+        if nft_found is None and ipt_found is None:   # (a problem means one of them is installed)
             raise CollectorError("; ".join(problems))
     return data, files
 
