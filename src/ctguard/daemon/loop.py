@@ -34,7 +34,7 @@ from ctguard.core.decide import (
     upper_bound,
 )
 from ctguard.core.model import Capture, Decision, History, Outcome, Sample, SetMax, TableFull
-from ctguard.core.sizing import p99
+from ctguard.core import sizing
 from ctguard.daemon import metrics
 from ctguard.daemon.captures import Captures, top_findings
 from ctguard.daemon.paths import Paths
@@ -54,7 +54,7 @@ from ctguard.host.observe import Observer
 from ctguard.host.timeouts import read_timeouts
 from ctguard.store.files import atomic_write, ensure_private_dir
 from ctguard.store.relief import ReliefStore
-from ctguard.store.state import PEAK_DAYS, PeakRecorder, StateStore
+from ctguard.store.state import PeakRecorder, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class Daemon:
 
     def _note_p99(self) -> None:
         """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
-        cutoff = time.time() - PEAK_DAYS * 86400
-        self.history = self.history.with_(recorded_p99=p99([p.count for p in self.peaks.current() if p.minute > cutoff]))
+        recent = sizing.recent(self.peaks.current(), lambda p: p.minute, time.time())
+        self.history = self.history.with_(recorded_p99=sizing.p99([p.count for p in recent]))
 
     def _fold(self, sample: Sample | None, events: list[TableFull], outcomes: list[Outcome]) -> None:
         self.history = advance(self.history, sample, events, outcomes, self.clock.now(), self.policy)
