@@ -22,6 +22,7 @@ from typing import Any
 from ctguard.core.diagnose import diagnose
 from ctguard.core.model import Capture, Decision
 from ctguard.evidence import review
+from ctguard.host import procs
 from ctguard.store.files import atomic_write, ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,6 @@ def _write_timeline(path: Path, window: dict) -> None:
 
 
 def _lower_priority() -> None:
-    # Evidence must never compete with the traffic or with the loop that bumps.
-    try:
-        os.nice(10)
-    except OSError:
-        pass
+    # Evidence must never compete with the traffic or with the loop that bumps: nice 10 and
+    # SCHED_IDLE (idle I/O class with it). A refusal leaves the capture at normal priority.
+    procs.to_background(10)

@@ -30,6 +30,7 @@ import sys
 import time
 
 from ctguard.host import ctnetlink as ct
+from ctguard.host import procs
 from ctguard.host.netns import setns
 
 TCP_SYN_SENT, TCP_SYN_RECV, TCP_TIME_WAIT = 1, 2, 7     # enum tcp_conntrack (ct.TCP_STATES)
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.timeout:
         k, _, v = item.partition("=")
         caps[k] = int(v)
+    # Behind the traffic: a trim pass is bounded, and late is better than in the way. A refusal
+    # (an older unit's system-call filter) costs priority only, never the trim.
+    procs.to_background(5)
     try:
         if args.netns_path:
             fd = os.open(args.netns_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -165,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
                 setns(fd)       # this child is single-threaded: the whole process moves
             finally:
                 os.close(fd)
-        os.nice(5)
         chosen, seen, cut = select(caps, args.max_entries, deadline)
         changed, gone, failed, cut2 = update(chosen, deadline)
     except OSError as exc:
