@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from ctguard.config.policy import Policy, effective
 from ctguard.core.diagnose import diagnose
 from ctguard.core.model import Capture, Decision
 from ctguard.evidence import review
@@ -145,6 +146,17 @@ class Captures:
                 child.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.proc.terminate()
+
+
+def policy_for_child(policy: Policy, path: Path, reload_rejected: str | None) -> Path:
+    """The policy file a capture child loads: after a rejected reload the files on disk are
+    broken, so the child gets the policy in force, merged with its drop-ins
+    (policy.effective), in a private folder of its own (no policy.d beside it)."""
+    if reload_rejected is None:
+        return path
+    copy = ensure_private_dir(Path(policy.state.dir) / "policy-in-force") / "policy.toml"
+    atomic_write(copy, effective(policy), 0o600)
+    return copy
 
 
 def top_findings(bundle: str) -> list[str]:

@@ -19,7 +19,6 @@ import socket
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ctguard.boot import persist
 from ctguard.config import policy as policy_mod
@@ -30,35 +29,33 @@ from ctguard.core import incident as incident_text
 from ctguard.core import relief as relief_core
 from ctguard.core import ticks
 from ctguard.core.decide import (
-    advance, budget_left, decide, decide_manual, decide_start, incident_changes, next_interval, note_bundle,
+    advance, decide, decide_start, incident_changes, next_interval, note_bundle,
     upper_bound,
 )
-from ctguard.core.model import Capture, Decision, History, Outcome, Sample, SetMax, TableFull
+from ctguard.core.model import Capture, Decision, History, Outcome, Sample, TableFull
 from ctguard.core import sizing
 from ctguard.daemon import metrics
-from ctguard.daemon.captures import Captures, top_findings
+from ctguard.daemon.captures import Captures, policy_for_child, top_findings
+from ctguard.daemon.kernellines import KernelLines
 from ctguard.daemon.paths import Paths
 from ctguard.daemon.persistwatch import PersistWatch
 from ctguard.daemon.recorder import FlightRecorder, metrics_text
-from ctguard.daemon.relief import ReliefActor
+from ctguard.daemon.relief import ReliefActor, relief_look
 from ctguard.daemon.reporter import Reporter
 from ctguard.daemon.resize import Resizer
 from ctguard.daemon.saving import Saver
-from ctguard.host import journal
+from ctguard.daemon.service import ControlService
 from ctguard.host.act import Actor
 from ctguard.host.clock import Clock
 from ctguard.host.events import EventLog
 from ctguard.host.kernel import ConntrackNotLoaded, Kernel
 from ctguard.host.notify import Notifier
 from ctguard.host.observe import Observer
-from ctguard.host.timeouts import read_timeouts
-from ctguard.store.files import atomic_write, ensure_private_dir
 from ctguard.store.relief import ReliefStore
 from ctguard.store.state import PeakRecorder, StateStore
 
 log = logging.getLogger(__name__)
 
-CURSOR_EVERY = 5.0          # seconds between journal-cursor saves while lines keep coming
 NOT_LOADED_RETRY = 2.0      # seconds between looks for nf_conntrack while it is not loaded
 
 
@@ -87,18 +84,18 @@ class Daemon:
         self.actor = Actor(self.kernel, policy, self._capture_asked, wall_clock=time.time, relief=self.relief_actor,
                            start_resize=self.resizer.start)
         self.recorder = FlightRecorder()       # the last 15 minutes, for every bundle's timeline
-        self.captures = Captures(lambda: Path(self.policy.state.dir), self._policy_for_child, self._window)
+        self.captures = Captures(lambda: Path(self.policy.state.dir),
+                                 lambda: policy_for_child(self.policy, self.policy_path, self.reload_rejected),
+                                 self.window)
         self.persistwatch = PersistWatch(lambda: self.policy, self.actor, self.events, self.paths.proc_root)
         self.metrics = metrics.MetricsWriter(under_systemd=bool(os.environ.get("INVOCATION_ID")))
-        self.follower: journal.JournalFollower | None = None
+        self.lines = KernelLines(lambda: self.policy.state.dir, self.clock.now)
         self.control: ControlServer | None = None
         self.running = True
         self.ready = False
         self.last_sample: Sample | None = None
         self.reload_rejected: str | None = None  # why the last reload was refused, until one succeeds
         self.started_at = time.time()
-        self._cursor_at = -1e9
-        self._cursor_saved: str | None = None
         self._not_loaded_said = False
         self._sel = selectors.DefaultSelector()
         self._sig_r, self._sig_w = socket.socketpair()
@@ -115,13 +112,13 @@ class Daemon:
     def _fold(self, sample: Sample | None, events: list[TableFull], outcomes: list[Outcome]) -> None:
         self.history = advance(self.history, sample, events, outcomes, self.clock.now(), self.policy)
 
-    def _save_state(self) -> None:
+    def save_state(self) -> None:
         self.saver.save("state", lambda: self.store.save_history(self.history))
 
     def _save_relief(self) -> None:
         self.saver.save("relief", self.relief_store.save, where=str(self.relief_store.path))
 
-    def _carry_out(self, decision: Decision) -> list[Outcome]:
+    def carry_out(self, decision: Decision) -> list[Outcome]:
         """Act, fold the outcomes into the history and report them (outside a turn)."""
         outcomes = self.actor.carry_out(decision)
         self._fold(None, [], outcomes)
@@ -142,21 +139,29 @@ class Daemon:
         self.events.emit("start", f"ctguard starting with {self.policy.source} (mode {self.policy.mode})")
         for warning in policy_mod.warnings_for(self.policy, self.kernel.read_max_or_none()):
             log.warning("%s", warning)
-        self._open_journal()
+        backlog = self.lines.open()
+        if backlog is None:
+            self.events.emit("journal-unavailable", "no journald: running on sampling alone")
+        else:
+            self._sel.register(self.lines.fileno(), selectors.EVENT_READ, "journal")
+            if backlog:     # written while ctguard was down: history, counted, not acted on
+                self._fold(None, backlog, [])
+                self.save_state()
+                log.info("%d kernel table-full lines were written while ctguard was not running", len(backlog))
         next_sample = next_tick = next_watchdog = time.monotonic()
         wd = self.notifier.watchdog_interval()
         try:
             while self.running:
                 wake = next_sample if self._ticks is None else min(next_sample, next_tick)
                 timeouts = [wake - time.monotonic(), next_watchdog - time.monotonic() if wd else None,
-                            self.follower.timeout() if self.follower else None,
+                            self.lines.timeout(),
                             self.control.timeout() if self.control else None]
                 kernel_events: list[TableFull] = []
                 for key, _ in self._sel.select(max(0.0, min(t for t in timeouts if t is not None))):
                     if key.data == "signal":
                         self._signals()
                     elif key.data == "journal":
-                        kernel_events.extend(self._read_journal())
+                        kernel_events.extend(self.lines.read())
                     elif key.data == "resize":
                         self._resize_done(self.resizer.collect())
                     elif key.data == "control" and self.control is not None:
@@ -171,8 +176,8 @@ class Daemon:
                     if self._tick():
                         next_sample = now      # a count rose: a full turn now
                 if kernel_events or now >= next_sample:
-                    if self.follower is not None and not kernel_events:
-                        kernel_events = self._read_journal()   # a safety net for a missed wake-up
+                    if not kernel_events:
+                        kernel_events = self.lines.read()   # a safety net for a missed wake-up
                     next_sample = time.monotonic() + self._turn(kernel_events)
                     next_tick = time.monotonic() + (self._ticks.every if self._ticks else 0.0)
                 self.resizer.launch()   # after the turn's files are written (ctguard.daemon.resize)
@@ -223,7 +228,7 @@ class Daemon:
         if decision.needs_relief is not None:
             # Relief may shorten timeouts here: look at what holds the table and at the
             # namespace's current timeouts, and decide again knowing them.
-            sample = self._relief_look(sample, decision.needs_relief)
+            sample = relief_look(self.observer, self.policy, sample, decision.needs_relief)
             decision = decide(self.policy, sample, self.history, now, kernel_events)
         self._in_turn = True           # captures asked for now are automatic: queued, limited per incident
         try:
@@ -292,8 +297,8 @@ class Daemon:
             self._restore(Decision(tuple(restores), None, 0.0, 0.0, False, "relief left behind"))
         start = decide_start(self.policy, sample.limits, persist.read_persisted_max(self.policy.persist.sysctl_file))
         if start.actions:
-            self._carry_out(start)
-            self._save_state()
+            self.carry_out(start)
+            self.save_state()
 
     def _restore(self, decision: Decision) -> None:
         outcomes = self.actor.carry_out(decision)
@@ -308,19 +313,6 @@ class Daemon:
         if actions:
             self._restore(Decision(actions, None, 0.0, 0.0, False, why))
 
-    def _relief_look(self, sample: Sample, netns: int) -> Sample:
-        shape = sample.shape
-        if shape is None or shape.netns != netns or not shape.states:
-            shape = self.observer.shape(netns, self.policy.guard)
-        found, path = self.observer.path_of(netns)
-        values: dict[str, int] = {}
-        if found:
-            try:
-                values = read_timeouts(path, [k for k, _ in self.policy.relief.timeouts])
-            except OSError as exc:
-                log.warning("relief cannot read the conntrack timeouts of netns %s: %s", netns, exc)
-        return replace(sample, shape=shape, timeouts=((netns, tuple(sorted(values.items()))),))
-
     def _resize_done(self, outcomes: list[Outcome]) -> None:
         """A resize beside the loop finished: fold its read-back outcome in and report it."""
         if not outcomes:
@@ -328,7 +320,7 @@ class Daemon:
         self._fold(None, [], outcomes)
         self.reporter.outcomes(outcomes, self.history.incident, self.policy.observe_only)
         self.saver.flush_held()
-        self._save_state()
+        self.save_state()
         self.events.flush()
 
     def _reap_children(self) -> None:
@@ -344,58 +336,12 @@ class Daemon:
             self.reporter.trimmed(trim.name, trim.netns, report)
 
     def _write_metrics(self, sample: Sample) -> None:
-        path = self.policy.metrics.textfile
-        if not self.metrics.due(path, time.monotonic()):
-            return
         last = self.history.incident or self.history.last_incident
-        text = (metrics.render(sample, self.history, self.policy.bump.ceiling,
-                               budget_left(self.policy, self.history, sample.at),
-                               upper_bound(self.policy, sample.limits)[0], self.kernel.slab_bytes())
-                + metrics_text(last.started.wall if last else None, self._findings)
-                + self.persistwatch.metrics())
-        self.saver.save("metrics", lambda: metrics.write(path, text), where=path)
+        self.metrics.write(self.policy, sample, self.history, self.kernel.slab_bytes(), self.saver,
+                           metrics_text(last.started.wall if last else None, self._findings)
+                           + self.persistwatch.metrics())
 
-    # -- the journal and signals --------------------------------------------------------------
-
-    def _open_journal(self) -> None:
-        self.follower = journal.open_follower(cursor=journal.load_cursor(self.policy.state.dir))
-        if self.follower is None:
-            self.events.emit("journal-unavailable", "no journald: running on sampling alone")
-            return
-        self._sel.register(self.follower.fileno(), selectors.EVENT_READ, "journal")
-        # Lines written while ctguard was down are history: count them, do not act on them.
-        backlog = self.follower.read_events()
-        if backlog:
-            self._fold(None, [self._table_full(e) for e in backlog], [])
-            self._save_state()
-            log.info("%d kernel table-full lines were written while ctguard was not running", len(backlog))
-
-    def _table_full(self, ev: journal.TableFullEvent) -> TableFull:
-        return TableFull(self.clock.now(), ev.netns, ev.suppressed, ev.backlog)
-
-    def _read_journal(self) -> list[TableFull]:
-        if self.follower is None:
-            return []
-        try:
-            raw = self.follower.read_events()
-        except Exception as exc:  # the journal must never take the loop down
-            log.warning("reading the journal failed: %s", exc)
-            return []
-        cursor = self.follower.cursor
-        if cursor and cursor != self._cursor_saved and time.monotonic() - self._cursor_at >= CURSOR_EVERY:
-            self._save_cursor()
-        return [self._table_full(e) for e in raw]
-
-    def _save_cursor(self) -> None:
-        cursor = self.follower.cursor if self.follower else None
-        if not cursor or cursor == self._cursor_saved:
-            return
-        try:
-            journal.save_cursor(self.policy.state.dir, cursor)
-            self._cursor_saved = cursor
-            self._cursor_at = time.monotonic()
-        except OSError as exc:
-            log.warning("cannot save the journal cursor in %s: %s", self.policy.state.dir, exc)
+    # -- signals ------------------------------------------------------------------------------
 
     def _signals(self) -> None:
         try:
@@ -421,63 +367,18 @@ class Daemon:
         self.captures.queue(action, decision)
         return "capture queued"
 
-    def _window(self, incident: dict | None = None) -> dict:
+    def window(self, incident: dict | None = None) -> dict:
         """The flight recorder's window with the bounds in force."""
         limits = self.last_sample.limits if self.last_sample is not None else None
         upper, binding = upper_bound(self.policy, limits) if limits is not None else (self.policy.bump.ceiling, "ceiling")
         return self.recorder.window(ceiling=self.policy.bump.ceiling, upper=upper, upper_by=binding, incident=incident)
-
-    def _policy_for_child(self) -> Path:
-        """The policy file a capture child loads: after a rejected reload the files on disk are
-        broken, so the child gets the policy in force, merged with its drop-ins
-        (policy.effective), in a private folder of its own (no policy.d beside it)."""
-        if self.reload_rejected is None:
-            return self.policy_path
-        copy = ensure_private_dir(Path(self.policy.state.dir) / "policy-in-force") / "policy.toml"
-        atomic_write(copy, policy_mod.effective(self.policy), 0o600)
-        return copy
 
     def _status_line(self, text: str) -> str:
         # A rejected reload leads every STATUS= line until a reload succeeds: `systemctl status`
         # must not look as if the new file were in force.
         return f"{self.reload_rejected}; {text}" if self.reload_rejected else text
 
-    # -- the service the control socket's commands use (ctguard.control.commands.Service) --------
-
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "policy": os.path.realpath(self.policy_path), "policy_source": self.policy.source,
-                "mode": self.policy.mode, "started_at": self.started_at, "reload_rejected": self.reload_rejected,
-                "socket": str(self.policy.control.socket)}
-
-    def status_reading(self) -> commands.Reading | None:
-        if self.last_sample is None:
-            return None
-        return commands.Reading(self.policy, self.last_sample, self.history, self.clock.now(), self.peaks.hour)
-
-    def manual_bump(self, to: int, lower: bool, operator: str) -> tuple[Decision, list[Outcome]]:
-        sample = self.observer.sample()      # fresh: a lowering is checked against the count now
-        worst = sample.worst
-        decision = decide_manual(self.policy, sample.limits, to, lower=lower,
-                                 worst=(worst.inode if worst else None, worst.count if worst else 0), who=operator)
-        outcomes = self._carry_out(decision)    # journaled by the daemon, refused or done
-        for o in outcomes:     # ctguard's own write (an operator's --lower too): not a foreign lowering
-            if isinstance(o.action, SetMax) and o.ok and o.read_back is not None:
-                self.persistwatch.accept_max(o.read_back)
-        self._save_state()
-        return decision, outcomes
-
-    def start_capture(self, reason: str, inode: int | None, operator: str) -> int:
-        s = self.last_sample
-        worst = s.worst if s else None
-        decision = Decision((), worst.inode if worst else None, s.worst_fill if s else 0.0, 0.0, False,
-                            f"operator's capture: {operator}")
-        return self.captures.launch(Capture(reason, inode), decision)
-
-    def capture_state(self, pid: int) -> dict[str, Any] | None:
-        return self.captures.state_of(pid)
-
-    def timeline(self) -> dict:
-        return self._window()
+    # -- reload and the control socket ----------------------------------------------------------
 
     def reload(self) -> list[str]:
         """Load the policy file again; the problems that kept the old policy in force, or []."""
@@ -510,7 +411,7 @@ class Daemon:
     def _open_control(self) -> None:
         path = self.policy.control.socket
         try:
-            self.control = ControlServer(path, commands.handlers(self))
+            self.control = ControlServer(path, commands.handlers(ControlService(self)))
         except (ControlError, OSError) as exc:
             log.warning("no control socket at %s: %s; `ctguard status` and `bump` will act directly", path, exc)
             return
@@ -523,11 +424,9 @@ class Daemon:
         self.persistwatch.stop()
         self.relief_actor.stop()
         self._relief_restore_all("ctguard stopping")
-        self._save_state()
+        self.save_state()
         self.saver.save("peaks", lambda: self.store.save_peaks(self.peaks.current(), self.peaks.hour))
-        if self.follower is not None:
-            self._save_cursor()
-            self.follower.close()
+        self.lines.close()
         # A resize in flight cannot be interrupted (the kernel is rehashing); record its outcome.
         self._resize_done(self.resizer.wait(10.0))
         self.resizer.close()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from pathlib import Path
 from typing import get_args
 
 from ctguard import __version__
+from ctguard.config.policy import Policy
+from ctguard.core.decide import budget_left, upper_bound
+from ctguard.daemon.saving import Saver
 from ctguard.store.files import atomic_write
 from ctguard.core.model import History, RefusalKind, Sample
 
@@ -135,6 +139,17 @@ class MetricsWriter:
                 log.info("%s exists: metrics are written to %s", Path(path).parent, path)
             self._said = ready
         return ready
+
+
+    def write(self, policy: Policy, sample: Sample, history: History, slab_bytes: int | None, saver: Saver,
+              extra: str = "") -> None:
+        """Render and write the textfile when it is due (`extra`: the recorder's and persistence's series)."""
+        path = policy.metrics.textfile
+        if not self.due(path, time.monotonic()):
+            return
+        text = render(sample, history, policy.bump.ceiling, budget_left(policy, history, sample.at),
+                      upper_bound(policy, sample.limits)[0], slab_bytes) + extra
+        saver.save("metrics", lambda: write(path, text), where=path)
 
 
 def folder_ready(path: str) -> bool:

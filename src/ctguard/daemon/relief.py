@@ -9,17 +9,22 @@ RSS, which the daemon never pays, and a slow pass never holds the loop.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ctguard.core.model import Instant, Outcome, RestoreTimeout, ShortenTimeout, TrimEntries
+from ctguard.config.policy import Policy
+from ctguard.core.model import Instant, Outcome, RestoreTimeout, Sample, ShortenTimeout, TrimEntries
 from ctguard.core.timeouts import sysctl_name
 from ctguard.host.timeouts import SYSCTL_DIR, TimeoutChanged, read_timeouts, write_timeout
+from ctguard.host.observe import Observer
 from ctguard.store.relief import Record, ReliefStore
+
+log = logging.getLogger(__name__)
 
 TRIM_ENTRIES = 50_000       # entries a trim may change per pass
 TRIM_BUDGET = 2.0           # seconds a trim pass may take
@@ -203,3 +208,19 @@ class ReliefActor:
                 t.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 t.proc.terminate()
+
+
+def relief_look(observer: Observer, policy: Policy, sample: Sample, netns: int) -> Sample:
+    """What relief decides with: what holds the namespace's table (its shape, bounded by
+    guard.sample_budget) and the namespace's current timeouts."""
+    shape = sample.shape
+    if shape is None or shape.netns != netns or not shape.states:
+        shape = observer.shape(netns, policy.guard)
+    found, path = observer.path_of(netns)
+    values: dict[str, int] = {}
+    if found:
+        try:
+            values = read_timeouts(path, [k for k, _ in policy.relief.timeouts])
+        except OSError as exc:
+            log.warning("relief cannot read the conntrack timeouts of netns %s: %s", netns, exc)
+    return replace(sample, shape=shape, timeouts=((netns, tuple(sorted(values.items()))),))
