@@ -373,6 +373,8 @@ KERNEL_MATCH = "nf_conntrack"
 def journal(ctx: Context) -> Result:
     """The last kernel-transport lines mentioning nf_conntrack (table full and friends)."""
     try:
+        # Here: the collector runs in the capture child only, and a host without python3-systemd
+        # still gets a bundle (this collector says why it is empty).
         from systemd import journal as sd_journal  # type: ignore[import-not-found]
     except ImportError:
         raise CollectorError("python3-systemd is not installed: kernel journal lines not collected") from None
