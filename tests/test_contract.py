@@ -8,6 +8,7 @@ what to add and where.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import tomllib
@@ -164,8 +165,18 @@ def test_every_command_and_option_is_in_the_command_line_table() -> None:
 # -- nothing points outside the repository ----------------------------------------------------
 
 def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    git = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode == 0:
+        names = git.stdout.split()
+    else:
+        # No git checkout (the package build's unpacked source, another user's tree): every file but
+        # what a build or a test run leaves behind.
+        skip = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".pybuild", "build", "dist", ".venv"}
+        names = []
+        for dirpath, dirnames, filenames in os.walk(ROOT):
+            dirnames[:] = [d for d in dirnames if d not in skip and not d.endswith(".egg-info")
+                           and not (Path(dirpath) == ROOT / "debian" and d not in ("source", "tests"))]
+            names += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames]
     out = []
     for n in names:
         p = ROOT / n

@@ -264,3 +264,52 @@ def test_real_fallback_without_journald_socket(tmp_path: Path) -> None:
     lines = proc.stderr.splitlines()
     assert any("cannot write to the journal" in line for line in lines)
     assert any(line.startswith("ctguard: warning: raised nf_conntrack_max 1 -> 2") for line in lines)
+
+
+# -- the journal message catalog (issue 25) ---------------------------------------------------
+
+CATALOG = Path(__file__).resolve().parents[1] / "catalog" / "ctguard.catalog"
+
+
+def _catalog_entries() -> dict[str, str]:
+    entries: dict[str, str] = {}
+    current = None
+    for line in CATALOG.read_text().splitlines():
+        m = re.match(r"^-- ([0-9a-f]{32})$", line)
+        if m:
+            current = m.group(1)
+            assert current not in entries, f"{CATALOG}: {current} twice"
+            entries[current] = ""
+        elif current is not None:
+            entries[current] += line + "\n"
+    return entries
+
+
+def test_every_message_id_in_the_source_has_a_catalog_entry() -> None:
+    """`journalctl -x` explains every entry ctguard writes: each MESSAGE_ID in src/ (events.KINDS and
+    any 32-hex id written anywhere else) has a catalog entry with a Subject and a text."""
+    src = Path(events.__file__).resolve().parent
+    in_source = {k.message_id for k in events.KINDS.values()}
+    for path in src.rglob("*.py"):
+        in_source |= set(re.findall(r"MESSAGE_ID\w*\s*=\s*\"([0-9a-f]{32})\"", path.read_text()))
+    entries = _catalog_entries()
+    missing = sorted(in_source - set(entries))
+    assert not missing, f"{CATALOG} has no entry for {missing}"
+    assert not sorted(set(entries) - in_source), "catalog entries for ids the source no longer writes"
+    for mid, body in entries.items():
+        assert re.search(r"^Subject: \S", body, re.M), f"{mid}: no Subject"
+        assert re.search(r"^Defined-By: ctguard$", body, re.M), f"{mid}: no Defined-By"
+        text = body.split("\n\n", 1)[-1].strip()
+        assert len(text) > 40, f"{mid}: no text saying what happened and what to do"
+
+
+@pytest.mark.skipif(shutil.which("journalctl") is None, reason="needs journalctl")
+def test_journalctl_reads_the_catalog(tmp_path: Path) -> None:
+    catalog_dir = tmp_path / "usr/lib/systemd/catalog"
+    catalog_dir.mkdir(parents=True)
+    (tmp_path / "var/lib/systemd").mkdir(parents=True)
+    shutil.copy(CATALOG, catalog_dir / "ctguard.catalog")
+    subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], check=True, capture_output=True)
+    listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"], check=True,
+                            capture_output=True, text=True).stdout
+    assert {line.split()[0] for line in listed.splitlines() if line.strip()} >= set(_catalog_entries())
