@@ -42,7 +42,8 @@ def test_what_kube_proxy_sets(settings: dict, cpus: int, sets: int | None) -> No
 
 def start_kube_proxy(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "kube-proxy"     # the kernel names a script's process after the script
-    script.write_text("#!/bin/sh\nsleep 30\n")
+    # sleep is not the script's last command: Debian 13's dash would exec it in place of the script.
+    script.write_text("#!/bin/sh\nsleep 30\n:\n")
     script.chmod(0o755)
     proc = subprocess.Popen([str(script), *args])
     deadline = time.monotonic() + 5

@@ -490,11 +490,24 @@ def build_package(base: Path, build: Path, phase: Phases, release: Release) -> d
         cd /src/ctguard
         apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null
         """, timeout=1800)
-    # The build itself runs without a network: everything comes from the build-deps.
-    out = nspawn(build, "cd /src/ctguard && dpkg-buildpackage -us -uc -b 2>&1", check=False, offline=True)
+    # Issue 25: one version per release, the Debian 12 build below the 13 build (and both above
+    # the plain upstream version), the way a stable update is versioned: a changelog entry.
+    version = release_version(build / "src" / "ctguard")
+    # The build itself runs without a network (everything comes from the build-deps) and as a
+    # user, as Debian's buildds do (Rules-Requires-Root: no): the pure tests run in
+    # dh_auto_test against this release's python3-* libraries, and the kernel tests skip.
+    out = nspawn(build, "useradd --system --no-create-home builder 2>/dev/null || true; "
+                        "chown -R builder /src; cd /src/ctguard && "
+                        "setpriv --reuid=builder --regid=builder --init-groups env HOME=/tmp "
+                        "dpkg-buildpackage -us -uc -b 2>&1", check=False, offline=True)
     assert out.returncode == 0, f"dpkg-buildpackage failed:\n{out.stdout[-8000:]}"
+    tests = re.findall(r"^=+ .*(?:passed|failed).* in [\d.]+s.*=+$", out.stdout, re.M)
+    assert tests and "failed" not in tests[-1], f"dh_auto_test did not run the pure tests:\n{out.stdout[-8000:]}"
+    phase.say(f"dh_auto_test ({release.suite}'s python3-* libraries): {tests[-1].strip('= ')}")
     built = sorted((build / "src").glob("ctguard_*_all.deb"))
     assert len(built) == 1, built
+    assert f"_{version}_all.deb" in built[0].name, (version, built)
+    phase.say(f"built {built[0].name}")
     # What went wrong on Debian 12 before: a unit in a folder that release's dh_installsystemd
     # does not search is installed but never enabled or started (no snippet in the postinst).
     postinst = sh("dpkg-deb", "-I", str(built[0]), "postinst").stdout
@@ -517,6 +530,22 @@ def build_package(base: Path, build: Path, phase: Phases, release: Release) -> d
         dpkg-deb -b --root-owner-group up ctguard_upgrade_all.deb >/dev/null
         """)
     return {"first": built[0], "upgrade": build / "src" / "ctguard_upgrade_all.deb"}
+
+
+def release_version(source: Path) -> str:
+    """Prepend a changelog entry `<upstream>+deb<N>u1` for the release being built (as dch would)."""
+    changelog = source / "debian" / "changelog"
+    text = changelog.read_text()
+    first = re.match(r"^ctguard \(([^)]+)\)", text)
+    assert first, text[:200]
+    suite = sh("sh", "-c", f". {source.parent.parent}/etc/os-release && echo $VERSION_CODENAME:$VERSION_ID").stdout.strip()
+    codename, number = suite.split(":")
+    version = f"{first.group(1)}+deb{number}u1"
+    stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    changelog.write_text(f"ctguard ({version}) {codename}; urgency=medium\n\n"
+                         f"  * Build for Debian {number} ({codename}).\n\n"
+                         f" -- ctguard maintainers <maintainers@users.noreply.r-seed-fd71250f.example>  {stamp}\n\n" + text)
+    return version
 
 
 def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: Release) -> None:
@@ -543,6 +572,9 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
         for key in ("max", "buckets", "ceiling", "bump_budget_left"):
             assert key in data, f"status --json lacks {key}: {sorted(data)}"
         check_exposure(m, phase)
+        check_no_way_out(m, phase)
+        check_catalog(m, phase)
+        check_status_group(m, phase)
         for script in ("policy", "service"):
             out = m.shell(f"mkdir -p /tmp/apt && AUTOPKGTEST_TMP=/tmp/apt /root/debian-tests/{script} 2>&1",
                           check=False, timeout=120)
@@ -590,7 +622,16 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
         in_force = PROC_MAX.read_text().strip()
 
     with phase("purge"):
-        m.run("apt-get", "purge", "-y", "-q", "ctguard", timeout=600)
+        prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
+        if not release.full:      # still installed: a metrics file to be removed
+            m.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
+            m.run("systemctl", "restart", "ctguard.service", timeout=60)
+            assert wait_for(lambda: m.run("test", "-s", prom, check=False).returncode == 0, 15), m.journal()
+        purged = m.run("apt-get", "purge", "-y", "-q", "ctguard", timeout=600)
+        assert m.run("test", "-e", prom, check=False).returncode != 0, "purge left the metrics file"
+        said = purged.stdout + purged.stderr
+        assert "files written by ctguard stay" in said and sysctl_file in said, said[-3000:]
+        assert "# Once ctguard is removed or purged this file stays" in m.run("cat", sysctl_file).stdout
         assert m.run("test", "-e", "/var/lib/ctguard", check=False).returncode != 0, "purge left /var/lib/ctguard"
         assert m.run("test", "-e", "/etc/ctguard/policy.toml", check=False).returncode != 0
         m.run("test", "-s", sysctl_file)
@@ -645,7 +686,10 @@ def check_restarts_upgrade_remove(m: Machine, debs: dict[str, Path], phase: Phas
     sysctl_file = "/etc/sysctl.d/90-ctguard.conf"
     with phase("remove"):
         in_force = PROC_MAX.read_text().strip()
+        prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
+        m.run("test", "-s", prom)
         m.run("apt-get", "remove", "-y", "-q", "ctguard", timeout=600)
+        assert m.run("test", "-e", prom, check=False).returncode != 0, "remove left the metrics file"
         assert m.show("ActiveState") in ("inactive", "failed", ""), m.show("ActiveState")
         assert m.show("LoadState") in ("not-found", ""), m.show("LoadState")
         m.run("test", "-s", sysctl_file)
@@ -654,6 +698,58 @@ def check_restarts_upgrade_remove(m: Machine, debs: dict[str, Path], phase: Phas
         m.run("sh", "-c", "ls -d /var/lib/ctguard/bundles/*/manifest.toml")
         m.run("test", "-f", "/etc/ctguard/policy.toml")
         assert PROC_MAX.read_text().strip() == in_force
+
+
+def check_no_way_out(m: Machine, phase: Phases) -> None:
+    """Issue 25: from inside the service's mount namespace, `systemd-run` cannot reach PID 1 (its
+    private socket and the system bus are inaccessible); from outside it works. The daemon still
+    reaches journald and the notify socket (its STATUS= and journal entries come through)."""
+    pid = m.show("MainPID")
+    outside = m.run("systemd-run", "--wait", "--quiet", "--collect", "true", check=False, timeout=60)
+    assert outside.returncode == 0, f"systemd-run from outside the sandbox failed: {outside.stderr}"
+    inside = m.run("nsenter", "-t", pid, "-m", "--", "systemd-run", "--wait", "--quiet", "--collect",
+                   "touch", "/run/ctguard-escaped", check=False, timeout=60)
+    assert inside.returncode != 0, "systemd-run worked from inside ctguard's sandbox"
+    assert m.run("test", "-e", "/run/ctguard-escaped", check=False).returncode != 0
+    probe = ("import socket\nfor p in ('/run/systemd/private', '/run/dbus/system_bus_socket', "
+             "'/run/systemd/notify', '/run/systemd/journal/socket'):\n"
+             "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM if 'notify' not in p and 'journal' not in p "
+             "else socket.SOCK_DGRAM)\n"
+             "    try:\n        s.connect(p); print(p, 'reachable')\n"
+             "    except OSError as e:\n        print(p, 'refused', e.strerror)\n")
+    seen = m.run("nsenter", "-t", pid, "-m", "--", "python3", "-c", probe, check=False).stdout
+    phase.say("inside ctguard's sandbox: systemd-run exited "
+              f"{inside.returncode} ({(inside.stderr.strip().splitlines() or [''])[-1]}); " + "; ".join(seen.splitlines()))
+    assert "/run/systemd/private refused" in seen and "/run/dbus/system_bus_socket refused" in seen, seen
+    assert "/run/systemd/notify reachable" in seen and "/run/systemd/journal/socket reachable" in seen, seen
+
+
+def check_catalog(m: Machine, phase: Phases) -> None:
+    """`journalctl -x` explains ctguard's entries with the package's catalog."""
+    start_id = _message_id("START")
+    out = m.run("journalctl", "--no-pager", "-x", "-u", "ctguard.service", f"MESSAGE_ID={start_id}", check=False).stdout
+    assert "ctguard started guarding the connection tracking table" in out, out[-3000:]
+    listed = m.run("journalctl", "--list-catalog", check=False).stdout
+    assert sum(1 for line in listed.splitlines() if " ctguard: " in line) >= 20, listed[-2000:]
+    phase.say("journalctl -x: " + next(line.strip() for line in out.splitlines() if "Subject" in line or "░░" in line))
+
+
+def check_status_group(m: Machine, phase: Phases) -> None:
+    """A monitoring account in ctguard-status gets `ctguard status` from the daemon and is refused
+    `ctguard bump`; an account outside the group does not reach the socket at all."""
+    m.shell("getent group ctguard-status; id ctgmon 2>/dev/null || useradd --system -G ctguard-status ctgmon; "
+            "id ctgother 2>/dev/null || useradd --system ctgother")
+    assert m.run("stat", "-c", "%a %G", "/run/ctguard/control.sock").stdout.split() == ["660", "ctguard-status"]
+    assert m.run("stat", "-c", "%a %G", "/run/ctguard").stdout.split() == ["750", "ctguard-status"]
+    as_mon = ["setpriv", "--reuid=ctgmon", "--regid=ctgmon", "--init-groups", "env", "HOME=/tmp"]
+    status = m.run(*as_mon, "ctguard", "status", check=False)
+    assert status.returncode in (0, 1, 2) and f"daemon: pid {m.show('MainPID')}" in status.stdout, status
+    bump = m.run(*as_mon, "ctguard", "bump", "--to", "999424", check=False)
+    assert bump.returncode != 0 and "only root" in bump.stdout + bump.stderr, bump
+    other = m.run("setpriv", "--reuid=ctgother", "--regid=ctgother", "--init-groups", "ctguard", "status", check=False)
+    assert f"daemon: pid {m.show('MainPID')}" not in other.stdout, other
+    phase.say(f"ctgmon (ctguard-status): status exit {status.returncode}; bump refused: "
+              f"{(bump.stdout + bump.stderr).strip().splitlines()[-1]}")
 
 
 def check_exposure(m: Machine, phase: Phases) -> None:
@@ -921,5 +1017,18 @@ def flood(m: Machine, phase: Phases) -> None:
             assert mode == "700", f"bundle {bundle} has mode {mode}"
             m.run("test", "-s", f"{bundle}/manifest.toml")
         assert m.wait_active() == "active", m.journal()
+        trim_with_debians_pyroute2(m, phase)
     finally:
         m.shell("ip netns del ctgsnd; ip netns del ctgrcv", check=False)
+
+
+def trim_with_debians_pyroute2(m: Machine, phase: Phases) -> None:
+    """Issue 25: relief's trim (pyroute2's conntrack message internals) against this release's
+    python3-pyroute2: the receiver's unanswered UDP entries get their remaining timeout capped."""
+    version = m.run("python3", "-c", "import pyroute2; print(pyroute2.__version__)").stdout.strip()
+    out = m.run("python3", "-m", "ctguard.relief_trim", "--netns-path", "/run/netns/ctgrcv", "--timeout", "udp=7",
+                "--max-entries", "2000", "--budget", "10", check=False, timeout=60)
+    assert out.returncode == 0, out
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    phase.say(f"relief trim with python3-pyroute2 {version}: {result}")
+    assert result["matched"] > 0 and result["changed"] > 0 and result["failed"] == 0, result
