@@ -313,3 +313,26 @@ def test_journalctl_reads_the_catalog(tmp_path: Path) -> None:
     listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"], check=True,
                             capture_output=True, text=True).stdout
     assert {line.split()[0] for line in listed.splitlines() if line.strip()} >= set(_catalog_entries())
+
+
+def test_a_foreground_daemon_echoes_each_entry_on_stderr_once() -> None:
+    """Issue 25: `ctguard run` in a terminal prints each entry on stderr in the journal's words; under
+    systemd (JOURNAL_STREAM / INVOCATION_ID) it does not (stderr is the journal: a duplicate); with
+    journald gone the entry is printed once, not twice."""
+    assert events.echo_wanted({}) is True
+    assert events.echo_wanted({"JOURNAL_STREAM": "8:1234"}) is False
+    assert events.echo_wanted({"INVOCATION_ID": "abc"}) is False
+    sent: list[str] = []
+    out = io.StringIO()
+    log = EventLog(sender=lambda message, **f: sent.append(message), stderr=out, journal_socket=None, echo=True)
+    log.emit("bump", "nf_conntrack_max 4096 -> 8192", CTGUARD_NEW_MAX=8192)
+    assert sent == ["nf_conntrack_max 4096 -> 8192"]
+    assert out.getvalue().count("nf_conntrack_max 4096 -> 8192") == 1 and "CTGUARD_NEW_MAX=8192" in out.getvalue()
+
+    def down(message: str, **f: str) -> None:
+        raise OSError(2, "no journald")
+
+    out = io.StringIO()
+    log = EventLog(sender=down, stderr=out, journal_socket=None, echo=True)
+    log.emit("bump", "nf_conntrack_max 8192 -> 16384")
+    assert out.getvalue().count("nf_conntrack_max 8192 -> 16384") == 1

@@ -195,7 +195,10 @@ class Daemon:
     def run(self) -> int:
         self._install_signals()
         self._open_control()
-        self.events.emit("start", f"ctguard starting with {self.policy.source} (mode {self.policy.mode})")
+        from ctguard.events import echo_wanted
+
+        self.events.echo = self.events.echo or echo_wanted()
+        self.events.emit("start", self._start_line())
         for warning in policy_mod.warnings_for(self.policy, self._kernel_max()):
             log.warning("%s", warning)
         self._open_journal()
@@ -261,6 +264,18 @@ class Daemon:
         if self._quiet is not None:
             self.history = ticks.note_quiet(self.history, self._ticks, *self._quiet)
         return True
+
+    def _start_line(self) -> str:
+        """The start entry: version, the policy files in force, mode, what is watched, max and ceiling."""
+        from ctguard import __version__
+
+        p = self.policy
+        files = ", ".join([p.source, *p.dropins])
+        kmax = self._kernel_max()
+        return (f"ctguard {__version__} starting with {files} (mode {p.mode}); watching "
+                f"{'every network namespace' if p.watch.namespaces == 'all' else 'the host namespace only'}; "
+                f"nf_conntrack_max {kmax if kmax is not None else 'unknown (nf_conntrack not loaded)'}, "
+                f"ceiling {p.bump.ceiling}")
 
     def _kernel_max(self) -> int | None:
         try:
