@@ -20,7 +20,7 @@ from ctguard.model import BumpRecord, History, Instant, KernelLimits, NamespaceR
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ROOT / "docs" / "contract.md"
-SRC = ROOT / "src" / "ctguard"
+SRC = Path(__import__("ctguard").__file__).resolve().parent     # the checkout's src/ctguard, or the installed package (autopkgtest)
 
 # Strings that look like metric names but are not metrics: name them here, with why.
 NOT_METRICS: set[str] = {
@@ -53,7 +53,7 @@ def written_metrics() -> dict[str, str]:
     for path in sorted(SRC.rglob("*.py")):
         for name in re.findall(r"\bctguard_[a-z][a-z0-9_]*\b", path.read_text()):
             if name not in NOT_METRICS:
-                found.setdefault(name, str(path.relative_to(ROOT)))
+                found.setdefault(name, f"src/ctguard/{path.relative_to(SRC)}")
     return found
 
 

@@ -501,7 +501,8 @@ def build_package(base: Path, build: Path, phase: Phases, release: Release) -> d
                         "setpriv --reuid=builder --regid=builder --init-groups env HOME=/tmp "
                         "dpkg-buildpackage -us -uc -b 2>&1", check=False, offline=True)
     assert out.returncode == 0, f"dpkg-buildpackage failed:\n{out.stdout[-8000:]}"
-    tests = re.findall(r"^=+ .*(?:passed|failed).* in [\d.]+s.*=+$", out.stdout, re.M)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)      # pytest colours its summary
+    tests = re.findall(r"^=+ .*(?:passed|failed).* in [\d.]+s.*=+$", plain, re.M)
     assert tests and "failed" not in tests[-1], f"dh_auto_test did not run the pure tests:\n{out.stdout[-8000:]}"
     phase.say(f"dh_auto_test ({release.suite}'s python3-* libraries): {tests[-1].strip('= ')}")
     built = sorted((build / "src").glob("ctguard_*_all.deb"))
