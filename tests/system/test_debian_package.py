@@ -443,6 +443,10 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
             for deb in debs.values():
                 shutil.copy2(deb, machine.root / "root" / deb.name)
             shutil.copytree(REPO / "debian" / "tests", machine.root / "root" / "debian-tests")
+            # The source tree for debian/tests/unit, readable by the user it runs as.
+            copy_source(machine.root / "root" / "source")
+            os.chmod(machine.root / "root", 0o755)
+            sh("chmod", "-R", "a+rX", str(machine.root / "root" / "source"))
         t_lock = time.monotonic()
         with saved_kernel_values():
             phase.times.append(("kernel-test lock wait", time.monotonic() - t_lock))
@@ -580,6 +584,17 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
             out = m.shell(f"mkdir -p /tmp/apt && AUTOPKGTEST_TMP=/tmp/apt /root/debian-tests/{script} 2>&1",
                           check=False, timeout=120)
             assert out.returncode == 0, f"debian/tests/{script} failed:\n{out.stdout}"
+
+    with phase("autopkgtest unit: the pure tests against the installed package, as a user"):
+        m.run("apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-pytest", "python3-hypothesis",
+              timeout=900)
+        out = m.shell("rm -rf /tmp/unit && mkdir -p /tmp/unit && chmod 1777 /tmp/unit && cd /root/source && "
+                      "setpriv --reuid=nobody --regid=nogroup --clear-groups env HOME=/tmp/unit "
+                      "AUTOPKGTEST_TMP=/tmp/unit sh debian/tests/unit 2>&1", check=False, timeout=900)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
+        summary = [line for line in plain.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+        phase.say("debian/tests/unit: " + " | ".join(plain.splitlines()[:2]) + " | " + (summary[-1] if summary else "?"))
+        assert out.returncode == 0, f"debian/tests/unit failed:\n{out.stdout[-8000:]}"
 
     with phase("policy change + reload"):
         reloaded_id, rejected_id = _message_id("POLICY_RELOADED"), _message_id("POLICY_REJECTED")
