@@ -376,9 +376,10 @@ def _may_run(peer: Mapping[str, int], cmd: str) -> bool:
 
 
 def _open_to_status_group(folder: Path, sock: Path) -> None:
-    """Folder 0750 and socket 0660 of STATUS_GROUP when it exists and ctguard may give its files to
-    it (a member through the unit's SupplementaryGroups=, or CAP_CHOWN); otherwise root only, as
-    before, said once in the log."""
+    """Folder 0750 and socket 0660 of STATUS_GROUP when it exists and both belong to it: under the
+    unit (Group=ctguard-status) systemd made the folder and the socket took the process's gid;
+    elsewhere a chown is tried (root outside a system call filter). Otherwise root only, as
+    before, said in the log."""
     import grp
 
     try:
@@ -386,11 +387,12 @@ def _open_to_status_group(folder: Path, sock: Path) -> None:
     except KeyError:
         return
     try:
-        os.chown(folder, -1, gid, follow_symlinks=False)
-        os.chmod(folder, 0o750)
-        os.chown(sock, -1, gid, follow_symlinks=False)
-        os.chmod(sock, 0o660)
+        for path, mode in ((sock, 0o660), (folder, 0o750)):
+            if os.lstat(path).st_gid != gid:
+                os.chown(path, -1, gid, follow_symlinks=False)
+            os.chmod(path, mode)
     except OSError as exc:
+        os.chmod(sock, 0o600)
         log.warning("control socket %s stays root's: cannot give it to group %s (%s)", sock, STATUS_GROUP, exc)
 
 
