@@ -268,7 +268,8 @@ def test_real_fallback_without_journald_socket(tmp_path: Path) -> None:
 
 # -- the journal message catalog (issue 25) ---------------------------------------------------
 
-CATALOG = Path(__file__).resolve().parents[1] / "catalog" / "ctguard.catalog"
+# The checkout's root, wherever this file sits below it.
+CATALOG = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml").exists()) / "catalog" / "ctguard.catalog"
 
 
 def _catalog_entries() -> dict[str, str]:
