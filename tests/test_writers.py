@@ -47,8 +47,11 @@ def start_kube_proxy(tmp_path: Path, *args: str) -> subprocess.Popen:
     script.chmod(0o755)
     proc = subprocess.Popen([str(script), *args])
     deadline = time.monotonic() + 5
+    # Popen (vfork) returns while the child is still inside execve: the kernel names it after
+    # the script before it has set up the arguments /proc/PID/cmdline shows. Wait for both.
     while time.monotonic() < deadline:
-        if Path(f"/proc/{proc.pid}/comm").read_text().strip() == "kube-proxy":
+        if (Path(f"/proc/{proc.pid}/comm").read_text().strip() == "kube-proxy"
+                and str(script).encode() in Path(f"/proc/{proc.pid}/cmdline").read_bytes()):
             break
         time.sleep(0.02)
     return proc

@@ -898,8 +898,9 @@ def control_socket(m: Machine, phase: Phases) -> None:
     the manual bump and a refused one are journaled under ctguard.service."""
     assert "203/EXEC" not in m.journal(lines=2000), "a start step could not be executed (modprobe: kmod)"
     sock = "/run/ctguard/control.sock"
-    assert m.run("stat", "-c", "%a %F", sock).stdout.strip() == "600 socket"
-    assert m.run("stat", "-c", "%a", "/run/ctguard").stdout.strip() == "700"
+    # Root's, and the ctguard-status group's for `status` only (check_status_group).
+    assert m.run("stat", "-c", "%a %F %U:%G", sock).stdout.strip() == "660 socket root:ctguard-status"
+    assert m.run("stat", "-c", "%a %U:%G", "/run/ctguard").stdout.strip() == "750 root:ctguard-status"
     pid = m.show("MainPID")
     m.write("/etc/ctguard/policy.toml", BAD_POLICY)
     try:
@@ -1047,7 +1048,7 @@ def flood(m: Machine, phase: Phases) -> None:
 def trim_with_debians_pyroute2(m: Machine, phase: Phases) -> None:
     """Issue 25: relief's trim (pyroute2's conntrack message internals) against this release's
     python3-pyroute2: the receiver's unanswered UDP entries get their remaining timeout capped."""
-    version = m.run("python3", "-c", "import pyroute2; print(pyroute2.__version__)").stdout.strip()
+    version = m.run("dpkg-query", "-W", "-f=${Version}", "python3-pyroute2").stdout.strip()
     out = m.run("python3", "-m", "ctguard.relief_trim", "--netns-path", "/run/netns/ctgrcv", "--timeout", "udp=7",
                 "--max-entries", "2000", "--budget", "10", check=False, timeout=60)
     assert out.returncode == 0, out
