@@ -744,6 +744,17 @@ def check_no_way_out(m: Machine, phase: Phases) -> None:
               f"{inside.returncode} ({(inside.stderr.strip().splitlines() or [''])[-1]}); " + "; ".join(seen.splitlines()))
     assert "/run/systemd/private refused" in seen and "/run/dbus/system_bus_socket refused" in seen, seen
     assert "/run/systemd/notify reachable" in seen and "/run/systemd/journal/socket reachable" in seen, seen
+    # What ctguard does instead of systemd-run: a request that ctguard-initramfs.path (started with
+    # ctguard.service) hands to ctguard-initramfs.service, outside the sandbox, whose outcome comes
+    # back. This root has no initramfs-tools: update-initramfs is not found (127), and that is
+    # what comes back.
+    assert m.show("ActiveState", "ctguard-initramfs.path") == "active", m.show("ActiveState", "ctguard-initramfs.path")
+    out = m.run("python3", "-c", "from pathlib import Path; from ctguard import initramfs; "
+                "o = initramfs.request(Path('/run/ctguard'), timeout=60); print(o.ran, o.ok, o.code, o.output)",
+                timeout=90).stdout.strip()
+    phase.say(f"update-initramfs request through ctguard-initramfs.path: {out}")
+    assert out.startswith("True False 127 ctguard-initramfs.service: exit-code exited 127"), out
+    assert m.run("test", "-e", "/run/ctguard/update-initramfs.request", check=False).returncode != 0
 
 
 def check_catalog(m: Machine, phase: Phases) -> None:
