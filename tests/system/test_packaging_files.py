@@ -130,3 +130,18 @@ def test_bash_completion_offers_every_command_and_option() -> None:
                                if offered.get(k) != parser.get(k)}
     install = (REPO / "debian" / "ctguard.install").read_text()
     assert "contrib/bash-completion/ctguard usr/share/bash-completion/completions/" in install
+
+
+def test_release_builds_sort_by_release() -> None:
+    """Issue 25: the Debian 12 build's version sorts below the 13 build's (the system test builds each
+    with a changelog entry <version>+deb<N>u1), and both above the plain upstream version."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("dpkg") is None:
+        pytest.skip("needs dpkg")
+    version = re.match(r"^ctguard \(([^)]+)\)", (REPO / "debian" / "changelog").read_text()).group(1)
+    ordered = [version, f"{version}+deb12u1", f"{version}+deb13u1", f"{version}+deb13u1+systemtest1"]
+    for lower, higher in zip(ordered, ordered[1:]):
+        assert subprocess.run(["dpkg", "--compare-versions", lower, "lt", higher]).returncode == 0, (lower, higher)
