@@ -320,3 +320,14 @@ def test_cgroup_labels(tmp_path: Path, cgroup: str, unit, container) -> None:
     (tmp_path / "42/cgroup").write_text(cgroup)
     assert labels_of(tmp_path, 42) == (unit, container)
     assert labels_of(tmp_path, 43) == (None, None)
+
+
+def test_a_read_only_hashsize_is_blamed_on_a_late_module_load_first() -> None:
+    """Issue 25: under the unit, a hashsize that is read-only usually means nf_conntrack was loaded
+    after ctguard started (the sandbox could not open its parameters): a restart fixes it."""
+    import errno
+
+    from ctguard import kernel
+
+    assert "systemctl restart ctguard" in kernel._advice(errno.EROFS, "hashsize")
+    assert "a container" in kernel._advice(errno.EROFS, "nf_conntrack_max")

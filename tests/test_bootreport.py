@@ -192,3 +192,35 @@ def test_updater_runs_beside_the_caller_one_at_a_time(tmp_path: Path) -> None:
         assert not u.busy
     finally:
         u.stop()
+
+
+def test_under_systemd_the_update_is_a_request_to_the_path_unit(tmp_path: Path) -> None:
+    """Issue 25: ctguard's sandbox cannot reach PID 1, so under systemd it leaves a request file for
+    ctguard-initramfs.path and waits for the result its service writes (here a thread plays it)."""
+    import threading
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with_ct = image_root(tmp_path / "b", True)
+
+    def service(result: str) -> None:
+        deadline = time.monotonic() + 10
+        while not (run_dir / initramfs.REQUEST_NAME).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (run_dir / initramfs.REQUEST_NAME).unlink()
+        (run_dir / initramfs.RESULT_NAME).write_text(result)
+
+    for result, ok, code in (("success exited 0\n", True, 0), ("exit-code exited 1\n", False, 1)):
+        t = threading.Thread(target=service, args=(result,))
+        t.start()
+        out = initramfs.update_if_needed(with_ct, "6.1.0-test", None, None, lister=lister(tmp_path),
+                                         request_dir=run_dir, timeout=10)
+        t.join()
+        assert (out.ran, out.ok, out.code) == (True, ok, code), out
+        assert "journalctl -u ctguard-initramfs.service" in out.output
+    late = initramfs.update_if_needed(with_ct, "6.1.0-test", None, None, lister=lister(tmp_path),
+                                      request_dir=run_dir, timeout=0.3)
+    assert (late.ran, late.ok) == (True, False) and "ctguard-initramfs.path" in late.output
+    assert (run_dir / initramfs.REQUEST_NAME).exists()
+    # Not under systemd: update-initramfs runs directly, as before.
+    assert initramfs.default_command("6.1.0-test") == ["update-initramfs", "-u", "-k", "6.1.0-test"]

@@ -8,6 +8,7 @@ what to add and where.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import tomllib
@@ -20,7 +21,7 @@ from ctguard.core.model import BumpRecord, History, Instant, KernelLimits, Names
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ROOT / "docs" / "contract.md"
-SRC = ROOT / "src" / "ctguard"
+SRC = Path(__import__("ctguard").__file__).resolve().parent     # the checkout's src/ctguard, or the installed package (autopkgtest)
 
 # Strings that look like metric names but are not metrics: name them here, with why.
 NOT_METRICS: set[str] = {
@@ -53,7 +54,7 @@ def written_metrics() -> dict[str, str]:
     for path in sorted(SRC.rglob("*.py")):
         for name in re.findall(r"\bctguard_[a-z][a-z0-9_]*\b", path.read_text()):
             if name not in NOT_METRICS:
-                found.setdefault(name, str(path.relative_to(ROOT)))
+                found.setdefault(name, f"src/ctguard/{path.relative_to(SRC)}")
     return found
 
 
@@ -165,8 +166,22 @@ def test_every_command_and_option_is_in_the_command_line_table() -> None:
 # -- nothing points outside the repository ----------------------------------------------------
 
 def tracked_text_files() -> list[Path]:
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
+    try:
+        git = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                             text=True)
+    except FileNotFoundError:     # no git at all (a package build)
+        git = subprocess.CompletedProcess([], 127, "", "")
+    if git.returncode == 0:
+        names = git.stdout.split()
+    else:
+        # No git checkout (the package build's unpacked source, another user's tree): every file but
+        # what a build or a test run leaves behind.
+        skip = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".pybuild", "build", "dist", ".venv"}
+        names = []
+        for dirpath, dirnames, filenames in os.walk(ROOT):
+            dirnames[:] = [d for d in dirnames if d not in skip and not d.endswith(".egg-info")
+                           and not (Path(dirpath) == ROOT / "debian" and d not in ("source", "tests"))]
+            names += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames]
     out = []
     for n in names:
         p = ROOT / n

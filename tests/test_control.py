@@ -196,3 +196,26 @@ def test_socket_for_follows_the_drop_ins(tmp_path: Path) -> None:
     (tmp_path / "policy.d").mkdir()
     (tmp_path / "policy.d" / "50-host.toml").write_text('[control]\nsocket = "/run/b.sock"\n[bump]\nceiling = "x"\n')
     assert control.socket_for(p) == Path("/run/b.sock")
+
+
+def test_only_status_is_open_to_other_users(tmp_path: Path) -> None:
+    """Issue 25: a member of ctguard-status reaches the socket (its mode says who may connect); the
+    daemon then answers such a caller `status` and refuses every other command (SO_PEERCRED uid)."""
+    from ctguard import control as control_mod
+
+    calls = []
+    handlers = {name: (lambda args, name=name: calls.append(name) or {"done": name})
+                for name in ("status", "bump", "capture", "reload")}
+    server = control_mod.ControlServer(tmp_path / "c" / "control.sock", handlers)
+    try:
+        other = {"pid": 1, "uid": 65534 if os.geteuid() != 65534 else 65533, "gid": 65534}
+        assert server.dispatch(b'{"cmd": "status"}', other)["ok"] is True
+        for cmd in ("bump", "capture", "reload", "nosuch"):
+            answer = server.dispatch(json.dumps({"cmd": cmd}).encode(), other)
+            assert answer["ok"] is False and answer["code"] == "denied" and "only root" in answer["error"], answer
+        root = {"pid": 1, "uid": 0, "gid": 0}
+        assert server.dispatch(b'{"cmd": "bump"}', root)["ok"] is True
+        assert server.dispatch(b'{"cmd": "bump"}', {})["ok"] is False      # no credentials: status only
+        assert calls == ["status", "bump"]
+    finally:
+        server.close()

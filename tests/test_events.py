@@ -264,3 +264,76 @@ def test_real_fallback_without_journald_socket(tmp_path: Path) -> None:
     lines = proc.stderr.splitlines()
     assert any("cannot write to the journal" in line for line in lines)
     assert any(line.startswith("ctguard: warning: raised nf_conntrack_max 1 -> 2") for line in lines)
+
+
+# -- the journal message catalog (issue 25) ---------------------------------------------------
+
+# The checkout's root, wherever this file sits below it.
+CATALOG = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml").exists()) / "catalog" / "ctguard.catalog"
+
+
+def _catalog_entries() -> dict[str, str]:
+    entries: dict[str, str] = {}
+    current = None
+    for line in CATALOG.read_text().splitlines():
+        m = re.match(r"^-- ([0-9a-f]{32})$", line)
+        if m:
+            current = m.group(1)
+            assert current not in entries, f"{CATALOG}: {current} twice"
+            entries[current] = ""
+        elif current is not None:
+            entries[current] += line + "\n"
+    return entries
+
+
+def test_every_message_id_in_the_source_has_a_catalog_entry() -> None:
+    """`journalctl -x` explains every entry ctguard writes: each MESSAGE_ID in src/ (events.KINDS and
+    any 32-hex id written anywhere else) has a catalog entry with a Subject and a text."""
+    src = Path(__import__("ctguard").__file__).resolve().parent     # the whole package, sub-packages too
+    in_source = {k.message_id for k in events.KINDS.values()}
+    for path in src.rglob("*.py"):
+        in_source |= set(re.findall(r"MESSAGE_ID\w*\s*=\s*\"([0-9a-f]{32})\"", path.read_text()))
+    entries = _catalog_entries()
+    missing = sorted(in_source - set(entries))
+    assert not missing, f"{CATALOG} has no entry for {missing}"
+    assert not sorted(set(entries) - in_source), "catalog entries for ids the source no longer writes"
+    for mid, body in entries.items():
+        assert re.search(r"^Subject: \S", body, re.M), f"{mid}: no Subject"
+        assert re.search(r"^Defined-By: ctguard$", body, re.M), f"{mid}: no Defined-By"
+        text = body.split("\n\n", 1)[-1].strip()
+        assert len(text) > 40, f"{mid}: no text saying what happened and what to do"
+
+
+@pytest.mark.skipif(shutil.which("journalctl") is None, reason="needs journalctl")
+def test_journalctl_reads_the_catalog(tmp_path: Path) -> None:
+    catalog_dir = tmp_path / "usr/lib/systemd/catalog"
+    catalog_dir.mkdir(parents=True)
+    (tmp_path / "var/lib/systemd").mkdir(parents=True)
+    shutil.copy(CATALOG, catalog_dir / "ctguard.catalog")
+    subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], check=True, capture_output=True)
+    listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"], check=True,
+                            capture_output=True, text=True).stdout
+    assert {line.split()[0] for line in listed.splitlines() if line.strip()} >= set(_catalog_entries())
+
+
+def test_a_foreground_daemon_echoes_each_entry_on_stderr_once() -> None:
+    """Issue 25: `ctguard run` in a terminal prints each entry on stderr in the journal's words; under
+    systemd (JOURNAL_STREAM / INVOCATION_ID) it does not (stderr is the journal: a duplicate); with
+    journald gone the entry is printed once, not twice."""
+    assert events.echo_wanted({}) is True
+    assert events.echo_wanted({"JOURNAL_STREAM": "8:1234"}) is False
+    assert events.echo_wanted({"INVOCATION_ID": "abc"}) is False
+    sent: list[str] = []
+    out = io.StringIO()
+    log = EventLog(sender=lambda message, **f: sent.append(message), stderr=out, journal_socket=None, echo=True)
+    log.emit("bump", "nf_conntrack_max 4096 -> 8192", CTGUARD_NEW_MAX=8192)
+    assert sent == ["nf_conntrack_max 4096 -> 8192"]
+    assert out.getvalue().count("nf_conntrack_max 4096 -> 8192") == 1 and "CTGUARD_NEW_MAX=8192" in out.getvalue()
+
+    def down(message: str, **f: str) -> None:
+        raise OSError(2, "no journald")
+
+    out = io.StringIO()
+    log = EventLog(sender=down, stderr=out, journal_socket=None, echo=True)
+    log.emit("bump", "nf_conntrack_max 8192 -> 16384")
+    assert out.getvalue().count("nf_conntrack_max 8192 -> 16384") == 1

@@ -31,7 +31,10 @@ def run(argv: list[str], policy: SimpleNamespace, capsys: pytest.CaptureFixture[
 
 
 def policy(tmp_path: Path, budget: float = 10.0) -> SimpleNamespace:
-    return SimpleNamespace(evidence=SimpleNamespace(dir=tmp_path / "bundles", keep=10, max_bytes=1 << 30, top=5, budget=budget))
+    # A control socket of its own: the host's /run/ctguard/control.sock may be a running daemon's
+    # (the autopkgtest testbed runs the installed service), refused to a user who is not root.
+    return SimpleNamespace(evidence=SimpleNamespace(dir=tmp_path / "bundles", keep=10, max_bytes=1 << 30, top=5, budget=budget),
+                           control=SimpleNamespace(socket=tmp_path / "no-daemon.sock"))
 
 
 def test_bundles_commands_refuse_escapes_and_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -130,3 +130,17 @@ def test_abstract_socket_and_explicit_environ(tmp_path: Path) -> None:
         assert recv_all(sock) == ["READY=1", "WATCHDOG=1"]
     finally:
         sock.close()
+
+
+def test_status_is_sent_when_it_changes_at_most_once_a_second(notify_socket: socket.socket) -> None:
+    """Issue 25: the loop reports every turn (10/s under pressure); PID 1 hears a STATUS= line only
+    when it changed, and no more than once per Notifier.STATUS_INTERVAL."""
+    n = Notifier()
+    n.STATUS_INTERVAL = 0.3
+    n.status("a")
+    n.status("a")            # unchanged: nothing
+    n.status("b")            # changed, but within the interval: held
+    time.sleep(0.35)
+    n.status("b")            # the next turn after the interval sends it
+    n.status("b")
+    assert recv_all(notify_socket) == ["STATUS=a", "STATUS=b"]

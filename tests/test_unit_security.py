@@ -55,6 +55,9 @@ def test_unit_exposure_is_at_most_3() -> None:
     proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
                           capture_output=True, text=True, timeout=60)
     output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and not SCORE.search(output):
+        # A chroot without systemd's runtime folders (a package build as a user) cannot score.
+        pytest.skip(f"systemd-analyze cannot run here: {output.strip().splitlines()[-1] if output.strip() else proc.returncode}")
     score = exposure(output)
     assert score <= MAX_EXPOSURE, (
         f"{UNIT}: exposure {score} > {MAX_EXPOSURE}; flagged:\n" + "\n".join(flagged(output)))

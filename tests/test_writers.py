@@ -42,12 +42,16 @@ def test_what_kube_proxy_sets(settings: dict, cpus: int, sets: int | None) -> No
 
 def start_kube_proxy(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "kube-proxy"     # the kernel names a script's process after the script
-    script.write_text("#!/bin/sh\nsleep 30\n")
+    # sleep is not the script's last command: Debian 13's dash would exec it in place of the script.
+    script.write_text("#!/bin/sh\nsleep 30\n:\n")
     script.chmod(0o755)
     proc = subprocess.Popen([str(script), *args])
     deadline = time.monotonic() + 5
+    # Popen (vfork) returns while the child is still inside execve: the kernel names it after
+    # the script before it has set up the arguments /proc/PID/cmdline shows. Wait for both.
     while time.monotonic() < deadline:
-        if Path(f"/proc/{proc.pid}/comm").read_text().strip() == "kube-proxy":
+        if (Path(f"/proc/{proc.pid}/comm").read_text().strip() == "kube-proxy"
+                and str(script).encode() in Path(f"/proc/{proc.pid}/cmdline").read_bytes()):
             break
         time.sleep(0.02)
     return proc

@@ -3,23 +3,29 @@
 One test per release (trixie, bookworm), in phases, each timed and printed:
 
   base      a debootstrapped root of the release, made once and cached (tests/system/debian_root.sh)
-  build     a copy of it: build-deps with apt, dpkg-buildpackage -us -uc -b with that release's
-            debhelper (lintian: trixie)
+  build     a copy of it: build-deps with apt, a changelog entry <version>+deb<N>u1 (12 sorts
+            below 13), dpkg-buildpackage -us -uc -b as a user with that release's debhelper
+            (dh_auto_test runs the pure tests against its python3-* libraries), lintian
   boot      another copy booted with systemd-nspawn -b (systemd as PID 1)
   install   apt installs the .deb inside the running system: enabled, started, Type=notify,
-            a status line; the unit's exposure (systemd-analyze security --offline) at most 3.0
+            a status line; the unit's exposure (systemd-analyze security --offline) at most 3.0;
+            systemd-run from inside the sandbox fails; journalctl -x shows the catalog; a user in
+            ctguard-status gets `ctguard status` and is refused `ctguard bump`
+  unit      debian/tests/unit: the pure tests against the installed package, as a user
   policy    a changed policy, check-policy, `systemctl reload`
   flood     a conntrack flood between two namespaces made inside the container meets a bump
-            that stays within the ceiling, and the bump is persisted
+            that stays within the ceiling, and the bump is persisted; a relief trim of the
+            receiver's entries with the release's python3-pyroute2
   control   a rejected `systemctl reload` exits non-zero; status and bump go through the daemon's
             control socket with the file broken, journaled under ctguard.service
   watchdog  (trixie) ctguard stopped with SIGSTOP: systemd's watchdog kills it and restarts it
             within WatchdogSec + RestartSec; the bump budget and history survive
   restart   (trixie) `systemctl restart` keeps the bump budget
   upgrade   (trixie) a newer version of the same package: restarted, the changed policy kept
-  remove    (trixie) stopped; the sysctl file and the state stay
-  purge     /var/lib/ctguard gone; the sysctl file and the value in force stay
-  piuparts  (trixie) Debian's install/purge QA on the built .deb against the cached base root
+  remove    (trixie) stopped; the sysctl file and the state stay, the metrics file does not
+  purge     /var/lib/ctguard and the metrics file gone; the sysctl file and the value in force
+            stay, and purge says so
+  piuparts  Debian's install/purge QA on the built .deb against the cached base root
 
 Debian 12 runs the phases that differ between the releases (what its debhelper builds, its
 systemd 252 and Python 3.11, its pyroute2/sdnotify/systemd/tomli-w); the rest is the same code
@@ -434,7 +440,7 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
             assert (base / "etc/debian_version").read_text().startswith(release.version), \
                 (base / "etc/debian_version").read_text()
 
-        with phase("build (.deb" + (" and lintian)" if release.full else ")")):
+        with phase("build (.deb, dh_auto_test and lintian)"):
             debs = build_package(base, work / "build", phase, release)
 
         machine = Machine(work / "root", work / "console.log")
@@ -443,6 +449,10 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
             for deb in debs.values():
                 shutil.copy2(deb, machine.root / "root" / deb.name)
             shutil.copytree(REPO / "debian" / "tests", machine.root / "root" / "debian-tests")
+            # The source tree for debian/tests/unit, readable by the user it runs as.
+            copy_source(machine.root / "root" / "source")
+            os.chmod(machine.root / "root", 0o755)
+            sh("chmod", "-R", "a+rX", str(machine.root / "root" / "source"))
         t_lock = time.monotonic()
         with saved_kernel_values():
             phase.times.append(("kernel-test lock wait", time.monotonic() - t_lock))
@@ -461,10 +471,10 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
                 with phase("poweroff"):
                     machine.stop()
             # Under the kernel-test lock: piuparts runs the maintainer scripts in a chroot
-            # that sees the host's /proc.
-            if release.full:
-                with phase("piuparts (install, purge, what purge leaves)"):
-                    piuparts(base, release.suite, debs["first"], work, phase)
+            # that sees the host's /proc. On both releases (each build's maintainer scripts
+            # differ: its debhelper's snippets, systemd-sysusers 252 or 257).
+            with phase("piuparts (install, purge, what purge leaves)"):
+                piuparts(base, release.suite, debs["first"], work, phase)
     finally:
         t_clean = time.monotonic()
         for root in (work / "build", work / "root"):
@@ -481,20 +491,34 @@ def test_debian_package_life_cycle(release: Release, capsys: pytest.CaptureFixtu
 def build_package(base: Path, build: Path, phase: Phases, release: Release) -> dict[str, Path]:
     copy_root(base, build)
     copy_source(build / "src" / "ctguard")
-    # lintian on one release only: it is slow to install, and Debian 12's lintian flags the
-    # Standards-Version of 13 as too new.
-    tools = "build-essential lintian" if release.full else "build-essential"
+    # lintian on both releases, each with its own lintian (a binary-only build: no source tags
+    # such as Debian 12's newer-standards-version).
+    tools = "build-essential lintian"
     nspawn(build, f"""
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends {tools} >/dev/null
         cd /src/ctguard
         apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null
         """, timeout=1800)
-    # The build itself runs without a network: everything comes from the build-deps.
-    out = nspawn(build, "cd /src/ctguard && dpkg-buildpackage -us -uc -b 2>&1", check=False, offline=True)
+    # Issue 25: one version per release, the Debian 12 build below the 13 build (and both above
+    # the plain upstream version), the way a stable update is versioned: a changelog entry.
+    version = release_version(build / "src" / "ctguard")
+    # The build itself runs without a network (everything comes from the build-deps) and as a
+    # user, as Debian's buildds do (Rules-Requires-Root: no): the pure tests run in
+    # dh_auto_test against this release's python3-* libraries, and the kernel tests skip.
+    out = nspawn(build, "useradd --system --no-create-home builder 2>/dev/null || true; "
+                        "chown -R builder /src; cd /src/ctguard && "
+                        "setpriv --reuid=builder --regid=builder --init-groups env HOME=/tmp "
+                        "dpkg-buildpackage -us -uc -b 2>&1", check=False, offline=True)
     assert out.returncode == 0, f"dpkg-buildpackage failed:\n{out.stdout[-8000:]}"
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)      # pytest colours its summary
+    tests = re.findall(r"^=+ .*(?:passed|failed).* in [\d.]+s.*=+$", plain, re.M)
+    assert tests and "failed" not in tests[-1], f"dh_auto_test did not run the pure tests:\n{out.stdout[-8000:]}"
+    phase.say(f"dh_auto_test ({release.suite}'s python3-* libraries): {tests[-1].strip('= ')}")
     built = sorted((build / "src").glob("ctguard_*_all.deb"))
     assert len(built) == 1, built
+    assert f"_{version}_all.deb" in built[0].name, (version, built)
+    phase.say(f"built {built[0].name}")
     # What went wrong on Debian 12 before: a unit in a folder that release's dh_installsystemd
     # does not search is installed but never enabled or started (no snippet in the postinst).
     postinst = sh("dpkg-deb", "-I", str(built[0]), "postinst").stdout
@@ -502,13 +526,13 @@ def build_package(base: Path, build: Path, phase: Phases, release: Release) -> d
     assert snippet and "deb-systemd-helper enable 'ctguard.service'" in postinst, \
         f"dh_installsystemd ({release.suite}) made no enable/start snippet:\n{postinst}"
     phase.say(f"dh_installsystemd {snippet.group(1)} made the postinst's enable/start snippets")
-    if not release.full:
-        return {"first": built[0]}
     lint = nspawn(build, "cd /src && rc=0 && lintian --fail-on error,warning -I --tag-display-limit 0 "
                          "ctguard_*.changes >/tmp/lintian.out 2>&1 || rc=$?; "
                          "grep -v 'running with root privileges' /tmp/lintian.out || true; exit $rc", check=False)
-    phase.say("lintian (trixie): " + (lint.stdout.strip() or "no tags"))
+    phase.say(f"lintian ({release.suite}): " + (lint.stdout.strip() or "no tags"))
     assert lint.returncode == 0, f"lintian found errors or warnings:\n{lint.stdout}{lint.stderr}"
+    if not release.full:
+        return {"first": built[0]}
     # An "upgrade": the same package with a higher version, to exercise the upgrade path.
     nspawn(build, f"""
         cd /src
@@ -517,6 +541,22 @@ def build_package(base: Path, build: Path, phase: Phases, release: Release) -> d
         dpkg-deb -b --root-owner-group up ctguard_upgrade_all.deb >/dev/null
         """)
     return {"first": built[0], "upgrade": build / "src" / "ctguard_upgrade_all.deb"}
+
+
+def release_version(source: Path) -> str:
+    """Prepend a changelog entry `<upstream>+deb<N>u1` for the release being built (as dch would)."""
+    changelog = source / "debian" / "changelog"
+    text = changelog.read_text()
+    first = re.match(r"^ctguard \(([^)]+)\)", text)
+    assert first, text[:200]
+    suite = sh("sh", "-c", f". {source.parent.parent}/etc/os-release && echo $VERSION_CODENAME:$VERSION_ID").stdout.strip()
+    codename, number = suite.split(":")
+    version = f"{first.group(1)}+deb{number}u1"
+    stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    changelog.write_text(f"ctguard ({version}) {codename}; urgency=medium\n\n"
+                         f"  * Build for Debian {number} ({codename}).\n\n"
+                         f" -- ctguard maintainers <maintainers@users.noreply.r-seed-fd71250f.example>  {stamp}\n\n" + text)
+    return version
 
 
 def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: Release) -> None:
@@ -543,10 +583,24 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
         for key in ("max", "buckets", "ceiling", "bump_budget_left"):
             assert key in data, f"status --json lacks {key}: {sorted(data)}"
         check_exposure(m, phase)
+        check_no_way_out(m, phase)
+        check_catalog(m, phase)
+        check_status_group(m, phase)
         for script in ("policy", "service"):
             out = m.shell(f"mkdir -p /tmp/apt && AUTOPKGTEST_TMP=/tmp/apt /root/debian-tests/{script} 2>&1",
                           check=False, timeout=120)
             assert out.returncode == 0, f"debian/tests/{script} failed:\n{out.stdout}"
+
+    with phase("autopkgtest unit: the pure tests against the installed package, as a user"):
+        m.run("apt-get", "install", "-y", "-q", "--no-install-recommends", "python3-pytest", "python3-hypothesis",
+              timeout=900)
+        out = m.shell("rm -rf /tmp/unit && mkdir -p /tmp/unit && chmod 1777 /tmp/unit && cd /root/source && "
+                      "setpriv --reuid=nobody --regid=nogroup --clear-groups env HOME=/tmp/unit "
+                      "AUTOPKGTEST_TMP=/tmp/unit sh debian/tests/unit 2>&1", check=False, timeout=900)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
+        summary = [line for line in plain.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+        phase.say("debian/tests/unit: " + " | ".join(plain.splitlines()[:2]) + " | " + (summary[-1] if summary else "?"))
+        assert out.returncode == 0, f"debian/tests/unit failed:\n{out.stdout[-8000:]}"
 
     with phase("policy change + reload"):
         reloaded_id, rejected_id = _message_id("POLICY_RELOADED"), _message_id("POLICY_REJECTED")
@@ -590,7 +644,16 @@ def check_life_cycle(m: Machine, debs: dict[str, Path], phase: Phases, release: 
         in_force = PROC_MAX.read_text().strip()
 
     with phase("purge"):
-        m.run("apt-get", "purge", "-y", "-q", "ctguard", timeout=600)
+        prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
+        if not release.full:      # still installed: a metrics file to be removed
+            m.run("mkdir", "-p", "/var/lib/prometheus/node-exporter")
+            m.run("systemctl", "restart", "ctguard.service", timeout=60)
+            assert wait_for(lambda: m.run("test", "-s", prom, check=False).returncode == 0, 15), m.journal()
+        purged = m.run("apt-get", "purge", "-y", "-q", "ctguard", timeout=600)
+        assert m.run("test", "-e", prom, check=False).returncode != 0, "purge left the metrics file"
+        said = purged.stdout + purged.stderr
+        assert "files written by ctguard stay" in said and sysctl_file in said, said[-3000:]
+        assert "# Once ctguard is removed or purged this file stays" in m.run("cat", sysctl_file).stdout
         assert m.run("test", "-e", "/var/lib/ctguard", check=False).returncode != 0, "purge left /var/lib/ctguard"
         assert m.run("test", "-e", "/etc/ctguard/policy.toml", check=False).returncode != 0
         m.run("test", "-s", sysctl_file)
@@ -645,7 +708,10 @@ def check_restarts_upgrade_remove(m: Machine, debs: dict[str, Path], phase: Phas
     sysctl_file = "/etc/sysctl.d/90-ctguard.conf"
     with phase("remove"):
         in_force = PROC_MAX.read_text().strip()
+        prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
+        m.run("test", "-s", prom)
         m.run("apt-get", "remove", "-y", "-q", "ctguard", timeout=600)
+        assert m.run("test", "-e", prom, check=False).returncode != 0, "remove left the metrics file"
         assert m.show("ActiveState") in ("inactive", "failed", ""), m.show("ActiveState")
         assert m.show("LoadState") in ("not-found", ""), m.show("LoadState")
         m.run("test", "-s", sysctl_file)
@@ -654,6 +720,69 @@ def check_restarts_upgrade_remove(m: Machine, debs: dict[str, Path], phase: Phas
         m.run("sh", "-c", "ls -d /var/lib/ctguard/bundles/*/manifest.toml")
         m.run("test", "-f", "/etc/ctguard/policy.toml")
         assert PROC_MAX.read_text().strip() == in_force
+
+
+def check_no_way_out(m: Machine, phase: Phases) -> None:
+    """Issue 25: from inside the service's mount namespace, `systemd-run` cannot reach PID 1 (its
+    private socket and the system bus are inaccessible); from outside it works. The daemon still
+    reaches journald and the notify socket (its STATUS= and journal entries come through)."""
+    pid = m.show("MainPID")
+    outside = m.run("systemd-run", "--wait", "--quiet", "--collect", "true", check=False, timeout=60)
+    assert outside.returncode == 0, f"systemd-run from outside the sandbox failed: {outside.stderr}"
+    inside = m.run("nsenter", "-t", pid, "-m", "--", "systemd-run", "--wait", "--quiet", "--collect",
+                   "touch", "/run/ctguard-escaped", check=False, timeout=60)
+    assert inside.returncode != 0, "systemd-run worked from inside ctguard's sandbox"
+    assert m.run("test", "-e", "/run/ctguard-escaped", check=False).returncode != 0
+    probe = ("import socket\nfor p in ('/run/systemd/private', '/run/dbus/system_bus_socket', "
+             "'/run/systemd/notify', '/run/systemd/journal/socket'):\n"
+             "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM if 'notify' not in p and 'journal' not in p "
+             "else socket.SOCK_DGRAM)\n"
+             "    try:\n        s.connect(p); print(p, 'reachable')\n"
+             "    except OSError as e:\n        print(p, 'refused', e.strerror)\n")
+    seen = m.run("nsenter", "-t", pid, "-m", "--", "python3", "-c", probe, check=False).stdout
+    phase.say("inside ctguard's sandbox: systemd-run exited "
+              f"{inside.returncode} ({(inside.stderr.strip().splitlines() or [''])[-1]}); " + "; ".join(seen.splitlines()))
+    assert "/run/systemd/private refused" in seen and "/run/dbus/system_bus_socket refused" in seen, seen
+    assert "/run/systemd/notify reachable" in seen and "/run/systemd/journal/socket reachable" in seen, seen
+    # What ctguard does instead of systemd-run: a request that ctguard-initramfs.path (started with
+    # ctguard.service) hands to ctguard-initramfs.service, outside the sandbox, whose outcome comes
+    # back. This root has no initramfs-tools: update-initramfs is not found (127), and that is
+    # what comes back.
+    assert m.show("ActiveState", "ctguard-initramfs.path") == "active", m.show("ActiveState", "ctguard-initramfs.path")
+    out = m.run("python3", "-c", "from pathlib import Path; from ctguard import initramfs; "
+                "o = initramfs.request(Path('/run/ctguard'), timeout=60); print(o.ran, o.ok, o.code, o.output)",
+                timeout=90).stdout.strip()
+    phase.say(f"update-initramfs request through ctguard-initramfs.path: {out}")
+    assert out.startswith("True False 127 ctguard-initramfs.service: exit-code exited 127"), out
+    assert m.run("test", "-e", "/run/ctguard/update-initramfs.request", check=False).returncode != 0
+
+
+def check_catalog(m: Machine, phase: Phases) -> None:
+    """`journalctl -x` explains ctguard's entries with the package's catalog."""
+    start_id = _message_id("START")
+    out = m.run("journalctl", "--no-pager", "-x", "-u", "ctguard.service", f"MESSAGE_ID={start_id}", check=False).stdout
+    assert "ctguard started guarding the connection tracking table" in out, out[-3000:]
+    listed = m.run("journalctl", "--list-catalog", check=False).stdout
+    assert sum(1 for line in listed.splitlines() if " ctguard: " in line) >= 20, listed[-2000:]
+    phase.say("journalctl -x: " + next(line.strip() for line in out.splitlines() if "Subject" in line or "░░" in line))
+
+
+def check_status_group(m: Machine, phase: Phases) -> None:
+    """A monitoring account in ctguard-status gets `ctguard status` from the daemon and is refused
+    `ctguard bump`; an account outside the group does not reach the socket at all."""
+    m.shell("getent group ctguard-status; id ctgmon 2>/dev/null || useradd --system -G ctguard-status ctgmon; "
+            "id ctgother 2>/dev/null || useradd --system ctgother")
+    assert m.run("stat", "-c", "%a %G", "/run/ctguard/control.sock").stdout.split() == ["660", "ctguard-status"]
+    assert m.run("stat", "-c", "%a %G", "/run/ctguard").stdout.split() == ["750", "ctguard-status"]
+    as_mon = ["setpriv", "--reuid=ctgmon", "--regid=ctgmon", "--init-groups", "env", "HOME=/tmp"]
+    status = m.run(*as_mon, "ctguard", "status", check=False)
+    assert status.returncode in (0, 1, 2) and f"daemon: pid {m.show('MainPID')}" in status.stdout, status
+    bump = m.run(*as_mon, "ctguard", "bump", "--to", "999424", check=False)
+    assert bump.returncode != 0 and "only root" in bump.stdout + bump.stderr, bump
+    other = m.run("setpriv", "--reuid=ctgother", "--regid=ctgother", "--init-groups", "ctguard", "status", check=False)
+    assert f"daemon: pid {m.show('MainPID')}" not in other.stdout, other
+    phase.say(f"ctgmon (ctguard-status): status exit {status.returncode}; bump refused: "
+              f"{(bump.stdout + bump.stderr).strip().splitlines()[-1]}")
 
 
 def check_exposure(m: Machine, phase: Phases) -> None:
@@ -780,8 +909,9 @@ def control_socket(m: Machine, phase: Phases) -> None:
     the manual bump and a refused one are journaled under ctguard.service."""
     assert "203/EXEC" not in m.journal(lines=2000), "a start step could not be executed (modprobe: kmod)"
     sock = "/run/ctguard/control.sock"
-    assert m.run("stat", "-c", "%a %F", sock).stdout.strip() == "600 socket"
-    assert m.run("stat", "-c", "%a", "/run/ctguard").stdout.strip() == "700"
+    # Root's, and the ctguard-status group's for `status` only (check_status_group).
+    assert m.run("stat", "-c", "%a %F %U:%G", sock).stdout.strip() == "660 socket root:ctguard-status"
+    assert m.run("stat", "-c", "%a %U:%G", "/run/ctguard").stdout.strip() == "750 root:ctguard-status"
     pid = m.show("MainPID")
     m.write("/etc/ctguard/policy.toml", BAD_POLICY)
     try:
@@ -921,5 +1051,18 @@ def flood(m: Machine, phase: Phases) -> None:
             assert mode == "700", f"bundle {bundle} has mode {mode}"
             m.run("test", "-s", f"{bundle}/manifest.toml")
         assert m.wait_active() == "active", m.journal()
+        trim_with_debians_pyroute2(m, phase)
     finally:
         m.shell("ip netns del ctgsnd; ip netns del ctgrcv", check=False)
+
+
+def trim_with_debians_pyroute2(m: Machine, phase: Phases) -> None:
+    """Issue 25: relief's trim (pyroute2's conntrack message internals) against this release's
+    python3-pyroute2: the receiver's unanswered UDP entries get their remaining timeout capped."""
+    version = m.run("dpkg-query", "-W", "-f=${Version}", "python3-pyroute2").stdout.strip()
+    out = m.run("python3", "-m", "ctguard.relief_trim", "--netns-path", "/run/netns/ctgrcv", "--timeout", "udp=7",
+                "--max-entries", "2000", "--budget", "10", check=False, timeout=60)
+    assert out.returncode == 0, out
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    phase.say(f"relief trim with python3-pyroute2 {version}: {result}")
+    assert result["matched"] > 0 and result["changed"] > 0 and result["failed"] == 0, result

@@ -5,6 +5,8 @@
 path, size and mtime are cached in the state folder); the initramfs-tools `modules` list says
 whether the next image will hold it. `Updater` runs the look and update-initramfs in one worker
 thread beside the daemon's loop (polled each turn, never waited for) and hands back the outcome.
+Under systemd update-initramfs is not run by ctguard but by the package's
+ctguard-initramfs.service, on a request file (see `request`).
 """
 
 from __future__ import annotations
@@ -132,14 +134,20 @@ class UpdateOutcome:
 
 def update_if_needed(root: Path | str, release_name: str, cache_dir: Path | str | None,
                      modprobe_file: Path | str | None, command: list[str] | None = None,
-                     lister: str = "lsinitramfs", timeout: float = UPDATE_TIMEOUT) -> UpdateOutcome:
+                     lister: str = "lsinitramfs", timeout: float = UPDATE_TIMEOUT,
+                     request_dir: Path | str | None = None) -> UpdateOutcome:
     """Blocking (run it in the Updater's worker): look, then `update-initramfs -u -k <release>` when
-    nf_conntrack is (or will be) in the image."""
+    nf_conntrack is (or will be) in the image: under systemd with the package's path unit (or with
+    `request_dir`) by a request to ctguard-initramfs.path, else directly."""
     t = time.monotonic()
     state = detect(root, release_name, cache_dir, modprobe_file, lister)
     if not state.matters:
         why = "nf_conntrack is not in the initramfs" if state.contains is False else f"cannot tell ({state.how})"
         return UpdateOutcome(False, True, None, time.monotonic() - t, f"not run: {why}")
+    if command is None and request_dir is None and through_path_unit():
+        request_dir = REQUEST_DIR
+    if command is None and request_dir is not None:
+        return request(Path(request_dir), timeout, t)
     cmd = command or default_command(release_name)
     try:
         out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -154,14 +162,54 @@ def update_if_needed(root: Path | str, release_name: str, cache_dir: Path | str 
 
 
 def default_command(release_name: str) -> list[str]:
-    """Under systemd, update-initramfs runs as a transient unit of its own: ctguard's sandbox
-    (read-only /boot, a handful of capabilities) would make it fail. systemd-run asks PID 1 over
-    the system bus (AF_UNIX, allowed) and waits; --pipe brings its output back for the journal."""
-    cmd = ["update-initramfs", "-u", "-k", release_name]
-    if os.environ.get("INVOCATION_ID") and shutil.which("systemd-run"):
-        return ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--unit=ctguard-update-initramfs",
-                "--description=update-initramfs for ctguard's nf_conntrack hash size", *cmd]
-    return cmd
+    """Outside systemd (`ctguard run` in a terminal) update-initramfs runs directly."""
+    return ["update-initramfs", "-u", "-k", release_name]
+
+
+# Under systemd, ctguard's sandbox (read-only /boot, a handful of capabilities, PID 1's and the
+# bus's sockets inaccessible) keeps it from running update-initramfs or having PID 1 run it. It
+# leaves a request file instead; the package's ctguard-initramfs.path starts
+# ctguard-initramfs.service, which takes the request, runs `update-initramfs -u` for the running
+# kernel and writes "<result> <exit code> <exit status>" ($SERVICE_RESULT, $EXIT_CODE,
+# $EXIT_STATUS) to the result file. The request's content is never read by that unit.
+REQUEST_DIR = Path("/run/ctguard")
+REQUEST_NAME = "update-initramfs.request"
+RESULT_NAME = "update-initramfs.result"
+PATH_UNIT = "ctguard-initramfs.path"
+UNIT_DIRS = (Path("/etc/systemd/system"), Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+
+
+def through_path_unit() -> bool:
+    """ctguard runs under systemd (INVOCATION_ID) and the path unit is installed."""
+    return bool(os.environ.get("INVOCATION_ID")) and any((d / PATH_UNIT).exists() for d in UNIT_DIRS)
+
+
+def request(folder: Path, timeout: float = UPDATE_TIMEOUT, t0: float | None = None,
+            poll: float = 0.5) -> UpdateOutcome:
+    """Leave the request, wait for ctguard-initramfs.service's result (blocking: the worker's job)."""
+    t0 = time.monotonic() if t0 is None else t0
+    result = folder / RESULT_NAME
+    try:
+        result.unlink(missing_ok=True)
+        atomic_write(folder / REQUEST_NAME, f"requested by ctguard pid {os.getpid()} at {time.time():.0f}\n", 0o600)
+    except OSError as exc:
+        return UpdateOutcome(False, False, None, time.monotonic() - t0, f"cannot leave the request in {folder}: {exc}")
+    see = "journalctl -u ctguard-initramfs.service"
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        try:
+            words = result.read_text().split()
+        except OSError:
+            time.sleep(poll)
+            continue
+        status = words[2] if len(words) > 2 else ""
+        code = int(status) if status.lstrip("-").isdigit() else None
+        ok = bool(words) and words[0] == "success"
+        return UpdateOutcome(True, ok, code, time.monotonic() - t0,
+                             f"ctguard-initramfs.service: {' '.join(words) or 'no result'} (see `{see}`)")
+    return UpdateOutcome(True, False, None, time.monotonic() - t0,
+                         f"no result from ctguard-initramfs.service after {timeout:g} s: is {PATH_UNIT} active? "
+                         f"(see `{see}`)")
 
 
 class Updater:

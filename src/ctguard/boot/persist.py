@@ -21,6 +21,9 @@ def _header(reason: str, now: float) -> str:
     return (
         f"# Written by ctguard on {stamp}: {reason}\n"
         "# ctguard rewrites this file; change /etc/ctguard/policy.toml ([persist]) instead of editing it.\n"
+        "# Once ctguard is removed or purged this file stays, on purpose (lowering the limit could drop\n"
+        "# connections): keep it as this host's sizing, or delete it to have the kernel's default at the\n"
+        "# next boot (then run update-initramfs -u if nf_conntrack is in the initramfs).\n"
     )
 
 

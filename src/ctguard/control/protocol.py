@@ -7,7 +7,11 @@ One request per connection, one JSON object per line each way:
     daemon -> client   {"ok": true, "result": {...}}\n   or   {"ok": false, "error": "<what to do>"}\n
 
 then the daemon closes the connection. The socket is a Unix stream socket at `[control] socket`
-(default /run/ctguard/control.sock), in a folder of mode 0700, itself 0600: root only. The
+(default /run/ctguard/control.sock), in a folder of mode 0700, itself 0600: root only; when the
+group `ctguard-status` exists (the package creates it) folder and socket are 0750/0660 of that
+group, and its members (a monitoring account) may run `status` and nothing else: the daemon
+checks the caller's uid (SO_PEERCRED) and answers every other command only to root (or to the
+daemon's own user, which is root under systemd). The
 daemon serves it from its own selector: accepted connections are non-blocking and registered
 in the same selector, a client that has not sent its line within CLIENT_DEADLINE is dropped, so
 no client can hold up the loop and no thread is started per client.
@@ -59,6 +63,8 @@ class ControlError(Exception):
         self.code = code
 
 
+STATUS_GROUP = "ctguard-status"     # members may connect and run STATUS_COMMANDS only
+STATUS_COMMANDS = frozenset({"status"})
 OTHER_POLICY = "other-policy"   # the daemon on this socket runs another policy file than the caller named
 
 
@@ -207,6 +213,7 @@ class ControlServer:
             finally:
                 os.umask(old_umask)
             os.chmod(self.path, 0o600)
+            _open_to_status_group(folder, self.path)
             self._sock.listen(MAX_CLIENTS)
             self._ino = os.stat(self.path).st_ino
         except BaseException:
@@ -298,6 +305,10 @@ class ControlServer:
         if not isinstance(args, dict):
             return {"ok": False, "error": f"{cmd}: args must be a JSON object"}
         handler = self.handlers.get(cmd)
+        if peer is not None and not _may_run(peer, cmd):
+            return {"ok": False, "code": "denied",
+                    "error": f"{cmd}: only root may run it (members of {STATUS_GROUP} may run "
+                             f"{', '.join(sorted(STATUS_COMMANDS))} only)"}
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r} (known: {', '.join(sorted(self.handlers))})"}
         try:
@@ -356,6 +367,34 @@ class ControlServer:
         except OSError:
             pass
         os.close(self._lock_fd)
+
+
+def _may_run(peer: Mapping[str, int], cmd: str) -> bool:
+    """Root (and the daemon's own user) may run every command; anyone else who could connect
+    (the status group, by the socket's mode) only STATUS_COMMANDS. No credentials: status only."""
+    uid = peer.get("uid")
+    return cmd in STATUS_COMMANDS or (uid is not None and uid in (0, os.geteuid()))
+
+
+def _open_to_status_group(folder: Path, sock: Path) -> None:
+    """Folder 0750 and socket 0660 of STATUS_GROUP when it exists and both belong to it: under the
+    unit (Group=ctguard-status) systemd made the folder and the socket took the process's gid;
+    elsewhere a chown is tried (root outside a system call filter). Otherwise root only, as
+    before, said in the log."""
+    import grp
+
+    try:
+        gid = grp.getgrnam(STATUS_GROUP).gr_gid
+    except KeyError:
+        return
+    try:
+        for path, mode in ((sock, 0o660), (folder, 0o750)):
+            if os.lstat(path).st_gid != gid:
+                os.chown(path, -1, gid, follow_symlinks=False)
+            os.chmod(path, mode)
+    except OSError as exc:
+        os.chmod(sock, 0o600)
+        log.warning("control socket %s stays root's: cannot give it to group %s (%s)", sock, STATUS_GROUP, exc)
 
 
 def _peer(conn: socket.socket) -> dict[str, int]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctguard.core.model import (
     Capture, Outcome, Persist, Refuse, RestoreTimeout, SetBuckets, SetMax, ShortenTimeout, TrimEntries, Warn,
 )
 from ctguard.core.timeouts import sysctl_name
+
+if TYPE_CHECKING:   # the policy's nouns, typed only
+    from ctguard.config.policy import Policy
 
 LOG_ERR = 3                 # syslog priorities (the journal's PRIORITY=)
 
@@ -128,6 +131,15 @@ def _restore(o: Outcome, a: RestoreTimeout) -> Entry:
     if o.extra.get("forget"):
         return Entry("relief-restored", f"relief over, nothing restored: {o.detail}", fields)
     return Entry("log", o.detail)
+
+
+def start_line(policy: Policy, version: str, kernel_max: int | None) -> str:
+    """The start entry: version, the policy files in force, mode, what is watched, max and ceiling."""
+    files = ", ".join([policy.source, *policy.dropins])
+    watched = "every network namespace" if policy.watch.namespaces == "all" else "the host namespace only"
+    kmax = kernel_max if kernel_max is not None else "unknown (nf_conntrack not loaded)"
+    return (f"ctguard {version} starting with {files} (mode {policy.mode}); watching {watched}; "
+            f"nf_conntrack_max {kmax}, ceiling {policy.bump.ceiling}")
 
 
 def last_action(o: Outcome) -> str | None:

@@ -20,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ctguard import __version__
 from ctguard.boot import persist
 from ctguard.config import policy as policy_mod
 from ctguard.config.policy import Policy, PolicyError
@@ -27,7 +28,7 @@ from ctguard.control import commands
 from ctguard.control.protocol import ControlError, ControlServer
 from ctguard.core import incident as incident_text
 from ctguard.core import relief as relief_core
-from ctguard.core import ticks
+from ctguard.core import ticks, wording
 from ctguard.core.decide import (
     advance, decide, decide_start, incident_changes, next_interval, note_bundle,
     upper_bound,
@@ -47,7 +48,7 @@ from ctguard.daemon.saving import Saver
 from ctguard.daemon.service import ControlService
 from ctguard.host.act import Actor
 from ctguard.host.clock import Clock
-from ctguard.host.events import EventLog
+from ctguard.host.events import EventLog, echo_wanted
 from ctguard.host.kernel import ConntrackNotLoaded, Kernel
 from ctguard.host.notify import Notifier
 from ctguard.host.observe import Observer
@@ -136,7 +137,8 @@ class Daemon:
         self._sel.register(self._sig_r.fileno(), selectors.EVENT_READ, "signal")
         self._sel.register(self.resizer.fileno(), selectors.EVENT_READ, "resize")
         self._open_control()
-        self.events.emit("start", f"ctguard starting with {self.policy.source} (mode {self.policy.mode})")
+        self.events.echo = self.events.echo or echo_wanted()     # a terminal: every entry on stderr too
+        self.events.emit("start", wording.start_line(self.policy, __version__, self.kernel.read_max_or_none()))
         for warning in policy_mod.warnings_for(self.policy, self.kernel.read_max_or_none()):
             log.warning("%s", warning)
         backlog = self.lines.open()

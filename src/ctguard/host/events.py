@@ -13,11 +13,15 @@ the next `emit()` or `flush()` after the window closes; the daemon calls `flush(
 cycle and on stop.
 
 Without journald (a minimal container) every entry becomes one plain line on stderr.
+`echo=True` (ctguard run in a terminal, not under systemd: see `echo_wanted`) prints every entry
+on stderr as well, in the same words; under systemd stderr is the journal already (JOURNAL_STREAM),
+so nothing is printed twice.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -210,6 +214,8 @@ class EventLog:
     # sd_journal_sendv() silently drops entries when this socket does not exist (ENOENT is
     # "no journal here, fine" to libsystemd), so its absence is checked here; None: skip.
     journal_socket: Path | None = JOURNAL_SOCKET
+    # Also print each entry written to the journal on stderr (a foreground daemon in a terminal).
+    echo: bool = False
     _windows: dict[str, _Window] = field(default_factory=dict, init=False, repr=False)
     _journal_down: bool = field(default=False, init=False, repr=False)
 
@@ -277,6 +283,8 @@ class EventLog:
                     **clean,
                 )
                 self._journal_down = False
+                if self.echo:
+                    self._stderr_line(kind, message, priority, clean)
                 return
             except OSError as exc:
                 # No journald socket (minimal container) or journald gone. Say so once, then
@@ -301,6 +309,13 @@ class EventLog:
             print(line, file=out, flush=True)
         except (OSError, ValueError):
             pass  # stderr closed: nothing left to tell
+
+
+def echo_wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Print entries on stderr too: not under systemd, whose JOURNAL_STREAM / INVOCATION_ID say
+    stderr already reaches the journal (a line there would be a duplicate)."""
+    env = os.environ if environ is None else environ
+    return not (env.get("JOURNAL_STREAM") or env.get("INVOCATION_ID"))
 
 
 def docs_table() -> str:

@@ -58,6 +58,12 @@ def parse_stat_entries(head: bytes) -> int:
 
 
 def _advice(err: int, what: str) -> str:
+    if err == errno.EROFS and what == "hashsize":
+        # The unit makes /sys/module/nf_conntrack/parameters writable when ctguard starts; a module
+        # loaded after that start is under the read-only /sys/module of the sandbox.
+        return ("hashsize is read-only to ctguard: if nf_conntrack was loaded after ctguard started, its "
+                "sandbox could not open the module's parameters; `systemctl restart ctguard` fixes it "
+                "(in a container: raise it on the host)")
     if err in (errno.EROFS,):
         return (f"{what} is read-only here (a container, or ProtectKernelTunables=): raise the limit on the host, "
                 "or make it writable for ctguard")

@@ -57,6 +57,8 @@ class Notifier:
         self._socket_name = env.get("NOTIFY_SOCKET") or None
         self._watchdog_usec = self._parse_watchdog(env)
         self._sd: sdnotify.SystemdNotifier | None = None
+        self._status_sent: str | None = None      # the STATUS= systemd holds
+        self._status_at = -1e9                     # monotonic time it was sent
         if self._socket_name:
             self._sd = sdnotify.SystemdNotifier()
             if environ is not None:
@@ -103,9 +105,20 @@ class Notifier:
             self._send("READY=1")
         else:
             self._send("READY=1", f"STATUS={_clean(status)}")
+            self._status_sent, self._status_at = _clean(status), time.monotonic()
+
+    # STATUS= goes to PID 1 when it changes, at most once per STATUS_INTERVAL seconds: the loop
+    # calls status() every turn (10 a second under pressure), and a line that changes faster
+    # than anyone reads `systemctl status` is sent on the first turn after the interval.
+    STATUS_INTERVAL = 1.0
 
     def status(self, text: str) -> None:
-        self._send(f"STATUS={_clean(text)}")
+        line = _clean(text)
+        now = time.monotonic()
+        if line == self._status_sent or now - self._status_at < self.STATUS_INTERVAL:
+            return
+        self._send(f"STATUS={line}")
+        self._status_sent, self._status_at = line, now
 
     def watchdog_interval(self) -> float | None:
         """Seconds between pings (half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises), or None."""
@@ -127,6 +140,7 @@ class Notifier:
             self._send("STOPPING=1")
         else:
             self._send("STOPPING=1", f"STATUS={_clean(status)}")
+            self._status_sent, self._status_at = _clean(status), time.monotonic()
 
     def extend_timeout(self, seconds: float) -> None:
         """EXTEND_TIMEOUT_USEC: a slow start or stop (e.g. a capture finishing) needs more time."""
