@@ -327,7 +327,7 @@ def test_a_read_only_hashsize_is_blamed_on_a_late_module_load_first() -> None:
     after ctguard started (the sandbox could not open its parameters): a restart fixes it."""
     import errno
 
-    from ctguard import kernel
+    from ctguard.host import kernel
 
     assert "systemctl restart ctguard" in kernel._advice(errno.EROFS, "hashsize")
     assert "a container" in kernel._advice(errno.EROFS, "nf_conntrack_max")

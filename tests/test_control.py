@@ -201,7 +201,7 @@ def test_socket_for_follows_the_drop_ins(tmp_path: Path) -> None:
 def test_only_status_is_open_to_other_users(tmp_path: Path) -> None:
     """Issue 25: a member of ctguard-status reaches the socket (its mode says who may connect); the
     daemon then answers such a caller `status` and refuses every other command (SO_PEERCRED uid)."""
-    from ctguard import control as control_mod
+    from ctguard.control import protocol as control_mod
 
     calls = []
     handlers = {name: (lambda args, name=name: calls.append(name) or {"done": name})

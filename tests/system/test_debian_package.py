@@ -1060,7 +1060,7 @@ def trim_with_debians_pyroute2(m: Machine, phase: Phases) -> None:
     """Issue 25: relief's trim (pyroute2's conntrack message internals) against this release's
     python3-pyroute2: the receiver's unanswered UDP entries get their remaining timeout capped."""
     version = m.run("dpkg-query", "-W", "-f=${Version}", "python3-pyroute2").stdout.strip()
-    out = m.run("python3", "-m", "ctguard.relief_trim", "--netns-path", "/run/netns/ctgrcv", "--timeout", "udp=7",
+    out = m.run("python3", "-m", "ctguard.host.trim", "--netns-path", "/run/netns/ctgrcv", "--timeout", "udp=7",
                 "--max-entries", "2000", "--budget", "10", check=False, timeout=60)
     assert out.returncode == 0, out
     result = json.loads(out.stdout.strip().splitlines()[-1])

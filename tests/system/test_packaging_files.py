@@ -103,7 +103,7 @@ def _parser_commands() -> dict[str, set[str]]:
     """{"status": {"--policy", "--json"}, "bundles show": {...}, ...}: every (sub)command's options."""
     import argparse
 
-    from ctguard import cli
+    from ctguard.cli import main as cli
 
     found: dict[str, set[str]] = {}
 
