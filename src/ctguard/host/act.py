@@ -29,7 +29,7 @@ class Actor:
                  wall_clock: Callable[[], float] = lambda: 0.0, relief=None,
                  start_resize: ResizeStarter | None = None) -> None:
         self.kernel = kernel
-        self.relief = relief    # relief_io.ReliefActor: timeouts per namespace, entry trims
+        self.relief = relief    # daemon.relief.ReliefActor: timeouts per namespace, entry trims
         self.start_resize = start_resize
         self.policy = policy
         self.start_capture = start_capture
