@@ -7,7 +7,7 @@ Topology (three network namespaces the lab creates, deleted afterwards)::
       |  veth
     gateway 10.91.0.1/16 | 10.92.0.1/24 (+ a SNAT pool 10.92.0.100..)  ip_forward=1,
       |  veth            nftables: snat/masquerade out of the server side  <- the table of interest
-    server 10.92.0.2/24  (nginx, unbound, UDP echo; drops SYNs to port 81 and UDP to 20000-60999)
+    server 10.92.0.2/24  (nginx, unbound, UDP echo; drops SYNs to port 81 and UDP to 20000-49999)
 
 Only the gateway has a conntrack table (its NAT rules need one; the client and the server have
 no rule that needs one), except in the "local" DNS variant where unbound runs in the gateway
@@ -54,7 +54,8 @@ Tools and why:
 - DNS: unbound answering a static local zone. The clients are a small Python stub
   (`DNS_CLIENT`), not dnsperf: dnsperf keeps one UDP socket per "client" (`-c`, default 1)
   for its whole run, so every query of a client shares one 5-tuple and one conntrack entry
-  (checked: `dnsperf -c 1 -Q 2000` for 10 s through the gateway leaves 1 entry, not 20,000),
+  (checked: `dnsperf -c 1 -Q 2000 -l 10` through the gateway: 19,994 queries, 1 entry in the
+  gateway, not 19,994; `-c 100`: 100 entries),
   while a stub resolver opens a new socket, a new source port, for every lookup. The stub
   picks its source address among the client's internal hosts and its port from 1024-65535.
   A query answered within its first 2 s is held by nf_conntrack_udp_timeout (30 s), not
@@ -279,7 +280,7 @@ DNS_CLIENT = _PCT + r"""
 import json, os, random, resource, select, socket, struct, sys, time
 server, rate, duration, timeout, addrs, start_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5].split(","), float(sys.argv[6])
 qtype = int(sys.argv[7]) if len(sys.argv) > 7 else 1
-resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+_h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (_h, _h))
 name = b"".join(bytes([len(p)]) + p.encode() for p in "www.lab".split(".")) + b"\0"
 ep = select.epoll()
 pending = {}      # fd -> (sock, sent_at, id)
@@ -386,7 +387,7 @@ print(json.dumps({"sent": sent, "answered": ok, "errors": errors, "timeouts": ti
 DEAD_UPSTREAM = r"""
 import errno, json, random, resource, socket, sys, time
 server, port, rate, duration, give_up, addrs, start_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6].split(","), float(sys.argv[7])
-resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+_h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (_h, _h))
 open_ = []; sent = connected = errors = 0
 while time.monotonic() < start_at: time.sleep(0.005)
 t0 = time.monotonic(); i = 0
@@ -546,7 +547,7 @@ class Lab:
     It does not take the kernel lock itself: `scenario()` does (with the kernel values).
     """
 
-    def __init__(self, hosts: int = 50, nat_pool: int = 4, keep: bool = False) -> None:
+    def __init__(self, hosts: int = 200, nat_pool: int = 4, keep: bool = False) -> None:
         self.tag = f"lab{os.getpid() % 100000}{random.randrange(16 ** 3):03x}"
         self.client, self.gw, self.server = f"{self.tag}c", f"{self.tag}g", f"{self.tag}s"
         self.names = (self.client, self.gw, self.server)
@@ -605,7 +606,7 @@ class Lab:
         self.nft(self.server, f"""table inet lab {{
   chain in {{ type filter hook input priority 0; policy accept;
     tcp dport {DEAD_PORT} tcp flags syn drop
-    udp dport 20000-60999 drop
+    udp dport 20000-49999 drop
   }}
 }}""")
         for ns in self.names:
@@ -642,6 +643,7 @@ class Lab:
         p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
                              stdout=stdout if stdout is not None else log, stderr=log, text=True)
         log.close()
+        p.logpath = self.dir / f"{name}.log"
         self.procs.append((name, p))
         return p
 
@@ -662,7 +664,8 @@ class Lab:
         out, _ = p.communicate(timeout=timeout)
         lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
         if not lines:
-            raise RuntimeError(f"no result from {p.args[:6]} (exit {p.returncode})")
+            tail = p.logpath.read_text()[-1500:] if getattr(p, "logpath", None) and p.logpath.exists() else ""
+            raise RuntimeError(f"no result from {p.args[:6]} (exit {p.returncode}): {tail}")
         return json.loads(lines[-1])
 
     def stat(self, ns: str) -> str:
@@ -1030,7 +1033,7 @@ def _host_timeouts() -> dict[Path, str]:
 
 
 @contextlib.contextmanager
-def scenario(arm: str, table: int, ceiling: int, overrides: dict | None = None, hosts: int = 50,
+def scenario(arm: str, table: int, ceiling: int, overrides: dict | None = None, hosts: int = 200,
              nat_pool: int = 4, keep: bool = False) -> Iterator["Run"]:
     """The lock, the kernel values saved, a fresh lab; yields a `Run` that starts the arm."""
     if arm not in ("none", "ctguard", "ideal"):
@@ -1155,7 +1158,7 @@ def _wrk(lab: Lab, conns: int, rate: float, duration: float, threads: int = 2) -
     return lab.spawn(lab.client, argv + [f"http://{SERVER_ADDR}/"], name="wrk", stdout=subprocess.PIPE)
 
 
-def _probe(lab: Lab, duration: float, start_at: float, rate: float = 20, timeout: float = 10) -> subprocess.Popen:
+def _probe(lab: Lab, duration: float, start_at: float, rate: float = 20, timeout: float = 5) -> subprocess.Popen:
     return lab.py(lab.client, HTTP_PROBE, [SERVER_ADDR, 80, rate, duration, timeout, start_at], "probe")
 
 
@@ -1309,7 +1312,7 @@ def cgnat_mix(arm: str, rate: float = 5000, duration: float = 20, table: int = 8
         def load():
             start_at = time.monotonic() + 0.5
             base = ".".join(map(str, UNANSWERED_NET))
-            fl = lab.py(lab.client, RAW_FLOOD, ["udp", SERVER_ADDR, 20000, 40000, rate, duration, base, 8192,
+            fl = lab.py(lab.client, RAW_FLOOD, ["udp", SERVER_ADDR, 20000, 30000, rate, duration, base, 8192,
                                                 start_at], "udpflood")
             dn = lab.py(lab.client, DNS_CLIENT, [SERVER_ADDR, dns_rate, duration, 2.0, ",".join(lab.hosts), start_at],
                         "dns")
@@ -1326,7 +1329,7 @@ def cgnat_mix(arm: str, rate: float = 5000, duration: float = 20, table: int = 8
                        capture_wait=capture_wait)
 
 
-def udp_race(rounds: int = 20000, table: int = IDEAL, arm: str = "ideal") -> Outcome:
+def udp_race(arm: str = "ideal", rounds: int = 20000, table: int = IDEAL) -> Outcome:
     """Parallel A and AAAA from one socket through the NAT, two threads on two CPUs per round.
 
     What it shows on this 2-core VM (kernel 6.18): see `Outcome.kernel.of("gateway")`:
@@ -1378,6 +1381,8 @@ def summary(o: Outcome) -> str:
          f"peak {k.peak_count} max {k.start_max}->{k.final_max}")
     if o.probe and o.probe is not u:
         s += f" | probe {o.probe.completed}/{o.probe.attempted} p99 {o.probe.p99_ms}"
+    for x in o.others:
+        s += f" | {x.kind} {x.completed}/{x.attempted} p99 {x.p99_ms}"
     if o.longlived:
         s += f" | longlived cuts {o.longlived.cuts} min_left {o.longlived.min_timeout_left}"
     if o.agent:
