@@ -1038,11 +1038,14 @@ def scenario(arm: str, table: int, ceiling: int, overrides: dict | None = None, 
     """The lock, the kernel values saved, a fresh lab; yields a `Run` that starts the arm."""
     if arm not in ("none", "ctguard", "ideal"):
         raise ValueError(f"unknown arm {arm!r}")
+    t0 = time.monotonic()
     with kernelenv.saved_kernel_values():
+        lock_wait = time.monotonic() - t0
         host = _host_timeouts()
         try:
             with Lab(hosts=hosts, nat_pool=nat_pool, keep=keep) as lab:
                 run = Run(lab, arm, table, ceiling, overrides)
+                run.lock_wait = lock_wait
                 try:
                     yield run
                 finally:
@@ -1167,8 +1170,9 @@ def _finish(run: Run, scenario_name: str, rate: float, duration: float, users: U
             capture_wait: float = 15) -> Outcome:
     ll = run.finish_longlived()
     agent = run.agent_view(cpu, kv, capture_wait)
+    extra = {**(extra or {}), "lock_wait_s": round(run.lock_wait, 1)}
     return Outcome(scenario_name, run.arm, rate, duration, run.table, run.ceiling, users, kv, probe, others, ll,
-                   agent, tuple((extra or {}).items()))
+                   agent, tuple(extra.items()))
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -1181,7 +1185,7 @@ def flash_crowd(arm: str, rate: float = 0, duration: float = 20, table: int = 81
         lab = run.lab
         lab.start_nginx()
         if longlived:
-            run.start_longlived(longlived, duration + 4)
+            run.start_longlived(longlived, duration + 3.6)
         run.start_arm()
 
         def load():
@@ -1206,7 +1210,7 @@ def dns(arm: str, rate: float = 3000, duration: float = 20, table: int = 8192, c
         addr = GW_IN if local else SERVER_ADDR
         lab.start_unbound(lab.gw if local else lab.server, addr)
         if longlived:
-            run.start_longlived(longlived, duration + 4)
+            run.start_longlived(longlived, duration + 3.6)
         run.start_arm()
         addrs = ",".join(lab.hosts)
 
@@ -1240,7 +1244,7 @@ def dead_upstream(arm: str, rate: float = 2000, duration: float = 20, table: int
         lab = run.lab
         lab.start_nginx()
         if longlived:
-            run.start_longlived(longlived, duration + 4)
+            run.start_longlived(longlived, duration + 3.6)
         run.start_arm()
         extra: dict = {}
 
@@ -1272,7 +1276,7 @@ def syn_flood(arm: str, rate: float = 5000, duration: float = 20, table: int = 8
         lab = run.lab
         lab.start_nginx()
         if longlived:
-            run.start_longlived(longlived, duration + 4)
+            run.start_longlived(longlived, duration + 3.6)
         run.start_arm()
         extra: dict = {}
 
@@ -1305,7 +1309,7 @@ def cgnat_mix(arm: str, rate: float = 5000, duration: float = 20, table: int = 8
         lab.start_nginx()
         lab.start_unbound()
         if longlived:
-            run.start_longlived(longlived, duration + 4)
+            run.start_longlived(longlived, duration + 3.6)
         run.start_arm()
         extra: dict = {}
 
