@@ -797,9 +797,12 @@ def lab_policy(folder: Path, ceiling: int, overrides: dict | None = None) -> Pat
     p.write_text(text)
     tables = {"bump": {"ceiling": ceiling}}
     for sect, kv in (overrides or {}).items():
-        tables.setdefault(sect, {}).update(kv)
-    body = []
-    for sect, kv in tables.items():
+        if isinstance(kv, dict):
+            tables.setdefault(sect, {}).update(kv)
+        else:
+            tables[sect] = kv
+    body = [f"{k} = {_toml_value(v)}" for k, v in tables.items() if not isinstance(v, dict)]   # e.g. mode
+    for sect, kv in ((s, kv) for s, kv in tables.items() if isinstance(kv, dict)):
         body.append(f"[{sect}]")
         body += [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
     (folder / "policy.d").mkdir(exist_ok=True)
