@@ -79,9 +79,13 @@ Tools and why:
   new id (recreated), `remapped` the times the server saw a new NAT source port.
 - UDP insert race (`udp_race`): two threads pinned to two CPUs send an A and an AAAA query
   from ONE new socket at the same instant (glibc's parallel lookups), so the first packets of
-  one tuple reach conntrack on two CPUs at once. Reproduced here: see the function's docstring
-  and bench/README.md for what the counters say (on this kernel the clash is resolved,
-  `clashres`, rather than failed).
+  one tuple reach conntrack on two CPUs at once (veth hands a packet to the receiving
+  namespace on the sender's CPU, so two pinned senders race in the gateway's conntrack).
+  Reproduced here: 902 clashes in 5,000 rounds (`clashres`), 0 `insert_failed`, 0 answers
+  lost, kernel 6.18, 2 CPUs. This kernel resolves a UDP clash (the second entry is merged into
+  the first, or, with NAT, inserted beside it with a short timeout) instead of dropping the
+  packet, which older kernels (before 5.6) counted as insert_failed and dropped: the race
+  still happens, users no longer pay for it. Its counters are pinned by the kernel test.
 """
 
 from __future__ import annotations

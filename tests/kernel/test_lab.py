@@ -1,7 +1,7 @@
 """What users behind a NAT gateway see (issue 21), in the real-traffic lab (tests/helpers/lab.py):
 real nginx, wrk, unbound and stub clients in three namespaces, the table of interest in the
 gateway. Short versions of the benchmark's scenarios (bench/bench_users.py); each asserts
-what the users saw, not only the kernel's counters. About 2 minutes in all.
+what the users saw, not only the kernel's counters. About 2-3 minutes in all (more while other runs hold the kernel lock).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ pytestmark = [pytest.mark.kernel, pytest.mark.skipif(lab.lab_ready() is not None
 
 
 def test_flash_crowd_with_ctguard_from_8192_keeps_users_served_like_the_ideal():
-    ideal = lab.flash_crowd("ideal", duration=10, table=8192)
-    ours = lab.flash_crowd("ctguard", duration=10, table=8192, longlived=3)
+    ideal = lab.flash_crowd("ideal", duration=8, table=8192)
+    ours = lab.flash_crowd("ctguard", duration=8, table=8192, longlived=3, capture_wait=5)
     why = f"\nideal: {lab.summary(ideal)}\nctguard: {lab.summary(ours)}"
-    assert ideal.users.completed > 20_000, "the lab's web server did not serve a flash crowd" + why
+    assert ideal.users.completed > 15_000, "the lab's web server did not serve a flash crowd" + why
     assert ours.users.completed >= 0.7 * ideal.users.completed, why
     assert ours.users.errors == 0 and ours.users.timeouts == 0, why
     assert ours.probe.completed == ours.probe.attempted, "a user's connection stalled or failed" + why
