@@ -4,6 +4,7 @@ invocation, interleaved and repeated.
     sudo python3 bench/bench_users.py                       # every scenario, 3 runs, 20 s each
     sudo python3 bench/bench_users.py --past-ceiling        # flash crowd and DNS past the ceiling:
                                                             # relief off / advise / enforce vs the ideal
+                                                            # (flash 1,000 req/s, ceiling 16,384; DNS 3,000/s, 32,768)
     sudo python3 bench/bench_users.py --quick               # a smoke run (1 run, 4 s each)
 
 Arms (tests/helpers/lab.py): "none" (no agent, nf_conntrack_max = --table), "ctguard" (the
@@ -42,12 +43,13 @@ def scenarios(a) -> dict:
     }
 
 
-def arms(a) -> list[tuple[str, str, dict]]:
+def arms(a, scenario: str) -> list[tuple[str, str, dict]]:
     if a.past_ceiling:
+        ceiling = a.ceiling or (a.flash_ceiling if scenario == "flash" else a.dns_ceiling)
         return [("ideal", "ideal", {}),
-                *[(f"relief {m}", "ctguard", {"ceiling": a.ceiling, "overrides": {"relief": {"mode": m}}})
+                *[(f"relief {m}", "ctguard", {"ceiling": ceiling, "overrides": {"relief": {"mode": m}}})
                   for m in a.relief.split(",")]]
-    return [("none", "none", {}), ("ctguard", "ctguard", {"ceiling": a.ceiling}), ("ideal", "ideal", {})]
+    return [("none", "none", {}), ("ctguard", "ctguard", {"ceiling": a.ceiling or 1_048_576}), ("ideal", "ideal", {})]
 
 
 def p99(o: lab.Outcome) -> float | None:
@@ -128,11 +130,18 @@ def main() -> int:
     ap.add_argument("--table", type=int, default=8192, help="nf_conntrack_max at the start (none, ctguard)")
     ap.add_argument("--ceiling", type=int, default=None,
                     help="[bump] ceiling for ctguard (default: the packaged policy's 1,048,576; "
-                         "--past-ceiling: 32,768)")
+                         "--past-ceiling: --flash-ceiling / --dns-ceiling)")
     ap.add_argument("--scenarios", default=None, help="comma list of flash,dns,dns-local,dead,syn,cgnat")
     ap.add_argument("--past-ceiling", action="store_true",
                     help="flash and dns with the ceiling below what the load needs at default timeouts")
     ap.add_argument("--relief", default="off,advise,enforce", help="relief modes for --past-ceiling")
+    ap.add_argument("--flash-ceiling", type=int, default=16384,
+                    help="--past-ceiling: the flash crowd's ceiling. One client host reuses ~32k "
+                         "ephemeral ports (connect() prefers even ones) towards one server, so the crowd "
+                         "holds at most ~32k TIME_WAIT entries: 16,384 cannot hold it at 120 s, can at 10 s")
+    ap.add_argument("--dns-ceiling", type=int, default=32768,
+                    help="--past-ceiling: the DNS scenario's ceiling (3,000/s x 30 s = 90,000 entries at "
+                         "the default nf_conntrack_udp_timeout; 30,000 at relief's 10 s)")
     ap.add_argument("--flash-rate", type=float, default=0, help="wrk requests/s (0: closed loop, as fast as it goes)")
     ap.add_argument("--dns-rate", type=float, default=3000)
     ap.add_argument("--dead-rate", type=float, default=2000)
@@ -148,26 +157,24 @@ def main() -> int:
     if a.quick:
         a.runs, a.duration = 1, 4
     if a.past_ceiling:
-        a.ceiling = a.ceiling or 32768
         if a.flash_rate == 0:
-            a.flash_rate = 2000
+            a.flash_rate = 1000
         if a.longlived is None:
             a.longlived = 10.0
         names = (a.scenarios or "flash,dns").split(",")
     else:
-        a.ceiling = a.ceiling or 1_048_576
         names = (a.scenarios or "flash,dns,dns-local,dead,syn,cgnat").split(",")
     why = lab.lab_ready()
     if why:
         print(f"bench_users: cannot run: {why}", file=sys.stderr)
         return 1
     scen = scenarios(a)
-    spec = arms(a)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, kernel {lab.os.uname().release}, {lab.os.cpu_count()} cores; "
           f"{' '.join(sys.argv[1:]) or '(defaults)'}", flush=True)
     results: dict[str, list[dict]] = {}
     for name in names:
         results[name] = []
+        spec = arms(a, name)
         for r in range(a.runs):
             order = spec[r % len(spec):] + spec[:r % len(spec)]
             got = {}
@@ -181,7 +188,7 @@ def main() -> int:
                 print(f"  [{name} run {r + 1} {label} {time.monotonic() - t0:.0f}s] {lab.summary(o)}", flush=True)
             results[name].append(got)
     print()
-    print(table(results, [s[0] for s in spec]))
+    print(table(results, [s[0] for s in arms(a, names[0])]))
     print()
     print(notes(results))
     if a.json:
