@@ -260,6 +260,10 @@ def main() -> int:
                          "sampling period follows it (count-only ticks below ~262,144)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    # SIGTERM/SIGINT unwind through the lab's `finally` blocks: namespaces deleted, servers
+    # stopped, nf_conntrack_max, hashsize and timeouts restored.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _f: (_ for _ in ()).throw(SystemExit(128 + signum)))
     if a.quick:
         a.counts, a.idle, a.churn = "1,50", 5, 5
     why = lab.kernelenv.kernel_ready()

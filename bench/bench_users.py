@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import statistics
 import sys
 import time
@@ -154,6 +155,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="write every outcome here")
     ap.add_argument("--quick", action="store_true", help="1 run of 4 s per scenario and arm (smoke)")
     a = ap.parse_args()
+    # SIGTERM/SIGINT unwind through the lab's `finally` blocks: namespaces deleted, servers
+    # stopped, nf_conntrack_max, hashsize and timeouts restored.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _f: (_ for _ in ()).throw(SystemExit(128 + signum)))
     if a.quick:
         a.runs, a.duration = 1, 4
     if a.past_ceiling:
