@@ -91,19 +91,19 @@ Tools and why:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -832,6 +832,12 @@ os.execvp(cmd[0], cmd)
 """
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (prctl(2))."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def _descendants(pid: int) -> list[int]:
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -877,11 +883,13 @@ class Agent:
         for k in ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "PYTHONDONTWRITEBYTECODE"):
             env.pop(k, None)
         self._logf = open(self.log, "w")
-        cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _ISOLATE,
+        # --kill-child and PR_SET_PDEATHSIG: a lab killed mid-run takes its daemon with it (a daemon
+        # orphaned here went on moving the global nf_conntrack_max under other tests' locks).
+        cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM", sys.executable, "-c", _ISOLATE,
                str(self.folder / "netns-view"), *lab.names, "--",
                sys.executable, "-m", "ctguard", "run", "--policy", str(self.policy)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self._logf, env=env)
+                                     stderr=self._logf, env=env, preexec_fn=_die_with_parent)
         self.pid = self._daemon_pid()
         self.metrics = self.folder / "metrics" / "ctguard.prom"
         if not kernelenv.wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 30):
