@@ -1,0 +1,47 @@
+"""A host without node_exporter (no textfile folder): a real daemon says once that metrics are off, then writes them when the folder appears."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.paths import SRC
+
+
+@pytest.mark.kernel
+def test_no_textfile_folder_means_metrics_off_said_once_then_on_when_it_appears(tmp_path: Path) -> None:
+    from helpers.kernelenv import kernel_ready, saved_kernel_values
+    from helpers.policy import write_policy
+    from helpers.wait import wait_for
+
+    if kernel_ready():
+        pytest.skip(str(kernel_ready()))
+    policy = write_policy(tmp_path, "[watch]\ninterval = 0.2\nfast_interval = 0.2\n")
+    folder = tmp_path / "node-exporter"
+    textfile = folder / "ctguard.prom"
+    policy.write_text(policy.read_text().replace(str(tmp_path / "ctguard.prom"), str(textfile)))
+    log = tmp_path / "daemon.log"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    env.pop("NOTIFY_SOCKET", None)
+    with saved_kernel_values():
+        proc = subprocess.Popen([sys.executable, "-m", "ctguard", "run", "--policy", str(policy)],
+                                stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+        try:
+            assert wait_for(lambda: "metrics are off until" in log.read_text() or proc.poll() is not None, 20), log.read_text()
+            time.sleep(1.5)   # several metrics periods with the folder still absent
+            assert not folder.exists(), "ctguard must not create node_exporter's folder"
+            folder.mkdir()
+            assert wait_for(textfile.exists, 10), log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    out = log.read_text()
+    assert out.count("metrics are off until") == 1, out
+    assert f"metrics are off until {folder} exists" in out
+    assert f"{folder} exists: metrics are written to {textfile}" in out
+    assert "cannot write the metrics" not in out, out
