@@ -1,4 +1,5 @@
-"""The tick's count-only read against a real namespace (the pure adapters' tests are in tests/unit/host/test_adapters.py)."""
+"""The tick's count-only read against a real namespace (the adapters against prepared trees:
+tests/unit/host/test_adapters.py)."""
 
 from __future__ import annotations
 

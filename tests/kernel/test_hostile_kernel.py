@@ -1,4 +1,6 @@
-"""Hostile neighbours against a real daemon: a local non-root user (setpriv as nobody) gets no lever on ctguard."""
+"""Hostile neighbours against a real daemon: a local non-root user (setpriv as nobody) gets no
+lever on ctguard (it runs as root). The checks that need neither root nor the kernel:
+tests/unit/cli/test_hostile.py."""
 
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ def test_another_user_cannot_read_a_bundle_or_the_state() -> None:
 
 @needs_root_and_setpriv
 @needs_kernel
-def test_another_user_cannot_signal_the_daemon(tmp_path: Path) -> None:
-    policy = write_policy(tmp_path)
+def test_another_user_cannot_signal_the_daemon(tmp_policy: Path) -> None:
+    policy = tmp_policy
     with Running(policy) as daemon:
         for sig in ("HUP", "TERM", "KILL"):
             res = as_nobody("kill", f"-{sig}", str(daemon.proc.pid))

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 
 
-def test_every_bundle_says_what_the_host_is(tmp_path: Path) -> None:
+def test_every_bundle_says_what_the_host_is(tmp_policy: Path) -> None:
     import tomllib
 
     from helpers.daemon import ctguard
-    from helpers.policy import write_policy
 
     if os.geteuid() != 0:
         pytest.skip("needs root to dump the conntrack table")
-    policy = write_policy(tmp_path)
+    policy = tmp_policy
     res = ctguard("capture", "--reason", "role", "--policy", str(policy))
     assert res.returncode == 0, res.stderr
     bundle = Path(res.stdout.strip().splitlines()[-1])

@@ -4,8 +4,8 @@ Measures, over several floods, the time from the kernel's printk timestamp of th
 table-full line to the moment `read_events()` returns it, for the default follower
 (journal + /dev/kmsg fast path) and for the journal alone. Run it with -s to see figures:
 
-    sudo python3 -m pytest -s -q tests/test_journal_latency.py
-    CTGUARD_LATENCY_RUNS=20 CTGUARD_LATENCY_OUT=/tmp/lat.json sudo python3 -m pytest -s -q tests/test_journal_latency.py
+    sudo python3 -m pytest -s -q tests/kernel/test_journal_latency.py
+    CTGUARD_LATENCY_RUNS=20 CTGUARD_LATENCY_OUT=/tmp/lat.json sudo python3 -m pytest -s -q tests/kernel/test_journal_latency.py
 
 The kernel prints at most 10 such lines per 5 s (net_ratelimit), so floods are 5.5 s apart.
 """

@@ -1,4 +1,5 @@
-"""A host without node_exporter (no textfile folder): a real daemon says once that metrics are off, then writes them when the folder appears."""
+"""A host without node_exporter (no textfile folder): a real daemon says once that metrics are off,
+never a write failure, and writes them when the folder appears."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 
 from ctguard.host.events import MESSAGE_ID_MAX_LOWERED
 from helpers.daemon import Running
-from helpers.kernelenv import get_max, needs_kernel, saved_kernel_values, set_max
+from helpers.kernelenv import get_max, needs_kernel, set_max
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
@@ -37,43 +37,40 @@ def metric(path: Path, name: str) -> int | None:
     return None
 
 
-def test_lowered_max_is_noticed_journaled_and_set_back(tmp_path: Path, journald) -> None:
-    policy = write_policy(tmp_path, QUIET + "[bump]\nceiling = 262144\ncooldown = 30\n")
-    policy.write_text(policy.read_text().replace("defend = false", "defend = true"))
-    with saved_kernel_values():
-        set_max(131072)
-        with Running(policy) as daemon:
-            since = time.time()
-            set_max(65536)                        # kube-proxy, a `sysctl --system`, ...
-            assert wait_for(lambda: get_max() == 131072, 10, interval=0.05), daemon.output()
-            assert wait_for(lambda: lowered_entries(since, 131072, 65536), 5), daemon.output()
-            e = lowered_entries(since, 131072, 65536)[0]
-            assert e["CTGUARD_REASON"] == "defend" and e["PRIORITY"] == 4
-            assert "CTGUARD_WRITER" in e
-            assert wait_for(lambda: metric(daemon.metrics, "ctguard_max_lowered_total") == 1, 5)
-            assert wait_for(lambda: metric(daemon.metrics, "ctguard_max_defended_total") == 1, 5)
-            # Lowered again inside the cooldown: ctguard gives up and says so, once.
-            since = time.time()
-            set_max(32768)
-            assert wait_for(lambda: lowered_entries(since, 131072, 32768), 5), daemon.output()
-            assert lowered_entries(since, 131072, 32768)[0]["CTGUARD_REASON"] == "gave-up"
-            time.sleep(1.0)
-            assert get_max() == 32768
-            assert metric(daemon.metrics, "ctguard_max_lowered_total") == 2
-            assert metric(daemon.metrics, "ctguard_max_defended_total") == 1
+def test_lowered_max_is_noticed_journaled_and_set_back(tmp_path: Path, journald, kernel_values) -> None:
+    policy = write_policy(tmp_path, QUIET + "[bump]\nceiling = 262144\ncooldown = 30\n", defend=True)
+    set_max(131072)
+    with Running(policy) as daemon:
+        since = time.time()
+        set_max(65536)                        # kube-proxy, a `sysctl --system`, ...
+        assert wait_for(lambda: get_max() == 131072, 10, interval=0.05), daemon.output()
+        assert wait_for(lambda: lowered_entries(since, 131072, 65536), 5), daemon.output()
+        e = lowered_entries(since, 131072, 65536)[0]
+        assert e["CTGUARD_REASON"] == "defend" and e["PRIORITY"] == 4
+        assert "CTGUARD_WRITER" in e
+        assert wait_for(lambda: metric(daemon.metrics, "ctguard_max_lowered_total") == 1, 5)
+        assert wait_for(lambda: metric(daemon.metrics, "ctguard_max_defended_total") == 1, 5)
+        # Lowered again inside the cooldown: ctguard gives up and says so, once.
+        since = time.time()
+        set_max(32768)
+        assert wait_for(lambda: lowered_entries(since, 131072, 32768), 5), daemon.output()
+        assert lowered_entries(since, 131072, 32768)[0]["CTGUARD_REASON"] == "gave-up"
+        time.sleep(1.0)
+        assert get_max() == 32768
+        assert metric(daemon.metrics, "ctguard_max_lowered_total") == 2
+        assert metric(daemon.metrics, "ctguard_max_defended_total") == 1
 
 
-def test_not_set_back_with_defend_false(tmp_path: Path, journald) -> None:
+def test_not_set_back_with_defend_false(tmp_path: Path, journald, kernel_values) -> None:
     policy = write_policy(tmp_path, QUIET + "[bump]\nceiling = 262144\n")
     assert "defend = false" in policy.read_text()
-    with saved_kernel_values():
-        set_max(131072)
-        with Running(policy) as daemon:
-            since = time.time()
-            set_max(65536)
-            assert wait_for(lambda: lowered_entries(since, 131072, 65536), 10), daemon.output()
-            assert lowered_entries(since, 131072, 65536)[0]["CTGUARD_REASON"] == "not-defended"
-            time.sleep(1.0)
-            assert get_max() == 65536
-            assert wait_for(lambda: metric(daemon.metrics, "ctguard_max_lowered_total") == 1, 5)
-            assert metric(daemon.metrics, "ctguard_max_defended_total") == 0
+    set_max(131072)
+    with Running(policy) as daemon:
+        since = time.time()
+        set_max(65536)
+        assert wait_for(lambda: lowered_entries(since, 131072, 65536), 10), daemon.output()
+        assert lowered_entries(since, 131072, 65536)[0]["CTGUARD_REASON"] == "not-defended"
+        time.sleep(1.0)
+        assert get_max() == 65536
+        assert wait_for(lambda: metric(daemon.metrics, "ctguard_max_lowered_total") == 1, 5)
+        assert metric(daemon.metrics, "ctguard_max_defended_total") == 0

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from helpers.daemon import SRC, ctguard
-from helpers.policy import write_policy
 
 SOURCE = Path(SRC) / "ctguard"
 
@@ -24,8 +23,8 @@ def test_no_subprocess_goes_through_a_shell() -> None:
     assert offenders == []
 
 
-def test_numbers_beyond_the_kernels_range_are_refused_before_the_kernel(tmp_path: Path) -> None:
-    policy = write_policy(tmp_path)
+def test_numbers_beyond_the_kernels_range_are_refused_before_the_kernel(tmp_policy: Path) -> None:
+    policy = tmp_policy
     for value in ("4294967296", "2147483648", "-1", "0", "1e9", "0x1000"):
         res = ctguard("bump", "--to", value, "--policy", str(policy))
         assert res.returncode == 2, (value, res.stderr)

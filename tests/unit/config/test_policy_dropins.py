@@ -1,8 +1,8 @@
 """Drop-ins: `<folder of the policy>/policy.d/*.toml`, merged in lexical order with provenance.
 
 Configuration management ships site defaults in the package's policy file and writes per-host
-values in a drop-in; these tests hold the loader, `check-policy --effective` and the daemon's
-reload to that.
+values in a drop-in; these tests hold the loader and `check-policy --effective` to that (the
+daemon's reload: tests/kernel/test_policy_dropins_kernel.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The control socket's protocol (ctguard.control.protocol) over a real Unix socket.
 
 The server runs in a loop of its own here (a thread standing in for the daemon's loop); the
-daemon's own use of it is tested in test_control_daemon.py against a running `ctguard run`.
+daemon's own use of it is tested in tests/kernel/test_control_daemon.py against a running `ctguard run`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The node_exporter textfile: what it holds, read by a real prometheus-node-exporter, and a host
-without node_exporter (no textfile folder) told once that metrics are off, never a write failure."""
+"""The node_exporter textfile: what it holds, read by a real prometheus-node-exporter (a host
+without node_exporter, told once that metrics are off: tests/kernel/test_metrics_kernel.py)."""
 
 from __future__ import annotations
 

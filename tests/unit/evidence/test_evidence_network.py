@@ -1,6 +1,7 @@
 """The bundle's network section (pyroute2, in the capture child): interfaces, addresses, routes,
-forwarding, and the interface the top sources arrive on, read inside the inspected namespace;
-and pyroute2 stays out of every process but the capture's."""
+forwarding, and the interface the top sources arrive on, read inside the inspected namespace
+(tests/kernel/test_evidence_network_kernel.py); here: pyroute2 stays out of every process but
+the capture's."""
 
 from __future__ import annotations
 

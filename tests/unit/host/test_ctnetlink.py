@@ -1,5 +1,5 @@
 """The hand-written ctnetlink decoder against hand-built messages (the real-dump test is in
-test_evidence_kernel.py), and the aggregation on top of it."""
+tests/kernel/test_evidence_kernel.py), and the aggregation on top of it."""
 
 from __future__ import annotations
 

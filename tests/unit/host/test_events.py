@@ -1,4 +1,5 @@
-"""ctguard's own journal entries: ids, fields, priorities, rate limit, stderr fallback, real journald."""
+"""ctguard's own journal entries: ids, fields, priorities, rate limit, stderr fallback (through a
+real journald: tests/kernel/test_events_kernel.py)."""
 
 from __future__ import annotations
 

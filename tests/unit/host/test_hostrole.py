@@ -69,15 +69,14 @@ def test_raised_timeouts_with_the_entries_they_hold(tmp_path: Path) -> None:
     assert hostrole.raised_timeouts(t["proc_root"])[0].entries is None
 
 
-def test_recommend_reads_the_peaks_the_daemon_recorded(tmp_path: Path) -> None:
+def test_recommend_reads_the_peaks_the_daemon_recorded(tmp_path: Path, tmp_policy: Path) -> None:
     """`ctguard recommend --json` over a state folder as the daemon leaves it."""
     import time as _time
 
     from ctguard.store.state import Peak, StateStore
     from helpers.daemon import ctguard
-    from helpers.policy import write_policy
 
-    policy = write_policy(tmp_path)
+    policy = tmp_policy
     now = int(_time.time()) // 60 * 60
     peaks = [Peak(now - 60 * i, 20000 + 10 * (i % 50), 65536, 0) for i in range(1, 181)]
     peaks[5] = Peak(peaks[5].minute, 40000, 65536, 3)           # a storm with drops: 3x

@@ -175,7 +175,7 @@ def test_open_follower_without_journald_returns_none_and_says_so(tmp_path: Path,
     assert sum("sampling alone" in r.getMessage() for r in caplog.records) == 1
 
 
-# -- follower logic on a fake reader (the real one is exercised in test_journal_live.py) -------
+# -- follower logic on a fake reader (the real one is exercised in tests/kernel/test_journal_live.py)
 
 
 class FakeReader:

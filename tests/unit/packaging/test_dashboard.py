@@ -1,11 +1,5 @@
-"""contrib/grafana/ctguard.json and the alert rules, proven on a real Prometheus.
-
-A running ctguard meets a real flood in test namespaces; Debian's prometheus-node-exporter
-reads the textfile it writes; Debian's prometheus (127.0.0.1, a free port, its own data folder
-under the test's tmp) scrapes it every second with the shipped alert rules loaded. Then every
-query of every dashboard panel, every template variable, and every alert rule is evaluated
-through Prometheus's HTTP API: each must parse and return data.
-"""
+"""contrib/grafana/ctguard.json, fast checks on the file itself: importable JSON, queries everywhere,
+only real metrics (proven on a real Prometheus in tests/kernel/test_dashboard_kernel.py)."""
 
 from __future__ import annotations
 

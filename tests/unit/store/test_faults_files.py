@@ -1,5 +1,6 @@
-"""Faults around files and namespaces: a full disk, a SIGKILL mid-write, a namespace that
-vanishes while it is being sampled. The disk is a real, tiny tmpfs; the kill is a real kill."""
+"""A SIGKILL mid-write: the file is the old or the new one, never torn; the kill is a real kill.
+(A full disk, on a real tiny tmpfs, and a namespace that vanishes while it is being sampled:
+tests/kernel/test_faults_files_kernel.py.)"""
 
 from __future__ import annotations
 
