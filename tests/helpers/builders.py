@@ -17,6 +17,11 @@ def at(t: float = 0.0, boot_id: str = "b1", *, mono: float = 1000.0) -> Instant:
     return Instant(T0 + t, mono + t, boot_id)
 
 
+def now(t: float = 0.0) -> Instant:
+    """The instant of the status, metrics and sizing tables: boot "b", CLOCK_BOOTTIME 100 + t."""
+    return at(t, "b", mono=100.0)
+
+
 def pol(text: str = "") -> policy_mod.Policy:
     return policy_mod.loads(text, "t.toml")
 
@@ -37,3 +42,10 @@ def kinds(decision) -> list[str]:
 
 def bumps(*times_and_trigger, ok: bool = True) -> History:
     return History(bumps=tuple(BumpRecord(at(t), 1, 2, trig, ok) for t, trig in times_and_trigger))
+
+
+def status_sample(max_: int, *counts: int) -> Sample:
+    """At now(10): the host, then namespaces named n"1", n"2"... (a quote to escape), drops 0, 1, 2..."""
+    ns = tuple(NamespaceReading(4026531000 + i, "host" if not i else f'n"{i}', c, (("drop", i),))
+               for i, c in enumerate(counts))
+    return Sample(now(10), KernelLimits(max_, max_ // 4, 256, 1 << 34, 1 << 33), ns)

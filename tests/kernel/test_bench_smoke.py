@@ -15,7 +15,7 @@ import pytest
 from helpers.kernelenv import get_buckets, get_max, kernel_lock, needs_kernel
 from helpers.paths import REPO
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 BENCH = REPO / "bench"
 

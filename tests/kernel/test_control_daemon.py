@@ -24,7 +24,7 @@ from helpers.kernelenv import get_buckets, get_max, needs_kernel, netns_pair, sa
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 MSG_BUMP = "953e8aba31884714a95257d72e230f9c"
 MSG_REFUSED = "0883e84cdb5e431e8b98319536be6742"

@@ -13,15 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from helpers.daemon import SRC, Running
 from helpers.journald import NotifySocket, journal_entries
 from helpers.kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 SLOW = "[watch]\ninterval = 60\nfast_interval = 60\n[thresholds]\nwarn = 0.99\nact = 1.0\nhorizon = 0\n"
 

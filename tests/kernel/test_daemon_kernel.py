@@ -10,14 +10,12 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 from helpers.daemon import Running, ctguard
 from helpers.kernelenv import get_buckets, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 
 def test_flood_is_met_by_a_bump_within_the_ceiling(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from helpers.prometheus import (
 )
 
 
-@pytest.mark.kernel
 @pytest.mark.skipif(PROMETHEUS is None or NODE_EXPORTER is None,
                     reason="needs prometheus and prometheus-node-exporter (Debian packages; scripts/bootstrap test installs them)")
 def test_every_panel_query_and_alert_rule_returns_data_from_a_real_flood(tmp_path: Path) -> None:

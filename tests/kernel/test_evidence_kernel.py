@@ -28,7 +28,7 @@ from ctguard.host.ctnetlink import _HDR, RECV_BUFFER, decode_all, dump_table, op
 from helpers.kernelenv import NetnsPair, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 UDP_MAIN = 300  # sender_addr -> receiver, dports 1..300
 UDP_EXTRA = 50  # extra source -> receiver udp/5353, marked 0x2a

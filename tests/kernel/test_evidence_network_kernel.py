@@ -8,15 +8,12 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from helpers.kernelenv import needs_kernel, netns_pair
 from helpers.paths import SRC
 from helpers.policy import write_policy
 
 
 @needs_kernel
-@pytest.mark.kernel
 def test_bundle_says_where_the_top_sources_arrive_and_whether_the_namespace_forwards(tmp_path: Path) -> None:
     policy = write_policy(tmp_path, persist_mode=None, metrics=False, control=False)
     with netns_pair() as pair:

@@ -14,14 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from helpers.daemon import SRC
 from helpers.kernelenv import get_buckets, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 
 def run_in_mount_ns(setup: str, policy: Path, log: Path) -> subprocess.Popen:

@@ -7,14 +7,12 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 from helpers.daemon import Running, ctguard
 from helpers.kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 POLICY = "[bump]\nceiling = 65536\ncooldown = 0.5\nmax_per_hour = 100\n[guard]\nceiling = 8192\nmin_sources = 500\n"
 

@@ -27,10 +27,7 @@ from ctguard.host.journal import JournalFollower
 from helpers import kernelenv
 from helpers.kernelenv import kernel_ready, netns_pair, saved_kernel_values, set_max
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(kernel_ready() is not None, reason=str(kernel_ready())),
-]
+pytestmark = pytest.mark.skipif(kernel_ready() is not None, reason=str(kernel_ready()))
 
 RUNS = int(os.environ.get("CTGUARD_LATENCY_RUNS", "10"))
 

@@ -14,10 +14,7 @@ import pytest
 from ctguard.host.journal import JournalFollower, TableFullEvent, load_cursor, save_cursor
 from helpers.kernelenv import NetnsPair, kernel_ready, netns_pair, saved_kernel_values, set_max
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(kernel_ready() is not None, reason=str(kernel_ready())),
-]
+pytestmark = pytest.mark.skipif(kernel_ready() is not None, reason=str(kernel_ready()))
 
 SMALL_MAX = 2048
 

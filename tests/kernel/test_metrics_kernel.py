@@ -14,7 +14,6 @@ import pytest
 from helpers.paths import SRC
 
 
-@pytest.mark.kernel
 def test_no_textfile_folder_means_metrics_off_said_once_then_on_when_it_appears(tmp_path: Path) -> None:
     from helpers.kernelenv import kernel_ready, saved_kernel_values
     from helpers.policy import write_policy

@@ -7,15 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from ctguard.host.events import MESSAGE_ID_MAX_LOWERED
 from helpers.daemon import Running
 from helpers.kernelenv import get_max, needs_kernel, set_max
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 QUIET = "[watch]\ninterval = 0.2\nfast_interval = 0.1\n[thresholds]\nwarn = 0.99\nact = 1.0\nhorizon = 0\n"
 

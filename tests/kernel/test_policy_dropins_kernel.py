@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.kernel
 def test_reload_rereads_the_drop_ins(tmp_path: Path) -> None:
     from helpers.daemon import Running
     from helpers.kernelenv import needs_kernel, saved_kernel_values

@@ -24,7 +24,7 @@ from helpers.kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_va
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 HOST_UDP = Path("/proc/sys/net/netfilter/nf_conntrack_udp_timeout")
 MAX = 4096

@@ -21,7 +21,7 @@ from helpers.kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_va
 from helpers.policy import write_policy as _write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 # guard_rate 25,000 (the sampling before issue 15): at the default 100,000 a 4,000/s flood into
 # 4,096 is bumped while the busy namespace still holds less than the quiet one.

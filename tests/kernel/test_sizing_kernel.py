@@ -20,7 +20,7 @@ from helpers.kernelenv import get_buckets, get_max, needs_kernel, netns_pair, sa
 from helpers.policy import write_policy
 from helpers.wait import wait_for
 
-pytestmark = [needs_kernel, pytest.mark.kernel]
+pytestmark = needs_kernel    # the `kernel` marker: tests/conftest.py, by folder
 
 CEILING = 1048576
 ID_START = "6db88ec617644a76ae0f2b5bc77769fb"

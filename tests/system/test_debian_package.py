@@ -59,7 +59,7 @@ from helpers.kernelenv import FLOOD_SCRIPT, HASHSIZE, PROC_MAX, kernel_ready, sa
 from helpers.paths import REPO
 from helpers.wait import wait_for
 
-pytestmark = pytest.mark.system
+# The `system` marker: tests/conftest.py, by folder.
 
 HELPER = Path(__file__).resolve().parent / "debian_root.sh"
 CACHE = Path(os.environ.get("CTGUARD_TEST_CACHE", "/var/cache/ctguard-tests"))

@@ -12,15 +12,11 @@ from ctguard.cli import recommend
 from ctguard.config import policy as policy_mod
 from ctguard.core import incident as incident_text
 from ctguard.core import status as status_mod
-from ctguard.core.model import BumpRecord, History, Incident, Instant, KernelLimits, NamespaceReading, Sample
+from ctguard.core.model import BumpRecord, History, Incident, KernelLimits, NamespaceReading, Sample
 from ctguard.core.sizing import advice, bump_size, kernel_default_buckets, kernel_default_max, round_up
-from helpers.builders import at
+from helpers.builders import now
 
 GiB = 1 << 30
-
-
-def now(t: float = 0.0) -> Instant:
-    return at(t, "b", mono=100.0)
 
 
 @pytest.mark.parametrize("mem, buckets", [

@@ -1,5 +1,5 @@
-"""The tick's count-only read against a real namespace (the adapters against prepared trees:
-tests/unit/host/test_adapters.py)."""
+"""The tick's count-only read of a real namespace (host/netns.py StatReaders); the adapters
+against prepared trees are in tests/unit/host/."""
 
 from __future__ import annotations
 
