@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ def test_bundles_commands_refuse_escapes_and_say_what_to_do(tmp_path: Path, caps
     assert code == 1 and "ctguard bundles list" in err
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user, capture stops at root's control socket (exit 77) before it looks for the namespace")
 def test_capture_rejects_a_bad_decision_file_and_unknown_netns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "d.json"
     bad.write_text("[1, 2]")
