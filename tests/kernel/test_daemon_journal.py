@@ -28,8 +28,6 @@ SLOW = "[watch]\ninterval = 60\nfast_interval = 60\n[thresholds]\nwarn = 0.99\na
 RATELIMIT_WINDOW = 5.5
 
 
-
-
 def test_table_full_line_is_met_by_a_bump_within_a_second(tmp_path: Path, journald) -> None:
     policy = write_policy(tmp_path, SLOW + "[bump]\nceiling = 65536\ncooldown = 0")
     with saved_kernel_values(), netns_pair() as pair:
@@ -104,8 +102,6 @@ def test_lines_written_while_down_are_history(tmp_path: Path, journald) -> None:
                                                 str(policy)], capture_output=True, text=True,
                                                env={**os.environ, "PYTHONPATH": SRC}).stdout)
             assert status["table_full_events"] >= 1, "counted as history"
-
-
 
 
 def test_sd_notify_ready_status_watchdog_reload_stop(tmp_path: Path, journald) -> None:

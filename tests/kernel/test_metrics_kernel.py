@@ -3,18 +3,14 @@ never a write failure, and writes them when the folder appears."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers.paths import SRC
-
 
 def test_no_textfile_folder_means_metrics_off_said_once_then_on_when_it_appears(tmp_path: Path) -> None:
+    from helpers.daemon import Running
     from helpers.kernelenv import kernel_ready, saved_kernel_values
     from helpers.policy import write_policy
     from helpers.wait import wait_for
@@ -26,11 +22,9 @@ def test_no_textfile_folder_means_metrics_off_said_once_then_on_when_it_appears(
     textfile = folder / "ctguard.prom"
     policy.write_text(policy.read_text().replace(str(tmp_path / "ctguard.prom"), str(textfile)))
     log = tmp_path / "daemon.log"
-    env = {**os.environ, "PYTHONPATH": SRC}
-    env.pop("NOTIFY_SOCKET", None)
     with saved_kernel_values():
-        proc = subprocess.Popen([sys.executable, "-m", "ctguard", "run", "--policy", str(policy)],
-                                stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+        daemon = Running(policy)       # not `with`: that waits for a metrics file, which is the point here
+        proc = daemon.proc
         try:
             assert wait_for(lambda: "metrics are off until" in log.read_text() or proc.poll() is not None, 20), log.read_text()
             time.sleep(1.5)   # several metrics periods with the folder still absent
@@ -38,8 +32,7 @@ def test_no_textfile_folder_means_metrics_off_said_once_then_on_when_it_appears(
             folder.mkdir()
             assert wait_for(textfile.exists, 10), log.read_text()
         finally:
-            proc.terminate()
-            proc.wait(10)
+            daemon.stop()
     out = log.read_text()
     assert out.count("metrics are off until") == 1, out
     assert f"metrics are off until {folder} exists" in out

@@ -160,8 +160,6 @@ def test_recommend_after_drops_counts_them_and_never_advises_less_than_the_defau
         assert "drops seen: yes" in text and "do not edit that file" in text and "drop-in" in text
 
 
-
-
 def test_incident_start_and_end_are_journaled_and_status_warns_after_the_bump(tmp_path: Path, journald) -> None:
     # guard_rate 10,000: an idle sample every ~0.17 s, so the 0.125 s flood is seen whole (peak
     # fill above warn); at the default 100,000 the first sample inside it bumps at ~11%.

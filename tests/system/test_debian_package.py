@@ -121,8 +121,6 @@ LOW_MAX = 4096
 LOW_BUCKETS = 1024
 
 
-
-
 def _message_id(name: str) -> str | None:
     """The fixed MESSAGE_ID of a kind of entry, from the source tree (None if it has none)."""
     try:
