@@ -1,1 +1,0 @@
-"""Shared test helpers: the kernel environment, journald, waiting, policies, the daemon runner, builders."""
