@@ -88,7 +88,7 @@ import json, resource, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 t0 = time.monotonic()
-from ctguard.evidence import capture
+from ctguard.evidence.bundle import capture
 cfg = SimpleNamespace(dir=Path(sys.argv[1]), keep=5, max_bytes=1 << 30, top=20, budget=float(sys.argv[3]))
 path = capture(cfg, reason="bench", netns_path=sys.argv[2], policy_text="", decision=None)
 print(json.dumps({"path": str(path), "seconds_in_process": time.monotonic() - t0}))

@@ -121,7 +121,7 @@ def build_bundle(folder: Path, entries: int, namespaces: int, minutes: float) ->
             src = (rng.randrange(1 << 24) | (172 << 24)).to_bytes(4, "big") if i % 3 else bytes([10, 1, 0, 7])
             proto = 17 if i % 10 else 6
             yield (4, proto, src, dst, 40000 + i % 20000, 53 if i % 4 == 0 else 1000 + i % 5000,
-                   1 if proto == 6 else None, 0, 0, 0)
+                   1 if proto == 6 else None, 0, 0, 0, None)
         yield None
 
     agg.feed(gen())

@@ -23,7 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ctguard.evidence import capture, export, list_bundles, show
+from ctguard.evidence.bundle import capture, export, list_bundles
+from ctguard.evidence.review import show
 from ctguard.host.ctnetlink import _HDR, RECV_BUFFER, decode_all, dump_table, open_ctnetlink
 from helpers.kernelenv import NetnsPair, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.wait import wait_for

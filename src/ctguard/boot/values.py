@@ -20,7 +20,6 @@ of a parameter; `module.param=value` words of /proc/cmdline are appended after e
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 

@@ -9,10 +9,11 @@ makes it leave max alone.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ctguard.host import procs
 
 KUBE_PROXY_DEFAULTS = {"maxPerCore": "32768", "min": "131072"}
 _FLAG_TO_KEY = {
@@ -62,21 +63,19 @@ def processes(proc_root: Path | str = "/proc", comms: tuple[str, ...] = ("kube-p
     proc = Path(proc_root)
     out = []
     try:
-        entries = os.listdir(proc)
+        all_pids = procs.pids(proc)
     except OSError:
         return out
-    for name in entries:
-        if not name.isdigit():
+    for pid in all_pids:
+        comm = procs.comm(proc, pid)
+        if comm not in comms:
             continue
         try:
-            comm = (proc / name / "comm").read_text().strip()
-            if comm not in comms:
-                continue
-            raw = (proc / name / "cmdline").read_bytes()
+            raw = (proc / str(pid) / "cmdline").read_bytes()
         except OSError:
             continue
-        out.append(Process(int(name), comm, tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)))
-    return sorted(out, key=lambda p: p.pid)
+        out.append(Process(pid, comm, tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)))
+    return out
 
 
 def _flags(args: tuple[str, ...]) -> dict[str, str]:

@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ctguard.evidence import bundle
+from ctguard.control import client
+from ctguard.control import protocol as control
+from ctguard.config.policy import effective
+from ctguard.evidence import bundle, report, review
 from ctguard.host.netns import NetnsError, resolve
-from ctguard.store.files import read_text_nofollow
+from ctguard.store.files import atomic_write, read_text_nofollow
 
 
 def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -29,28 +32,28 @@ def add_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = (
     cap.add_argument("--decision-file", metavar="PATH", type=Path, help="JSON object: the decision that led to this capture")
     cap.add_argument("--timeline-file", metavar="PATH", type=Path,
                      help="JSON object: the flight recorder's window (the daemon passes it; by hand it is asked for)")
-    cap.set_defaults(func=cmd_capture)
+    cap.set_defaults(func=cmd_capture, with_policy=True)
 
     bun = subparsers.add_parser("bundles", parents=parents, help="review evidence bundles")
     sub = bun.add_subparsers(dest="bundles_command", metavar="{list,show,report,export}")
     sub.required = True
     lst = sub.add_parser("list", parents=parents, help="list bundles, oldest first")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.set_defaults(func=cmd_list)
+    lst.set_defaults(func=cmd_list, with_policy=True)
     shw = sub.add_parser("show", parents=parents, help="a readable summary of one bundle")
     shw.add_argument("id", metavar="ID")
     shw.add_argument("--json", action="store_true", help="the same content as JSON (verdict, findings, timeline)")
-    shw.set_defaults(func=cmd_show)
+    shw.set_defaults(func=cmd_show, with_policy=True)
     rep = sub.add_parser("report", parents=parents, help="one self-contained HTML report (charts as inline SVG)")
     rep.add_argument("id", metavar="ID")
     rep.add_argument("-o", "--output", metavar="FILE", type=Path, required=True, help="the .html file to write")
-    rep.set_defaults(func=cmd_report)
+    rep.set_defaults(func=cmd_report, with_policy=True)
     exp = sub.add_parser("export", parents=parents, help="write one bundle as a .tar.gz")
     exp.add_argument("id", metavar="ID")
     exp.add_argument("-o", "--output", metavar="FILE", type=Path, help="file or folder (default: ./ID.tar.gz)")
     exp.add_argument("--redact", action="store_true",
                      help="replace every IP address by a pseudonym keyed for this export (the bundle stays as it is)")
-    exp.set_defaults(func=cmd_export)
+    exp.set_defaults(func=cmd_export, with_policy=True)
 
 
 def _fail(message: str) -> int:
@@ -61,8 +64,6 @@ def _fail(message: str) -> int:
 def _policy_text(args: argparse.Namespace, policy: Any = None) -> str:
     if getattr(policy, "dropins", ()):
         # Drop-ins in force: the merged policy, each key with the file it came from.
-        from ctguard.config.policy import effective
-
         return effective(policy)
     path = getattr(args, "policy", None)
     if not path:
@@ -109,10 +110,6 @@ def _timeline(args: argparse.Namespace, policy: Any) -> tuple[dict[str, Any] | N
         if not isinstance(value, dict):
             return None, f"no timeline: {args.timeline_file} does not hold a JSON object"
         return value, None
-    try:
-        from ctguard.control import protocol as control
-    except ImportError:
-        return None, "no timeline: this ctguard has no control interface to ask the daemon for its window"
     path = getattr(getattr(policy, "control", None), "socket", None) or "/run/ctguard/control.sock"
     try:
         answer = control.request(str(path), "timeline", {})
@@ -130,8 +127,6 @@ def cmd_capture(args: argparse.Namespace, policy: Any) -> int:
     if args.decision_file is None:
         # An operator's capture goes through the running daemon when one answers (ctguard.control.client);
         # the daemon's own capture child passes --decision-file and captures here.
-        from ctguard.control import client
-
         code = client.capture(Path(args.policy), policy, args.reason, args.netns)
         if code is not None:
             return code
@@ -188,7 +183,6 @@ def cmd_list(args: argparse.Namespace, policy: Any) -> int:
 
 
 def cmd_show(args: argparse.Namespace, policy: Any) -> int:
-    from ctguard.evidence import review
 
     try:
         if args.json:
@@ -201,8 +195,6 @@ def cmd_show(args: argparse.Namespace, policy: Any) -> int:
 
 
 def cmd_report(args: argparse.Namespace, policy: Any) -> int:
-    from ctguard.evidence import report
-    from ctguard.store.files import atomic_write
 
     try:
         text = report.report(policy.evidence.dir, args.id)

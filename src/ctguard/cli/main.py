@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from ctguard import __version__
+from ctguard.boot import report as bootreport
+from ctguard.cli import recommend
+from ctguard.cli import status as status_cli
+from ctguard.cli.bundles import add_commands
 from ctguard.config import policy as policy_mod
-from ctguard.config.policy import DEFAULT_POLICY_PATH, Policy, PolicyError
-
-EX_OK, EX_FAIL, EX_USAGE, EX_CONFIG = 0, 1, 2, 78
+from ctguard.config.policy import DEFAULT_POLICY_PATH, Policy, PolicyError, Thresholds
+from ctguard.control import client
+from ctguard.control import status
+from ctguard.core.exitcodes import EX_CONFIG, EX_FAIL, EX_OK
+from ctguard.daemon import main as daemon_main
+from ctguard.evidence.review import last_bundle
+from ctguard.host import hostrole
+from ctguard.host.clock import Clock
+from ctguard.host.kernel import ConntrackNotLoaded, Kernel
+from ctguard.host.observe import Observer
+from ctguard.store.relief import ReliefStore
+from ctguard.store.state import StateStore
 
 
 def _load_or_report(path: Path, code: int) -> Policy | int:
@@ -25,9 +39,7 @@ def _load_or_report(path: Path, code: int) -> Policy | int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ctguard.daemon import loop as daemon
-
-    return daemon.run(Path(args.policy))
+    return daemon_main.run(Path(args.policy))
 
 
 def cmd_check_policy(args: argparse.Namespace) -> int:
@@ -38,8 +50,6 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         for p in exc.problems:
             print(p)
         return EX_FAIL
-    from ctguard.host.kernel import Kernel
-
     try:
         kernel_max: int | None = Kernel().read_max()
     except OSError:
@@ -60,10 +70,6 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
 
 def _live(policy: Policy):
-    from ctguard.host.clock import Clock
-    from ctguard.host.kernel import Kernel
-    from ctguard.host.observe import Observer
-
     clock = Clock()
     observer = Observer(Kernel(), clock, policy.watch.namespaces)
     try:
@@ -72,31 +78,8 @@ def _live(policy: Policy):
         observer.close()
 
 
-def _role_and_timeouts(sample, refs):
-    """The host's role, and raised timeouts with the entries they hold in the worst namespace
-    (a dump bounded to a fifth of a second, only when some timeout was raised)."""
-    from ctguard.host import hostrole
-
-    role = hostrole.detect()
-    timeouts = hostrole.raised_timeouts()
-    if timeouts and sample.worst is not None:
-        try:
-            from ctguard.host.ctnetlink import dump_table
-
-            # The namespaces the sample just found: no second /proc scan.
-            ref = next((r for r in refs if r.inode == sample.worst.inode), None)
-            path = None if ref is None or ref.name == "host" else ref.path
-            t = dump_table(path, budget=0.2, top=1)
-            timeouts = hostrole.raised_timeouts(by_proto=t.by_proto, by_tcp_state=t.by_tcp_state)
-        except (OSError, ValueError):
-            pass
-    return role, timeouts
-
-
 def _boot_report(policy: Policy):
     """What the next boot keeps (sysctl.d/modprobe.d order, initramfs, kube-proxy); None if unreadable."""
-    from ctguard.boot import report as bootreport
-
     try:
         return bootreport.build(policy)
     except OSError as exc:
@@ -105,11 +88,6 @@ def _boot_report(policy: Policy):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ctguard.control import client
-    from ctguard.core import status
-    from ctguard.host.kernel import ConntrackNotLoaded
-    from ctguard.store.state import StateStore
-
     path = Path(args.policy)
     policy, problems = client.load(path)
     # The running daemon answers first (its policy in force, its history, even while the file
@@ -118,7 +96,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if answered is not None:
         view, hour = answered
         worst = view.data["namespaces"][0]["inode"] if view.data.get("namespaces") else None
-        client.add_local_views(view, worst)
+        role, timeouts = hostrole.role_and_timeouts(None if worst is None else str(worst))
+        view.data["host_role"] = role.as_dict()
+        view.data["raised_timeouts"] = [t.as_dict() for t in timeouts]
         if policy is not None:
             _add_last_bundle(view, policy)
             boot = _boot_report(policy)
@@ -137,14 +117,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return status.UNKNOWN
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     history = store.load_history()
-    from dataclasses import replace
-
-    from ctguard.daemon.relief import ReliefStore
-
     relief_store = ReliefStore(policy.state.dir)
     relief_store.load(warn=lambda m: print(f"warning: {m}", file=sys.stderr), set_aside=False)
     history = replace(history, relief=relief_store.state())
-    role, timeouts = _role_and_timeouts(sample, refs)
+    # The namespaces the sample just found: no second /proc scan.
+    worst = sample.worst
+    ref = next((r for r in refs if worst is not None and r.inode == worst.inode), None)
+    role, timeouts = hostrole.role_and_timeouts(ref if ref is not None else (str(worst.inode) if worst else None))
     view = status.build(policy, sample, history, now, role, timeouts, boot=_boot_report(policy))
     view.data["daemon"] = None
     _add_last_bundle(view, policy)
@@ -154,8 +133,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _add_last_bundle(view, policy: Policy) -> None:
     """The newest bundle's id and its top finding (ctguard.evidence.review)."""
-    from ctguard.evidence.review import last_bundle
-
     try:
         view.data["last_bundle"] = last_bundle(policy.evidence.dir)
     except OSError:
@@ -163,36 +140,25 @@ def _add_last_bundle(view, policy: Policy) -> None:
 
 
 def _print_status(args: argparse.Namespace, view, hour, _age, thresholds) -> int:
-    from ctguard.core import status
-    from ctguard.config.policy import Thresholds
-
     t = thresholds or Thresholds()
     if args.json:
-        print(status.render_json(view))
+        print(status_cli.render_json(view))
     elif sys.stdout.isatty():
-        import time
-
-        print(status.render_tty(view, hour, time.time(), t.warn, t.act))
+        print(status_cli.render_tty(view, hour, time.time(), t.warn, t.act))
     else:
-        print(status.render_text(view))
+        print(status_cli.render_text(view))
     return view.code
 
 
 def cmd_bump(args: argparse.Namespace) -> int:
-    from ctguard.control import client
-
     return client.bump(Path(args.policy), args.to, args.lower)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from ctguard.control import client
-
     return client.reload(Path(args.policy), args.pid)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from ctguard.cli import recommend
-
     loaded = _load_or_report(Path(args.policy), EX_CONFIG)
     if isinstance(loaded, int):
         return loaded
@@ -233,15 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recommend", parents=[common], help="sizing advice from recorded peaks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
-    try:
-        from ctguard.cli.bundles import add_commands
-    except ImportError:
-        pass
-    else:
-        try:
-            add_commands(sub, parents=[common])
-        except TypeError:
-            add_commands(sub)
+    add_commands(sub, parents=[common])
     return parser
 
 
@@ -261,12 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "policy"):
         args.policy = str(DEFAULT_POLICY_PATH)
     func = args.func
-    # The evidence commands take the loaded policy as a second argument.
-    if len(inspect.signature(func).parameters) == 2:
+    # The evidence commands (ctguard.cli.bundles) take the loaded policy as a second argument.
+    if getattr(args, "with_policy", False):
         if args.command == "capture" and getattr(args, "decision_file", None) is None:
             # A broken policy file (a rejected reload) need not stop a capture the daemon can make.
-            from ctguard.control import client
-
             if client.load(Path(args.policy))[0] is None:
                 code = client.capture(Path(args.policy), None, args.reason, args.netns)
                 if code is not None:

@@ -13,17 +13,22 @@ from __future__ import annotations
 import json
 import time
 
-from ctguard.core import incident as incident_text
 from ctguard.boot import persist
-from ctguard.host.clock import Clock
-from ctguard.core.decide import HASH_HEAD_BYTES, persist_advice, persist_due_in
-from ctguard.host.kernel import Kernel
-from ctguard.core.model import History, Instant, KernelLimits
+from ctguard.boot import report as bootreport
 from ctguard.config.policy import Policy
-from ctguard.core.sizing import p99
+from ctguard.core import incident as incident_text
+from ctguard.core import relief
+from ctguard.core.decide import persist_advice, persist_due_in
+from ctguard.core.model import History, Instant, KernelLimits
+from ctguard.core import sizing
+from ctguard.core.sizing import HASH_HEAD_BYTES, p99
+from ctguard.core.timeouts import DEFAULT_TIMEOUTS
+from ctguard.host import hostrole
+from ctguard.host.clock import Clock
+from ctguard.host.kernel import Kernel
+from ctguard.store.relief import ReliefStore
 from ctguard.store.state import Peak, StateStore
 
-WINDOW = 7 * 86400
 MIN_MINUTES = 60        # less than an hour of history is too little to size a table on
 OWN_LOCAL = "/etc/sysctl.d/95-conntrack-local.conf"   # an example of a file ctguard does not own, read after its own
 
@@ -31,12 +36,12 @@ OWN_LOCAL = "/etc/sysctl.d/95-conntrack-local.conf"   # an example of a file ctg
 def advise(policy: Policy, peaks: list[Peak], current_max: int, current_buckets: int,
            object_size: int | None, now: float, history: History | None = None, mem_total: int = 0,
            now_instant: Instant | None = None) -> dict:
-    recent = [p for p in peaks if now - p.minute <= WINDOW]
+    recent = sizing.recent(peaks, lambda p: p.minute, now)
     peak99 = p99([p.count for p in recent])
     peak_drops = sum(p.drops for p in recent)
     h = (history or History()).with_(recorded_p99=peak99)
     at = now_instant or Instant(now, now)
-    if peak_drops and (h.last_drop is None or at.since(h.last_drop) >= WINDOW):
+    if peak_drops and (h.last_drop is None or at.since(h.last_drop) >= sizing.PEAK_WINDOW):
         h = h.with_(last_drop=Instant(max(p.minute for p in recent if p.drops), 0.0))   # dropped in a recorded minute
     limits = KernelLimits(current_max, current_buckets, object_size, mem_total, 0)
     adv = persist_advice(policy, limits, h, at)
@@ -52,7 +57,7 @@ def advise(policy: Policy, peaks: list[Peak], current_max: int, current_buckets:
         "peak_since_persist": h.sizing_peak,
         "highest_peak": max((p.count for p in recent), default=0),
         "drops_seen": peak_drops,
-        "drops_seen_by_daemon": bool(h.last_drop is not None and at.since(h.last_drop) < WINDOW),
+        "drops_seen_by_daemon": bool(h.last_drop is not None and at.since(h.last_drop) < sizing.PEAK_WINDOW),
         "last_drop": h.last_drop.wall if h.last_drop else None,
         "incident": incident_text.summary(last) if last else None,
         "bumps_last_hour": [{"at": b.at.wall, "old": b.old, "new": b.new, "trigger": b.trigger}
@@ -86,7 +91,7 @@ def render(a: dict) -> str:
                      f"at least {MIN_MINUTES} wanted; the advice below is provisional.")
     drops = ("drops seen: yes" + (f" ({a['drops_seen']} in recorded minutes)" if a["drops_seen"] else "")
              if a["drops_seen"] or a["drops_seen_by_daemon"] else "drops seen: none")
-    lines.append(f"p99 peak over the last {min(a['minutes_recorded'], WINDOW // 60)} minute(s): {a['p99_peak']} "
+    lines.append(f"p99 peak over the last {min(a['minutes_recorded'], sizing.PEAK_WINDOW // 60)} minute(s): {a['p99_peak']} "
                  f"entries (highest {a['highest_peak']}); peak since the last persist: {a['peak_since_persist']}; {drops}.")
     inc = a["incident"]
     if inc:
@@ -128,31 +133,24 @@ def render(a: dict) -> str:
     if a.get("timeouts"):
         lines.append("Put timeout lines in a sysctl drop-in of your own (e.g. /etc/sysctl.d/95-conntrack-local.conf); "
                      "ctguard never writes timeouts to /etc.")
+    for note in a.get("boot_notes", []):   # a later file, the command line or the initramfs (issue 16)
+        lines.append(f"Note: {note}")
     return "\n".join(lines)
 
 
 def _timeout_advice(policy: Policy) -> list[dict]:
     """Timeout advice from what relief saw (relief.json) and the host's raised timeouts."""
-    from ctguard.host import hostrole
-    from ctguard.core import relief
-    from ctguard.daemon.relief import ReliefStore
-
     store = ReliefStore(policy.state.dir)
     store.load(set_aside=False)
     try:
         raised = [(t.name, t.value) for t in hostrole.raised_timeouts()]
     except OSError:
         raised = []
-    return relief.timeout_advice(store.seen, dict(hostrole.DEFAULT_TIMEOUTS), raised)
-    for note in a.get("boot_notes", []):   # a later file, the command line or the initramfs (issue 16)
-        lines.append(f"Note: {note}")
-    return "\n".join(lines)
+    return relief.timeout_advice(store.seen, dict(DEFAULT_TIMEOUTS), raised)
 
 
 def _boot_notes(policy: Policy) -> list[str]:
     """What would keep the advice from holding at boot: a file that overrides ctguard's, the initramfs."""
-    from ctguard.boot import report as bootreport
-
     try:
         boot = bootreport.build(policy)
     except OSError:

@@ -21,6 +21,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from ctguard.core.timeouts import RELIEF_TIMEOUTS, sysctl_name  # noqa: F401  (the policy's keys; re-exported)
+
 DEFAULT_POLICY_PATH = Path("/etc/ctguard/policy.toml")
 DROPIN_FOLDER = "policy.d"          # beside the policy file
 DEFAULT_ORIGIN = "built-in default"
@@ -68,31 +72,6 @@ class Guard:
     suspicious_share: float = 0.5
     min_sources: int = 256
     sample_budget: float = 0.05
-
-
-# [relief.timeouts]: the sysctl's name without `nf_conntrack_` and `_timeout` -> (default
-# emergency value, hard floor), seconds. The floor is what the policy can never go below, and
-# why: the kernel defaults are udp 30, udp_stream 120, tcp_syn_sent 120, tcp_syn_recv 60,
-# tcp_time_wait 120, tcp_close_wait 60, tcp_fin_wait 120, tcp_unacknowledged 300,
-# tcp_established 432000.
-RELIEF_TIMEOUTS: dict[str, tuple[int | None, int]] = {
-    "udp": (10, 5),                  # a DNS/NTP answer with one retry arrives within 5 s
-    "udp_stream": (30, 10),          # replied UDP (QUIC, VPN): outlive a keepalive gap of 10 s
-    "tcp_syn_sent": (10, 5),         # SYN retransmits at 1 s and 3 s: both still fit in 5 s
-    "tcp_syn_recv": (10, 5),         # the SYN-ACK's own retransmits at 1 s and 3 s
-    "tcp_time_wait": (10, 2),        # late segments of a closed connection: 2 s (2x a LAN MSL guess)
-    "tcp_close_wait": (15, 5),       # the application's close after the peer's FIN
-    "tcp_fin_wait": (15, 5),         # the peer's FIN after ours
-    "tcp_unacknowledged": (30, 10),  # data in flight: a few retransmission timeouts
-    "tcp_established": (None, 600),  # only when named: an idle SSH session must survive 10 min
-}
-
-
-def sysctl_name(key: str) -> str:
-    """The sysctl a relief key names: udp -> nf_conntrack_udp_timeout, udp_stream ->
-    nf_conntrack_udp_timeout_stream, tcp_syn_sent -> nf_conntrack_tcp_timeout_syn_sent."""
-    proto, _, rest = key.partition("_")
-    return f"nf_conntrack_{proto}_timeout" + (f"_{rest}" if rest else "")
 
 
 @dataclass(frozen=True)
@@ -572,7 +551,6 @@ def summary(policy: Policy) -> str:
 
 
 def _toml_value(value: Any) -> str:
-    import tomli_w
 
     if isinstance(value, Path):
         value = str(value)

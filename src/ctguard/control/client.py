@@ -16,17 +16,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ctguard.control import protocol as control
 from ctguard.config import policy as policy_mod
-from ctguard.control.protocol import ControlDenied, ControlError
 from ctguard.config.policy import Policy, PolicyError
-
-EX_OK, EX_FAIL, EX_NOPERM, EX_CONFIG = 0, 1, 77, 78
+from ctguard.control import protocol as control
+from ctguard.control import status
+from ctguard.control.commands import bump_result, who
+from ctguard.control.protocol import ControlDenied, ControlError
+from ctguard.core import wording
+from ctguard.core.decide import advance, decide_manual
+from ctguard.core.exitcodes import EX_CONFIG, EX_FAIL, EX_NOPERM, EX_OK
+from ctguard.host.act import Actor
+from ctguard.host.clock import Clock
+from ctguard.host.events import EventLog
+from ctguard.host.kernel import ConntrackNotLoaded, Kernel
+from ctguard.host.observe import Observer
+from ctguard.store.state import StateStore
 BUMP_TIMEOUT = 30.0      # seconds: a bump may resize the hash table, which takes a while on a big one
 
 
 def _err(message: str) -> None:
     print(f"ctguard: {message}", file=sys.stderr)
+
+
+def _problems(head: str, problems: list[str]) -> None:
+    _err(head)
+    for p in problems:
+        _err(f"  {p}")
 
 
 def load(path: Path) -> tuple[Policy | None, list[str]]:
@@ -59,12 +74,23 @@ def ask(path: Path, policy: Policy | None, cmd: str, args: Mapping[str, Any] | N
     return result, f"answered by the running daemon on {sock}"
 
 
+def _ask_or_exit(path: Path, policy: Policy | None, cmd: str, args: Mapping[str, Any],
+                 timeout: float = 2.0) -> tuple[Mapping[str, Any] | None, str] | int:
+    """`ask`, or the exit code when the daemon refused (said on stderr): 77 not allowed, 1 otherwise."""
+    try:
+        return ask(path, policy, cmd, args, timeout)
+    except ControlDenied as exc:
+        _err(str(exc))
+        return EX_NOPERM
+    except ControlError as exc:
+        _err(str(exc))
+        return EX_FAIL
+
+
 # -- status -----------------------------------------------------------------------------------
 
 def status_from_daemon(path: Path, policy: Policy | None, problems: list[str]):
     """(StatusView, hour) from the daemon, or None (with the reason printed) to read directly."""
-    from ctguard.core import status
-
     try:
         result, note = ask(path, policy, "status")
     except ControlDenied as exc:
@@ -81,34 +107,9 @@ def status_from_daemon(path: Path, policy: Policy | None, problems: list[str]):
     data = dict(result["view"])
     data["daemon"] = {**d, "note": note, "sample_age": result.get("sample_age")}
     if problems:
-        _err(f"{path} has problems (the running daemon keeps the policy it loaded before):")
-        for p in problems:
-            _err(f"  {p}")
+        _problems(f"{path} has problems (the running daemon keeps the policy it loaded before):", problems)
     hour = {int(k): [(int(m), float(f)) for m, f in v] for k, v in result.get("hour", {}).items()}
     return status.StatusView(int(result["code"]), str(result["headline"]), data), hour
-
-
-def add_local_views(view, sample_inode: int | None) -> None:
-    """The host's role and raised timeouts: read here, not in the daemon, because the bounded
-    table dump they may take must never hold up the daemon's loop."""
-    from ctguard.host import hostrole
-
-    role = hostrole.detect()
-    timeouts = hostrole.raised_timeouts()
-    if timeouts and sample_inode is not None:
-        try:
-            from ctguard.host.ctnetlink import dump_table
-            from ctguard.host.netns import resolve
-
-            ref = resolve(str(sample_inode))
-            t = dump_table(None if ref.name == "host" else ref.path, budget=0.2, top=1)
-            timeouts = hostrole.raised_timeouts(by_proto=t.by_proto, by_tcp_state=t.by_tcp_state)
-        except (OSError, ValueError):
-            pass
-    view.data["host_role"] = {"role": role.role, "roles": list(role.roles), "evidence": list(role.evidence),
-                              "unknown": list(role.unknown)}
-    view.data["raised_timeouts"] = [{"name": t.name, "value": t.value, "default": t.default, "entries": t.entries}
-                                    for t in timeouts]
 
 
 # -- bump -------------------------------------------------------------------------------------
@@ -126,35 +127,22 @@ def _print_bump(result: Mapping[str, Any]) -> int:
 
 def bump(path: Path, to: int, lower: bool) -> int:
     policy, problems = load(path)
-    try:
-        result, note = ask(path, policy, "bump", {"to": to, "lower": lower}, timeout=BUMP_TIMEOUT)
-    except ControlDenied as exc:
-        _err(str(exc))
-        return EX_NOPERM
-    except ControlError as exc:
-        _err(str(exc))
-        return EX_FAIL
+    asked = _ask_or_exit(path, policy, "bump", {"to": to, "lower": lower}, timeout=BUMP_TIMEOUT)
+    if isinstance(asked, int):
+        return asked
+    result, note = asked
     if result is not None:
         code = _print_bump(result)
         print(f"done by the running daemon (pid {result.get('daemon_pid', '?')}); see `journalctl -u ctguard`")
         return code
     if policy is None:
-        _err("the policy has problems:")
-        for p in problems:
-            _err(f"  {p}")
+        _problems("the policy has problems:", problems)
         return EX_CONFIG
     _err(f"{note} (the journal entry carries this command's unit, not ctguard.service)")
     return bump_directly(policy, to, lower)
 
 
 def bump_directly(policy: Policy, to: int, lower: bool) -> int:
-    from ctguard.host.act import Actor
-    from ctguard.host.clock import Clock
-    from ctguard.control.commands import bump_result, manual_bump, who
-    from ctguard.host.kernel import ConntrackNotLoaded, Kernel
-    from ctguard.host.observe import Observer
-    from ctguard.store.state import StateStore
-
     kernel, clock = Kernel(), Clock()
     observer = Observer(kernel, clock, policy.watch.namespaces)
     try:
@@ -165,13 +153,16 @@ def bump_directly(policy: Policy, to: int, lower: bool) -> int:
     finally:
         observer.close()
     store = StateStore(policy.state.dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    decision, outcomes, history = manual_bump(policy, Actor(kernel, policy, wall_clock=time.time),
-                                              store.load_history(), sample, clock.now(), to, lower, who({}))
+    worst = sample.worst
+    decision = decide_manual(policy, sample.limits, to, lower=lower,
+                             worst=(worst.inode if worst else None, worst.count if worst else 0), who=who({}))
+    outcomes = Actor(kernel, policy, wall_clock=time.time).carry_out(decision)
+    history = advance(store.load_history(), None, [], outcomes, clock.now(), policy)
     try:
         store.save_history(history)
     except OSError as exc:
         _err(f"warning: cannot record the bump in {policy.state.dir}: {exc}")
-    journal_manual(decision, outcomes)
+    journal_manual(outcomes)
     try:
         result = bump_result(policy, decision, outcomes)
     except ControlError as exc:
@@ -180,29 +171,13 @@ def bump_directly(policy: Policy, to: int, lower: bool) -> int:
     return _print_bump(result)
 
 
-def journal_manual(decision, outcomes) -> None:
-    """The daemon-less bump's journal entries: the same kinds and fields the daemon writes."""
-    from ctguard.host.events import EventLog
-    from ctguard.core.model import Persist, Refuse, SetMax
-
+def journal_manual(outcomes) -> None:
+    """The daemon-less bump's journal entries: the daemon's kinds, words and fields (ctguard.core.wording)."""
     ev = EventLog()
     for o in outcomes:
-        a = o.action
-        if isinstance(a, SetMax):
-            fields = dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.old,
-                          CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON="manual")
-            if o.ok:
-                verb = "lowered" if a.new < a.old else "raised"
-                ev.emit("bump", f"{verb} nf_conntrack_max {a.old} -> {o.read_back}: {a.reason}", **fields)
-            else:
-                ev.emit("bump-failed", f"did not set nf_conntrack_max to {a.new}: {o.detail}", **fields)
-        elif isinstance(a, Refuse):
-            ev.emit("refused", f"bump refused ({a.kind}): {a.reason}", CTGUARD_NETNS=a.netns or "",
-                    CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current, CTGUARD_NEW_MAX=a.wanted,
-                    CTGUARD_REASON=a.kind, CTGUARD_TRIGGER="manual")
-        elif isinstance(a, Persist) and o.ok:
-            ev.emit("persisted", f"persisted nf_conntrack_max {a.max}: {o.detail}", CTGUARD_NEW_MAX=a.max,
-                    CTGUARD_REASON=a.reason)
+        e = wording.entry(o)
+        if e is not None and e.kind != "log":
+            ev.emit(e.kind, e.message, priority=e.priority, limited=e.limited, **e.fields)
     ev.flush_all()
 
 
@@ -215,14 +190,10 @@ def capture(path: Path, policy: Policy | None, reason: str, netns: str | None) -
     args: dict[str, Any] = {"reason": reason}
     if netns:
         args["netns"] = netns
-    try:
-        result, note = ask(path, policy, "capture", args)
-    except ControlDenied as exc:
-        _err(str(exc))
-        return EX_NOPERM
-    except ControlError as exc:
-        _err(str(exc))
-        return EX_FAIL
+    asked = _ask_or_exit(path, policy, "capture", args)
+    if isinstance(asked, int):
+        return asked
+    result, note = asked
     if result is None:
         _err(note)
         return None
@@ -265,9 +236,7 @@ def reload(path: Path, pid: int | None) -> int:
         print(f"reloaded: {result.get('summary', '')}")
         return EX_OK
     if problems:
-        _err(f"{path} has problems; not reloading, the running policy stays in force:")
-        for p in problems:
-            _err(f"  {p}")
+        _problems(f"{path} has problems; not reloading, the running policy stays in force:", problems)
         return EX_FAIL
     if pid is None:
         _err(f"{note}; nothing to reload (pass --pid to signal a daemon without a control socket)")

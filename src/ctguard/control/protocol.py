@@ -27,6 +27,7 @@ import os
 import selectors
 import socket
 import stat
+import struct
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctguard.config.policy import PolicyError, dropin_files
 from ctguard.store.files import ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,6 @@ def socket_for(policy_path: Path | str) -> Path:
     """The socket named by a policy file and its drop-ins, even when they have other problems
     (a reload was rejected, the daemon still runs the old policy): the last `[control] socket`
     string found in the files that are TOML, else the default."""
-    from ctguard.config.policy import PolicyError, dropin_files
 
     try:
         files = [Path(policy_path), *dropin_files(policy_path)]
@@ -359,7 +360,6 @@ class ControlServer:
 
 def _peer(conn: socket.socket) -> dict[str, int]:
     """The connecting process's pid, uid and gid (SO_PEERCRED), for the journal's record."""
-    import struct
 
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

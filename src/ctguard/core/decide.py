@@ -10,22 +10,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
     Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
 )
-from ctguard.config.policy import Policy
-from ctguard.core.sizing import GROWTH_COVER, STEP, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
+from ctguard.core.sizing import GROWTH_COVER, HASH_HEAD_BYTES, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
     kernel_default_max, round_up
 from ctguard.core import relief
+
+if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
+    from ctguard.config.policy import Policy
 
 RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
 BUCKETS_RETRY = 300.0       # a hashsize write that failed (read-only /sys) is retried this rarely, or with a bump
-HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket
+
 # bench/bench_ramp.py (max 8192, 20k new flows/s, cooldown 1 s) found three shortfalls:
 # - The first bump was sized from the slope since the last idle sample (up to 1 s old; the flood
 #   began somewhere in between): 8k/s for a 20k/s flood, so the bump ran out 0.4 s before the

@@ -20,9 +20,16 @@ def where(name: str, unit: str, inode: int | None) -> str:
 def ns_fields(ns: NamespaceReading | None) -> dict[str, str]:
     if ns is None:
         return {}
-    out = {"CTGUARD_NETNS_NAME": ns.name}
-    if ns.unit:
-        out["CTGUARD_UNIT"] = ns.unit
+    return {"CTGUARD_NETNS_NAME": ns.name, **_labels("", ns.unit)}
+
+
+def _labels(name: str, unit: str) -> dict[str, str]:
+    """The namespace's name and unit fields, each only when known."""
+    out = {}
+    if name:
+        out["CTGUARD_NETNS_NAME"] = name
+    if unit:
+        out["CTGUARD_UNIT"] = unit
     return out
 
 
@@ -36,11 +43,7 @@ def start_fields(inc: Incident, fill: float) -> dict[str, str | int | float]:
         "CTGUARD_INCIDENT": inc.id, "CTGUARD_NETNS": inc.netns or "", "CTGUARD_FILL": f"{fill:.4f}",
         "CTGUARD_OLD_MAX": inc.max_at_start, "CTGUARD_REASON": "incident-start",
     }
-    if inc.name:
-        out["CTGUARD_NETNS_NAME"] = inc.name
-    if inc.unit:
-        out["CTGUARD_UNIT"] = inc.unit
-    return out
+    return {**out, **_labels(inc.name, inc.unit)}
 
 
 def duration(inc: Incident) -> float:
@@ -67,11 +70,7 @@ def end_fields(inc: Incident) -> dict[str, str | int | float]:
     }
     if inc.bundles:
         out["CTGUARD_BUNDLE"] = " ".join(inc.bundles)
-    if inc.name:
-        out["CTGUARD_NETNS_NAME"] = inc.name
-    if inc.unit:
-        out["CTGUARD_UNIT"] = inc.unit
-    return out
+    return {**out, **_labels(inc.name, inc.unit)}
 
 
 def summary(inc: Incident) -> dict:

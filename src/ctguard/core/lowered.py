@@ -11,10 +11,12 @@ until the cooldown ends, so the journal shows a few lines, not a fight.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TYPE_CHECKING
 
 from ctguard.core.model import Instant, SetMax
-from ctguard.config.policy import Policy
+
+if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
+    from ctguard.config.policy import Policy
 
 Verdict = Literal["defend", "not-defended", "gave-up", "observe", "at-bound"]
 

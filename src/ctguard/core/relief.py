@@ -15,12 +15,16 @@ carrying them out did into the ReliefState. Imports only model and policy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ctguard.core.model import (
     Action, History, Instant, Outcome, Refuse, Relieved, ReliefState, RestoreTimeout, Sample, SetMax,
     ShortenTimeout, TrimEntries,
 )
-from ctguard.config.policy import Policy, sysctl_name
+from ctguard.core.timeouts import sysctl_name
+
+if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
+    from ctguard.config.policy import Policy
 
 BLOCKED = ("ceiling", "memory", "budget", "guard")   # refusals a bigger table cannot fix
 SHARE = 0.10        # a timeout is shortened when the entries it holds are at least this share of a look
@@ -214,6 +218,11 @@ def at_start(state: ReliefState, boot_id: str, boot_ids: Sequence[tuple[int, str
                                        "ctguard restarted during relief"))
         keep.append(x)
     return restores, ReliefState(active=tuple(keep), total=state.total)
+
+
+def restore_all(state: ReliefState, why: str) -> tuple[RestoreTimeout, ...]:
+    """Put every relieved timeout back now (ctguard stopping, or relief turned off by a reload)."""
+    return tuple(RestoreTimeout(x.netns, x.name, x.key, x.original, x.value, why) for x in state.active)
 
 
 def advance(state: ReliefState, history: History, sample: Sample | None, outcomes: Sequence[Outcome],

@@ -19,7 +19,11 @@ No I/O: everything arrives as arguments.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 STEP = 1024                 # nf_conntrack_max moves in whole multiples of this
 GROWTH_COVER = 1.0          # seconds of current growth a bump makes room for (beyond what is held)
@@ -31,7 +35,7 @@ HEADROOM_AFTER_DROPS = 3    # ... once the kernel dropped or evicted flows in th
 # outright above 4 GiB on 64-bit; nf_conntrack_max = buckets.
 KERNEL_MIN_BUCKETS = 1024
 KERNEL_MAX_BUCKETS = 262144
-HASH_HEAD_BYTES = 8
+HASH_HEAD_BYTES = 8         # one hlist_nulls_head per bucket (64-bit); the one home of this fact
 
 
 def round_up(value: float, step: int = STEP) -> int:
@@ -139,3 +143,11 @@ def p99(values: list[int]) -> int:
         return 0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+PEAK_WINDOW = 7 * 86400     # seconds of recorded per-minute peaks that sizing looks at
+
+
+def recent(minutes: Iterable[T], minute_of: Callable[[T], float], now: float) -> list[T]:
+    """The recorded minutes within PEAK_WINDOW of `now` (the daemon and `recommend` alike)."""
+    return [m for m in minutes if now - minute_of(m) <= PEAK_WINDOW]

@@ -19,10 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ctguard.core.decide import demand, guard_interval, next_interval
 from ctguard.core.model import Decision, History, Sample
-from ctguard.config.policy import Policy
+
+if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
+    from ctguard.config.policy import Policy
 
 # A rise of this share of the room below act since the last full turn wakes one: a flood at a
 # tenth of guard_rate shows within a tick or two; slower growth waits for the next full turn

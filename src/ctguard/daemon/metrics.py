@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import platform
+import time
 from pathlib import Path
 from typing import get_args
 
 from ctguard import __version__
+from ctguard.config.policy import Policy
+from ctguard.core.decide import budget_left, upper_bound
+from ctguard.daemon.saving import Saver
 from ctguard.store.files import atomic_write
 from ctguard.core.model import History, RefusalKind, Sample
 
 # Refusal reasons with a series from the start (0 until one happens), so that rate() and
 # alerts see them before the first refusal. "cooldown" is the normal wait between two bumps,
 # not a refusal an operator acts on: it is neither logged nor counted.
+log = logging.getLogger(__name__)
+
 REFUSAL_REASONS = tuple(k for k in get_args(RefusalKind) if k != "cooldown")
 
 # Per-namespace kernel counters (columns of /proc/net/stat/nf_conntrack) beside `drop`.
@@ -103,6 +110,46 @@ def render(sample: Sample, history: History, ceiling: int, budget_left: int | No
     head("ctguard_last_update_timestamp_seconds", "gauge", "Unix time of the sample these metrics come from.")
     out.append(f"ctguard_last_update_timestamp_seconds {sample.at.wall:.3f}\n")
     return "".join(out)
+
+
+class MetricsWriter:
+    """When to rewrite the textfile: at most every `every` seconds (even at fast_interval), and
+    only while node_exporter's folder exists (said once when it is missing, once when it comes)."""
+
+    def __init__(self, every: float = 1.0, under_systemd: bool = False) -> None:
+        self.every = every
+        self.under_systemd = under_systemd
+        self._at = -1e9
+        self._said: bool | None = None        # what was last said about the folder
+
+    def due(self, path: str, now: float) -> bool:
+        if not path or now - self._at < self.every:
+            return False
+        self._at = now
+        ready = folder_ready(path)
+        if ready != self._said:
+            if not ready:
+                # Under systemd the sandbox's writable folders are fixed when the service starts:
+                # a folder made later stays read-only to ctguard until it is restarted.
+                then = ("; once it exists, `systemctl restart ctguard` (the sandbox fixes its writable "
+                        "folders at start)") if self.under_systemd else ""
+                log.info("metrics are off until %s exists (node_exporter's textfile folder: install "
+                         "prometheus-node-exporter, or set [metrics] textfile)%s", Path(path).parent, then)
+            elif self._said is not None:
+                log.info("%s exists: metrics are written to %s", Path(path).parent, path)
+            self._said = ready
+        return ready
+
+
+    def write(self, policy: Policy, sample: Sample, history: History, slab_bytes: int | None, saver: Saver,
+              extra: str = "") -> None:
+        """Render and write the textfile when it is due (`extra`: the recorder's and persistence's series)."""
+        path = policy.metrics.textfile
+        if not self.due(path, time.monotonic()):
+            return
+        text = render(sample, history, policy.bump.ceiling, budget_left(policy, history, sample.at),
+                      upper_bound(policy, sample.limits)[0], slab_bytes) + extra
+        saver.save("metrics", lambda: write(path, text), where=path)
 
 
 def folder_ready(path: str) -> bool:

@@ -15,25 +15,34 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from ctguard.boot import initramfs, writers
 from ctguard.boot import values as bootvalues
-from ctguard.boot import initramfs
+from ctguard.config.policy import Policy
 from ctguard.core import lowered
-from ctguard.daemon import metrics
-from ctguard.boot import writers
-from ctguard.core.decide import advance, upper_bound
+from ctguard.core.decide import upper_bound
 from ctguard.core.model import Decision, Instant, Outcome, Persist, Sample, SetMax
+from ctguard.daemon import metrics
+from ctguard.host.act import Actor
+from ctguard.host.events import EventLog
 
-log = logging.getLogger("ctguard")
+log = logging.getLogger(__name__)
 
 BOOT_CHECK_EVERY = 60.0     # seconds between looks at sysctl.d/modprobe.d (a few small files)
 
 
 class PersistWatch:
-    def __init__(self, daemon, root: Path | str = "/") -> None:
-        self.d = daemon
+    """`policy()` is the policy in force; `actor` carries out the defence; `events` journals."""
+
+    def __init__(self, policy: Callable[[], Policy], actor: Actor, events: EventLog,
+                 proc_root: str = "/proc", root: Path | str = "/") -> None:
+        self.policy = policy
+        self.actor = actor
+        self.events = events
+        self.proc_root = proc_root
         self.root = Path(root)
         self.watch = lowered.MaxWatch()
         self.shadows: list[bootvalues.Shadow] = []
@@ -43,39 +52,39 @@ class PersistWatch:
 
     # -- someone else lowered max ----------------------------------------------------------
 
-    def before_decide(self, sample: Sample, now: Instant) -> Sample:
-        policy = self.d.policy
+    def before_decide(self, sample: Sample, now: Instant) -> tuple[Sample, list[Outcome], str | None]:
+        """(the sample with the max in force, the defence's outcomes for the history, the last action)."""
+        policy = self.policy()
         upper = upper_bound(policy, sample.limits)[0]
         verdict, self.watch = lowered.judge(policy, self.watch, sample.limits.max, upper, now)
         if verdict is None:
-            return sample
+            return sample, [], None
         writer = self._writer(verdict.new)
         fields = dict(CTGUARD_OLD_MAX=verdict.old, CTGUARD_NEW_MAX=verdict.new, CTGUARD_WRITER=writer,
                       CTGUARD_REASON=verdict.verdict)
         by = f" (likely writer: {writer})" if writer else " (no other writer is visible now)"
         head = f"nf_conntrack_max was lowered {verdict.old} -> {verdict.new} by another writer{by}"
         if verdict.action is None:
-            self.d.events.emit("max-lowered", f"{head}; {verdict.reason}", **fields)
-            return sample
-        outcomes = self.d.actor.carry_out(Decision((verdict.action,), None, 0.0, 0.0, False, verdict.action.reason))
+            self.events.emit("max-lowered", f"{head}; {verdict.reason}", **fields)
+            return sample, [], None
+        outcomes = self.actor.carry_out(Decision((verdict.action,), None, 0.0, 0.0, False, verdict.action.reason))
         o = outcomes[0]
-        self.d.history = advance(self.d.history, None, [], outcomes, now, policy)
         self.watch = lowered.defended(self.watch, o.ok, o.read_back)
         if o.ok:
-            self.d.last_action = f"set max back {verdict.new} -> {o.read_back} (lowered by another writer)"
-            self.d.events.emit("max-lowered", f"{head}; ctguard set {o.read_back} back ([persist] defend; it does so "
-                                              f"at most once per [bump] cooldown)", **fields)
-            return replace(sample, limits=replace(sample.limits, max=o.read_back))
+            self.events.emit("max-lowered", f"{head}; ctguard set {o.read_back} back ([persist] defend; it does so "
+                                            f"at most once per [bump] cooldown)", **fields)
+            return (replace(sample, limits=replace(sample.limits, max=o.read_back)), outcomes,
+                    f"set max back {verdict.new} -> {o.read_back} (lowered by another writer)")
         fields["CTGUARD_REASON"] = "defend-failed"
-        self.d.events.emit("max-lowered", f"{head}; setting it back failed: {o.detail}", **fields)
-        return sample
+        self.events.emit("max-lowered", f"{head}; setting it back failed: {o.detail}", **fields)
+        return sample, outcomes, None
 
     def _writer(self, new_max: int) -> str:
         try:
             eff = bootvalues.sysctl_effective(self.root)
             win = eff.winner
             value = int(win.value) if win is not None and win.value.isdigit() else None
-            return writers.likely_writer(self.d.paths.proc_root, new_max, os.cpu_count() or 1,
+            return writers.likely_writer(self.proc_root, new_max, os.cpu_count() or 1,
                                          win.path if win else None, value)
         except OSError as exc:
             return f"cannot tell ({exc})"
@@ -92,7 +101,7 @@ class PersistWatch:
         for o in outcomes:
             if isinstance(o.action, SetMax) and o.ok and o.read_back is not None:
                 final = o.read_back
-            if isinstance(o.action, Persist) and o.ok and o.action.buckets and str(self.d.policy.persist.modprobe_file) in o.detail:
+            if isinstance(o.action, Persist) and o.ok and o.action.buckets and str(self.policy().persist.modprobe_file) in o.detail:
                 wrote_modprobe = True
         if self.watch.known is None or final != self.watch.known:
             self.watch = self.watch.accept(final)
@@ -109,10 +118,10 @@ class PersistWatch:
 
     def check_boot(self) -> None:
         self._boot_at = time.monotonic()
-        p = self.d.policy.persist
+        p = self.policy().persist
         try:
             view = bootvalues.boot_view(self.root, p.sysctl_file, p.modprobe_file,
-                                        proc_root=self.d.paths.proc_root)
+                                        proc_root=self.proc_root)
         except OSError as exc:
             log.warning("cannot model the boot values: %s", exc)
             return
@@ -122,16 +131,16 @@ class PersistWatch:
             if key in self._said:
                 continue
             self._said.add(key)
-            self.d.events.emit("persist-shadowed", f"persisted {s.key} does not hold at boot: {s.message()}",
+            self.events.emit("persist-shadowed", f"persisted {s.key} does not hold at boot: {s.message()}",
                                CTGUARD_FILE=s.file, CTGUARD_NEW_MAX=s.value, CTGUARD_OLD_MAX=s.ours_value or "",
                                CTGUARD_REASON=s.key)
 
     def _update_initramfs(self) -> None:
-        p = self.d.policy.persist
-        if not p.update_initramfs or self.d.policy.observe_only:
+        p = self.policy().persist
+        if not p.update_initramfs or self.policy().observe_only:
             return
-        release = initramfs.release(self.d.paths.proc_root)
-        cache = self.d.policy.state.dir
+        release = initramfs.release(self.proc_root)
+        cache = self.policy().state.dir
         root, modprobe = self.root, p.modprobe_file
         started = self.updater.request(lambda: initramfs.update_if_needed(root, release, cache, modprobe))
         log.info("update-initramfs %s after writing %s", "requested" if started else "queued", modprobe)
@@ -145,10 +154,10 @@ class PersistWatch:
             return
         tail = out.output.splitlines()[-1] if out.output else ""
         if out.ok:
-            self.d.events.emit("initramfs", f"update-initramfs -u done in {out.seconds:.1f} s: the next boot loads "
+            self.events.emit("initramfs", f"update-initramfs -u done in {out.seconds:.1f} s: the next boot loads "
                                             f"nf_conntrack with ctguard's hash size ({tail})", CTGUARD_REASON="updated")
         else:
-            self.d.events.emit("initramfs", f"update-initramfs -u failed (exit {out.code}): {out.output[-500:]}; "
+            self.events.emit("initramfs", f"update-initramfs -u failed (exit {out.code}): {out.output[-500:]}; "
                                             "run it by hand, the next boot otherwise keeps the old hash size",
                                priority=4, CTGUARD_REASON="failed")
 

@@ -1,15 +1,10 @@
 """Evidence bundles: what filled the conntrack table, captured at the moment of pressure.
 
-Public API (wired into the daemon and the CLI by their owners):
+- `bundle`: capture (collectors in a budget, the table dump, the timeline), the bundle store
+  (list, prune, export with redaction);
+- `collect`, `netinfo`: the collectors; `redact`: pseudonymised addresses for an export;
+- `review`: a bundle read back and told (verdict, findings, timeline); `report`: the HTML page.
 
-- `capture(cfg, *, reason, netns_path, policy_text, decision, progress=None, proc_root, sys_root) -> Path`
-- `list_bundles(dir) -> list[BundleInfo]`, `show(dir, id) -> str`, `export(dir, id, out) -> Path`
-- `prune(dir, keep, max_bytes, protect)`
-- `ctguard.cli.bundles.add_commands(subparsers)` for `capture` and `bundles ...`
-
-`cfg` is anything with the attributes dir, keep, max_bytes, top, budget (`policy.evidence`).
+The command line's side is ctguard.cli.bundles; the daemon starts `ctguard capture` children
+(ctguard.daemon.captures).
 """
-
-from ctguard.evidence.bundle import BundleError, BundleInfo, capture, export, list_bundles, prune, show
-
-__all__ = ["BundleError", "BundleInfo", "capture", "export", "list_bundles", "prune", "show"]

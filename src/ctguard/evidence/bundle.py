@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import tomli_w
 
 from ctguard.evidence import collect
+from ctguard.evidence.redact import NOTE, Redactor
 from ctguard.host.ctnetlink import TableBreakdown, Top, dump_table, open_ctnetlink
 from ctguard.host.netns import netns_inode, run_in_netns
 from ctguard.store.files import UnsafePathError, atomic_write, ensure_private_dir, safe_child
@@ -326,7 +327,7 @@ def _candidates(folder: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.name)
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> dict[str, Any]:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise BundleError(f"{path} is not a regular file")
@@ -337,7 +338,7 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 def _info(path: Path) -> BundleInfo:
     try:
-        m = _load_toml(path / MANIFEST)
+        m = load_toml(path / MANIFEST)
     except (OSError, BundleError, tomllib.TOMLDecodeError):
         return BundleInfo(path.name, path, "", "", "", _bundle_bytes(path), 0.0, False, False, 0)
     netns = m.get("netns", {})
@@ -412,7 +413,6 @@ def export(folder: Path | str, bundle_id: str, out: Path | None = None, redact: 
     `redact`: every IP address in every file is replaced by a pseudonym keyed for this export
     (ctguard.evidence.redact); the bundle on disk is left as it is.
     """
-    from ctguard.evidence.redact import NOTE, Redactor
 
     redactor = Redactor() if redact else None
     path = bundle_path(folder, bundle_id)
@@ -448,11 +448,3 @@ def export(folder: Path | str, bundle_id: str, out: Path | None = None, redact: 
     return out
 
 
-# --- the readable summary --------------------------------------------------------------------
-
-
-def show(folder: Path | str, bundle_id: str, tty: bool = False) -> str:
-    """The readable review: verdict, findings, timeline, details (ctguard.evidence.review)."""
-    from ctguard.evidence import review
-
-    return review.show(folder, bundle_id, tty)

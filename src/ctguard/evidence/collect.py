@@ -22,12 +22,19 @@ import subprocess
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctguard.config.policy import State
+from ctguard.host import hostrole, procs
+from ctguard.host.nat import IptablesNatCounter, NftNatCounter, iptables_nat_rules, nft_nat_rules  # noqa: F401
 from ctguard.host.cgroups import parse_cgroup
+from ctguard.host.netns import run_in_netns
+from ctguard.store.files import read_text_nofollow
+from ctguard.store.relief import ReliefStore
 
 MAX_FILE = 4 << 20  # never keep more than this much of one source
 JOURNAL_LINES = 50
@@ -216,74 +223,6 @@ def _stream(argv: list[str], ctx: Context, on_chunk: Callable[[bytes], None], ca
     return out
 
 
-NAT_STATEMENTS = ("masquerade", "snat", "dnat", "redirect")
-_NFT_NAT = re.compile(rb'"(masquerade|snat|dnat|redirect)"\s*:')
-_IPT_NAT = re.compile(r"-j\s+(MASQUERADE|SNAT|DNAT|REDIRECT|NETMAP)\b")
-
-
-class NftNatCounter:
-    """Counts NAT statements in `nft -j list ruleset` output, chunk by chunk.
-
-    In nft's JSON a statement is an object key (`{"masquerade": null}`, `{"snat": {...}}`);
-    names and comments are string values, so a key pattern does not mistake them.
-    """
-
-    OVERLAP = 32
-
-    def __init__(self) -> None:
-        self.found: dict[str, int] = {}
-        self._tail = b""
-
-    def feed(self, chunk: bytes) -> None:
-        text = self._tail + chunk
-        for m in _NFT_NAT.finditer(text):
-            if m.end() > len(self._tail):  # not already counted in the previous chunk
-                kind = m.group(1).decode()
-                self.found[kind] = self.found.get(kind, 0) + 1
-        self._tail = text[-self.OVERLAP:]
-
-
-class IptablesNatCounter:
-    """Counts NAT targets in the *nat table of `iptables-save` output, chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.found: dict[str, int] = {}
-        self._table = ""
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> None:
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for raw in lines:
-            self._line(raw.decode(errors="replace"))
-
-    def close(self) -> None:
-        if self._partial:
-            self._line(self._partial.decode(errors="replace"))
-            self._partial = b""
-
-    def _line(self, line: str) -> None:
-        if line.startswith("*"):
-            self._table = line[1:].strip()
-        elif self._table == "nat" and line.startswith("-A"):
-            m = _IPT_NAT.search(line)
-            if m:
-                self.found[m.group(1)] = self.found.get(m.group(1), 0) + 1
-
-
-def nft_nat_rules(output: bytes) -> dict[str, int]:
-    counter = NftNatCounter()
-    counter.feed(output)
-    return counter.found
-
-
-def iptables_nat_rules(text: str) -> dict[str, int]:
-    counter = IptablesNatCounter()
-    counter.feed(text.encode())
-    counter.close()
-    return counter.found
-
-
 def nat_verdict(nft: dict[str, int] | None, ipt: dict[str, int] | None) -> str:
     checked = [name for name, res in (("nft", nft), ("iptables-save", ipt)) if res is not None]
     if not checked:
@@ -302,35 +241,29 @@ def rules(ctx: Context) -> Result:
     files: dict[str, bytes] = {}
     data: dict[str, Any] = {}
     problems: list[str] = []
-    nft_found: dict[str, int] | None = None
-    ipt_found: dict[str, int] | None = None
-    nft = shutil.which("nft")
-    if nft:
-        counter = NftNatCounter()
+
+    def counted(name: str, argv: list[str], counter: NftNatCounter | IptablesNatCounter, file: str,
+                truncated: str) -> dict[str, int] | None:
+        """Stream a ruleset through its NAT counter, keeping its head as a file; None when unread."""
+        path = shutil.which(argv[0])
+        if path is None:
+            data[name] = "not installed"
+            return None
         try:
-            out = _stream([nft, "-j", "list", "ruleset"], ctx, counter.feed)
-            files["nft-ruleset.json"] = bytes(out.head)
-            nft_found = counter.found
-            if out.total > len(out.head):
-                data["nft_truncated"] = f"kept the first {len(out.head)} of {out.total} bytes"
+            out = _stream([path, *argv[1:]], ctx, counter.feed)
+            if isinstance(counter, IptablesNatCounter):
+                counter.close()
         except (CollectorError, OSError) as exc:
-            problems.append(f"nft: {exc}")
-    else:
-        data["nft"] = "not installed"
-    ipt = shutil.which("iptables-save")
-    if ipt:
-        ipt_counter = IptablesNatCounter()
-        try:
-            out = _stream([ipt], ctx, ipt_counter.feed)
-            ipt_counter.close()
-            files["iptables-save.txt"] = bytes(out.head)
-            ipt_found = ipt_counter.found
-            if out.total > len(out.head):
-                data["iptables_save_truncated"] = f"kept the first {len(out.head)} of {out.total} bytes"
-        except (CollectorError, OSError) as exc:
-            problems.append(f"iptables-save: {exc}")
-    else:
-        data["iptables_save"] = "not installed"
+            problems.append(f"{argv[0]}: {exc}")
+            return None
+        files[file] = bytes(out.head)
+        if out.total > len(out.head):
+            data[truncated] = f"kept the first {len(out.head)} of {out.total} bytes"
+        return counter.found
+
+    nft_found = counted("nft", ["nft", "-j", "list", "ruleset"], NftNatCounter(), "nft-ruleset.json", "nft_truncated")
+    ipt_found = counted("iptables_save", ["iptables-save"], IptablesNatCounter(), "iptables-save.txt",
+                        "iptables_save_truncated")
     data["nat_verdict"] = nat_verdict(nft_found, ipt_found)
     if nft_found:
         data["nft_nat"] = nft_found
@@ -338,7 +271,7 @@ def rules(ctx: Context) -> Result:
         data["iptables_nat"] = ipt_found
     if problems:
         data["errors"] = problems
-        if nft_found is None and ipt_found is None and (nft or ipt):
+        if nft_found is None and ipt_found is None:   # (a problem means one of them is installed)
             raise CollectorError("; ".join(problems))
     return data, files
 
@@ -405,7 +338,7 @@ def namespaces(ctx: Context) -> Result:
     except OSError:
         pass
     try:
-        pids = sorted((int(p) for p in os.listdir(ctx.proc_root) if p.isdigit()))
+        pids = procs.pids(ctx.proc_root)
     except OSError as exc:
         raise CollectorError(f"cannot list {ctx.proc_root}: {exc}") from None
     for pid in pids:
@@ -419,10 +352,7 @@ def namespaces(ctx: Context) -> Result:
             continue
         ns = slot(int(m.group(1)))
         ns["processes"] += 1
-        try:
-            comm = (base / "comm").read_text().strip()
-        except OSError:
-            comm = "?"
+        comm = procs.comm(ctx.proc_root, pid) or "?"
         try:
             unit, containers = parse_cgroup((base / "cgroup").read_text())
         except OSError:
@@ -443,6 +373,8 @@ KERNEL_MATCH = "nf_conntrack"
 def journal(ctx: Context) -> Result:
     """The last kernel-transport lines mentioning nf_conntrack (table full and friends)."""
     try:
+        # Here: the collector runs in the capture child only, and a host without python3-systemd
+        # still gets a bundle (this collector says why it is empty).
         from systemd import journal as sd_journal  # type: ignore[import-not-found]
     except ImportError:
         raise CollectorError("python3-systemd is not installed: kernel journal lines not collected") from None
@@ -499,10 +431,28 @@ def policy_and_decision(ctx: Context) -> Result:
 
 
 def relief(ctx: Context) -> Result:
-    """The timeout relief in force (ctguard.daemon.relief owns the file)."""
-    from ctguard.daemon.relief import bundle_collector
-
-    return bundle_collector(ctx)
+    """Evidence: the relief in force when the bundle was taken (relief.json of the policy's
+    state folder), so a review sees which timeouts were shortened, where, since when, and
+    what they will be put back to."""
+    try:
+        doc = tomllib.loads(ctx.policy_text) if ctx.policy_text else {}
+    except tomllib.TOMLDecodeError:
+        doc = {}
+    relief_doc = doc.get("relief", {}) if isinstance(doc.get("relief"), dict) else {}
+    state = doc.get("state", {}) if isinstance(doc.get("state"), dict) else {}
+    store = ReliefStore(Path(state.get("dir", str(State().dir))))
+    problems: list[str] = []
+    store.load(warn=problems.append, set_aside=False)
+    data = {"mode": relief_doc.get("mode", "advise"), "file": str(store.path), "total": store.total,
+            "active": [r.to_json() for r in store.records.values()]}
+    if problems:
+        data["problems"] = problems
+    files = {}
+    try:
+        files["relief.json"] = read_text_nofollow(store.path).encode()
+    except OSError:
+        pass
+    return data, files
 
 
 Collector = Callable[[Context], Result]
@@ -528,9 +478,6 @@ def host_profile(ctx: Context, netns_path: str | None, by_proto: Mapping[str, in
                  by_tcp_state: Mapping[str, int] | None) -> Collected:
     """What this host is, and the namespace's timeouts raised above the kernel defaults with
     the entries they likely hold (from the table breakdown just taken)."""
-    from ctguard.host import hostrole
-    from ctguard.host.netns import run_in_netns
-
     start = time.monotonic()
     try:
         role = hostrole.detect(ctx.proc_root, ctx.sys_root)
@@ -541,9 +488,8 @@ def host_profile(ctx: Context, netns_path: str | None, by_proto: Mapping[str, in
     except Exception as exc:  # one broken source must not sink the bundle
         return Collected("host", error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - start)
     data: dict[str, Any] = {
-        "role": role.role, "roles": list(role.roles), "seen": list(role.evidence), "unknown": list(role.unknown),
-        "raised_timeouts": [{"name": t.name, "value": t.value, "default": t.default,
-                             **({"entries": t.entries} if t.entries is not None else {})} for t in raised],
+        **role.as_dict(),
+        "raised_timeouts": [t.as_dict() for t in raised],
     }
     return Collected("host", data, {}, None, time.monotonic() - start)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ctguard.core.diagnose import BundleData, Finding, diagnose, facts, verdict
+from ctguard.core.spark import spark
 from ctguard.evidence import bundle as bundle_mod
 from ctguard.evidence.bundle import BundleError, bundle_path
 
 TIMELINE = "timeline.json"
-SPARKS = "▁▂▃▄▅▆▇█"
 MARKS = {"bump": "B", "refusal": "R", "kernel": "K", "capture": "C", "relief": "T"}
 MARK_ORDER = "RKBTC"            # which marker wins a column shared by two events
 TIMELINE_NAMESPACES = 6         # namespaces drawn; the rest are summed up in one line
@@ -45,13 +45,13 @@ def load(folder: Path | str, bundle_id: str) -> tuple[Path, BundleData]:
     """The bundle's folder and its parsed files; a damaged optional file reads as empty."""
     path = bundle_path(folder, bundle_id)
     try:
-        manifest = bundle_mod._load_toml(path / bundle_mod.MANIFEST)
+        manifest = bundle_mod.load_toml(path / bundle_mod.MANIFEST)
     except FileNotFoundError:
         raise BundleError(f"{path.name} has no manifest: the capture is still running or it crashed") from None
     except tomllib.TOMLDecodeError as exc:
         raise BundleError(f"{path / bundle_mod.MANIFEST} is damaged: {exc}") from None
     try:
-        evidence = bundle_mod._load_toml(path / bundle_mod.EVIDENCE)
+        evidence = bundle_mod.load_toml(path / bundle_mod.EVIDENCE)
     except (OSError, BundleError, tomllib.TOMLDecodeError):
         evidence = {}
     timeline: Mapping[str, Any] | None
@@ -61,7 +61,7 @@ def load(folder: Path | str, bundle_id: str) -> tuple[Path, BundleData]:
     except (OSError, BundleError, ValueError):
         timeline = None
     try:
-        policy = bundle_mod._load_toml(path / "policy.toml")
+        policy = bundle_mod.load_toml(path / "policy.toml")
     except (OSError, BundleError, tomllib.TOMLDecodeError):
         policy = {}
     return path, BundleData(manifest, evidence, timeline, policy)
@@ -165,7 +165,7 @@ def sparkline(ns: Mapping[str, Any], events: Sequence[Mapping[str, Any]], start:
     for t, fill, _e, _m in fill_points(ns):
         c = min(width - 1, max(0, int((t - start) / span * width)))
         cols[c] = fill if cols[c] is None else max(cols[c], fill)  # type: ignore[type-var]
-    line = "".join(" " if f is None else SPARKS[min(len(SPARKS) - 1, int(f * len(SPARKS)))] for f in cols)
+    line = "".join(spark(f) for f in cols)
     marks = [" "] * width
     inode = ns.get("inode")
     for e in events:
@@ -198,8 +198,8 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
         if fullest[3] != largest[3]:
             tail += f"; fullest {fullest[1]:.0%} of {fullest[3]:,} at {_clock(fullest[0])}"
         if tty:
-            spark, marks = sparkline(ns, events, start, end)
-            lines.append(f"{head} {spark}{tail}")
+            line, marks = sparkline(ns, events, start, end)
+            lines.append(f"{head} {line}{tail}")
             if marks.strip():
                 lines.append(f"  {'':<{width}} {marks}")
         else:

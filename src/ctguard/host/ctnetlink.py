@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from ctguard.host.netns import run_in_netns
-from ctguard.evidence.topk import HeavyHitter, SpaceSaving
+from ctguard.core.topk import HeavyHitter, SpaceSaving
 
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
@@ -46,6 +46,7 @@ CT_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 CTA_TUPLE_ORIG = 1
 CTA_STATUS = 3
 CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
 CTA_MARK = 8
 CTA_ZONE = 18
 # enum ctattr_tuple / ctattr_ip / ctattr_l4proto / ctattr_protoinfo(_tcp)
@@ -69,7 +70,7 @@ TCP_STATES = (
     "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
 )
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr
+_HDR = NLMSG_HEADER = struct.Struct("=IHHII")  # nlmsghdr
 _NLA = struct.Struct("=HH")
 _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
@@ -98,10 +99,11 @@ class Entry:
     status: int
     mark: int
     zone: int
+    timeout: int | None = field(default=None, compare=False)   # seconds left (relief's trim reads it)
 
 
 def iter_entries(buf: memoryview | bytes, length: int | None = None) -> Iterator[tuple]:
-    """Yield (family, proto, src, dst, sport, dport, tcp_state, status, mark, zone) per entry.
+    """Yield (family, proto, src, dst, sport, dport, tcp_state, status, mark, zone, timeout) per entry.
 
     `buf` holds whole netlink messages as returned by one recv. Raises OSError on NLMSG_ERROR,
     StopIteration semantics: a NLMSG_DONE ends the iteration and yields the sentinel `None`.
@@ -136,6 +138,7 @@ def iter_entries(buf: memoryview | bytes, length: int | None = None) -> Iterator
         src = dst = b""
         sport = dport = tcp_state = None
         status = mark = zone = 0
+        timeout = None
         while a + 4 <= end:
             alen, atype = nla_from(buf, a)
             if alen < 4:
@@ -163,12 +166,15 @@ def iter_entries(buf: memoryview | bytes, length: int | None = None) -> Iterator
                 (status,) = be32_from(buf, a + 4)
             elif t == CTA_PROTOINFO:
                 tcp_state = _decode_tcp_state(buf, a + 4, a + alen)
+            elif t == CTA_TIMEOUT:
+                (timeout,) = be32_from(buf, a + 4)
             elif t == CTA_MARK:
                 (mark,) = be32_from(buf, a + 4)
             elif t == CTA_ZONE:
                 (zone,) = be16_from(buf, a + 4)
             a += (alen + 3) & ~3
-        yield (6 if family == socket.AF_INET6 else 4, proto, src, dst, sport, dport, tcp_state, status, mark, zone)
+        yield (6 if family == socket.AF_INET6 else 4, proto, src, dst, sport, dport, tcp_state, status, mark, zone,
+               timeout)
         off += (mlen + 3) & ~3
 
 
@@ -307,7 +313,7 @@ class Aggregator:
             if e is None:
                 done = True
                 break
-            family, proto, src, dst, _sport, dport, tcp_state, status, mark, zone = e
+            family, proto, src, dst, _sport, dport, tcp_state, status, mark, zone, _timeout = e
             n += 1
             by_family[family] = by_family.get(family, 0) + 1
             by_proto[proto] = by_proto.get(proto, 0) + 1
@@ -371,6 +377,13 @@ class Aggregator:
             interrupted=interrupted,
             notes=notes,
         )
+
+
+def dump_request(seq: int) -> bytes:
+    """The request for a dump of the whole table."""
+    # nfgenmsg family AF_UNSPEC: every family (conntrack -L shows only IPv4 unless told).
+    return (_HDR.pack(20, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+            + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
 
 
 def open_ctnetlink(netns_path: str | None) -> socket.socket:
@@ -470,11 +483,7 @@ def dump_table(
     cut_short = False
     reader = _Reader(sock)
     try:
-        seq = int(time.time()) & 0x7FFFFFFF
-        # nfgenmsg family AF_UNSPEC: every family (conntrack -L shows only IPv4 unless told).
-        request = _HDR.pack(20, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-        request += struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
-        sock.send(request)
+        sock.send(dump_request(int(time.time()) & 0x7FFFFFFF))
         reader.start()
         views = [memoryview(b) for b in reader.ring]
         next_report = start + 0.5

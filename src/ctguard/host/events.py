@@ -180,6 +180,7 @@ Sender = Callable[..., Any]
 
 def _journal_sender() -> Sender | None:
     try:
+        # Here: without python3-systemd (a minimal container) entries go to stderr instead.
         from systemd import journal
     except ImportError:
         return None

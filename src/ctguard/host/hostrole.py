@@ -8,47 +8,17 @@ holds its pods', and a "be safe" timeout raise keeps dead entries for days. Read
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Kernel defaults (net/netfilter/nf_conntrack_proto_*.c, v5.x-v6.x), in seconds.
-DEFAULT_TIMEOUTS: dict[str, int] = {
-    "nf_conntrack_tcp_timeout_syn_sent": 120,
-    "nf_conntrack_tcp_timeout_syn_recv": 60,
-    "nf_conntrack_tcp_timeout_established": 432000,
-    "nf_conntrack_tcp_timeout_fin_wait": 120,
-    "nf_conntrack_tcp_timeout_close_wait": 60,
-    "nf_conntrack_tcp_timeout_last_ack": 30,
-    "nf_conntrack_tcp_timeout_time_wait": 120,
-    "nf_conntrack_tcp_timeout_close": 10,
-    "nf_conntrack_tcp_timeout_max_retrans": 300,
-    "nf_conntrack_tcp_timeout_unacknowledged": 300,
-    "nf_conntrack_udp_timeout": 30,
-    "nf_conntrack_udp_timeout_stream": 120,
-    "nf_conntrack_icmp_timeout": 30,
-    "nf_conntrack_icmpv6_timeout": 30,
-    "nf_conntrack_generic_timeout": 600,
-}
-
-# Which entries a timeout keeps alive: (protocol, TCP state or None, "unreplied"/"assured"/None).
-HOLDS: dict[str, tuple[str, str | None]] = {
-    "nf_conntrack_tcp_timeout_syn_sent": ("tcp", "SYN_SENT"),
-    "nf_conntrack_tcp_timeout_syn_recv": ("tcp", "SYN_RECV"),
-    "nf_conntrack_tcp_timeout_established": ("tcp", "ESTABLISHED"),
-    "nf_conntrack_tcp_timeout_fin_wait": ("tcp", "FIN_WAIT"),
-    "nf_conntrack_tcp_timeout_close_wait": ("tcp", "CLOSE_WAIT"),
-    "nf_conntrack_tcp_timeout_last_ack": ("tcp", "LAST_ACK"),
-    "nf_conntrack_tcp_timeout_time_wait": ("tcp", "TIME_WAIT"),
-    "nf_conntrack_tcp_timeout_close": ("tcp", "CLOSE"),
-    "nf_conntrack_udp_timeout": ("udp", None),
-    "nf_conntrack_udp_timeout_stream": ("udp", None),
-    "nf_conntrack_icmp_timeout": ("icmp", None),
-    "nf_conntrack_icmpv6_timeout": ("icmpv6", None),
-}
+from ctguard.core.timeouts import DEFAULT_TIMEOUTS, HOLDS
+from ctguard.host import procs
+from ctguard.host.ctnetlink import dump_table
+from ctguard.host.nat import nft_nat_rules
+from ctguard.host.netns import NamespaceRef, resolve
 
 KUBE_PROCESSES = {"kube-proxy", "kubelet", "k3s", "k3s-server", "k3s-agent", "rke2", "cilium-agent", "calico-node",
                   "flanneld", "kube-router"}
@@ -63,6 +33,11 @@ class HostRole:
     evidence: tuple[str, ...]                   # what was seen, for the reader to check
     unknown: tuple[str, ...] = field(default=())  # sources that could not be read
 
+    def as_dict(self) -> dict:
+        """The one dict form, in bundles and in `status --json` alike (bundles have called the
+        evidence "seen" since the first release, and reviews of old bundles read that key)."""
+        return {"role": self.role, "roles": list(self.roles), "seen": list(self.evidence), "unknown": list(self.unknown)}
+
 
 @dataclass(frozen=True)
 class RaisedTimeout:
@@ -71,23 +46,21 @@ class RaisedTimeout:
     default: int
     entries: int | None                         # entries in the states it keeps, when a breakdown is known
 
+    def as_dict(self) -> dict:
+        # No "entries" key when unknown: bundles are TOML, which has no null.
+        return {"name": self.name, "value": self.value, "default": self.default,
+                **({"entries": self.entries} if self.entries is not None else {})}
+
     def line(self) -> str:
         held = f", holding about {self.entries} entries" if self.entries is not None else ""
         return f"{self.name} = {self.value} s (kernel default {self.default} s, x{self.value / self.default:.0f}){held}"
 
 
 def _processes(proc: Path) -> set[str]:
-    names = set()
     try:
-        pids = [p for p in os.listdir(proc) if p.isdigit()]
+        return {c for c in (procs.comm(proc, pid) for pid in procs.pids(proc)) if c is not None}
     except OSError:
-        return names
-    for pid in pids:
-        try:
-            names.add((proc / pid / "comm").read_text().strip())
-        except OSError:
-            continue
-    return names
+        return set()
 
 
 def _bridges(sys_root: Path) -> list[str]:
@@ -98,21 +71,9 @@ def _bridges(sys_root: Path) -> list[str]:
 
 
 def nat_rule_counts(ruleset_json: str) -> dict[str, int]:
-    """Counts of NAT statements in `nft -j list ruleset` output (masquerade, snat, dnat)."""
-    counts = {"masquerade": 0, "snat": 0, "dnat": 0}
-    try:
-        doc = json.loads(ruleset_json)
-    except ValueError:
-        return counts
-    for item in doc.get("nftables", []):
-        rule = item.get("rule") if isinstance(item, dict) else None
-        if not rule:
-            continue
-        for stmt in rule.get("expr", []):
-            for key in counts:
-                if isinstance(stmt, dict) and key in stmt:
-                    counts[key] += 1
-    return counts
+    """NAT statements in `nft -j list ruleset` output: masquerade, snat and dnat always (0 when
+    none), redirect when there is one (ctguard.host.nat counts them)."""
+    return {"masquerade": 0, "snat": 0, "dnat": 0, **nft_nat_rules(ruleset_json.encode())}
 
 
 def _nft_ruleset() -> str | None:
@@ -164,8 +125,9 @@ def detect(proc_root: str | Path = "/proc", sys_root: str | Path = "/sys", etc_r
         seen.append(f"{nat['masquerade']} masquerade and {nat['snat']} snat rules")
     elif forwarding and "Kubernetes node" not in roles and "container host" not in roles:
         roles.append("router")
-    if nat["dnat"]:
-        seen.append(f"{nat['dnat']} dnat rules")
+    for kind in ("dnat", "redirect"):
+        if nat.get(kind):
+            seen.append(f"{nat[kind]} {kind} rules")
     if forwarding:
         seen.append("IPv4 forwarding on")
 
@@ -199,3 +161,21 @@ def raised_timeouts(proc_root: str | Path = "/proc", by_proto: dict[str, int] | 
             entries = by_proto.get(proto, 0)
         out.append(RaisedTimeout(name, value, default, entries))
     return out
+
+
+def role_and_timeouts(netns: NamespaceRef | str | None) -> tuple[HostRole, list[RaisedTimeout]]:
+    """The host's role, and the raised timeouts with the entries they hold in `netns` (a
+    namespace the caller's sample found, or a name/inode/PID to resolve; None: no table look).
+
+    The table look is a dump bounded to a fifth of a second, taken only when some timeout was
+    raised; the command line takes it, never the daemon, whose loop it must not hold up."""
+    role = detect()
+    timeouts = raised_timeouts()
+    if timeouts and netns is not None:
+        try:
+            ref = resolve(netns) if isinstance(netns, str) else netns
+            t = dump_table(None if ref.name == "host" else ref.path, budget=0.2, top=1)
+            timeouts = raised_timeouts(by_proto=t.by_proto, by_tcp_state=t.by_tcp_state)
+        except (OSError, ValueError):
+            pass
+    return role, timeouts

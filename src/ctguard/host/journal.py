@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import select
+import selectors
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -169,6 +170,8 @@ ReaderFactory = Callable[[], Any]
 
 
 def _default_reader() -> Any:
+    # Here, not at the top: systemd.journal takes ~22 ms to import (python3 -X importtime), which
+    # every `ctguard status` would pay; only the daemon's follower reads the journal.
     from systemd import journal as sdjournal
 
     # SYSTEM: kernel lines live in the system journal; no user journals to open and watch.
@@ -416,8 +419,6 @@ class JournalFollower:
 
     def events(self) -> int:
         """selectors event mask for `fileno()`."""
-        import selectors
-
         return selectors.EVENT_READ
 
     def timeout(self) -> float | None:
@@ -445,7 +446,7 @@ class JournalFollower:
 
     def read_events(self) -> list[TableFullEvent]:
         """Events for kernel entries that arrived since the last call. Never blocks."""
-        from systemd import journal as sdjournal
+        from systemd import journal as sdjournal   # (see _default_reader)
 
         # The epoll set is level-triggered: reading kmsg to EAGAIN and Reader.process()
         # (which consumes the inotify events) are what make it quiet again.

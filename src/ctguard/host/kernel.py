@@ -134,6 +134,13 @@ class Kernel:
     def read_max(self) -> int:
         return int(self._max.read())
 
+    def read_max_or_none(self) -> int | None:
+        """The max, or None where it cannot be read (policy warnings then skip what needs it)."""
+        try:
+            return self.read_max()
+        except OSError:
+            return None
+
     def read_buckets(self) -> int:
         return int(self._buckets.read())
 

@@ -21,6 +21,7 @@ from typing import TypeVar
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 
+from ctguard.host import procs
 from ctguard.host.cgroups import labels_of
 from ctguard.host.kernel import parse_stat_entries, parse_stat_table
 from ctguard.core.model import NamespaceReading
@@ -47,13 +48,6 @@ def _ns_inode(path: str) -> int | None:
         return None
 
 
-def _comm(proc_root: Path, pid: int) -> str:
-    try:
-        return (proc_root / str(pid) / "comm").read_text().strip()
-    except OSError:
-        return "?"
-
-
 def discover(proc_root: str | Path = "/proc", run_netns: str | Path = "/run/netns",
              self_inode: int | None = None) -> list[NamespaceRef]:
     """Every network namespace reachable through a process or a /run/netns bind mount."""
@@ -72,10 +66,10 @@ def discover(proc_root: str | Path = "/proc", run_netns: str | Path = "/run/netn
         if ino is not None and ino not in found:
             found[ino] = NamespaceRef(ino, name, path, None)
     try:
-        pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
+        all_pids = procs.pids(proc)
     except OSError:
-        pids = []
-    for pid in pids:
+        all_pids = []
+    for pid in all_pids:
         path = f"{proc}/{pid}/ns/net"
         ino = _ns_inode(path)
         if ino is None:
@@ -83,7 +77,7 @@ def discover(proc_root: str | Path = "/proc", run_netns: str | Path = "/run/netn
         known = found.get(ino)
         if known is None:
             unit, container = labels_of(proc, pid)
-            found[ino] = NamespaceRef(ino, f"pid:{pid} ({_comm(proc, pid)})", path, pid, unit, container)
+            found[ino] = NamespaceRef(ino, f"pid:{pid} ({procs.comm(proc, pid) or '?'})", path, pid, unit, container)
         elif known.pid is None and known.name != "host":
             # A /run/netns namespace with a process in it: keep its name, learn who runs there.
             unit, container = labels_of(proc, pid)
@@ -124,7 +118,7 @@ def resolve(spec: str, proc_root: str | Path = "/proc", run_netns: str | Path = 
     raise NetnsError(2, f"no network namespace with inode or PID {spec}")
 
 
-def _setns(fd: int) -> None:
+def setns(fd: int) -> None:
     if hasattr(os, "setns"):
         os.setns(fd, CLONE_NEWNET)  # type: ignore[attr-defined]
         return
@@ -153,7 +147,7 @@ def run_in_netns(netns_path: str | None, fn: Callable[[], T]) -> T:
 
     def body() -> None:
         try:
-            _setns(fd)
+            setns(fd)
             outcome.append((True, fn()))
         except BaseException as exc:  # handed back to the caller's thread
             outcome.append((False, exc))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctguard.host.clock import Clock
-from ctguard.host.kernel import Kernel
 from ctguard.core.model import Sample, TableShape
+from ctguard.host.clock import Clock
+from ctguard.host.ctnetlink import dump_table
+from ctguard.host.kernel import Kernel
 from ctguard.host.netns import StatReaders, discover
 
 # A full /proc scan costs ~1 ms per few hundred processes; new namespaces that appear
@@ -64,7 +65,6 @@ class Observer:
     def shape(self, inode: int, guard) -> TableShape:
         """A time-bounded look into one namespace's table: how much of it is unanswered or
         half-open, and from how many sources. Failures are reported in the shape, not raised."""
-        from ctguard.host.ctnetlink import dump_table
 
         ref = next((r for r in self.readers.refs if r.inode == inode), None)
         path = None if ref is None or ref.name == "host" else ref.path

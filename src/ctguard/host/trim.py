@@ -30,26 +30,22 @@ import sys
 import time
 
 from ctguard.host import ctnetlink as ct
-from ctguard.host.netns import _setns
+from ctguard.host import procs
+from ctguard.host.netns import setns
 
-CTA_TIMEOUT = 7
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
-TCP_SYN_SENT, TCP_SYN_RECV, TCP_TIME_WAIT = 1, 2, 7
-_HDR = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
-_BE32 = struct.Struct(">I")
+TCP_SYN_SENT, TCP_SYN_RECV, TCP_TIME_WAIT = 1, 2, 7     # enum tcp_conntrack (ct.TCP_STATES)
 NLM_F_ACK = 0x4
+_ERRNO = struct.Struct("=i")
 
 
 def key_of(proto: int, status: int, tcp_state: int | None) -> str | None:
     """The relief timeout key an entry is held by, if a trim may touch it."""
     if proto == 17:
-        return "udp" if not status & IPS_SEEN_REPLY else None
+        return "udp" if not status & ct.IPS_SEEN_REPLY else None
     if proto == 6:
         if tcp_state == TCP_TIME_WAIT:
             return "tcp_time_wait"
-        if status & IPS_ASSURED:
+        if status & ct.IPS_ASSURED:
             return None
         if tcp_state == TCP_SYN_SENT:
             return "tcp_syn_sent"
@@ -58,52 +54,11 @@ def key_of(proto: int, status: int, tcp_state: int | None) -> str | None:
     return None
 
 
-def _decode(buf, n: int):
-    """Yield (family, proto, src, dst, sport, dport, status, tcp_state, timeout) or None at the end."""
-    off = 0
-    while off + 16 <= n:
-        mlen, mtype, _f, _s, _p = _HDR.unpack_from(buf, off)
-        if mlen < 16:
-            raise OSError(errno.EPROTO, "malformed netlink message")
-        if mtype == ct.NLMSG_DONE:
-            yield None
-            return
-        if mtype == ct.NLMSG_ERROR:
-            (code,) = struct.unpack_from("=i", buf, off + 16)
-            if code:
-                raise OSError(-code, f"conntrack dump refused: {os.strerror(-code)}")
-        elif mtype == ct.CT_NEW_TYPE:
-            family = buf[off + 16]
-            a, end = off + 20, off + mlen
-            tup = None
-            status, tcp_state, timeout = 0, None, None
-            while a + 4 <= end:
-                alen, atype = _NLA.unpack_from(buf, a)
-                if alen < 4:
-                    break
-                t = atype & ct.NLA_TYPE_MASK
-                if t == ct.CTA_TUPLE_ORIG:
-                    tup = ct._decode_tuple(buf, a + 4, a + alen)
-                elif t == ct.CTA_STATUS:
-                    (status,) = _BE32.unpack_from(buf, a + 4)
-                elif t == ct.CTA_PROTOINFO:
-                    tcp_state = ct._decode_tcp_state(buf, a + 4, a + alen)
-                elif t == CTA_TIMEOUT:
-                    (timeout,) = _BE32.unpack_from(buf, a + 4)
-                a += (alen + 3) & ~3
-            if tup is not None:
-                proto, src, dst, sport, dport = tup
-                yield family, proto, src, dst, sport, dport, status, tcp_state, timeout
-        off += (mlen + 3) & ~3
-
-
 def select(caps: dict[str, int], limit: int, deadline: float) -> tuple[list[tuple], int, bool]:
-    """Dump the table; return (entries to cap, entries seen, cut short)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, ct.NETLINK_NETFILTER)
-    sock.bind((0, 0))
+    """Dump the table (ctguard.host.ctnetlink decodes it); return (entries to cap, entries seen, cut short)."""
+    sock = ct.open_ctnetlink(None)      # this process is in the namespace already (main)
     sock.settimeout(max(0.1, deadline - time.monotonic()))
-    hdr = _HDR.pack(20, (ct.NFNL_SUBSYS_CTNETLINK << 8) | ct.IPCTNL_MSG_CT_GET, ct.NLM_F_REQUEST | ct.NLM_F_DUMP, 1, 0)
-    sock.send(hdr + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+    sock.send(ct.dump_request(1))
     buf = bytearray(ct.RECV_BUFFER)
     chosen: list[tuple] = []
     seen = 0
@@ -112,11 +67,11 @@ def select(caps: dict[str, int], limit: int, deadline: float) -> tuple[list[tupl
             n = sock.recv_into(buf, ct.RECV_BUFFER)
             if n == 0:
                 break
-            for e in _decode(buf, n):
+            for e in ct.iter_entries(buf, n):
                 if e is None:
                     return chosen, seen, False
                 seen += 1
-                family, proto, src, dst, sport, dport, status, tcp_state, timeout = e
+                family, proto, src, dst, sport, dport, tcp_state, status, _mark, _zone, timeout = e
                 key = key_of(proto, status, tcp_state)
                 cap = caps.get(key) if key else None
                 if cap is None or timeout is None or timeout <= cap:
@@ -143,6 +98,8 @@ def update(chosen: list[tuple], deadline: float) -> tuple[int, int, int, bool]:
     instead of one round trip each: NFCTSocket.entry() measured 0.59 ms per entry here
     (1,700/s), a batch ~0.23 ms (4,300/s), most of it pyroute2 encoding the message.
     """
+    # Here, not at the top: pyroute2 takes ~210 ms and ~20 MB to import (python3 -X importtime),
+    # paid only by a trim that has entries to change.
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, ct.NETLINK_NETFILTER)
@@ -156,7 +113,7 @@ def update(chosen: list[tuple], deadline: float) -> tuple[int, int, int, bool]:
                 return changed, gone, failed, True
             batch = []
             for family, proto, src, dst, sport, dport, cap in chosen[first:first + BATCH]:
-                af = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
+                af = socket.AF_INET6 if family == 6 else socket.AF_INET
                 tup = NFCTAttrTuple(family=af, saddr=socket.inet_ntop(af, src), daddr=socket.inet_ntop(af, dst),
                                     proto=proto, sport=sport, dport=dport)
                 msg = nfct_msg.create_from(tuple_orig=tup, timeout=cap)
@@ -173,11 +130,11 @@ def update(chosen: list[tuple], deadline: float) -> tuple[int, int, int, bool]:
                 data = sock.recv(1 << 20)
                 off = 0
                 while off + 16 <= len(data):
-                    length, kind = _HDR.unpack_from(data, off)[:2]
+                    length, kind = ct.NLMSG_HEADER.unpack_from(data, off)[:2]
                     if length < 16:
                         break
                     if kind == ct.NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, off + 16)
+                        (code,) = _ERRNO.unpack_from(data, off + 16)
                         acked += 1
                         if code == 0:
                             changed += 1
@@ -204,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.timeout:
         k, _, v = item.partition("=")
         caps[k] = int(v)
+    # Behind the traffic: a trim pass is bounded, and late is better than in the way. A refusal
+    # (an older unit's system-call filter) costs priority only, never the trim.
+    procs.to_background(5)
     try:
         if args.netns_path:
             fd = os.open(args.netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _setns(fd)      # this child is single-threaded: the whole process moves
+                setns(fd)       # this child is single-threaded: the whole process moves
             finally:
                 os.close(fd)
-        os.nice(5)
         chosen, seen, cut = select(caps, args.max_entries, deadline)
         changed, gone, failed, cut2 = update(chosen, deadline)
     except OSError as exc:

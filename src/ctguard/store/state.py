@@ -15,10 +15,11 @@ from pathlib import Path
 
 from ctguard.store.files import atomic_write, ensure_private_dir, read_text_nofollow
 from ctguard.core.model import BumpRecord, History, Incident, Instant, Sample
+from ctguard.core.sizing import PEAK_WINDOW
 
 STATE_FILE = "state.json"
 PEAKS_FILE = "peaks.json"
-PEAK_DAYS = 7
+PEAK_DAYS = round(PEAK_WINDOW / 86400)   # per-minute peaks kept on disk: the window sizing reads
 FORMAT = 1
 
 

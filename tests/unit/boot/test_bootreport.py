@@ -15,8 +15,9 @@ import pytest
 
 from ctguard.boot import initramfs
 from ctguard.boot import report as bootreport
+from ctguard.cli import status as status_cli
 from ctguard.config import policy as policy_mod
-from ctguard.core import status as status_mod
+from ctguard.control import status as status_mod
 from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
 from ctguard.daemon import metrics
 
@@ -44,10 +45,10 @@ def test_status_names_the_file_its_value_and_the_fix(tmp_path: Path) -> None:
     view = status_mod.build(p, s, History(), Instant(1.8e9, 100.0, "b"), boot=report)
     assert view.code == status_mod.WARNING
     assert "/etc/sysctl.d/99-conntrack-tuning.conf overrides ctguard's net.netfilter.nf_conntrack_max" in view.headline
-    text = status_mod.render_text(view)
+    text = status_cli.render_text(view)
     assert "next boot: nf_conntrack_max 65536 from /etc/sysctl.d/99-conntrack-tuning.conf" in text
     assert "remove the net.netfilter.nf_conntrack_max line from /etc/sysctl.d/99-conntrack-tuning.conf" in text
-    data = json.loads(status_mod.render_json(view))
+    data = json.loads(status_cli.render_json(view))
     assert data["boot"]["max"]["value"] == 65536
     assert data["boot"]["shadowed"] == [{
         "key": "net.netfilter.nf_conntrack_max", "file": "/etc/sysctl.d/99-conntrack-tuning.conf", "value": "65536",
@@ -63,7 +64,7 @@ def test_nothing_shadowed_is_ok(tmp_path: Path) -> None:
                (NamespaceReading(4026531840, "host", 10),))
     view = status_mod.build(p, s, History(), Instant(1.8e9, 100.0, "b"), boot=report)
     assert view.code == status_mod.OK and report.warnings() == []
-    assert "next boot: nf_conntrack_max 262144 from /etc/sysctl.d/90-ctguard.conf" in status_mod.render_text(view)
+    assert "next boot: nf_conntrack_max 262144 from /etc/sysctl.d/90-ctguard.conf" in status_cli.render_text(view)
 
 
 def test_metrics_text() -> None:

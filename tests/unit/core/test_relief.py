@@ -247,7 +247,7 @@ def test_sysctl_names_follow_the_kernel():
 
 
 def test_timeout_writer_reads_back_and_compares(tmp_path):
-    from ctguard.daemon.relief import TimeoutChanged, read_timeouts, write_timeout
+    from ctguard.host.timeouts import TimeoutChanged, read_timeouts, write_timeout
 
     (tmp_path / "nf_conntrack_udp_timeout").write_text("600\n")
     (tmp_path / "nf_conntrack_tcp_timeout_syn_sent").write_text("120\n")
@@ -260,7 +260,7 @@ def test_timeout_writer_reads_back_and_compares(tmp_path):
 
 
 def test_store_keeps_the_originals_and_sets_a_damaged_file_aside(tmp_path):
-    from ctguard.daemon.relief import Record, ReliefStore
+    from ctguard.store.relief import Record, ReliefStore
 
     store = ReliefStore(tmp_path)
     store.records[(NS, "udp")] = Record(NS, "tenant", "/run/netns/tenant", "udp", 600, 10, at(1))
@@ -280,7 +280,8 @@ def test_store_keeps_the_originals_and_sets_a_damaged_file_aside(tmp_path):
 
 
 def test_actor_saves_the_original_before_writing_and_restores_by_compare_and_set(tmp_path):
-    from ctguard.daemon.relief import ReliefActor, ReliefStore
+    from ctguard.daemon.relief import ReliefActor
+    from ctguard.store.relief import ReliefStore
 
     sysctl = tmp_path / "sys"
     sysctl.mkdir()
@@ -304,7 +305,8 @@ def test_actor_saves_the_original_before_writing_and_restores_by_compare_and_set
 
 
 def test_trim_selects_only_unanswered_half_open_and_time_wait():
-    from ctguard.host.trim import IPS_ASSURED, IPS_SEEN_REPLY, key_of
+    from ctguard.host.ctnetlink import IPS_ASSURED, IPS_SEEN_REPLY
+    from ctguard.host.trim import key_of
 
     assert key_of(17, 0, None) == "udp"
     assert key_of(17, IPS_SEEN_REPLY | IPS_ASSURED, None) is None
@@ -316,8 +318,8 @@ def test_trim_selects_only_unanswered_half_open_and_time_wait():
 
 
 def test_every_bundle_carries_the_relief_in_force(tmp_path):
-    from ctguard.daemon.relief import Record, ReliefStore
     from ctguard.evidence import collect
+    from ctguard.store.relief import Record, ReliefStore
 
     store = ReliefStore(tmp_path / "state")
     store.records[(NS, "udp")] = Record(NS, "tenant", "/run/netns/tenant", "udp", 600, 10, at(1))
@@ -357,7 +359,7 @@ def test_recommend_prints_timeout_lines(tmp_path):
     import subprocess
     import sys
 
-    from ctguard.daemon.relief import ReliefStore
+    from ctguard.store.relief import ReliefStore
 
     store = ReliefStore(tmp_path / "state")
     store.note("udp", 600, 10, 0.9, 1.0)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from ctguard.cli import recommend
+from ctguard.cli import status as status_cli
 from ctguard.config import policy as policy_mod
+from ctguard.control import status as status_mod
 from ctguard.core import incident as incident_text
-from ctguard.core import status as status_mod
 from ctguard.core.model import BumpRecord, History, Incident, KernelLimits, NamespaceReading, Sample
 from ctguard.core.sizing import advice, bump_size, kernel_default_buckets, kernel_default_max, round_up
 from helpers.builders import now
@@ -75,7 +76,7 @@ def test_status_warns_after_an_emergency_bump_naming_it_and_shows_what_persists(
     d = view.data
     assert d["persisted_max"] == 262144 and d["persisted_buckets"] == 65536
     assert d["pending_persist"]["in_seconds"] == 0 or d["pending_persist"]["in_seconds"] == 0.0
-    text = status_mod.render_text(view)
+    text = status_cli.render_text(view)
     assert "persisted: max 262144, buckets 65536" in text and "pending persist: max 262144" in text
     # An hour later: OK again.
     later = status_mod.build(p, sample_of(24576, 100), h, now(3700))
@@ -94,7 +95,7 @@ def test_status_names_an_open_incident_and_the_last_one():
     assert view.code == status_mod.WARNING and "incident incident-1800000000 in netns web" in view.headline
     assert "unit nginx.service" in view.headline
     ended = History(last_incident=Incident(**{**inc.__dict__, "ended": now(70)}))
-    data = json.loads(status_mod.render_json(status_mod.build(p, sample_of(262144, 100), ended, now(80))))
+    data = json.loads(status_cli.render_json(status_mod.build(p, sample_of(262144, 100), ended, now(80))))
     assert data["last_incident"]["drops"] == 11921 and data["last_incident"]["early_drops"] == 3302
     assert data["incident"] is None
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from ctguard.evidence import BundleError, export, list_bundles, prune, show
-from ctguard.evidence.bundle import bundle_path, slug
+from ctguard.evidence.bundle import BundleError, bundle_path, export, list_bundles, prune, slug
+from ctguard.evidence.review import show
 
 
 def make_bundle(folder: Path, name: str, size: int = 100, manifest: bool = True) -> Path:

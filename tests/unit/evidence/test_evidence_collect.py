@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ctguard.evidence import capture, collect
+from ctguard.evidence import collect
+from ctguard.evidence.bundle import capture
 
 STAT = (
     "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n"

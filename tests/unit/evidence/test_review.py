@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ctguard.cli.main import main
-from ctguard.evidence import export
+from ctguard.evidence.bundle import export
 from ctguard.evidence.report import report
 from ctguard.evidence.review import show, show_json
 from helpers.browser import chromium, load_page, png_size_and_colours
@@ -176,8 +176,9 @@ def test_review_benchmark_runs_quick() -> None:
 def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
+    from ctguard.cli import status as status_cli
     from ctguard.config.policy import Policy
-    from ctguard.core import status
+    from ctguard.control import status
     from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
     from ctguard.evidence.review import last_bundle
 
@@ -190,6 +191,6 @@ def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path
     sample = Sample(now, KernelLimits(4096, 1024, 320, 8 << 30, 4 << 30), (NamespaceReading(1, "host", 10),))
     view = status.build(policy, sample, History(), now, last_bundle=last)
     assert view.data["last_bundle"]["top_finding"]["id"] == "kernel-drops"
-    text = status.render_text(view)
+    text = status_cli.render_text(view)
     assert "last bundle: 20260101T000100Z-manual - critical kernel-drops:" in text
     assert last_bundle(tmp_path / "empty") is None

@@ -8,7 +8,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctguard.evidence.topk import SpaceSaving
+from ctguard.core.topk import SpaceSaving
 
 
 def test_exact_when_distinct_fits() -> None:
