@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from kernelenv import HASHSIZE, get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
+from helpers.kernelenv import HASHSIZE, get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 # Crafted packets: sources walk 100.64.0.0/10 (4M addresses) so every entry has its own source;
 # destinations and ports are skewed so the top lists have something to show. One datagram per

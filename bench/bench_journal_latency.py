@@ -6,7 +6,7 @@
 
 One `python3 -m ctguard run` with sampling slowed so that only the journal can explain a bump:
 watch.interval = fast_interval = 60, thresholds.act = 1.0, horizon = 0, bump.cooldown = 0,
-max_per_hour = 60. Per run, in a fresh pair of namespaces (tests/kernelenv's `netns_pair`),
+max_per_hour = 60. Per run, in a fresh pair of namespaces (tests/helpers/kernelenv's `netns_pair`),
 nf_conntrack_max is set to 2,048 and 4,096 new UDP flows are sent unpaced; the kernel prints
 "nf_conntrack: table full, dropping packet" at the first drop and ctguard, woken by its
 journal follower (journald, with the /dev/kmsg fast path), raises the max.
@@ -19,7 +19,7 @@ journal follower (journald, with the /dev/kmsg fast path), raises the max.
 The kernel rate-limits the line (net_ratelimit: 10 lines per 5 s), so runs start 6 s apart and
 every run gets a fresh first line. A run whose bump came at a sample and not from the journal
 is impossible by construction (the next sample is 60 s away), and is reported if seen.
-Needs a journald (tests/journald.py's helper starts /lib/systemd/systemd-journald when none runs).
+Needs a journald (tests/helpers/journald.py's helper starts /lib/systemd/systemd-journald when none runs).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
 
 from ctguard.host.journal import KmsgTap, match_kernel_line  # noqa: E402
-from kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
+from helpers.kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 POLICY = """
 [watch]
@@ -113,7 +113,7 @@ def main() -> int:
     if reason:
         print(f"bench_journal_latency: {reason}", file=sys.stderr)
         return 77
-    from journald import Journald, journald_unavailable_reason  # tests/journald.py
+    from helpers.journald import Journald, journald_unavailable_reason
     reason = journald_unavailable_reason()
     if reason:
         print(f"bench_journal_latency: {reason}", file=sys.stderr)

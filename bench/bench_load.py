@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from kernelenv import FLOOD_SCRIPT, netns_pair, saved_kernel_values, set_max  # noqa: E402
+from helpers.kernelenv import FLOOD_SCRIPT, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 
 def proc_status(pid: int) -> dict[str, int]:

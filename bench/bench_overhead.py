@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, proc_times, write_policy  # noqa: E402
 
-from kernelenv import netns_pair, saved_kernel_values, set_max  # noqa: E402
+from helpers.kernelenv import netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 PRESSURE_MAX = 12288
 PRESSURE_RATE = 320         # x ~28 s (the UDP timeout, as the kernel expires) = ~9,000 entries = 73% of 12,288

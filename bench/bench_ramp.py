@@ -4,7 +4,7 @@
     sudo python3 bench/bench_ramp.py [--rates 10000,20000,40000] [--flows 120000] [--cooldown 1]
     sudo python3 bench/bench_ramp.py --quick          # tiny: one rate, few flows (the smoke test)
 
-For every rate, three runs side by side, each in a fresh pair of namespaces (tests/kernelenv's
+For every rate, three runs side by side, each in a fresh pair of namespaces (tests/helpers/kernelenv's
 `netns_pair`: the receiver tracks every new flow) with nf_conntrack_max = --max (8,192) and
 hashsize = --buckets (262,144: this kernel's default on this machine; see the README on early_drop):
 
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import clean_exit_on_signals, Daemon, Flood, header, kernelenv, stat_totals, write_policy  # noqa: E402
 
 from ctguard.host.netns import open_in_namespace  # noqa: E402
-from kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
+from helpers.kernelenv import get_max, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 
 def drop_total(raw: bytes) -> int:

@@ -5,7 +5,7 @@
     sudo python3 bench/bench_relief.py --quick        # tiny: short floods (the smoke test)
 
 Two scenarios, each run twice side by side (relief.mode "off", then "enforce"), each run in a
-fresh pair of namespaces (tests/kernelenv's `netns_pair`), nf_conntrack_max = 4,096, the daemon
+fresh pair of namespaces (tests/helpers/kernelenv's `netns_pair`), nf_conntrack_max = 4,096, the daemon
 isolated so it sees only the host's and this run's namespaces (benchlib.Daemon only_netns):
 
   udp   the receiver's nf_conntrack_udp_timeout raised to 600 s (a tuned host), bump.ceiling =
@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import Daemon, kernelenv, stat_totals, write_policy  # noqa: E402
+from benchlib import Daemon, kernelenv, stat_totals, wait_for, write_policy  # noqa: E402
 
 MAX = 4096
 ACT = 0.85
@@ -114,7 +114,7 @@ def trim_cost(entries: int) -> dict:
         kernelenv.set_max(max(MAX, entries * 2))
         pair.exec(pair.receiver, "sh", "-c", "echo 600 > /proc/sys/net/netfilter/nf_conntrack_udp_timeout")
         pair.flood_udp(entries)
-        kernelenv.wait_for(lambda: pair.count() >= entries * 0.99, 10)
+        wait_for(lambda: pair.count() >= entries * 0.99, 10)
         found = pair.count()
         env = {"PYTHONPATH": str(benchlib.SRC), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         out = subprocess.run([*env_py, "-m", "ctguard.host.trim", "--netns-path", f"/run/netns/{pair.receiver}",

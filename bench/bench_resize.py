@@ -54,7 +54,7 @@ N/4 to N/2 buckets (what a x2 bump asks for at ratio 4). p50 / p99 / max RTT, pr
 than 10 ms, and each p50 as a ratio to the chain-4 row (the ratio ctguard keeps).
 
 Holds the tests' kernel lock for the whole run; restores nf_conntrack_max and hashsize; deletes
-its namespaces. Needs root, and a journald for the full->bump column (tests/journald.py starts one).
+its namespaces. Needs root, and a journald for the full->bump column (tests/helpers/journald.py starts one).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import SRC, clean_exit_on_signals, Daemon, Flood, header, kernelenv, write_policy  # noqa: E402
 
-from kernelenv import get_buckets, netns_pair, saved_kernel_values, set_max  # noqa: E402
+from helpers.kernelenv import get_buckets, netns_pair, saved_kernel_values, set_max  # noqa: E402
 
 B_MAX = 2048
 B_FILL = 2000
@@ -430,7 +430,7 @@ def part_loop(args, tmp: Path) -> list[dict]:
     tap = None
     jd = None
     try:
-        from journald import Journald, journald_unavailable_reason
+        from helpers.journald import Journald, journald_unavailable_reason
         from ctguard.host.journal import KmsgTap
         if journald_unavailable_reason() is None:
             jd = Journald()

@@ -2,7 +2,7 @@
 `ctguard run` in the background with every path in a temporary folder.
 
 The kernel helpers (lock + restore, namespaces, drop counters) are the tests' own
-`tests/kernelenv.py`, imported, not copied.
+`tests/helpers/` (kernelenv, the policy writer, wait_for), imported, not copied.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ SRC = ROOT / "src"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(SRC))
 
-import kernelenv  # noqa: E402
+from helpers import kernelenv  # noqa: E402
+from helpers.policy import write_policy as _write_policy  # noqa: E402
+from helpers.wait import wait_for  # noqa: E402
 
 _SENDER = kernelenv.FLOOD_SCRIPT   # one flood script for tests, benchmarks and the system test
 
@@ -76,22 +78,10 @@ def stat_totals(pair, *columns: str) -> dict[str, int]:
 
 
 def write_policy(folder: Path, body: str) -> Path:
-    """A policy whose every path is under `folder`, plus `body` (whole TOML tables)."""
+    """A policy whose every path is under `folder`, plus `body` (whole TOML tables): persist mode
+    never, no control socket of its own (the benchmark's body names one where it needs it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    p = folder / "policy.toml"
-    p.write_text(f"""{body}
-[state]
-dir = "{folder}/state"
-[evidence]
-dir = "{folder}/bundles"
-[persist]
-mode = "never"
-sysctl_file = "{folder}/etc/sysctl.d/90-ctguard.conf"
-modprobe_file = "{folder}/etc/modprobe.d/ctguard.conf"
-[metrics]
-textfile = "{folder}/ctguard.prom"
-""")
-    return p
+    return _write_policy(folder, body, "never", defend=None, control=False)
 
 
 # Run inside `unshare --mount --pid --fork --mount-proc`: show the daemon only the /run/netns
@@ -150,7 +140,7 @@ class Daemon:
         raise RuntimeError("unshare did not start the daemon")
 
     def __enter__(self) -> "Daemon":
-        if not kernelenv.wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 20):
+        if not wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 20):
             raise RuntimeError(f"ctguard did not take its first sample within 20 s; see {self.log}")
         if self.proc.poll() is not None:
             raise RuntimeError(f"ctguard exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")

@@ -107,11 +107,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from helpers import kernelenv
+
 _HERE = Path(__file__).resolve().parent
-for _p in (_HERE, _HERE.parent):          # kernelenv lives in tests/ or tests/helpers/
-    if str(_p) not in sys.path:
-        sys.path.append(str(_p))
-import kernelenv  # noqa: E402
 
 ROOT = _HERE.parent.parent
 SRC = ROOT / "src"

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -60,11 +61,12 @@ from pathlib import Path
 
 import pytest
 
-from kernelenv import FLOOD_SCRIPT, HASHSIZE, PROC_MAX, kernel_ready, saved_kernel_values
+from helpers.kernelenv import FLOOD_SCRIPT, HASHSIZE, PROC_MAX, kernel_ready, saved_kernel_values
+from helpers.paths import REPO
+from helpers.wait import wait_for
 
-pytestmark = pytest.mark.system
+# The `system` marker: tests/conftest.py, by folder.
 
-REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).resolve().parent / "debian_root.sh"
 CACHE = Path(os.environ.get("CTGUARD_TEST_CACHE", "/var/cache/ctguard-tests"))
 APT_ARCHIVES = CACHE / "apt-archives"
@@ -123,8 +125,6 @@ TEST_POLICY = textwrap.dedent(f"""\
 BAD_POLICY = TEST_POLICY.replace(f"ceiling = {TEST_CEILING}", 'ceiling = "lots"')
 LOW_MAX = 4096
 LOW_BUCKETS = 1024
-
-
 
 
 def _message_id(name: str) -> str | None:
@@ -412,13 +412,8 @@ class MaxSampler:
         self._thread.join(timeout=5)
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+# machinectl and systemctl calls are slow: poll every 0.2 s unless a call says otherwise.
+wait_for = functools.partial(wait_for, interval=0.2)
 
 
 # ---------------------------------------------------------------- the test
@@ -786,7 +781,7 @@ def check_status_group(m: Machine, phase: Phases) -> None:
 
 
 def check_exposure(m: Machine, phase: Phases) -> None:
-    """The installed unit, scored by the release's own systemd-analyze (tests/test_unit_security.py
+    """The installed unit, scored by the release's own systemd-analyze (tests/unit/packaging/test_unit_security.py
     scores the source's unit with the host's)."""
     assert m.show("PrivateMounts") == "yes", m.show("PrivateMounts")
     unit = m.show("FragmentPath")
