@@ -35,7 +35,7 @@ def sample(t: float, max_: int, *counts: int, buckets: int | None = None, mem: i
                          (("drop", drops[i] if i < len(drops) else 0),))
         for i, c in enumerate(counts)
     )
-    return Sample(at(t), KernelLimits(max_, buckets if buckets is not None else max_ // 4, obj, mem, mem // 2), ns)
+    return Sample(at(t), KernelLimits(max_, buckets if buckets is not None else max_, obj, mem, mem // 2), ns)
 
 
 def kinds(decision) -> list[str]:
@@ -77,8 +77,10 @@ def test_wanted_max_holds_what_the_kernel_refused():
 def test_memory_cap_uses_slab_size_and_buckets():
     p = pol("[bump]\nmemory_fraction = 0.1")
     limits = KernelLimits(1024, 256, 256, 1 * GiB, GiB)
-    assert memory_cap(p, limits) == int(0.1 * GiB / (256 + 8 / 4))
-    assert memory_cap(p, replace(limits, slab_object_size=None)) == int(0.1 * GiB / (320 + 2))
+    # Issue 22: an entry costs its object, its extensions (~128 B) and its share of the buckets
+    # (the kernel's own ratio by default: 1 on >= 5.15).
+    assert memory_cap(p, limits) == int(0.1 * GiB / (256 + 128 + 8 / 1))
+    assert memory_cap(p, replace(limits, slab_object_size=None)) == int(0.1 * GiB / (320 + 128 + 8))
 
 
 # --- the decision table ----------------------------------------------------------------------
@@ -89,14 +91,15 @@ CASES = [
     ("below act, no growth", "", sample(10, 8192, 6900), History(), (), [], None),
     ("fill at act bumps x2 with buckets",
      "", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].new == 16384 and d.actions[1].new == 4096 and d.actions[0].trigger == "fill"),
+     # issue 22: buckets follow the kernel's own ratio by default (1 since 5.15)
+     lambda d: d.actions[0].new == 16384 and d.actions[1].new == 16384 and d.actions[0].trigger == "fill"),
     ("worst namespace decides, not the host",
      "", sample(10, 8192, 10, 7500), History(), (), ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.actions[0].netns == 4026531001),
     ("immediate persistence writes the sizing, not the emergency value (1 GiB: kernel default 8,192)",
      "[persist]\nmode = 'immediate'", sample(10, 8192, 7000, mem=GiB, buckets=8192), History(), (),
-     ["SetMax", "Capture", "Persist"],
-     lambda d: d.of(Persist)[0].max == round_up(7000 * 2) and d.of(Persist)[0].buckets == 8192),
+     ["SetMax", "SetBuckets", "Capture", "Persist"],
+     lambda d: d.of(Persist)[0].max == round_up(7000 * 2) and d.of(Persist)[0].buckets == round_up(7000 * 2)),  # issue 22: ratio 1
     ("immediate persistence never below the kernel's boot default (16 GiB: 262,144)",
      "[persist]\nmode = 'immediate'", sample(10, 8192, 7000), History(), (), ["SetMax", "SetBuckets", "Capture", "Persist"],
      lambda d: d.of(Persist)[0].max == 262144 and d.of(Persist)[0].buckets == 262144),
@@ -231,7 +234,7 @@ CASES = [
     ("a failed buckets write is retried with a bump",
      "", sample(10, 8192, 7000, buckets=1024), History(buckets_failed=at(0)), (), ["SetMax", "SetBuckets", "Capture"], None),
     ("buckets below max/ratio are fixed without a bump",
-     "", sample(10, 8192, 100, buckets=1024), History(), (), ["SetBuckets"], lambda d: d.actions[0].new == 2048),
+     "", sample(10, 8192, 100, buckets=1024), History(), (), ["SetBuckets"], lambda d: d.actions[0].new == 8192),  # issue 22: ratio 1
 ]
 
 
@@ -281,8 +284,10 @@ def test_stable_persistence_waits_for_quiet():
     got = decide(p, sample(601, 65536, 100, **small), h_dropped, at(601)).of(Persist)
     assert [x.max for x in got] == [round_up(21000)]
     # Never below what is persisted already, nor the kernel's default; bounded by the ceiling.
+    # Issue 22: the persisted size follows the load down, by at most half at a time (no longer
+    # "never below what is persisted").
     got = decide(p, sample(601, 65536, 100, **small), replace(h, persisted_max=40960), at(601)).of(Persist)
-    assert [x.max for x in got] == [40960]
+    assert [x.max for x in got] == [20480]
     got = decide(p, sample(601, 65536, 100), h, at(601)).of(Persist)
     assert [(x.max, x.buckets) for x in got] == [(262144, 262144)]
     got = decide(pol("[persist]\nmode = 'stable'\n[bump]\nceiling = 200000"), sample(601, 65536, 100), h, at(601)).of(Persist)
@@ -392,7 +397,9 @@ def test_fast_sampling_under_pressure_or_steep_growth():
 
 
 def test_buckets_for():
-    assert buckets_for(pol(), 16384) == 4096
+    assert buckets_for(pol(), 16384) == 16384, "issue 22: the kernel's own ratio (1 since 5.15) by default"
+    assert buckets_for(pol(), 16384, "5.10.0") == 4096
+    assert buckets_for(pol("[buckets]\nratio = 4"), 16384) == 4096
     assert buckets_for(pol("[buckets]\nratio = 3"), 10000) == 3334
 
 

@@ -16,8 +16,8 @@ from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
     Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
 )
-from ctguard.core.sizing import GROWTH_COVER, HASH_HEAD_BYTES, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
-    kernel_default_max, round_up
+from ctguard.core.sizing import DECAY_EVERY, DECAY_MIN_MINUTES, GROWTH_COVER, Advice, BumpSize, advice, bump_size, entry_bytes, kernel_default_buckets, \
+    kernel_default_max, kernel_ratio, round_up
 from ctguard.core import relief
 
 if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
@@ -78,16 +78,37 @@ def cover_for(policy: Policy) -> float:
     return max(GROWTH_COVER, FAST_COVER * policy.watch.fast_interval)
 
 
-def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> int:
-    """Largest max whose entries (and their share of buckets) fit in memory_fraction of MemTotal.
+def ratio_of(policy: Policy, release: str = "") -> int:
+    """max / buckets ctguard keeps: the policy's [buckets] ratio, or the kernel's own (0)."""
+    return policy.buckets.ratio or kernel_ratio(release)
 
-    When /proc/slabinfo cannot be read, 320 bytes per entry is assumed: larger than the
-    nf_conntrack slab object (/proc/slabinfo: 256 bytes on the x86_64 6.18 test VM), so the
-    cap errs low.
-    """
+
+def per_entry(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> float:
+    """Bytes one entry costs the kernel: object + extensions + its share of the buckets."""
     obj = limits.slab_object_size or default_object_size
-    per_entry = obj + (HASH_HEAD_BYTES / policy.buckets.ratio if policy.buckets.manage else 0)
-    return int(policy.bump.memory_fraction * limits.mem_total / per_entry)
+    return entry_bytes(obj, ratio_of(policy, limits.release)) if policy.buckets.manage else entry_bytes(obj, math.inf)
+
+
+def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> int:
+    """Largest max whose entries fit in memory_fraction of MemTotal, each entry costing its
+    nf_conn object, its extensions and its share of the buckets (sizing.entry_bytes).
+
+    When /proc/slabinfo cannot be read, 320 bytes of object are assumed: larger than the
+    nf_conntrack slab object (/proc/slabinfo: 256 bytes on the x86_64 6.18 test VM), so the
+    cap errs low. The limit applies to each namespace separately: one namespace filling to
+    this max uses the fraction; `namespaces_at_once` says how many could.
+    """
+    return int(policy.bump.memory_fraction * limits.mem_total / per_entry(policy, limits, default_object_size))
+
+
+def namespaces_at_once(policy: Policy, limits: KernelLimits, max_value: int | None = None) -> int:
+    """How many namespaces could each fill to `max_value` (the live max by default) at once within
+    memory_fraction of MemTotal: nf_conntrack_max is compared with each namespace's own count."""
+    m = max_value if max_value is not None else limits.max
+    if m <= 0:
+        return 0
+    obj = limits.slab_object_size or 320
+    return int(policy.bump.memory_fraction * limits.mem_total // (m * entry_bytes(obj, math.inf)))
 
 
 def upper_bound(policy: Policy, limits: KernelLimits) -> tuple[int, str]:
@@ -108,8 +129,8 @@ def size_bump(policy: Policy, old: int, count: int, lost: int, rate: float) -> B
     return bump_size(old, count, lost, rate, policy.thresholds.act, policy.bump.factor, cover_for(policy))
 
 
-def buckets_for(policy: Policy, max_value: int) -> int:
-    return int(math.ceil(max_value / policy.buckets.ratio))
+def buckets_for(policy: Policy, max_value: int, release: str = "") -> int:
+    return int(math.ceil(max_value / ratio_of(policy, release)))
 
 
 def demand(ns) -> int:
@@ -289,7 +310,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
         actions.extend(_pressure_actions(policy, history, now, worst_inode, fill,
                                          may_capture=not any(isinstance(a, Capture) for a in actions)))
     if bumped_to is None:
-        actions.extend(_stable_persist(policy, limits, history, now, sample))
+        actions.extend(_stable_persist(policy, limits, history, now, sample) or _decay_persist(policy, limits, history, now))
 
     relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
     actions.extend(relief_actions)
@@ -316,14 +337,14 @@ def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now:
     if bumped_to is None and history.buckets_failed is not None and now.since(history.buckets_failed) < BUCKETS_RETRY:
         return []
     target_max = bumped_to or limits.max
-    want = buckets_for(policy, target_max)
+    want = buckets_for(policy, target_max, limits.release)
     if limits.buckets >= want:
         return []
     if policy.buckets.resize == "calm" and not calm and sample is not None:
         entries = sum(ns.count for ns in sample.namespaces)
         if entries > CHEAP_RESIZE_ENTRIES and target_max / max(1, limits.buckets) <= CHAIN_BOUND:
             return []   # mid-storm: a resize would stall every new flow longer than the chains cost them
-    return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}")]
+    return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {ratio_of(policy, limits.release)} for max {target_max}")]
 
 
 def _pressure_actions(policy: Policy, history: History, now: Instant, inode: int | None, fill: float,
@@ -344,15 +365,21 @@ def _pressure_actions(policy: Policy, history: History, now: Instant, inode: int
 
 def persist_advice(policy: Policy, limits: KernelLimits, history: History, now: Instant,
                    sample: Sample | None = None) -> Advice:
-    """What persists (and what `recommend` advises): sizing.advice over the same history."""
-    peak = max(history.sizing_peak, history.recorded_p99, sample.worst.count if sample and sample.worst else 0)
+    """What persists (and what `recommend` advises): sizing.advice over the same history, from
+    legitimate load only: the peak since the last write (attack-shaped incidents left out, see
+    advance), the recorded p99 and the highest recorded minute (attack-shaped minutes left out,
+    sizing.peaks_used), and the live count unless the open incident is attack-shaped."""
+    attack_now = history.incident is not None and bool(history.incident.attack)
+    live = sample.worst.count if sample and sample.worst and not attack_now else 0
+    peak = max(history.sizing_peak, history.recorded_p99, live)
     drops_seen = history.last_drop is not None and now.since(history.last_drop) < LOSS_WINDOW
     if sample is not None:
         drops_seen = drops_seen or (_new_drops(history, sample) + _new_early(history, sample) > 0
                                     and sample.worst_fill >= policy.thresholds.warn)
-    return advice(peak, drops_seen, kernel_default_max(limits.mem_total), history.persisted_max,
-                  upper_bound(policy, limits)[0], policy.buckets.manage, policy.buckets.ratio, limits.buckets,
-                  kernel_default_buckets(limits.mem_total))
+    return advice(peak, drops_seen, kernel_default_max(limits.mem_total, limits.release), history.persisted_max,
+                  upper_bound(policy, limits)[0], policy.buckets.manage, ratio_of(policy, limits.release), limits.buckets,
+                  kernel_default_buckets(limits.mem_total, limits.release), history.recorded_high,
+                  policy.thresholds.act)
 
 
 def persist_due_in(policy: Policy, history: History, now: Instant) -> float | None:
@@ -375,6 +402,26 @@ def _stable_persist(policy: Policy, limits: KernelLimits, history: History, now:
     adv = persist_advice(policy, limits, history, now, sample)
     return [Persist(adv.max, adv.buckets,
                     f"no drop for {policy.persist.stable_for:g} s since the last bump; sized {adv.text()}")]
+
+
+def _decay_persist(policy: Policy, limits: KernelLimits, history: History, now: Instant) -> list[Action]:
+    """The persisted size follows the recorded p99 down (issue 22): once a day, with no incident
+    open and nothing waiting to be persisted, and a day of per-minute peaks recorded, a sizing
+    below the persisted value is written, down by at most 1/sizing.DECAY at a time (never below
+    the kernel's default nor what the table held in the window: sizing.advice)."""
+    if (policy.persist.mode == "never" or history.persisted_max is None or history.incident is not None
+            or history.unpersisted_max is not None or history.recorded_minutes < DECAY_MIN_MINUTES):
+        return []
+    if history.persisted_at is not None and now.since(history.persisted_at) < DECAY_EVERY:
+        return []
+    adv = persist_advice(policy, limits, history, now)
+    if adv.max >= history.persisted_max:
+        return []
+    return [Persist(adv.max, adv.buckets,
+                    f"the persisted {history.persisted_max} follows the load down: {history.recorded_minutes} "
+                    f"minute(s) recorded, p99 {history.recorded_p99}, highest {history.recorded_high}"
+                    f"{f', {history.recorded_attack_minutes} attack-shaped minute(s) left out' if history.recorded_attack_minutes else ''}"
+                    f"; sized {adv.text()}")]
 
 
 def next_interval(policy: Policy, decision: Decision) -> float:
@@ -484,7 +531,7 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
     clipped = binding if new < want else None
     note = f", clipped by the {binding}" if clipped else ""
     return SetMax(old, new, trigger, netns, fill, f"{why}; {old} -> {new}{note}; sized: {size.text()}", clipped,
-                  size.rate, size.need, size.cover)
+                  size.rate, size.need, size.cover, attack or "")
 
 
 def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = False,
@@ -519,7 +566,7 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = F
         else:
             actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} lowered max to {to}"))
             if policy.persist.mode != "never":
-                buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+                buckets = (max(buckets_for(policy, to, limits.release), limits.buckets, kernel_default_buckets(limits.mem_total, limits.release))
                            if policy.buckets.manage else None)
                 actions.append(Persist(to, buckets, f"operator lowered max to {to}"))
     elif to > upper:
@@ -527,11 +574,11 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = F
                               f"{who} asked for {to}, above the {binding} {upper}"))
     else:
         actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} asked for {to}"))
-        if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, to):
-            actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
+        if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, to, limits.release):
+            actions.append(SetBuckets(limits.buckets, buckets_for(policy, to, limits.release), f"keep max/buckets <= {ratio_of(policy, limits.release)}"))
         if policy.persist.mode != "never":
             # Persisted buckets never below the live ones nor the kernel's default (issue 11).
-            buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+            buckets = (max(buckets_for(policy, to, limits.release), limits.buckets, kernel_default_buckets(limits.mem_total, limits.release))
                        if policy.buckets.manage else None)
             actions.append(Persist(to, buckets, f"operator raised max to {to}"))
     return Decision(tuple(actions), netns, fill, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
@@ -548,8 +595,8 @@ def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None
             actions.append(SetMax(limits.max, target, "reapply", None, 0.0,
                                   f"persisted max {persisted_max} is not in force (kernel has {limits.max})"
                                   + (f", clipped by the {binding}" if target < persisted_max else "")))
-            if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, target):
-                actions.append(SetBuckets(limits.buckets, buckets_for(policy, target), "with the persisted max"))
+            if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, target, limits.release):
+                actions.append(SetBuckets(limits.buckets, buckets_for(policy, target, limits.release), "with the persisted max"))
     return Decision(tuple(actions), None, 0.0, 0.0, False, "start")
 
 
@@ -588,7 +635,8 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         early = dict(h.early)
         inc = Incident(started=now, netns=worst.inode if worst else None, name=worst.name if worst else "",
                        unit=worst.unit if worst else "", max_at_start=sample.limits.max,
-                       loss_base=tuple((i, d + early.get(i, 0)) for i, d in base.items()), last_active=now)
+                       loss_base=tuple((i, d + early.get(i, 0)) for i, d in base.items()), last_active=now,
+                       sizing_base=h.sizing_peak)
     changes: dict = {}
     live = [e for e in events if not e.backlog]
     upd: dict = {
@@ -598,6 +646,7 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         "refusals": inc.refusals + sum(1 for o in outcomes if isinstance(o.action, Refuse)
                                        and o.action.kind != "cooldown" and o.action.trigger != "manual"),
         "rate": max([inc.rate] + [o.action.rate for o in outcomes if o.ok and isinstance(o.action, SetMax)]),
+        "attack": inc.attack or _attack_of(outcomes),
     }
     if sample is not None:
         worst = sample.worst
@@ -616,6 +665,17 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
     else:
         changes["incident"] = inc
     return changes
+
+
+def _attack_of(outcomes: Sequence[Outcome]) -> str:
+    """The guard's judgement in this turn's outcomes: why the growth is attack-shaped, or ""."""
+    for o in outcomes:
+        a = o.action
+        if isinstance(a, SetMax) and a.attack:
+            return a.attack
+        if isinstance(a, Refuse) and a.kind == "guard":
+            return a.reason
+    return ""
 
 
 def _replace(inc: Incident, changes: dict) -> Incident:
@@ -666,6 +726,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["persisted_buckets"] = a.buckets
             changes["unpersisted_max"] = None
             changes["sizing_peak"] = 0
+            changes["persisted_at"] = now
         elif isinstance(a, Capture) and o.ok:
             changes["last_capture"] = now
         elif isinstance(a, Warn) and a.kind == "pressure":
@@ -692,8 +753,14 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         if h.incident is not None or changes.get("incident") is not None or h.unpersisted_max is not None \
                 or changes.get("unpersisted_max") is not None:
             # Peaks during an incident and after it, until the raised max is persisted: what persists is sized on.
-            peak = max(h.sizing_peak if "sizing_peak" not in changes else 0, sample.worst.count if sample.worst else 0)
-            changes["sizing_peak"] = peak
+            # An incident the guard judged attack-shaped adds nothing: the peak goes back to what it
+            # was before that incident (issue 22: a flood's peak must not become the next boot's size).
+            inc = changes.get("incident", h.incident)
+            if inc is not None and inc.attack:
+                changes["sizing_peak"] = min(inc.sizing_base, h.sizing_peak if "sizing_peak" not in changes else 0)
+            else:
+                peak = max(h.sizing_peak if "sizing_peak" not in changes else 0, sample.worst.count if sample.worst else 0)
+                changes["sizing_peak"] = peak
         changes["drops"] = tuple((ns.inode, ns.drops) for ns in sample.namespaces)
         changes["early"] = tuple((ns.inode, ns.stat("early_drop")) for ns in sample.namespaces)
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)

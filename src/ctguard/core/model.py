@@ -65,6 +65,10 @@ class KernelLimits:
     slab_object_size: int | None    # bytes per nf_conntrack object; None when /proc/slabinfo is unreadable
     mem_total: int                  # bytes
     mem_available: int              # bytes
+    release: str = ""               # the running kernel's release (/proc/sys/kernel/osrelease): its defaults differ
+    # What ctguard may write here (probed at start; containers and LXC mount /proc/sys and /sys
+    # read-only): "" when both are writable, else why not ("max: read-only", ...).
+    cannot: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class SetMax:
     rate: float = 0.0               # the one growth rate the size was computed with (entries/s)
     need: int = 0                   # entries the new max must hold below act (sizing.BumpSize.need)
     cover: float = 0.0              # seconds of that growth made room for
+    attack: str = ""                # the guard judged the growth attack-shaped: why ("" when not)
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,10 @@ class Incident:
     loss_base: tuple[tuple[int, int], ...] = ()   # (inode, drop + early_drop) before it started
     last_active: Instant | None = None             # last sample above warn, table-full line, bump or refusal
     ended: Instant | None = None
+    # The guard judged this incident's growth attack-shaped (why; "" when not): its peaks are kept
+    # out of what sizing persists, and the sizing peak goes back to `sizing_base`, its value before.
+    attack: str = ""
+    sizing_base: int = 0
 
     @property
     def id(self) -> str:
@@ -327,6 +336,10 @@ class History:
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)
     recorded_p99: int = 0                     # p99 of the recorded per-minute peaks (state.PeakRecorder), for sizing
+    recorded_high: int = 0                    # the highest of them (legitimate load: attack-shaped minutes left out)
+    recorded_minutes: int = 0                 # minutes recorded in sizing.PEAK_WINDOW
+    recorded_attack_minutes: int = 0          # of them, attack-shaped (left out of the two above)
+    persisted_at: Instant | None = None       # when ctguard last wrote the persisted sizing
     refusals: tuple[tuple[str, int], ...] = ()  # refused decisions by reason, cooldown aside (a counter for metrics; survives restarts)
 
     def with_(self, **changes) -> "History":
