@@ -29,10 +29,11 @@ def pol(text: str = "") -> policy_mod.Policy:
 
 
 def sample(t: float, max_: int, *counts: int, buckets: int | None = None, mem: int = 16 * GiB, obj: int | None = 320,
-           drops: tuple[int, ...] = ()) -> Sample:
+           drops: tuple[int, ...] = (), early: tuple[int, ...] = ()) -> Sample:
     ns = tuple(
         NamespaceReading(4026531000 + i, "host" if i == 0 else f"ns{i}", c,
-                         (("drop", drops[i] if i < len(drops) else 0),))
+                         (("drop", drops[i] if i < len(drops) else 0),)
+                         + ((("early_drop", early[i]),) if i < len(early) else ()))
         for i, c in enumerate(counts)
     )
     return Sample(at(t), KernelLimits(max_, buckets if buckets is not None else max_, obj, mem, mem // 2), ns)
@@ -59,7 +60,7 @@ def test_round_up(value, expected):
         (8192, 7000, 0.0, 16384),          # x2
         (5000, 4300, 0.0, 10240),          # x2 rounded up to 1024
         (8192, 7000, 1000.0, 16384),       # (7000 + 1000 x 1 s) / 0.85 = 9412: x2 binds
-        (8192, 7000, 10000.0, 20480),      # (7000 + 10000 x 1 s) / 0.85 = 20000 -> 20480: not rate x cooldown (360,448)
+        (8192, 7000, 30000.0, 19456),      # issue 22: cover 0.3 s: (7000 + 30000 x 0.3 s) / 0.85 = 18824 -> 19456: not rate x cooldown
         (4096, 4096, 0.0, 8192),           # a burst that stopped, nothing lost: x2
         (8192, 7000, -50.0, 16384),        # shrinking: plain factor
     ],
@@ -126,15 +127,17 @@ CASES = [
     ("sustained ramp: growth reaching act within cover/2 bumps again before the cooldown",
      "", sample(10, 16384, 11000), replace(bumps((9, "fill")), points=((1009.9, ((4026531000, 9000),)),)), (),
      ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].new == round_up((11000 + 20000) / 0.85) and "before the cooldown" in d.actions[0].reason
+     # issue 22: a bump covers 0.3 s of growth (3 fast intervals), so x2 binds here
+     lambda d: d.actions[0].new == max(round_up((11000 + 20000 * 0.3) / 0.85), 32768) and "before the cooldown" in d.actions[0].reason
      and round(d.actions[0].rate) == 20000 and round(d.rate) == 20000),
     # (Past the cooldown: without an incident, full in 2.3 s <= horizon 10 s would bump.)
     ("within an incident that bumped, the horizon's prediction no longer doubles the table",
      "", sample(10, 65536, 20000), replace(bumps((-100, "fill")), incident=Incident(at(-100), 4026531000, bumps=1),
                                           points=((1009.9, ((4026531000, 18000),)),)), (), [], None),
     ("... the growth reaching act within half a cover does",
-     "", sample(10, 65536, 50000), replace(bumps((-100, "fill")), incident=Incident(at(-100), 4026531000, bumps=1),
-                                          points=((1009.9, ((4026531000, 48000),)),)), (),
+     # issue 22: half a cover is 0.15 s now: 54,000 growing 20,000/s reaches act (55,705) in 0.085 s
+     "", sample(10, 65536, 54000), replace(bumps((-100, "fill")), incident=Incident(at(-100), 4026531000, bumps=1),
+                                          points=((1009.9, ((4026531000, 52000),)),)), (),
      # (no SetBuckets: 50,000 entries mid-storm, chains within 8 a bucket: [buckets] resize = "calm" waits)
      ["SetMax", "Capture"], lambda d: "runs out" in d.actions[0].reason),
     ("still growing at act before the cooldown: bump again",
@@ -163,10 +166,11 @@ CASES = [
      ["SetMax", "SetBuckets", "Capture"],
      lambda d: round(d.rate) == 0 and d.actions[0].new == 8192),
     ("a burst seen while it arrives: what arrived plus the rate for cover, not x cooldown",
-     "", sample(10, 4096, 4096, drops=(15904,)),
-     History(points=((1009.9, ((4026531000, 4096),)),), drops=((4026531000, 0),)), (),
+     # issue 22: flows the kernel lost are early_drop (+ insert_failed); `drop` counts packets
+     "", sample(10, 4096, 4096, early=(15904,)),
+     History(points=((1009.9, ((4026531000, 4096),)),), drops=((4026531000, 0),), lost=((4026531000, 0),)), (),
      ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].new == round_up((20000 + 159040) / 0.85)),
+     lambda d: d.actions[0].new == round_up((20000 + 159040 * 0.3) / 0.85)),   # issue 22: cover 0.3 s
     ("cooldown over",
      "", sample(31, 8192, 8000), bumps((0, "fill")), (), ["SetMax", "SetBuckets", "Capture"], None),
     ("budget spent",
@@ -215,12 +219,12 @@ CASES = [
      "", sample(10, 8192, 4000), History(points=((1008.0, ((4026531000, 0),)), (1009.98, ((4026531000, 3600),)))), (),
      ["SetMax", "SetBuckets", "Capture"],
      lambda d: d.actions[0].trigger == "growth" and round(d.rate) == 20000 and round(d.actions[0].rate) == 20000
-     and d.actions[0].new == round_up((4000 + 20000) / 0.85) and "20000/s" in d.actions[0].reason),
+     and d.actions[0].new == max(16384, round_up((4000 + 20000 * 0.3) / 0.85)) and "20000/s" in d.actions[0].reason),
     ("a full table's refused flows count as growth and as lost when sizing",
-     "", sample(10, 8192, 8192, drops=(2100,)),
-     History(points=((1009.9, ((4026531000, 8192 + 100),)),), drops=((4026531000, 100),)), (),
+     "", sample(10, 8192, 8192, early=(2100,)),   # issue 22: early_drop, not drop (packets)
+     History(points=((1009.9, ((4026531000, 8192 + 100),)),), drops=((4026531000, 0),), lost=((4026531000, 100),)), (),
      ["SetMax", "SetBuckets", "Capture"],
-     lambda d: d.actions[0].new == round_up((8192 + 2000 + 20000) / 0.85) and d.actions[0].need == 8192 + 2000 + 20000),
+     lambda d: d.actions[0].new == round_up((8192 + 2000 + 6000) / 0.85) and d.actions[0].need == 8192 + 2000 + 6000),  # cover 0.3 s
     ("growth with horizon 0 is ignored",
      "[thresholds]\nhorizon = 0", sample(10, 8192, 4000), History(points=((1009.0, ((4026531000, 2000),)),)), (), [], None),
     ("slow growth is not urgent",

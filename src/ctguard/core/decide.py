@@ -23,7 +23,14 @@ from ctguard.core import relief
 if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
     from ctguard.config.policy import Policy
 
-RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
+RATE_WINDOW = 3.0           # seconds of samples kept whole to estimate growth
+# The kernel reaps expired entries in garbage-collection passes, not continuously
+# (nf_conntrack_core.c gc_worker: GC_SCAN_INTERVAL_MIN 1 s .. GC_SCAN_INTERVAL_MAX 60 s apart,
+# adaptive), so a table with steady churn climbs between passes and falls at each: a slope over
+# 20 ms - 1 s reads that climb as growth (issue 22: a 60% table with 12k/s churn read "growing
+# 12000/s, full in 8.7 s" and was bumped). Growth counts only the demand above the highest seen
+# in the last GC_WINDOW seconds (points older than RATE_WINDOW kept one a second).
+GC_WINDOW = 60.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -69,7 +76,7 @@ CALM_AFTER = 10.0           # seconds without a bump or a drop before a storm co
 # `cover` seconds of the growth still going on (sizing.bump_size), and growth that goes on is met
 # by another bump before the cooldown once it would reach `act` within `cover / 2` seconds, or
 # while the kernel still drops above warn ("urgent", `_urgent`), still within the budget.
-FAST_COVER = 6              # fast intervals of growth a bump covers at least (a slow fast_interval needs more)
+FAST_COVER = 3              # fast intervals of growth a bump covers at least: the next look (1) and a re-bump (urgent at cover/2)
 LOSS_WINDOW = 7 * 86400.0   # drops this recent make the persisted sizing use sizing.HEADROOM_AFTER_DROPS
 
 
@@ -134,23 +141,39 @@ def buckets_for(policy: Policy, max_value: int, release: str = "") -> int:
 
 
 def demand(ns) -> int:
-    """What the table was asked to hold: its count plus the new flows the kernel refused (drop)
-    or made room for by evicting another (early_drop). Grows with the flood even at a full table."""
-    return ns.count + ns.stat("drop") + ns.stat("early_drop")
+    """What the table was asked to hold, in flows: its count plus the entries the kernel evicted to
+    make room (early_drop) or could not insert (insert_failed). Not `drop`: it counts packets
+    (nf_conntrack_core.c: NF_CONNTRACK_STAT_INC(net, drop) for every packet refused an entry), so
+    2,000 streams at 200 pps read as 400,000 flows a second (issue 22)."""
+    return ns.count + ns.stat("early_drop") + ns.stat("insert_failed")
+
+
+def flows_lost(ns) -> int:
+    """The flow counters in `demand` (early_drop + insert_failed)."""
+    return ns.stat("early_drop") + ns.stat("insert_failed")
 
 
 def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, float]:
-    """(slope since the previous sample, that sample's age in seconds); (0, inf) without one.
+    """(growth since the previous sample, that sample's age in seconds); (0, inf) without one.
 
     The one rate: the growth trigger, the bump's size, its journal entry and the decision all
-    use it. It is the slope of the demand (count + drops + early drops), so a full table that
-    keeps refusing flows still shows its growth, and a burst that has stopped shows none."""
+    use it. It is the rise of the demand (count + early drops + failed inserts) above the highest
+    demand seen in the last GC_WINDOW seconds, over the time since the previous sample: a full
+    table that keeps evicting still shows its growth, a burst that has stopped shows none, and a
+    table that only refills between the kernel's GC passes shows none either."""
     now = sample.at.boot
     current = next((demand(ns) for ns in sample.namespaces if ns.inode == inode), None)
+    if current is None:
+        return 0.0, math.inf
+    high = None
+    for t, counts in history.points:
+        before = dict(counts).get(inode)
+        if before is not None and now - t <= GC_WINDOW:
+            high = before if high is None else max(high, before)
     for t, counts in reversed(history.points):
         before = dict(counts).get(inode)
-        if current is not None and before is not None and now - t > 0.0:
-            return (current - before) / (now - t), now - t
+        if before is not None and now - t > 0.0:
+            return (current - max(before, high if high is not None else before)) / (now - t), now - t
     return 0.0, math.inf
 
 
@@ -186,11 +209,10 @@ def lost_in_incident(history: History, sample: Sample, inode: int | None) -> int
     if history.incident is not None:
         base = dict(history.incident.loss_base).get(inode)
     else:
-        drops, early = dict(history.drops).get(inode), dict(history.early).get(inode)
-        base = None if drops is None else drops + (early or 0)
+        base = dict(history.lost).get(inode)
     if base is None:
         return 0
-    return max(0, ns.drops + ns.stat("early_drop") - base)
+    return max(0, flows_lost(ns) - base)
 
 
 def _urgent(policy: Policy, sample: Sample, history: History, fill: float, rate: float) -> str | None:
@@ -631,11 +653,9 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         if not active or sample is None:
             return {}
         worst = sample.worst
-        base = dict(h.drops)
-        early = dict(h.early)
         inc = Incident(started=now, netns=worst.inode if worst else None, name=worst.name if worst else "",
                        unit=worst.unit if worst else "", max_at_start=sample.limits.max,
-                       loss_base=tuple((i, d + early.get(i, 0)) for i, d in base.items()), last_active=now,
+                       loss_base=h.lost, last_active=now,
                        sizing_base=h.sizing_peak)
     changes: dict = {}
     live = [e for e in events if not e.backlog]
@@ -763,9 +783,10 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
                 changes["sizing_peak"] = peak
         changes["drops"] = tuple((ns.inode, ns.drops) for ns in sample.namespaces)
         changes["early"] = tuple((ns.inode, ns.stat("early_drop")) for ns in sample.namespaces)
+        changes["lost"] = tuple((ns.inode, flows_lost(ns)) for ns in sample.namespaces)
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
-        changes["points"] = tuple(p for p in h.points if sample.at.boot - p[0] <= RATE_WINDOW) + (point,)
+        changes["points"] = _keep_points(h.points, sample.at.boot) + (point,)
         if sample.worst_fill >= policy.thresholds.warn:
             if h.pressure_since is None:
                 changes["pressure_since"] = now
@@ -773,6 +794,26 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["pressure_since"] = None
             changes["last_warn"] = None
     return h.with_(**changes)
+
+
+def _keep_points(points, now: float) -> tuple:
+    """The last RATE_WINDOW seconds whole, and one point a second back to GC_WINDOW (the highest
+    demand of each second stands for it: current_rate only needs the highs)."""
+    recent = tuple(p for p in points if now - p[0] <= RATE_WINDOW)
+    older: dict[int, tuple] = {}
+    for p in points:
+        age = now - p[0]
+        if RATE_WINDOW < age <= GC_WINDOW:
+            sec = int(p[0])
+            kept = older.get(sec)
+            if kept is None:
+                older[sec] = p
+            else:   # merge: per inode, the higher demand
+                merged = dict(kept[1])
+                for inode, d in p[1]:
+                    merged[inode] = max(d, merged.get(inode, d))
+                older[sec] = (kept[0], tuple(merged.items()))
+    return tuple(older[k] for k in sorted(older)) + recent
 
 
 def _summary(sample: Sample, fill: float, rate: float, actions: list[Action]) -> str:

@@ -273,7 +273,7 @@ class Incident:
     max_now: int = 0                # nf_conntrack_max at the last sample
     rate: float = 0.0               # the highest rate a bump of this incident was sized with
     bundles: tuple[str, ...] = ()   # evidence bundles captured during it
-    loss_base: tuple[tuple[int, int], ...] = ()   # (inode, drop + early_drop) before it started
+    loss_base: tuple[tuple[int, int], ...] = ()   # (inode, early_drop + insert_failed) before it started
     last_active: Instant | None = None             # last sample above warn, table-full line, bump or refusal
     ended: Instant | None = None
     # The guard judged this incident's growth attack-shaped (why; "" when not): its peaks are kept
@@ -317,7 +317,7 @@ class History:
     """What the core remembers between decisions; pure data, advanced by `decide.advance`."""
 
     bumps: tuple[BumpRecord, ...] = ()
-    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, demand), ...)): count + drop + early_drop
+    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, demand), ...)): count + early_drop + insert_failed
     drops: tuple[tuple[int, int], ...] = ()                               # last drop counter per inode
     invalid: tuple[tuple[int, int], ...] = ()                             # last invalid counter per inode
     pressure_since: Instant | None = None
@@ -332,6 +332,7 @@ class History:
     relief: ReliefState = field(default_factory=ReliefState)
     buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
     early: tuple[tuple[int, int], ...] = ()   # last early_drop counter per inode
+    lost: tuple[tuple[int, int], ...] = ()    # last early_drop + insert_failed per inode (flows lost, decide.flows_lost)
     incident: Incident | None = None          # the open incident
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)

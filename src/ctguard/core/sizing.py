@@ -26,7 +26,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 STEP = 1024                 # nf_conntrack_max moves in whole multiples of this
-GROWTH_COVER = 1.0          # seconds of current growth a bump makes room for (beyond what is held)
+# Seconds of current growth a bump makes room for (beyond what is held). Issue 22: a whole
+# second of a burst's rate sent 20,000 flows sent as fast as one sender can to 104k-138k (5-7x);
+# the loop re-bumps before the cooldown once growth reaches act within half the cover (decide:
+# urgent) and looks again within a fast interval, so a bump only needs to cover what such a fast
+# re-bump cannot: decide.cover_for = max(GROWTH_COVER, FAST_COVER x fast_interval), 0.3 s by default.
+GROWTH_COVER = 0.25
 HEADROOM = 2                # persisted max = HEADROOM x peak (docs/contract.md, Sizing; `recommend` uses it too)
 HEADROOM_AFTER_DROPS = 3    # ... once the kernel dropped or evicted flows in the window
 DECAY = 2                   # a persisted size comes down by at most this factor at a time ...
