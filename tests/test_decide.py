@@ -427,7 +427,8 @@ NS0 = 4026531000
         ("mostly answered flows are bumped in full", 16000, 15000, TableShape(NS0, 5000, 1000, 4000), History(), 32768),
         ("a failed look does not hold back", 16000, 15000, TableShape(NS0, 0, 0, 0, error="EPERM"), History(), 32768),
         ("invalid climbing with the drops", 12000, 11000, TableShape(NS0, 5000, 10, 3),
-         History(drops=((NS0, 0),), invalid=((NS0, 0),)), 16384),
+         # issue 22: judged against the namespace's own calm rate (here 0/s over 60 s; no baseline: no judgement)
+         History(drops=((NS0, 0),), invalid=((NS0, 0),), counters_at=1009.9, invalid_base=((NS0, 0.0, 60.0),)), 16384),
         # A spoofed flood caught in its first half-second: 60 entries, each from its own source,
         # cannot reach min_sources (100) yet: held at the guard's ceiling until a look can tell.
         ("too early to tell: held at the guard's ceiling", 12000, 11000, TableShape(NS0, 60, 60, 60), History(),

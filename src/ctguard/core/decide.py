@@ -287,7 +287,9 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     bumped_to: int | None = None
     needs_shape: int | None = None
     if trigger is not None:
-        attack = attack_shape(policy, sample, history, netns)
+        attack, note = judge(policy, sample, history, netns)
+        if note:
+            why = f"{why}; {note}"
         lost = lost_in_incident(history, sample, worst_inode)
         # Losses are happening: bump at once. A slope over a stale interval cannot tell a burst
         # that has stopped from one that goes on (issue 11: an 80 ms burst sent max to the
@@ -479,44 +481,100 @@ def _last_ok_bump_at(history: History) -> Instant | None:
 UNSETTLED_SOURCES = 2
 
 
+# Issue 22: the guard judges with what it knows of the host.
+DOMINANT = 0.5              # one destination (or port) holding this share of the sampled entries dominates
+INVALID_OVER_BASELINE = 4.0  # `invalid` this many times its own calm rate (and above INVALID_FLOOR/s) ...
+INVALID_FLOOR = 100.0
+INVALID_BASELINE_SECONDS = 10.0  # ... once the calm rate was watched this long (no baseline: no judgement)
+INVALID_BASE_WEIGHT = 0.05  # weight of a new calm sample in the baseline (an exponential average)
+
+
 def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | None) -> str | None:
-    """Why the growth in namespace `inode` looks like an attack, or None.
+    """Why the growth in namespace `inode` looks like an attack, or None (see `judge`)."""
+    return judge(policy, sample, history, inode)[0]
 
-    Two signs, either enough: the kernel's `invalid` counter climbs at least as fast as its
-    drops (garbage traffic, not new work), or a look into the table (`sample.shape`) finds
-    most entries never answered or half-open, from many sources (a spoofed SYN or UDP flood;
-    a burst from a few busy clients has few sources and passes).
 
-    A look that cannot tell yet counts as attack-shaped too: mostly unanswered, nearly every
-    entry from its own source, but fewer entries than [guard] min_sources (a spoofed flood
-    caught in its first half-second). Letting that bump pass would take max past the guard's
-    ceiling for good on the very traffic the guard is for; holding it there until the next
-    look costs a legitimate burst one sample, since the table is still far below full.
+def _invalid_sign(g, ns, history: History, now: float, inode: int) -> str | None:
+    """`invalid` climbing with the drops, well above this namespace's own calm rate."""
+    drops_before = dict(history.drops).get(inode)
+    invalid_before = dict(history.invalid).get(inode)
+    if drops_before is None or invalid_before is None or history.counters_at is None:
+        return None
+    dt = now - history.counters_at
+    new_drops = ns.drops - drops_before
+    new_invalid = ns.stat("invalid") - invalid_before
+    if dt <= 0 or new_drops <= 0 or new_invalid < new_drops:
+        return None
+    base = next(((r, secs) for i, r, secs in history.invalid_base if i == inode), None)
+    if base is None or base[1] < INVALID_BASELINE_SECONDS:
+        return None     # no baseline yet: a busy gateway's normal `invalid` is not an attack
+    rate = new_invalid / dt
+    if rate < max(INVALID_FLOOR, INVALID_OVER_BASELINE * base[0]):
+        return None
+    return (f"`invalid` climbs with the drops (+{new_invalid} invalid, +{new_drops} dropped in {dt:.2f} s: "
+            f"{rate:.0f}/s against its calm {base[0]:.0f}/s)")
+
+
+def judge(policy: Policy, sample: Sample, history: History, inode: int | None) -> tuple[str | None, str]:
+    """(why the growth in namespace `inode` looks like an attack or None, a note on what it is instead).
+
+    Signs of an attack, any one enough:
+    - `invalid` climbs at least as fast as the drops, and at INVALID_OVER_BASELINE times this
+      namespace's own calm rate (no baseline yet: no judgement);
+    - a look into the table (`sample.shape`) finds most entries never answered or half-open,
+      from many sources that are not the namespace's internal side (a spoofed SYN or UDP flood);
+    - answered traffic, nearly one entry per source, most to one local port: a query flood or
+      reflection through a local service.
+    Not an attack, said in the note: most entries unanswered to one destination that is not this
+    namespace's, from its internal clients: an outage upstream (clients retrying a dead server),
+    bumped within the ceiling; unanswered traffic from internal clients (a CGNAT's UDP).
+
+    A look that cannot tell yet counts as attack-shaped: mostly unanswered, nearly every entry
+    from its own source, but fewer entries than [guard] min_sources (a spoofed flood caught in
+    its first half-second). Holding it at the guard's ceiling until the next look costs a
+    legitimate burst one sample, since the table is still far below full.
     """
     g = policy.guard
     if not g.enabled or inode is None:
-        return None
+        return None, ""
     ns = next((n for n in sample.namespaces if n.inode == inode), None)
     if ns is not None:
-        drops_before = dict(history.drops).get(inode)
-        invalid_before = dict(history.invalid).get(inode)
-        if drops_before is not None and invalid_before is not None:
-            new_drops = ns.drops - drops_before
-            new_invalid = ns.stat("invalid") - invalid_before
-            if new_drops > 0 and new_invalid >= new_drops:
-                return f"`invalid` climbs with the drops (+{new_invalid} invalid, +{new_drops} dropped)"
+        sign = _invalid_sign(g, ns, history, sample.at.boot, inode)
+        if sign is not None:
+            return sign, ""
     shape = sample.shape
-    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
-            and shape.share >= g.suspicious_share and shape.sources >= g.min_sources):
-        return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
-                f"from {shape.sources} or more sources")
-    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
-            and shape.share >= g.suspicious_share and shape.sources < g.min_sources
-            and shape.sources * UNSETTLED_SOURCES >= shape.seen):
-        return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
-                f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
-                f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell")
-    return None
+    if shape is None or shape.error or shape.netns != inode or not shape.seen:
+        return None, ""
+    host = shape.host
+    internal = bool(host and shape.top_sources and all(host.is_internal(a) for a in shape.top_sources))
+    where = f" ({host.role})" if host is not None else ""
+    if shape.share >= g.suspicious_share:
+        dst_share = shape.top_dst_count / shape.seen
+        if host is not None and internal and shape.top_dst and dst_share >= DOMINANT and not host.is_local(shape.top_dst):
+            return None, (f"an outage, not an attack: {shape.share:.0%} of {shape.seen} sampled entries unanswered, "
+                          f"{dst_share:.0%} to one destination {shape.top_dst} from internal clients{where}: "
+                          f"an upstream is down and its clients retry; bumped within the ceiling")
+        if host is not None and internal:
+            return None, (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered, from internal "
+                          f"clients{where}: not a spoofed flood; bumped within the ceiling")
+        if shape.sources >= g.min_sources:
+            return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
+                    f"from {shape.sources} or more sources"), ""
+        if shape.sources * UNSETTLED_SOURCES >= shape.seen:
+            return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
+                    f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
+                    f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell"), ""
+        return None, ""
+    answered = shape.answered if shape.answered >= 0 else shape.seen - shape.suspicious
+    port_share = shape.top_port_count / shape.seen
+    one_each = shape.sources * UNSETTLED_SOURCES >= shape.seen and shape.sources >= g.min_sources
+    local_dst = host is not None and shape.top_dst and host.is_local(shape.top_dst)
+    if (answered * 2 >= shape.seen and one_each and shape.top_port and port_share >= DOMINANT
+            and (local_dst or host is None) and not internal):
+        return (f"answered traffic, one entry per source ({shape.sources} sources in {shape.seen} sampled entries), "
+                f"{port_share:.0%} to one local port {shape.top_port}: a query flood or reflection through a "
+                f"local service"), ""
+    return None, ""
 
 
 def _capture_due(policy: Policy, history: History, now: Instant) -> bool:
@@ -785,6 +843,8 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         changes["early"] = tuple((ns.inode, ns.stat("early_drop")) for ns in sample.namespaces)
         changes["lost"] = tuple((ns.inode, flows_lost(ns)) for ns in sample.namespaces)
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
+        changes["invalid_base"] = _invalid_base(h, sample, policy)
+        changes["counters_at"] = sample.at.boot
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
         changes["points"] = _keep_points(h.points, sample.at.boot) + (point,)
         if sample.worst_fill >= policy.thresholds.warn:
@@ -794,6 +854,28 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["pressure_since"] = None
             changes["last_warn"] = None
     return h.with_(**changes)
+
+
+def _invalid_base(h: History, sample: Sample, policy: Policy) -> tuple[tuple[int, float, float], ...]:
+    """Each namespace's calm `invalid` rate (an exponential average over samples below `warn`
+    without drops): what the guard compares a climbing `invalid` with."""
+    if h.counters_at is None or sample.at.boot <= h.counters_at:
+        return h.invalid_base
+    dt = sample.at.boot - h.counters_at
+    before, drops = dict(h.invalid), dict(h.drops)
+    base = {i: (r, secs) for i, r, secs in h.invalid_base}
+    for ns in sample.namespaces:
+        if ns.inode not in before:
+            continue
+        calm = sample.fill(ns) < policy.thresholds.warn and ns.drops == drops.get(ns.inode, ns.drops)
+        if not calm:
+            continue
+        rate = max(0, ns.stat("invalid") - before[ns.inode]) / dt
+        r, secs = base.get(ns.inode, (rate, 0.0))
+        weight = min(1.0, max(INVALID_BASE_WEIGHT, dt / 60.0))
+        base[ns.inode] = (r + weight * (rate - r) if secs else rate, secs + dt)
+    live = {ns.inode for ns in sample.namespaces}
+    return tuple((i, r, secs) for i, (r, secs) in sorted(base.items()) if i in live)
 
 
 def _keep_points(points, now: float) -> tuple:

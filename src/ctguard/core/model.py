@@ -6,6 +6,7 @@ nothing downstream can change what the core decided on.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Literal, Union
 
@@ -72,6 +73,42 @@ class KernelLimits:
 
 
 @dataclass(frozen=True)
+class HostFacts:
+    """What a namespace's own network says about an address (host.hostrole.facts): its local
+    addresses, the prefixes it routes without its default route (connected networks and specific
+    routes: the internal side), whether it forwards and has NAT rules (its role)."""
+
+    local: tuple[str, ...] = ()         # addresses of this namespace
+    internal: tuple[str, ...] = ()      # CIDR prefixes reached without the default route
+    forwarding: bool = False
+    nat: bool = False
+
+    def is_local(self, addr: str) -> bool:
+        return addr in self.local
+
+    def is_internal(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        for prefix in self.internal:
+            try:
+                if ip in ipaddress.ip_network(prefix, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    @property
+    def role(self) -> str:
+        if self.nat and self.forwarding:
+            return "NAT gateway"
+        if self.forwarding:
+            return "router"
+        return "end host"
+
+
+@dataclass(frozen=True)
 class TableShape:
     """What a bounded look into one namespace's table found (for the attack guard)."""
 
@@ -84,6 +121,14 @@ class TableShape:
     # Entries per relief timeout key ("udp": unreplied UDP, "tcp_syn_sent", "tcp_time_wait", ...):
     # which timeouts hold what fills the table (see relief.py).
     states: tuple[tuple[str, int], ...] = ()
+    # Issue 22: what the guard needs to tell an outage or a query flood from a spoofed flood.
+    answered: int = -1              # entries that saw a reply (-1: not counted)
+    top_dst: str = ""               # the destination most entries go to, and how many
+    top_dst_count: int = 0
+    top_port: str = ""              # the destination port most entries go to ("udp/53"), and how many
+    top_port_count: int = 0
+    top_sources: tuple[str, ...] = ()   # the busiest sources (a handful)
+    host: HostFacts | None = None   # the namespace's own addresses, prefixes and role
 
     @property
     def share(self) -> float:
@@ -333,6 +378,10 @@ class History:
     buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
     early: tuple[tuple[int, int], ...] = ()   # last early_drop counter per inode
     lost: tuple[tuple[int, int], ...] = ()    # last early_drop + insert_failed per inode (flows lost, decide.flows_lost)
+    # Each namespace's own `invalid` rate while calm: (inode, per second, seconds observed), and the
+    # boot time of the sample the counters above were read at (decide.attack_shape compares with it).
+    invalid_base: tuple[tuple[int, float, float], ...] = ()
+    counters_at: float | None = None
     incident: Incident | None = None          # the open incident
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)
