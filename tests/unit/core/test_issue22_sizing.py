@@ -197,3 +197,21 @@ def test_an_attack_incidents_live_count_is_not_a_sizing_peak():
     assert persist_advice(pol(), s.limits, h, at(0), s).peak == 3000
     h2 = advance(h, s, (), (), at(0), pol())
     assert h2.sizing_peak == 3000
+
+
+# -- what ctguard cannot do here (probed at start) ----------------------------------------------------
+
+@pytest.mark.parametrize("name, cannot, kinds", [
+    ("both writable: bump and buckets", (), {"SetMax", "SetBuckets"}),
+    ("max read-only (a container): no write, a refusal that says why", ("nf_conntrack_max: read-only here",),
+     {"Refuse"}),
+    ("hashsize read-only (not the initial netns): bump, no resize", ("hashsize: read-only here",), {"SetMax"}),
+])
+def test_what_cannot_be_written_is_not_tried(name, cannot, kinds):
+    s = Sample(at(10), KernelLimits(8192, 8192, 256, 16 * GiB, 8 * GiB, "6.1.0", cannot),
+               (NamespaceReading(1, "host", 7500, (("drop", 0),)),))
+    d = decide(pol(), s, History(), s.at)
+    got = {type(a).__name__ for a in d.actions} - {"Capture", "Warn"}
+    assert got == kinds, (name, d.actions)
+    if "Refuse" in kinds:
+        assert "cannot change nf_conntrack_max" in d.of(Refuse)[0].reason
