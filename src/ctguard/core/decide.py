@@ -431,20 +431,21 @@ def _stable_persist(policy: Policy, limits: KernelLimits, history: History, now:
 
 
 def _decay_persist(policy: Policy, limits: KernelLimits, history: History, now: Instant) -> list[Action]:
-    """The persisted size follows the recorded p99 down (issue 22): once a day, with no incident
-    open and nothing waiting to be persisted, and a day of per-minute peaks recorded, a sizing
-    below the persisted value is written, down by at most 1/sizing.DECAY at a time (never below
-    the kernel's default nor what the table held in the window: sizing.advice)."""
+    """The persisted size follows the recorded p99 down and up (issue 22): once a day, with no
+    incident open and nothing waiting to be persisted, and a day of per-minute peaks recorded, a
+    sizing other than the persisted value is written; down by at most 1/sizing.DECAY at a time,
+    never below the kernel's default nor what the table held in the window (sizing.advice)."""
     if (policy.persist.mode == "never" or history.persisted_max is None or history.incident is not None
             or history.unpersisted_max is not None or history.recorded_minutes < DECAY_MIN_MINUTES):
         return []
     if history.persisted_at is not None and now.since(history.persisted_at) < DECAY_EVERY:
         return []
     adv = persist_advice(policy, limits, history, now)
-    if adv.max >= history.persisted_max:
+    if adv.max == history.persisted_max:
         return []
+    way = "down" if adv.max < history.persisted_max else "up"
     return [Persist(adv.max, adv.buckets,
-                    f"the persisted {history.persisted_max} follows the load down: {history.recorded_minutes} "
+                    f"the persisted {history.persisted_max} follows the load {way}: {history.recorded_minutes} "
                     f"minute(s) recorded, p99 {history.recorded_p99}, highest {history.recorded_high}"
                     f"{f', {history.recorded_attack_minutes} attack-shaped minute(s) left out' if history.recorded_attack_minutes else ''}"
                     f"; sized {adv.text()}")]
