@@ -114,7 +114,7 @@ def render(a: dict) -> str:
     buckets = f", buckets = {a['recommended_buckets']}" if a["recommended_buckets"] else " (buckets not managed)"
     lines.append(f"Recommended nf_conntrack_max = {a['recommended_max']} ({a['factor']}x the peak "
                  f"{a['sized_on_peak']}){buckets}, costing about {a['memory_bytes'] / 2**20:.1f} MiB of kernel "
-                 f"memory ({a['object_size']} bytes per entry).")
+                 f"memory ({a['object_size']} bytes of object + {sizing.EXTENSION_BYTES} of extensions per entry, and the buckets).")
     for why in a["why"]:
         lines.append(f"  - {why}")
     lines.append(f"Now: max {a['current_max']}, buckets {a['current_buckets']}; persisted: "
