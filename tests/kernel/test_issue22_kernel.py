@@ -103,7 +103,8 @@ def test_dead_upstream_through_nat_is_bumped_not_called_an_attack() -> None:
                             overrides={"guard": {"ceiling": 16384, "min_sources": 100}}, web_rate=200)
     agent = out.agent
     print(f"dead upstream: bumps {agent.bumps}, refused {agent.count('refused')}, peak {out.kernel.peak_count}, "
-          f"verdicts {[b[1][:120] for b in agent.bundles]}")
+          f"verdicts {[b[1][:120] for b in agent.bundles]}, "
+          f"outage said in the log's tail: {[ln[:200] for ln in agent.log_tail.splitlines() if 'outage' in ln][:2]}")
     assert agent is not None
     assert max(agent.bumps, default=0) > 16384, (agent.bumps, agent.log_tail)
     assert "attack-shaped" not in agent.log_tail, agent.log_tail
