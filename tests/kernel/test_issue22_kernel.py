@@ -109,3 +109,31 @@ def test_dead_upstream_through_nat_is_bumped_not_called_an_attack() -> None:
     assert max(agent.bumps, default=0) > 16384, (agent.bumps, agent.log_tail)
     assert "attack-shaped" not in agent.log_tail, agent.log_tail
     assert not any("attack" in v for _, v, _ in agent.bundles), agent.bundles
+
+
+def test_a_look_reads_the_namespaces_own_addresses_and_routes() -> None:
+    # The host side of the guard's knowledge, on the real kernel, without a daemon: a look into
+    # the receiver of a UDP flood from its neighbour on the same /30 sees the sender as internal
+    # (a connected route), its own address as local, and the flood's one destination and port.
+    from ctguard.config import policy as policy_mod
+    from ctguard.core.decide import judge
+    from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.host.clock import Clock
+    from ctguard.host.kernel import Kernel
+    from ctguard.host.observe import Observer
+
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(65536)
+        pair.flood_udp(3000)
+        obs = Observer(Kernel(), Clock(), "all")
+        obs.rediscover()
+        p = policy_mod.loads("[guard]\nmin_sources = 1\n", "t.toml")
+        shape = obs.shape(pair.receiver_inode, p.guard)
+        assert not shape.error, shape.error
+        assert shape.host is not None and pair.receiver_addr in shape.host.local, shape.host
+        assert shape.top_sources == (pair.sender_addr,) and shape.host.is_internal(pair.sender_addr), shape
+        assert shape.top_dst == pair.receiver_addr and shape.top_port.startswith("udp/"), shape
+        s = Sample(Instant(0, 0), KernelLimits(65536, 65536, 256, 1 << 34, 1 << 33),
+                   (NamespaceReading(pair.receiver_inode, pair.receiver, shape.seen, ()),), shape)
+        attack, note = judge(p, s, History(), pair.receiver_inode)
+        assert attack is None and "internal clients" in note, (attack, note)
