@@ -69,7 +69,7 @@ def policy_body(mode: str, ceiling: int, cooldown: float) -> str:
     return bump
 
 
-def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
+def one_run(mode: str, rate: int, flows: int, args, folder: Path, src: Path | None = None, label: str = "") -> dict:
     with netns_pair("ctgp") as pair:
         set_max(args.max)
         if args.buckets:
@@ -82,7 +82,8 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
             Flood(pair, args.prefill, 0, senders=2, first_port=30000).wait(timeout=600)
         daemon = None
         if mode != "none":
-            daemon = Daemon(write_policy(folder / f"{mode}-{rate}", policy_body(mode, args.ceiling, args.cooldown)))
+            daemon = Daemon(write_policy(folder / f"{mode}-{rate}{label}", policy_body(mode, args.ceiling, args.cooldown)),
+                            src=src)
             daemon.__enter__()
         try:
             # A few idle samples, as a daemon that has been running; the random part puts the
@@ -126,7 +127,7 @@ def one_run(mode: str, rate: int, flows: int, args, folder: Path) -> dict:
             if state.exists():
                 triggers = [b["trigger"] for b in json.loads(state.read_text())["bumps"] if b["ok"]]
         return {
-            "mode": mode, "rate": rate, "sent_rate": result.rate, "send_errors": result.errors,
+            "mode": mode + (f"@{label}" if label else ""), "rate": rate, "sent_rate": result.rate, "send_errors": result.errors,
             "drop": after["drop"] - before["drop"], "early_drop": after["early_drop"] - before["early_drop"],
             "first_bump_ms": (changes[0][0] - result.start) * 1000 if changes else None,
             "drop_before_bump": drops_at_first_bump,
@@ -181,6 +182,9 @@ def main() -> int:
                     help="entries the receiver holds before the daemon starts (e.g. 1000000 with --max 1048576)")
     ap.add_argument("--resize", default="262144,1000000",
                     help="after the runs: table sizes at which to time a hashsize resize and max writes ('' skips)")
+    ap.add_argument("--trees", default="",
+                    help="compare source trees in one invocation, interleaved: 'before=/work/main/src,after=src' "
+                         "(each ctguard run uses that tree's src/; default: this tree only)")
     ap.add_argument("--quick", action="store_true", help="one rate, 3,000 flows into a table of 2,048 (smoke test)")
     args = ap.parse_args()
     clean_exit_on_signals()
@@ -195,6 +199,9 @@ def main() -> int:
         return 77
     rates = [int(r) for r in args.rates.split(",")]
     modes = [m for m in args.modes.split(",") if m]
+    trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.trees.split(",") if t] or [("", None)]
+    if args.trees:
+        print("# trees: " + ", ".join(f"{label} = {src}" for label, src in trees))
     print(header())
     print(f"# max {args.max}, hashsize {args.buckets or kernelenv.get_buckets()}, {args.flows} flows per run, ceiling {args.ceiling}, "
           f"cooldown {args.cooldown:g} s, {args.senders} sender(s), prefill {args.prefill}, UDP timeout "
@@ -205,13 +212,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ctguard-ramp-") as tmp, saved_kernel_values():
         for rate in rates:
             for rep in range(args.repeat):
-                for mode in modes:
-                    r = one_run(mode, rate, args.flows, args, Path(tmp) / f"r{rep}")
+                for mode, (label, src) in [(m, t) for m in modes for t in (trees if m != "none" else trees[:1])]:
+                    r = one_run(mode, rate, args.flows, args, Path(tmp) / f"r{rep}", src, label)
                     runs.append(r)
                     fb = f"{r['first_bump_ms']:.0f}" if r["first_bump_ms"] is not None else "-"
                     db = r["drop_before_bump"] if r["drop_before_bump"] is not None else "-"
                     ld = f"{r['last_drop_ms']:.0f}" if r["last_drop_ms"] is not None else "-"
-                    print(f"{rate:>7} {mode:<9} {r['sent_rate']:>7.0f} {r['drop']:>7} {r['early_drop']:>10} {fb:>11} "
+                    print(f"{rate:>7} {r['mode']:<9} {r['sent_rate']:>7.0f} {r['drop']:>7} {r['early_drop']:>10} {fb:>11} "
                           f"{db:>9} {ld:>12} "
                           f"{r['final_max']:>9} {r['bumps']:>5} {r['final_buckets']:>8}  {','.join(r['triggers']) or '-'}",
                           flush=True)

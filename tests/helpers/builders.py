@@ -27,13 +27,15 @@ def pol(text: str = "") -> policy_mod.Policy:
 
 
 def sample(t: float, max_: int, *counts: int, buckets: int | None = None, mem: int = 16 * GiB, obj: int | None = 320,
-           drops: tuple[int, ...] = ()) -> Sample:
+           drops: tuple[int, ...] = (), early: tuple[int, ...] = ()) -> Sample:
     ns = tuple(
         NamespaceReading(4026531000 + i, "host" if i == 0 else f"ns{i}", c,
-                         (("drop", drops[i] if i < len(drops) else 0),))
+                         (("drop", drops[i] if i < len(drops) else 0),)
+                         + ((("early_drop", early[i]),) if i < len(early) else ()))
         for i, c in enumerate(counts)
     )
-    return Sample(at(t), KernelLimits(max_, buckets if buckets is not None else max_ // 4, obj, mem, mem // 2), ns)
+    # Buckets = max by default: the kernel's own ratio since 5.15 (issue 22).
+    return Sample(at(t), KernelLimits(max_, buckets if buckets is not None else max_, obj, mem, mem // 2), ns)
 
 
 def kinds(decision) -> list[str]:

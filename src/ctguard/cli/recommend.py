@@ -3,9 +3,11 @@
 It reads the same history the daemon keeps (state.json: drops and early drops it counted,
 bumps it made, incidents, what it persisted) and the recorded per-minute peaks, and sizes
 with the same function the daemon persists with (decide.persist_advice -> sizing.advice):
-the higher of the p99 per-minute peak over the last 7 days and the peak since the last write,
-times 2 (3 once the kernel dropped), never below the kernel's boot default nor the persisted
-value (and it says when one of those floors decided), within the ceiling and memory cap.
+the higher of the p99 per-minute peak over the last 7 days and the peak since the last write
+(legitimate load only: minutes and incidents the guard judged attack-shaped are left out),
+times 2 (3 once the kernel dropped), never below the kernel's boot default nor what the table
+held in the window, and down from the persisted value by at most half at a time (it says which
+floor decided), within the ceiling and memory cap.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ctguard.core import relief
 from ctguard.core.decide import persist_advice, persist_due_in
 from ctguard.core.model import History, Instant, KernelLimits
 from ctguard.core import sizing
-from ctguard.core.sizing import HASH_HEAD_BYTES, p99
+from ctguard.core.sizing import HASH_HEAD_BYTES
 from ctguard.core.timeouts import DEFAULT_TIMEOUTS
 from ctguard.host import hostrole
 from ctguard.host.clock import Clock
@@ -37,9 +39,11 @@ def advise(policy: Policy, peaks: list[Peak], current_max: int, current_buckets:
            object_size: int | None, now: float, history: History | None = None, mem_total: int = 0,
            now_instant: Instant | None = None) -> dict:
     recent = sizing.recent(peaks, lambda p: p.minute, now)
-    peak99 = p99([p.count for p in recent])
+    used = sizing.peaks_used((p.count, p.attack) for p in recent)
+    peak99 = used.p99
     peak_drops = sum(p.drops for p in recent)
-    h = (history or History()).with_(recorded_p99=peak99)
+    h = (history or History()).with_(recorded_p99=peak99, recorded_high=used.high, recorded_minutes=used.minutes,
+                                     recorded_attack_minutes=used.attack_minutes)
     at = now_instant or Instant(now, now)
     if peak_drops and (h.last_drop is None or at.since(h.last_drop) >= sizing.PEAK_WINDOW):
         h = h.with_(last_drop=Instant(max(p.minute for p in recent if p.drops), 0.0))   # dropped in a recorded minute
@@ -47,7 +51,7 @@ def advise(policy: Policy, peaks: list[Peak], current_max: int, current_buckets:
     adv = persist_advice(policy, limits, h, at)
     obj = object_size or 320
     rec_buckets = adv.buckets if adv.buckets is not None else current_buckets
-    cost = adv.max * obj + rec_buckets * HASH_HEAD_BYTES
+    cost = adv.max * (obj + sizing.EXTENSION_BYTES) + rec_buckets * HASH_HEAD_BYTES
     due = persist_due_in(policy, h, at)
     last = h.last_incident or h.incident
     return {
@@ -56,6 +60,8 @@ def advise(policy: Policy, peaks: list[Peak], current_max: int, current_buckets:
         "p99_peak": peak99,
         "peak_since_persist": h.sizing_peak,
         "highest_peak": max((p.count for p in recent), default=0),
+        "peaks_used": {"minutes": used.minutes, "attack_minutes_left_out": used.attack_minutes, "p99": used.p99,
+                       "highest": used.high, "since_persist": h.sizing_peak, "text": used.text()},
         "drops_seen": peak_drops,
         "drops_seen_by_daemon": bool(h.last_drop is not None and at.since(h.last_drop) < sizing.PEAK_WINDOW),
         "last_drop": h.last_drop.wall if h.last_drop else None,
@@ -93,6 +99,10 @@ def render(a: dict) -> str:
              if a["drops_seen"] or a["drops_seen_by_daemon"] else "drops seen: none")
     lines.append(f"p99 peak over the last {min(a['minutes_recorded'], sizing.PEAK_WINDOW // 60)} minute(s): {a['p99_peak']} "
                  f"entries (highest {a['highest_peak']}); peak since the last persist: {a['peak_since_persist']}; {drops}.")
+    used = a.get("peaks_used")
+    if used:
+        lines.append(f"Peaks sized on: {used['text']}; peak since the last persist {used['since_persist']} "
+                     "(attack-shaped incidents, as the guard judged them, never count).")
     inc = a["incident"]
     if inc:
         lines.append(f"Last incident {inc['id']} in {inc['name'] or inc['netns']}: peak fill {inc['peak_fill']:.1%}, "
@@ -104,7 +114,7 @@ def render(a: dict) -> str:
     buckets = f", buckets = {a['recommended_buckets']}" if a["recommended_buckets"] else " (buckets not managed)"
     lines.append(f"Recommended nf_conntrack_max = {a['recommended_max']} ({a['factor']}x the peak "
                  f"{a['sized_on_peak']}){buckets}, costing about {a['memory_bytes'] / 2**20:.1f} MiB of kernel "
-                 f"memory ({a['object_size']} bytes per entry).")
+                 f"memory ({a['object_size']} bytes of object + {sizing.EXTENSION_BYTES} of extensions per entry, and the buckets).")
     for why in a["why"]:
         lines.append(f"  - {why}")
     lines.append(f"Now: max {a['current_max']}, buckets {a['current_buckets']}; persisted: "

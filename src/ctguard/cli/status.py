@@ -37,6 +37,18 @@ def render_text(view: StatusView) -> str:
     pb = d.get("persisted_buckets")
     lines.append(f"persisted: {'max ' + str(persisted) if persisted is not None else 'nothing'}"
                  f"{f', buckets {pb}' if pb is not None else ''} in {d['persisted_file']} (persist.mode {d['persist_mode']})")
+    sp = d.get("sizing_peaks")
+    if sp is not None:
+        left = (f"; {sp['attack_minutes_left_out']} attack-shaped minute(s) left out"
+                if sp["attack_minutes_left_out"] else "")
+        lines.append(f"sizing peaks: p99 {sp['p99']} (highest {sp['highest']}) of "
+                     f"{sp['minutes'] - sp['attack_minutes_left_out']} minute(s) of legitimate load{left}; "
+                     f"peak since the last persist {sp['since_persist']}")
+    if d.get("namespaces_fillable_at_once") is not None:
+        lines.append(f"memory: {d['namespaces_fillable_at_once']} namespace(s) could fill to max {d['max']} at once "
+                     "within [bump] memory_fraction (the max applies to each namespace separately)")
+    for why in d.get("cannot", []):
+        lines.append(f"ctguard cannot change {why}")
     pend = d.get("pending_persist")
     if pend:
         when = "now" if pend["in_seconds"] <= 0 else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pend["at"]))

@@ -91,7 +91,7 @@ class Relief:
 @dataclass(frozen=True)
 class Buckets:
     manage: bool = True
-    ratio: int = 4
+    ratio: int = 0          # max / buckets; 0: the kernel's own (1 since Linux 5.15, 4 before)
     resize: str = "calm"    # when the run-time resize happens: "calm", "at-once", "never"
 
 
@@ -220,7 +220,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("guard", "min_sources"): (int, _between(1, 1 << 20), "an integer between 1 and 1048576"),
     ("guard", "sample_budget"): (_NUM, _between(0.001, 5), "seconds between 0.001 and 5"),
     ("buckets", "manage"): (bool, None, "true or false"),
-    ("buckets", "ratio"): (int, _between(1, 64), "an integer between 1 and 64"),
+    ("buckets", "ratio"): (int, _between(0, 64), "an integer between 0 (the kernel's own) and 64"),
     ("buckets", "resize"): (str, {"calm", "at-once", "never"}, 'one of "calm", "at-once", "never"'),
     ("persist", "mode"): (str, {"immediate", "stable", "never"}, 'one of "immediate", "stable", "never"'),
     ("persist", "stable_for"): (_NUM, _between(0, 7 * 86400), "seconds between 0 and 604800"),
@@ -529,7 +529,8 @@ def summary(policy: Policy) -> str:
         "never": "never persisted",
     }[p.persist.mode]
     horizon = f" or when growth fills the table within {p.thresholds.horizon:g} s" if p.thresholds.horizon else ""
-    buckets = f"buckets kept at max/{p.buckets.ratio}" if p.buckets.manage else "buckets left alone"
+    buckets = ((f"buckets kept at max/{p.buckets.ratio}" if p.buckets.ratio else "buckets kept at the kernel's own ratio")
+               if p.buckets.manage else "buckets left alone")
     guard = (f"attack-shaped growth stops at {min(p.guard.ceiling, p.bump.ceiling)}" if p.guard.enabled
              else "no guard against attack-shaped growth")
     relief = {

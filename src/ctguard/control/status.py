@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from ctguard.core import incident as incident_text
 from ctguard.boot import persist
-from ctguard.core.decide import budget_left as budget_left_of, persist_advice, persist_due_in, upper_bound
+from ctguard.core.decide import budget_left as budget_left_of, namespaces_at_once, persist_advice, persist_due_in, \
+    upper_bound
 from ctguard.core.model import History, Instant, Sample
 from ctguard.core import relief
 from ctguard.config.policy import Policy
@@ -74,6 +75,8 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
     relieved = relief.rows(policy, history.relief, now)
     if relieved:
         problems.append((WARNING, f"timeout relief active in {len({r['netns'] for r in relieved})} namespace(s)"))
+    for why in lim.cannot:
+        problems.append((WARNING, f"ctguard cannot change {why}"))
     if boot is not None:   # a bootreport.BootReport: what the next boot keeps of ctguard's values
         for s in boot.view.shadows:
             problems.append((WARNING, f"{s.file} overrides ctguard's {s.key} at boot ({s.value})"))
@@ -119,6 +122,13 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "relief_mode": policy.relief.mode,
         "raised_timeouts": [t.as_dict() for t in (timeouts or [])],
         "last_bundle": last_bundle,
+        # Which peaks sizing uses (issue 22): legitimate load only.
+        "sizing_peaks": {"minutes": history.recorded_minutes, "attack_minutes_left_out": history.recorded_attack_minutes,
+                         "p99": history.recorded_p99, "highest": history.recorded_high,
+                         "since_persist": history.sizing_peak},
+        # nf_conntrack_max applies to each namespace separately: how many could fill at once in memory_fraction.
+        "namespaces_fillable_at_once": namespaces_at_once(policy, lim),
+        "cannot": list(lim.cannot),
     }
     if boot is not None:
         data["boot"] = boot.as_dict()

@@ -16,14 +16,21 @@ from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
     Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
 )
-from ctguard.core.sizing import GROWTH_COVER, HASH_HEAD_BYTES, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
-    kernel_default_max, round_up
+from ctguard.core.sizing import DECAY_EVERY, DECAY_MIN_MINUTES, GROWTH_COVER, Advice, BumpSize, advice, bump_size, entry_bytes, kernel_default_buckets, \
+    kernel_default_max, kernel_ratio, round_up
 from ctguard.core import relief
 
 if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
     from ctguard.config.policy import Policy
 
-RATE_WINDOW = 3.0           # seconds of samples kept to estimate growth
+RATE_WINDOW = 3.0           # seconds of samples kept whole to estimate growth
+# The kernel reaps expired entries in garbage-collection passes, not continuously
+# (nf_conntrack_core.c gc_worker: GC_SCAN_INTERVAL_MIN 1 s .. GC_SCAN_INTERVAL_MAX 60 s apart,
+# adaptive), so a table with steady churn climbs between passes and falls at each: a slope over
+# 20 ms - 1 s reads that climb as growth (issue 22: a 60% table with 12k/s churn read "growing
+# 12000/s, full in 8.7 s" and was bumped). Growth counts only the demand above the highest seen
+# in the last GC_WINDOW seconds (points older than RATE_WINDOW kept one a second).
+GC_WINDOW = 60.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -69,7 +76,7 @@ CALM_AFTER = 10.0           # seconds without a bump or a drop before a storm co
 # `cover` seconds of the growth still going on (sizing.bump_size), and growth that goes on is met
 # by another bump before the cooldown once it would reach `act` within `cover / 2` seconds, or
 # while the kernel still drops above warn ("urgent", `_urgent`), still within the budget.
-FAST_COVER = 6              # fast intervals of growth a bump covers at least (a slow fast_interval needs more)
+FAST_COVER = 3              # fast intervals of growth a bump covers at least: the next look (1) and a re-bump (urgent at cover/2)
 LOSS_WINDOW = 7 * 86400.0   # drops this recent make the persisted sizing use sizing.HEADROOM_AFTER_DROPS
 
 
@@ -78,16 +85,37 @@ def cover_for(policy: Policy) -> float:
     return max(GROWTH_COVER, FAST_COVER * policy.watch.fast_interval)
 
 
-def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> int:
-    """Largest max whose entries (and their share of buckets) fit in memory_fraction of MemTotal.
+def ratio_of(policy: Policy, release: str = "") -> int:
+    """max / buckets ctguard keeps: the policy's [buckets] ratio, or the kernel's own (0)."""
+    return policy.buckets.ratio or kernel_ratio(release)
 
-    When /proc/slabinfo cannot be read, 320 bytes per entry is assumed: larger than the
-    nf_conntrack slab object (/proc/slabinfo: 256 bytes on the x86_64 6.18 test VM), so the
-    cap errs low.
-    """
+
+def per_entry(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> float:
+    """Bytes one entry costs the kernel: object + extensions + its share of the buckets."""
     obj = limits.slab_object_size or default_object_size
-    per_entry = obj + (HASH_HEAD_BYTES / policy.buckets.ratio if policy.buckets.manage else 0)
-    return int(policy.bump.memory_fraction * limits.mem_total / per_entry)
+    return entry_bytes(obj, ratio_of(policy, limits.release)) if policy.buckets.manage else entry_bytes(obj, math.inf)
+
+
+def memory_cap(policy: Policy, limits: KernelLimits, default_object_size: int = 320) -> int:
+    """Largest max whose entries fit in memory_fraction of MemTotal, each entry costing its
+    nf_conn object, its extensions and its share of the buckets (sizing.entry_bytes).
+
+    When /proc/slabinfo cannot be read, 320 bytes of object are assumed: larger than the
+    nf_conntrack slab object (/proc/slabinfo: 256 bytes on the x86_64 6.18 test VM), so the
+    cap errs low. The limit applies to each namespace separately: one namespace filling to
+    this max uses the fraction; `namespaces_at_once` says how many could.
+    """
+    return int(policy.bump.memory_fraction * limits.mem_total / per_entry(policy, limits, default_object_size))
+
+
+def namespaces_at_once(policy: Policy, limits: KernelLimits, max_value: int | None = None) -> int:
+    """How many namespaces could each fill to `max_value` (the live max by default) at once within
+    memory_fraction of MemTotal: nf_conntrack_max is compared with each namespace's own count."""
+    m = max_value if max_value is not None else limits.max
+    if m <= 0:
+        return 0
+    obj = limits.slab_object_size or 320
+    return int(policy.bump.memory_fraction * limits.mem_total // (m * entry_bytes(obj, math.inf)))
 
 
 def upper_bound(policy: Policy, limits: KernelLimits) -> tuple[int, str]:
@@ -108,28 +136,44 @@ def size_bump(policy: Policy, old: int, count: int, lost: int, rate: float) -> B
     return bump_size(old, count, lost, rate, policy.thresholds.act, policy.bump.factor, cover_for(policy))
 
 
-def buckets_for(policy: Policy, max_value: int) -> int:
-    return int(math.ceil(max_value / policy.buckets.ratio))
+def buckets_for(policy: Policy, max_value: int, release: str = "") -> int:
+    return int(math.ceil(max_value / ratio_of(policy, release)))
 
 
 def demand(ns) -> int:
-    """What the table was asked to hold: its count plus the new flows the kernel refused (drop)
-    or made room for by evicting another (early_drop). Grows with the flood even at a full table."""
-    return ns.count + ns.stat("drop") + ns.stat("early_drop")
+    """What the table was asked to hold, in flows: its count plus the entries the kernel evicted to
+    make room (early_drop) or could not insert (insert_failed). Not `drop`: it counts packets
+    (nf_conntrack_core.c: NF_CONNTRACK_STAT_INC(net, drop) for every packet refused an entry), so
+    2,000 streams at 200 pps read as 400,000 flows a second (issue 22)."""
+    return ns.count + ns.stat("early_drop") + ns.stat("insert_failed")
+
+
+def flows_lost(ns) -> int:
+    """The flow counters in `demand` (early_drop + insert_failed)."""
+    return ns.stat("early_drop") + ns.stat("insert_failed")
 
 
 def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, float]:
-    """(slope since the previous sample, that sample's age in seconds); (0, inf) without one.
+    """(growth since the previous sample, that sample's age in seconds); (0, inf) without one.
 
     The one rate: the growth trigger, the bump's size, its journal entry and the decision all
-    use it. It is the slope of the demand (count + drops + early drops), so a full table that
-    keeps refusing flows still shows its growth, and a burst that has stopped shows none."""
+    use it. It is the rise of the demand (count + early drops + failed inserts) above the highest
+    demand seen in the last GC_WINDOW seconds, over the time since the previous sample: a full
+    table that keeps evicting still shows its growth, a burst that has stopped shows none, and a
+    table that only refills between the kernel's GC passes shows none either."""
     now = sample.at.boot
     current = next((demand(ns) for ns in sample.namespaces if ns.inode == inode), None)
+    if current is None:
+        return 0.0, math.inf
+    high = None
+    for t, counts in history.points:
+        before = dict(counts).get(inode)
+        if before is not None and now - t <= GC_WINDOW:
+            high = before if high is None else max(high, before)
     for t, counts in reversed(history.points):
         before = dict(counts).get(inode)
-        if current is not None and before is not None and now - t > 0.0:
-            return (current - before) / (now - t), now - t
+        if before is not None and now - t > 0.0:
+            return (current - max(before, high if high is not None else before)) / (now - t), now - t
     return 0.0, math.inf
 
 
@@ -165,11 +209,10 @@ def lost_in_incident(history: History, sample: Sample, inode: int | None) -> int
     if history.incident is not None:
         base = dict(history.incident.loss_base).get(inode)
     else:
-        drops, early = dict(history.drops).get(inode), dict(history.early).get(inode)
-        base = None if drops is None else drops + (early or 0)
+        base = dict(history.lost).get(inode)
     if base is None:
         return 0
-    return max(0, ns.drops + ns.stat("early_drop") - base)
+    return max(0, flows_lost(ns) - base)
 
 
 def _urgent(policy: Policy, sample: Sample, history: History, fill: float, rate: float) -> str | None:
@@ -244,7 +287,9 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     bumped_to: int | None = None
     needs_shape: int | None = None
     if trigger is not None:
-        attack = attack_shape(policy, sample, history, netns)
+        attack, note = judge(policy, sample, history, netns)
+        if note:
+            why = f"{why}; {note}"
         lost = lost_in_incident(history, sample, worst_inode)
         # Losses are happening: bump at once. A slope over a stale interval cannot tell a burst
         # that has stopped from one that goes on (issue 11: an 80 ms burst sent max to the
@@ -289,7 +334,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
         actions.extend(_pressure_actions(policy, history, now, worst_inode, fill,
                                          may_capture=not any(isinstance(a, Capture) for a in actions)))
     if bumped_to is None:
-        actions.extend(_stable_persist(policy, limits, history, now, sample))
+        actions.extend(_stable_persist(policy, limits, history, now, sample) or _decay_persist(policy, limits, history, now))
 
     relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
     actions.extend(relief_actions)
@@ -311,19 +356,21 @@ def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now:
     One resize at a time; with resize = "calm", an expensive one waits for the storm to end."""
     if not policy.buckets.manage or policy.buckets.resize == "never":
         return []
+    if any(c.startswith("hashsize") for c in limits.cannot):
+        return []       # read-only here (probed at start; `status` says so)
     if sample is not None and sample.resizing is not None:
         return []       # one in flight: the next sample after it sees its result
     if bumped_to is None and history.buckets_failed is not None and now.since(history.buckets_failed) < BUCKETS_RETRY:
         return []
     target_max = bumped_to or limits.max
-    want = buckets_for(policy, target_max)
+    want = buckets_for(policy, target_max, limits.release)
     if limits.buckets >= want:
         return []
     if policy.buckets.resize == "calm" and not calm and sample is not None:
         entries = sum(ns.count for ns in sample.namespaces)
         if entries > CHEAP_RESIZE_ENTRIES and target_max / max(1, limits.buckets) <= CHAIN_BOUND:
             return []   # mid-storm: a resize would stall every new flow longer than the chains cost them
-    return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {policy.buckets.ratio} for max {target_max}")]
+    return [SetBuckets(limits.buckets, want, f"keep max/buckets <= {ratio_of(policy, limits.release)} for max {target_max}")]
 
 
 def _pressure_actions(policy: Policy, history: History, now: Instant, inode: int | None, fill: float,
@@ -344,15 +391,21 @@ def _pressure_actions(policy: Policy, history: History, now: Instant, inode: int
 
 def persist_advice(policy: Policy, limits: KernelLimits, history: History, now: Instant,
                    sample: Sample | None = None) -> Advice:
-    """What persists (and what `recommend` advises): sizing.advice over the same history."""
-    peak = max(history.sizing_peak, history.recorded_p99, sample.worst.count if sample and sample.worst else 0)
+    """What persists (and what `recommend` advises): sizing.advice over the same history, from
+    legitimate load only: the peak since the last write (attack-shaped incidents left out, see
+    advance), the recorded p99 and the highest recorded minute (attack-shaped minutes left out,
+    sizing.peaks_used), and the live count unless the open incident is attack-shaped."""
+    attack_now = history.incident is not None and bool(history.incident.attack)
+    live = sample.worst.count if sample and sample.worst and not attack_now else 0
+    peak = max(history.sizing_peak, history.recorded_p99, live)
     drops_seen = history.last_drop is not None and now.since(history.last_drop) < LOSS_WINDOW
     if sample is not None:
         drops_seen = drops_seen or (_new_drops(history, sample) + _new_early(history, sample) > 0
                                     and sample.worst_fill >= policy.thresholds.warn)
-    return advice(peak, drops_seen, kernel_default_max(limits.mem_total), history.persisted_max,
-                  upper_bound(policy, limits)[0], policy.buckets.manage, policy.buckets.ratio, limits.buckets,
-                  kernel_default_buckets(limits.mem_total))
+    return advice(peak, drops_seen, kernel_default_max(limits.mem_total, limits.release), history.persisted_max,
+                  upper_bound(policy, limits)[0], policy.buckets.manage, ratio_of(policy, limits.release), limits.buckets,
+                  kernel_default_buckets(limits.mem_total, limits.release), history.recorded_high,
+                  policy.thresholds.act)
 
 
 def persist_due_in(policy: Policy, history: History, now: Instant) -> float | None:
@@ -375,6 +428,27 @@ def _stable_persist(policy: Policy, limits: KernelLimits, history: History, now:
     adv = persist_advice(policy, limits, history, now, sample)
     return [Persist(adv.max, adv.buckets,
                     f"no drop for {policy.persist.stable_for:g} s since the last bump; sized {adv.text()}")]
+
+
+def _decay_persist(policy: Policy, limits: KernelLimits, history: History, now: Instant) -> list[Action]:
+    """The persisted size follows the recorded p99 down and up (issue 22): once a day, with no
+    incident open and nothing waiting to be persisted, and a day of per-minute peaks recorded, a
+    sizing other than the persisted value is written; down by at most 1/sizing.DECAY at a time,
+    never below the kernel's default nor what the table held in the window (sizing.advice)."""
+    if (policy.persist.mode == "never" or history.persisted_max is None or history.incident is not None
+            or history.unpersisted_max is not None or history.recorded_minutes < DECAY_MIN_MINUTES):
+        return []
+    if history.persisted_at is not None and now.since(history.persisted_at) < DECAY_EVERY:
+        return []
+    adv = persist_advice(policy, limits, history, now)
+    if adv.max == history.persisted_max:
+        return []
+    way = "down" if adv.max < history.persisted_max else "up"
+    return [Persist(adv.max, adv.buckets,
+                    f"the persisted {history.persisted_max} follows the load {way}: {history.recorded_minutes} "
+                    f"minute(s) recorded, p99 {history.recorded_p99}, highest {history.recorded_high}"
+                    f"{f', {history.recorded_attack_minutes} attack-shaped minute(s) left out' if history.recorded_attack_minutes else ''}"
+                    f"; sized {adv.text()}")]
 
 
 def next_interval(policy: Policy, decision: Decision) -> float:
@@ -410,44 +484,100 @@ def _last_ok_bump_at(history: History) -> Instant | None:
 UNSETTLED_SOURCES = 2
 
 
+# Issue 22: the guard judges with what it knows of the host.
+DOMINANT = 0.5              # one destination (or port) holding this share of the sampled entries dominates
+INVALID_OVER_BASELINE = 4.0  # `invalid` this many times its own calm rate (and above INVALID_FLOOR/s) ...
+INVALID_FLOOR = 100.0
+INVALID_BASELINE_SECONDS = 10.0  # ... once the calm rate was watched this long (no baseline: no judgement)
+INVALID_BASE_WEIGHT = 0.05  # weight of a new calm sample in the baseline (an exponential average)
+
+
 def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | None) -> str | None:
-    """Why the growth in namespace `inode` looks like an attack, or None.
+    """Why the growth in namespace `inode` looks like an attack, or None (see `judge`)."""
+    return judge(policy, sample, history, inode)[0]
 
-    Two signs, either enough: the kernel's `invalid` counter climbs at least as fast as its
-    drops (garbage traffic, not new work), or a look into the table (`sample.shape`) finds
-    most entries never answered or half-open, from many sources (a spoofed SYN or UDP flood;
-    a burst from a few busy clients has few sources and passes).
 
-    A look that cannot tell yet counts as attack-shaped too: mostly unanswered, nearly every
-    entry from its own source, but fewer entries than [guard] min_sources (a spoofed flood
-    caught in its first half-second). Letting that bump pass would take max past the guard's
-    ceiling for good on the very traffic the guard is for; holding it there until the next
-    look costs a legitimate burst one sample, since the table is still far below full.
+def _invalid_sign(g, ns, history: History, now: float, inode: int) -> str | None:
+    """`invalid` climbing with the drops, well above this namespace's own calm rate."""
+    drops_before = dict(history.drops).get(inode)
+    invalid_before = dict(history.invalid).get(inode)
+    if drops_before is None or invalid_before is None or history.counters_at is None:
+        return None
+    dt = now - history.counters_at
+    new_drops = ns.drops - drops_before
+    new_invalid = ns.stat("invalid") - invalid_before
+    if dt <= 0 or new_drops <= 0 or new_invalid < new_drops:
+        return None
+    base = next(((r, secs) for i, r, secs in history.invalid_base if i == inode), None)
+    if base is None or base[1] < INVALID_BASELINE_SECONDS:
+        return None     # no baseline yet: a busy gateway's normal `invalid` is not an attack
+    rate = new_invalid / dt
+    if rate < max(INVALID_FLOOR, INVALID_OVER_BASELINE * base[0]):
+        return None
+    return (f"`invalid` climbs with the drops (+{new_invalid} invalid, +{new_drops} dropped in {dt:.2f} s: "
+            f"{rate:.0f}/s against its calm {base[0]:.0f}/s)")
+
+
+def judge(policy: Policy, sample: Sample, history: History, inode: int | None) -> tuple[str | None, str]:
+    """(why the growth in namespace `inode` looks like an attack or None, a note on what it is instead).
+
+    Signs of an attack, any one enough:
+    - `invalid` climbs at least as fast as the drops, and at INVALID_OVER_BASELINE times this
+      namespace's own calm rate (no baseline yet: no judgement);
+    - a look into the table (`sample.shape`) finds most entries never answered or half-open,
+      from many sources that are not the namespace's internal side (a spoofed SYN or UDP flood);
+    - answered traffic, nearly one entry per source, most to one local port: a query flood or
+      reflection through a local service.
+    Not an attack, said in the note: most entries unanswered to one destination that is not this
+    namespace's, from its internal clients: an outage upstream (clients retrying a dead server),
+    bumped within the ceiling; unanswered traffic from internal clients (a CGNAT's UDP).
+
+    A look that cannot tell yet counts as attack-shaped: mostly unanswered, nearly every entry
+    from its own source, but fewer entries than [guard] min_sources (a spoofed flood caught in
+    its first half-second). Holding it at the guard's ceiling until the next look costs a
+    legitimate burst one sample, since the table is still far below full.
     """
     g = policy.guard
     if not g.enabled or inode is None:
-        return None
+        return None, ""
     ns = next((n for n in sample.namespaces if n.inode == inode), None)
     if ns is not None:
-        drops_before = dict(history.drops).get(inode)
-        invalid_before = dict(history.invalid).get(inode)
-        if drops_before is not None and invalid_before is not None:
-            new_drops = ns.drops - drops_before
-            new_invalid = ns.stat("invalid") - invalid_before
-            if new_drops > 0 and new_invalid >= new_drops:
-                return f"`invalid` climbs with the drops (+{new_invalid} invalid, +{new_drops} dropped)"
+        sign = _invalid_sign(g, ns, history, sample.at.boot, inode)
+        if sign is not None:
+            return sign, ""
     shape = sample.shape
-    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
-            and shape.share >= g.suspicious_share and shape.sources >= g.min_sources):
-        return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
-                f"from {shape.sources} or more sources")
-    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
-            and shape.share >= g.suspicious_share and shape.sources < g.min_sources
-            and shape.sources * UNSETTLED_SOURCES >= shape.seen):
-        return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
-                f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
-                f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell")
-    return None
+    if shape is None or shape.error or shape.netns != inode or not shape.seen:
+        return None, ""
+    host = shape.host
+    internal = bool(host and shape.top_sources and all(host.is_internal(a) for a in shape.top_sources))
+    where = f" ({host.role})" if host is not None else ""
+    if shape.share >= g.suspicious_share:
+        dst_share = shape.top_dst_count / shape.seen
+        if host is not None and internal and shape.top_dst and dst_share >= DOMINANT and not host.is_local(shape.top_dst):
+            return None, (f"an outage, not an attack: {shape.share:.0%} of {shape.seen} sampled entries unanswered, "
+                          f"{dst_share:.0%} to one destination {shape.top_dst} from internal clients{where}: "
+                          f"an upstream is down and its clients retry; bumped within the ceiling")
+        if host is not None and internal:
+            return None, (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered, from internal "
+                          f"clients{where}: not a spoofed flood; bumped within the ceiling")
+        if shape.sources >= g.min_sources:
+            return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
+                    f"from {shape.sources} or more sources"), ""
+        if shape.sources * UNSETTLED_SOURCES >= shape.seen:
+            return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
+                    f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
+                    f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell"), ""
+        return None, ""
+    answered = shape.answered if shape.answered >= 0 else shape.seen - shape.suspicious
+    port_share = shape.top_port_count / shape.seen
+    one_each = shape.sources * UNSETTLED_SOURCES >= shape.seen and shape.sources >= g.min_sources
+    local_dst = host is not None and shape.top_dst and host.is_local(shape.top_dst)
+    if (answered * 2 >= shape.seen and one_each and shape.top_port and port_share >= DOMINANT
+            and (local_dst or host is None) and not internal):
+        return (f"answered traffic, one entry per source ({shape.sources} sources in {shape.seen} sampled entries), "
+                f"{port_share:.0%} to one local port {shape.top_port}: a query flood or reflection through a "
+                f"local service"), ""
+    return None, ""
 
 
 def _capture_due(policy: Policy, history: History, now: Instant) -> bool:
@@ -471,6 +601,11 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
     if _bumps_in_last_hour(history, now) >= policy.bump.max_per_hour:
         return Refuse(want, old, "budget", trigger, netns, fill,
                       f"{why}; bump budget spent ({policy.bump.max_per_hour} in the last hour)")
+    cannot = [c for c in limits.cannot if c.startswith("nf_conntrack_max")]
+    if cannot:
+        return Refuse(want, old, "observe", trigger, netns, fill,
+                      f"{why}; would bump {old} -> {want}, but ctguard cannot change {cannot[0]}: raise it where it is "
+                      "writable (the host)")
     upper, binding = upper_bound(policy, limits)
     if attack is not None and policy.guard.ceiling < upper:
         upper, binding = policy.guard.ceiling, "guard"
@@ -484,7 +619,7 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
     clipped = binding if new < want else None
     note = f", clipped by the {binding}" if clipped else ""
     return SetMax(old, new, trigger, netns, fill, f"{why}; {old} -> {new}{note}; sized: {size.text()}", clipped,
-                  size.rate, size.need, size.cover)
+                  size.rate, size.need, size.cover, attack or "")
 
 
 def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = False,
@@ -519,7 +654,7 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = F
         else:
             actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} lowered max to {to}"))
             if policy.persist.mode != "never":
-                buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+                buckets = (max(buckets_for(policy, to, limits.release), limits.buckets, kernel_default_buckets(limits.mem_total, limits.release))
                            if policy.buckets.manage else None)
                 actions.append(Persist(to, buckets, f"operator lowered max to {to}"))
     elif to > upper:
@@ -527,11 +662,11 @@ def decide_manual(policy: Policy, limits: KernelLimits, to: int, lower: bool = F
                               f"{who} asked for {to}, above the {binding} {upper}"))
     else:
         actions.append(SetMax(limits.max, to, "manual", netns, fill, f"{who} asked for {to}"))
-        if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, to):
-            actions.append(SetBuckets(limits.buckets, buckets_for(policy, to), f"keep max/buckets <= {policy.buckets.ratio}"))
+        if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, to, limits.release):
+            actions.append(SetBuckets(limits.buckets, buckets_for(policy, to, limits.release), f"keep max/buckets <= {ratio_of(policy, limits.release)}"))
         if policy.persist.mode != "never":
             # Persisted buckets never below the live ones nor the kernel's default (issue 11).
-            buckets = (max(buckets_for(policy, to), limits.buckets, kernel_default_buckets(limits.mem_total))
+            buckets = (max(buckets_for(policy, to, limits.release), limits.buckets, kernel_default_buckets(limits.mem_total, limits.release))
                        if policy.buckets.manage else None)
             actions.append(Persist(to, buckets, f"operator raised max to {to}"))
     return Decision(tuple(actions), netns, fill, 0.0, False, actions[0].reason)  # type: ignore[union-attr]
@@ -548,8 +683,8 @@ def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None
             actions.append(SetMax(limits.max, target, "reapply", None, 0.0,
                                   f"persisted max {persisted_max} is not in force (kernel has {limits.max})"
                                   + (f", clipped by the {binding}" if target < persisted_max else "")))
-            if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, target):
-                actions.append(SetBuckets(limits.buckets, buckets_for(policy, target), "with the persisted max"))
+            if policy.buckets.manage and policy.buckets.resize != "never" and limits.buckets < buckets_for(policy, target, limits.release):
+                actions.append(SetBuckets(limits.buckets, buckets_for(policy, target, limits.release), "with the persisted max"))
     return Decision(tuple(actions), None, 0.0, 0.0, False, "start")
 
 
@@ -584,11 +719,10 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         if not active or sample is None:
             return {}
         worst = sample.worst
-        base = dict(h.drops)
-        early = dict(h.early)
         inc = Incident(started=now, netns=worst.inode if worst else None, name=worst.name if worst else "",
                        unit=worst.unit if worst else "", max_at_start=sample.limits.max,
-                       loss_base=tuple((i, d + early.get(i, 0)) for i, d in base.items()), last_active=now)
+                       loss_base=h.lost, last_active=now,
+                       sizing_base=h.sizing_peak)
     changes: dict = {}
     live = [e for e in events if not e.backlog]
     upd: dict = {
@@ -598,6 +732,7 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         "refusals": inc.refusals + sum(1 for o in outcomes if isinstance(o.action, Refuse)
                                        and o.action.kind != "cooldown" and o.action.trigger != "manual"),
         "rate": max([inc.rate] + [o.action.rate for o in outcomes if o.ok and isinstance(o.action, SetMax)]),
+        "attack": inc.attack or _attack_of(outcomes),
     }
     if sample is not None:
         worst = sample.worst
@@ -616,6 +751,17 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
     else:
         changes["incident"] = inc
     return changes
+
+
+def _attack_of(outcomes: Sequence[Outcome]) -> str:
+    """The guard's judgement in this turn's outcomes: why the growth is attack-shaped, or ""."""
+    for o in outcomes:
+        a = o.action
+        if isinstance(a, SetMax) and a.attack:
+            return a.attack
+        if isinstance(a, Refuse) and a.kind == "guard":
+            return a.reason
+    return ""
 
 
 def _replace(inc: Incident, changes: dict) -> Incident:
@@ -666,6 +812,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["persisted_buckets"] = a.buckets
             changes["unpersisted_max"] = None
             changes["sizing_peak"] = 0
+            changes["persisted_at"] = now
         elif isinstance(a, Capture) and o.ok:
             changes["last_capture"] = now
         elif isinstance(a, Warn) and a.kind == "pressure":
@@ -692,13 +839,22 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         if h.incident is not None or changes.get("incident") is not None or h.unpersisted_max is not None \
                 or changes.get("unpersisted_max") is not None:
             # Peaks during an incident and after it, until the raised max is persisted: what persists is sized on.
-            peak = max(h.sizing_peak if "sizing_peak" not in changes else 0, sample.worst.count if sample.worst else 0)
-            changes["sizing_peak"] = peak
+            # An incident the guard judged attack-shaped adds nothing: the peak goes back to what it
+            # was before that incident (issue 22: a flood's peak must not become the next boot's size).
+            inc = changes.get("incident", h.incident)
+            if inc is not None and inc.attack:
+                changes["sizing_peak"] = min(inc.sizing_base, h.sizing_peak if "sizing_peak" not in changes else 0)
+            else:
+                peak = max(h.sizing_peak if "sizing_peak" not in changes else 0, sample.worst.count if sample.worst else 0)
+                changes["sizing_peak"] = peak
         changes["drops"] = tuple((ns.inode, ns.drops) for ns in sample.namespaces)
         changes["early"] = tuple((ns.inode, ns.stat("early_drop")) for ns in sample.namespaces)
+        changes["lost"] = tuple((ns.inode, flows_lost(ns)) for ns in sample.namespaces)
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
+        changes["invalid_base"] = _invalid_base(h, sample, policy)
+        changes["counters_at"] = sample.at.boot
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
-        changes["points"] = tuple(p for p in h.points if sample.at.boot - p[0] <= RATE_WINDOW) + (point,)
+        changes["points"] = _keep_points(h.points, sample.at.boot) + (point,)
         if sample.worst_fill >= policy.thresholds.warn:
             if h.pressure_since is None:
                 changes["pressure_since"] = now
@@ -706,6 +862,48 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["pressure_since"] = None
             changes["last_warn"] = None
     return h.with_(**changes)
+
+
+def _invalid_base(h: History, sample: Sample, policy: Policy) -> tuple[tuple[int, float, float], ...]:
+    """Each namespace's calm `invalid` rate (an exponential average over samples below `warn`
+    without drops): what the guard compares a climbing `invalid` with."""
+    if h.counters_at is None or sample.at.boot <= h.counters_at:
+        return h.invalid_base
+    dt = sample.at.boot - h.counters_at
+    before, drops = dict(h.invalid), dict(h.drops)
+    base = {i: (r, secs) for i, r, secs in h.invalid_base}
+    for ns in sample.namespaces:
+        if ns.inode not in before:
+            continue
+        calm = sample.fill(ns) < policy.thresholds.warn and ns.drops == drops.get(ns.inode, ns.drops)
+        if not calm:
+            continue
+        rate = max(0, ns.stat("invalid") - before[ns.inode]) / dt
+        r, secs = base.get(ns.inode, (rate, 0.0))
+        weight = min(1.0, max(INVALID_BASE_WEIGHT, dt / 60.0))
+        base[ns.inode] = (r + weight * (rate - r) if secs else rate, secs + dt)
+    live = {ns.inode for ns in sample.namespaces}
+    return tuple((i, r, secs) for i, (r, secs) in sorted(base.items()) if i in live)
+
+
+def _keep_points(points, now: float) -> tuple:
+    """The last RATE_WINDOW seconds whole, and one point a second back to GC_WINDOW (the highest
+    demand of each second stands for it: current_rate only needs the highs)."""
+    recent = tuple(p for p in points if now - p[0] <= RATE_WINDOW)
+    older: dict[int, tuple] = {}
+    for p in points:
+        age = now - p[0]
+        if RATE_WINDOW < age <= GC_WINDOW:
+            sec = int(p[0])
+            kept = older.get(sec)
+            if kept is None:
+                older[sec] = p
+            else:   # merge: per inode, the higher demand
+                merged = dict(kept[1])
+                for inode, d in p[1]:
+                    merged[inode] = max(d, merged.get(inode, d))
+                older[sec] = (kept[0], tuple(merged.items()))
+    return tuple(older[k] for k in sorted(older)) + recent
 
 
 def _summary(sample: Sample, fill: float, rate: float, actions: list[Action]) -> str:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctguard.core.sizing import EXTENSION_BYTES, HASH_HEAD_BYTES
+
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
 SEVERITY_RANK = {CRITICAL: 0, WARNING: 1, INFO: 2}
 
@@ -139,6 +141,7 @@ class Facts:
     upper: int
     upper_by: str
     netns_label: str
+    inode: int = 0              # the captured namespace (its dump counts towards its series' peak)
 
     @property
     def tcp(self) -> int:
@@ -249,7 +252,7 @@ def facts(data: BundleData) -> Facts:
         mem = _int(((ev.get("memory", {}) or {}).get("bytes", {}) or {}).get("MemTotal"))
         if mem:
             frac = float(_policy_value(data.policy, "bump", "memory_fraction", DEFAULT_MEMORY_FRACTION))
-            cap = int(frac * mem / (_int(slab.get("objsize"), DEFAULT_OBJECT_SIZE) + 2))
+            cap = int(frac * mem / (_int(slab.get("objsize"), DEFAULT_OBJECT_SIZE) + EXTENSION_BYTES + HASH_HEAD_BYTES))
             if cap < ceiling:
                 upper, upper_by = cap, "memory"
     netns = m.get("netns", {}) or {}
@@ -272,7 +275,7 @@ def facts(data: BundleData) -> Facts:
         role=str(host.get("role", "")), roles=tuple(host.get("roles", []) or ()),
         nat=nat, nat_text=str(rules.get("nat_verdict", "")),
         raised=tuple(t for t in host.get("raised_timeouts", []) or () if isinstance(t, Mapping)),
-        ceiling=ceiling, upper=upper, upper_by=upper_by, netns_label=label,
+        ceiling=ceiling, upper=upper, upper_by=upper_by, netns_label=label, inode=inode,
     )
 
 
@@ -649,7 +652,10 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     peak = f.peak
     where = peak.label if peak else f.netns_label
     if peak and peak.peak_max:
-        size = (f"{_n(peak.peak)} entries at its peak, {_pct(peak.peak_fill)} of the max of {_n(peak.peak_max)} "
+        # Peaks are peaks (issue 22): the largest count seen, the dump's too when it is this
+        # namespace's (a capture can come after the recorded window's last point).
+        most = max(peak.peak, f.count, f.entries) if peak.inode and peak.inode == f.inode else peak.peak
+        size = (f"{_n(most)} entries at its peak, {_pct(most / peak.peak_max)} of the max of {_n(peak.peak_max)} "
                 "in force then")
         if peak.fullest_max != peak.peak_max and peak.fullest > peak.peak_fill + 0.05:
             size += (f" (and {_pct(peak.fullest)} of the max of {_n(peak.fullest_max)} in force at "

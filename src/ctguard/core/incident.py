@@ -58,7 +58,8 @@ def end_message(inc: Incident) -> str:
     return (f"conntrack incident {inc.id} in {where(inc.name, inc.unit, inc.netns)} ended after "
             f"{duration(inc):.0f} s: peak fill {inc.peak_fill:.1%} ({inc.peak_count} entries), "
             f"{inc.drops} drops, {inc.early_drops} early drops, {inc.table_full_lines} table-full lines; "
-            f"{bumps}{rate}{refused}{bundles}")
+            f"{bumps}{rate}{refused}{bundles}"
+            + (f"; attack-shaped (the guard: {inc.attack}): left out of the persisted sizing" if inc.attack else ""))
 
 
 def end_fields(inc: Incident) -> dict[str, str | int | float]:
@@ -81,5 +82,5 @@ def summary(inc: Incident) -> dict:
         "peak_count": inc.peak_count, "drops": inc.drops, "early_drops": inc.early_drops,
         "table_full_lines": inc.table_full_lines, "bumps": inc.bumps, "refusals": inc.refusals,
         "max_at_start": inc.max_at_start, "max_now": inc.max_now, "rate": round(inc.rate, 1),
-        "bundles": list(inc.bundles),
+        "bundles": list(inc.bundles), "attack": inc.attack,
     }

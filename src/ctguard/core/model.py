@@ -6,6 +6,7 @@ nothing downstream can change what the core decided on.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Literal, Union
 
@@ -65,6 +66,46 @@ class KernelLimits:
     slab_object_size: int | None    # bytes per nf_conntrack object; None when /proc/slabinfo is unreadable
     mem_total: int                  # bytes
     mem_available: int              # bytes
+    release: str = ""               # the running kernel's release (/proc/sys/kernel/osrelease): its defaults differ
+    # What ctguard may write here (probed at start; containers and LXC mount /proc/sys and /sys
+    # read-only): "" when both are writable, else why not ("max: read-only", ...).
+    cannot: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What a namespace's own network says about an address (host.hostrole.facts): its local
+    addresses, the prefixes it routes without its default route (connected networks and specific
+    routes: the internal side), whether it forwards and has NAT rules (its role)."""
+
+    local: tuple[str, ...] = ()         # addresses of this namespace
+    internal: tuple[str, ...] = ()      # CIDR prefixes reached without the default route
+    forwarding: bool = False
+    nat: bool = False
+
+    def is_local(self, addr: str) -> bool:
+        return addr in self.local
+
+    def is_internal(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        for prefix in self.internal:
+            try:
+                if ip in ipaddress.ip_network(prefix, strict=False):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    @property
+    def role(self) -> str:
+        if self.nat and self.forwarding:
+            return "NAT gateway"
+        if self.forwarding:
+            return "router"
+        return "end host"
 
 
 @dataclass(frozen=True)
@@ -80,6 +121,14 @@ class TableShape:
     # Entries per relief timeout key ("udp": unreplied UDP, "tcp_syn_sent", "tcp_time_wait", ...):
     # which timeouts hold what fills the table (see relief.py).
     states: tuple[tuple[str, int], ...] = ()
+    # Issue 22: what the guard needs to tell an outage or a query flood from a spoofed flood.
+    answered: int = -1              # entries that saw a reply (-1: not counted)
+    top_dst: str = ""               # the destination most entries go to, and how many
+    top_dst_count: int = 0
+    top_port: str = ""              # the destination port most entries go to ("udp/53"), and how many
+    top_port_count: int = 0
+    top_sources: tuple[str, ...] = ()   # the busiest sources (a handful)
+    host: HostFacts | None = None   # the namespace's own addresses, prefixes and role
 
     @property
     def share(self) -> float:
@@ -135,6 +184,7 @@ class SetMax:
     rate: float = 0.0               # the one growth rate the size was computed with (entries/s)
     need: int = 0                   # entries the new max must hold below act (sizing.BumpSize.need)
     cover: float = 0.0              # seconds of that growth made room for
+    attack: str = ""                # the guard judged the growth attack-shaped: why ("" when not)
 
 
 @dataclass(frozen=True)
@@ -268,9 +318,13 @@ class Incident:
     max_now: int = 0                # nf_conntrack_max at the last sample
     rate: float = 0.0               # the highest rate a bump of this incident was sized with
     bundles: tuple[str, ...] = ()   # evidence bundles captured during it
-    loss_base: tuple[tuple[int, int], ...] = ()   # (inode, drop + early_drop) before it started
+    loss_base: tuple[tuple[int, int], ...] = ()   # (inode, early_drop + insert_failed) before it started
     last_active: Instant | None = None             # last sample above warn, table-full line, bump or refusal
     ended: Instant | None = None
+    # The guard judged this incident's growth attack-shaped (why; "" when not): its peaks are kept
+    # out of what sizing persists, and the sizing peak goes back to `sizing_base`, its value before.
+    attack: str = ""
+    sizing_base: int = 0
 
     @property
     def id(self) -> str:
@@ -308,7 +362,7 @@ class History:
     """What the core remembers between decisions; pure data, advanced by `decide.advance`."""
 
     bumps: tuple[BumpRecord, ...] = ()
-    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, demand), ...)): count + drop + early_drop
+    points: tuple[tuple[float, tuple[tuple[int, int], ...]], ...] = ()   # (boot time, ((inode, demand), ...)): count + early_drop + insert_failed
     drops: tuple[tuple[int, int], ...] = ()                               # last drop counter per inode
     invalid: tuple[tuple[int, int], ...] = ()                             # last invalid counter per inode
     pressure_since: Instant | None = None
@@ -323,10 +377,19 @@ class History:
     relief: ReliefState = field(default_factory=ReliefState)
     buckets_failed: Instant | None = None     # last failed hashsize write: not retried every sample            # successful bumps ever (a counter for metrics; survives restarts)
     early: tuple[tuple[int, int], ...] = ()   # last early_drop counter per inode
+    lost: tuple[tuple[int, int], ...] = ()    # last early_drop + insert_failed per inode (flows lost, decide.flows_lost)
+    # Each namespace's own `invalid` rate while calm: (inode, per second, seconds observed), and the
+    # boot time of the sample the counters above were read at (decide.attack_shape compares with it).
+    invalid_base: tuple[tuple[int, float, float], ...] = ()
+    counters_at: float | None = None
     incident: Incident | None = None          # the open incident
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)
     recorded_p99: int = 0                     # p99 of the recorded per-minute peaks (state.PeakRecorder), for sizing
+    recorded_high: int = 0                    # the highest of them (legitimate load: attack-shaped minutes left out)
+    recorded_minutes: int = 0                 # minutes recorded in sizing.PEAK_WINDOW
+    recorded_attack_minutes: int = 0          # of them, attack-shaped (left out of the two above)
+    persisted_at: Instant | None = None       # when ctguard last wrote the persisted sizing
     refusals: tuple[tuple[str, int], ...] = ()  # refused decisions by reason, cooldown aside (a counter for metrics; survives restarts)
 
     def with_(self, **changes) -> "History":

@@ -108,7 +108,9 @@ class Daemon:
     def _note_p99(self) -> None:
         """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
         recent = sizing.recent(self.peaks.current(), lambda p: p.minute, time.time())
-        self.history = self.history.with_(recorded_p99=sizing.p99([p.count for p in recent]))
+        used = sizing.peaks_used((p.count, p.attack) for p in recent)
+        self.history = self.history.with_(recorded_p99=used.p99, recorded_high=used.high, recorded_minutes=used.minutes,
+                                          recorded_attack_minutes=used.attack_minutes)
 
     def _fold(self, sample: Sample | None, events: list[TableFull], outcomes: list[Outcome]) -> None:
         self.history = advance(self.history, sample, events, outcomes, self.clock.now(), self.policy)
@@ -257,7 +259,9 @@ class Daemon:
         self.persistwatch.after_turn(sample, outcomes)
         # While the kernel rehashes, an fsync waits for it (ctguard.daemon.resize): files wait too.
         rehashing = self.resizer.running()
-        if self.peaks.observe(sample, sum(1 + e.suppressed for e in kernel_events if not e.backlog)):
+        inc = self.history.incident
+        if self.peaks.observe(sample, sum(1 + e.suppressed for e in kernel_events if not e.backlog),
+                              inc.started.wall if inc is not None and inc.attack else None):
             self.saver.save_or_hold("peaks", lambda: self.store.save_peaks(self.peaks.peaks, self.peaks.hour), rehashing)
             self._note_p99()
         if outcomes or kernel_events or started is not None or ended is not None:

@@ -179,3 +179,61 @@ def role_and_timeouts(netns: NamespaceRef | str | None) -> tuple[HostRole, list[
         except (OSError, ValueError):
             pass
     return role, timeouts
+
+
+# -- what a namespace's own network says about an address (issue 22: the guard's host knowledge) --
+
+def parse_routes(text: str) -> tuple[str, ...]:
+    """IPv4 prefixes of /proc/net/route reached without the default route (connected networks
+    and specific routes): the namespace's internal side. Addresses are little-endian hex."""
+    import ipaddress
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        try:
+            dst, mask = int(f[1], 16), int(f[7], 16)
+        except ValueError:
+            continue
+        if mask == 0:
+            continue        # the default route: the outside
+        net = ipaddress.IPv4Network((int.from_bytes(dst.to_bytes(4, "little"), "big"),
+                                     bin(mask).count("1")), strict=False)
+        if not net.is_loopback:
+            out.append(str(net))
+    return tuple(dict.fromkeys(out))
+
+
+def parse_local(fib_trie: str) -> tuple[str, ...]:
+    """The namespace's own IPv4 addresses: /32 host LOCAL leaves of /proc/net/fib_trie."""
+    out = []
+    last = None
+    for line in fib_trie.splitlines():
+        s = line.strip()
+        if s.startswith("|--"):
+            last = s[3:].strip()
+        elif s.startswith("/32 host LOCAL") and last and not last.startswith("127."):
+            out.append(last)
+    return tuple(dict.fromkeys(out))
+
+
+def facts(netns_path: str | None):
+    """HostFacts of the namespace at `netns_path` (None: ctguard's own), read from inside it in a
+    short thread (routes, local addresses, forwarding; /proc/thread-self/net is the thread's
+    namespace). IPv4 only; a source that cannot be read leaves its part empty."""
+    from ctguard.core.model import HostFacts
+    from ctguard.host.netns import run_in_netns
+
+    def read() -> HostFacts:
+        def text(path: str) -> str:
+            try:
+                with open(path) as fh:
+                    return fh.read()
+            except OSError:
+                return ""
+        forwarding = text("/proc/sys/net/ipv4/ip_forward").strip() == "1"
+        return HostFacts(local=parse_local(text("/proc/thread-self/net/fib_trie")),
+                         internal=parse_routes(text("/proc/thread-self/net/route")), forwarding=forwarding)
+
+    return run_in_netns(netns_path, read)

@@ -107,6 +107,7 @@ class KernelPaths:
     hashsize: Path
     slabinfo: Path
     meminfo: Path
+    osrelease: Path
 
     @classmethod
     def under(cls, proc_root: str | Path = "/proc", sys_root: str | Path = "/sys") -> "KernelPaths":
@@ -120,6 +121,7 @@ class KernelPaths:
             hashsize=sys / "module/nf_conntrack/parameters/hashsize",
             slabinfo=proc / "slabinfo",
             meminfo=proc / "meminfo",
+            osrelease=proc / "sys/kernel/osrelease",
         )
 
 
@@ -133,6 +135,8 @@ class Kernel:
         self._meminfo = _PreadFile(self.paths.meminfo)
         self._slab_size: int | None = None
         self._slab_read = False
+        self._release: str | None = None
+        self._cannot: tuple[str, ...] | None = None
 
     def loaded(self) -> bool:
         return self.paths.max.exists()
@@ -198,7 +202,32 @@ class Kernel:
             self.close()
             raise ConntrackNotLoaded("nf_conntrack is not loaded (no nf_conntrack_max); waiting for it") from None
         total, avail = self.meminfo()
-        return KernelLimits(mx, buckets, self.slab_object_size(), total, avail)
+        return KernelLimits(mx, buckets, self.slab_object_size(), total, avail, self.release(), self.probe())
+
+    def release(self) -> str:
+        """The running kernel's release (read once): its default sizes and bucket ratio depend on it."""
+        if self._release is None:
+            try:
+                self._release = self.paths.osrelease.read_text().strip()
+            except OSError:
+                self._release = ""
+        return self._release
+
+    def probe(self) -> tuple[str, ...]:
+        """What ctguard cannot change here, and why (probed once, without writing): containers and
+        LXC mount /proc/sys and /sys read-only; outside the initial network namespace the kernel
+        makes nf_conntrack_max and nf_conntrack_buckets read-only (mode 0444) and refuses hashsize."""
+        if self._cannot is None:
+            out = []
+            for what, path in (("nf_conntrack_max", self.paths.max), ("hashsize", self.paths.hashsize)):
+                try:
+                    if path.exists() and not os.access(path, os.W_OK):
+                        out.append(f"{what}: read-only here ({path}; a container, LXC, or not the initial "
+                                   "network namespace)")
+                except OSError as exc:   # pragma: no cover - access reports through its result
+                    out.append(f"{what}: {exc.strerror}")
+            self._cannot = tuple(out)
+        return self._cannot
 
     def host_stats(self) -> tuple[int, tuple[tuple[str, int], ...]]:
         return parse_stat_table(self.paths.stat.read_text())

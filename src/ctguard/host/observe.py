@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ctguard.core.model import Sample, TableShape
+from ctguard.host import hostrole
 from ctguard.host.clock import Clock
 from ctguard.host.ctnetlink import dump_table
 from ctguard.host.kernel import Kernel
@@ -14,6 +15,8 @@ from ctguard.host.netns import StatReaders, discover
 # A full /proc scan costs ~1 ms per few hundred processes; new namespaces that appear
 # through a process are found within this many seconds (those under /run/netns at once).
 DISCOVER_EVERY = 5.0
+TOP_SOURCES = 8         # busiest sources a guard look keeps (are they the namespace's internal side?)
+FACTS_FOR = 60.0        # seconds a namespace's addresses and routes are trusted before they are read again
 
 
 class Observer:
@@ -28,6 +31,7 @@ class Observer:
         self._last_discovery = -1e9
         self._run_netns_mtime: float | None = None
         self.problems: list[str] = []
+        self._facts: dict[int, tuple[float, object]] = {}
 
     def _run_netns_changed(self) -> bool:
         try:
@@ -69,11 +73,30 @@ class Observer:
         ref = next((r for r in self.readers.refs if r.inode == inode), None)
         path = None if ref is None or ref.name == "host" else ref.path
         try:
-            t = dump_table(path, budget=guard.sample_budget, top=1, capacity=guard.min_sources + 1)
+            t = dump_table(path, budget=guard.sample_budget, top=TOP_SOURCES, capacity=guard.min_sources + 1)
         except (OSError, ValueError) as exc:
             return TableShape(inode, 0, 0, 0, error=str(exc))
         suspicious = t.unreplied + t.by_tcp_state.get("SYN_RECV", 0)
-        return TableShape(inode, t.entries, suspicious, t.top_sources.tracked, t.seconds, states=relief_states(t))
+        dst = t.top_destinations.rows[0] if t.top_destinations.rows else None
+        port = t.top_dports.rows[0] if t.top_dports.rows else None
+        return TableShape(inode, t.entries, suspicious, t.top_sources.tracked, t.seconds, states=relief_states(t),
+                          answered=t.entries - t.unreplied,
+                          top_dst=dst.key if dst else "", top_dst_count=dst.count if dst else 0,
+                          top_port=port.key if port else "", top_port_count=port.count if port else 0,
+                          top_sources=tuple(r.key for r in t.top_sources.rows), host=self.host_facts(inode, path))
+
+    def host_facts(self, inode: int, path: str | None):
+        """The namespace's addresses, internal prefixes and role (cached FACTS_FOR seconds)."""
+        now = self.clock.monotonic()
+        cached = self._facts.get(inode)
+        if cached is not None and now - cached[0] < FACTS_FOR:
+            return cached[1]
+        try:
+            found = hostrole.facts(path)
+        except OSError:
+            found = None
+        self._facts[inode] = (now, found)
+        return found
 
     def path_of(self, inode: int) -> tuple[bool, str | None]:
         """(found, path) of a namespace being sampled; the host's path is None (ctguard's own)."""

@@ -41,7 +41,8 @@ def _incident_json(i: Incident | None) -> dict | None:
             "drops": i.drops, "early_drops": i.early_drops, "table_full_lines": i.table_full_lines,
             "bumps": i.bumps, "refusals": i.refusals, "max_now": i.max_now, "rate": i.rate,
             "bundles": list(i.bundles), "loss_base": [list(x) for x in i.loss_base],
-            "last_active": _instant_json(i.last_active), "ended": _instant_json(i.ended)}
+            "last_active": _instant_json(i.last_active), "ended": _instant_json(i.ended),
+            "attack": i.attack, "sizing_base": i.sizing_base}
 
 
 def _incident(d: dict | None) -> Incident | None:
@@ -58,6 +59,7 @@ def _incident(d: dict | None) -> Incident | None:
         bundles=tuple(str(b) for b in d.get("bundles", [])),
         loss_base=tuple((int(a), int(b)) for a, b in d.get("loss_base", [])),
         last_active=_instant(d.get("last_active")), ended=_instant(d.get("ended")),
+        attack=str(d.get("attack", "")), sizing_base=int(d.get("sizing_base", 0)),
     )
 
 
@@ -78,6 +80,10 @@ def history_to_json(h: History) -> dict:
         "last_incident": _incident_json(h.last_incident),
         "sizing_peak": h.sizing_peak,
         "recorded_p99": h.recorded_p99,
+        "recorded_high": h.recorded_high,
+        "recorded_minutes": h.recorded_minutes,
+        "recorded_attack_minutes": h.recorded_attack_minutes,
+        "persisted_at": _instant_json(h.persisted_at),
         "refusals": dict(h.refusals),
     }
 
@@ -111,6 +117,10 @@ def history_from_json(d: dict) -> History:
         last_incident=_incident(d.get("last_incident")),
         sizing_peak=_opt_int(d.get("sizing_peak")) or 0,
         recorded_p99=_opt_int(d.get("recorded_p99")) or 0,
+        recorded_high=_opt_int(d.get("recorded_high")) or 0,
+        recorded_minutes=_opt_int(d.get("recorded_minutes")) or 0,
+        recorded_attack_minutes=_opt_int(d.get("recorded_attack_minutes")) or 0,
+        persisted_at=_instant(d.get("persisted_at")),
         refusals=_refusals(d.get("refusals")),
     )
 
@@ -129,6 +139,7 @@ class Peak:
     count: int          # highest count of the worst namespace in that minute
     max: int            # nf_conntrack_max at that peak
     drops: int          # drops counted in that minute (kernel counters and table-full lines)
+    attack: bool = False  # within an incident the guard judged attack-shaped: left out of sizing
 
 
 class StateStore:
@@ -180,7 +191,8 @@ class StateStore:
         if d is None:
             return [], {}
         try:
-            peaks = [Peak(int(m), int(c), int(x), int(dr)) for m, c, x, dr in d["minutes"]]
+            peaks = [Peak(int(r[0]), int(r[1]), int(r[2]), int(r[3]), bool(r[4]) if len(r) > 4 else False)
+                     for r in d["minutes"]]
         except (KeyError, TypeError, ValueError) as exc:
             self._set_aside(self.folder / PEAKS_FILE, f"unexpected content: {exc}")
             return [], {}
@@ -199,7 +211,7 @@ class StateStore:
 
     def save_peaks(self, peaks: list[Peak], hour: dict[int, list[tuple[int, float]]] | None = None) -> None:
         ensure_private_dir(self.folder)
-        rows = [[p.minute, p.count, p.max, p.drops] for p in peaks]
+        rows = [[p.minute, p.count, p.max, p.drops] + ([1] if p.attack else []) for p in peaks]
         doc = {"format": FORMAT, "minutes": rows,
                "hour": {str(k): [[m, round(f, 4)] for m, f in v] for k, v in (hour or {}).items()}}
         atomic_write(self.folder / PEAKS_FILE, json.dumps(doc) + "\n", 0o600)
@@ -216,10 +228,13 @@ class PeakRecorder:
         self._count = 0
         self._max = 0
         self._drops = 0
+        self._attack = False
         self._last_drops: dict[int, int] = {}
 
-    def observe(self, sample: Sample, extra_drops: int = 0) -> bool:
-        """Fold a sample in; True when a minute was completed (time to save)."""
+    def observe(self, sample: Sample, extra_drops: int = 0, attack_since: float | None = None) -> bool:
+        """Fold a sample in; True when a minute was completed (time to save). `attack_since`: the
+        wall time an incident the guard judged attack-shaped started (its minutes, those already
+        recorded too, are marked and left out of sizing), None when there is none."""
         minute = int(sample.at.wall // 60) * 60
         drops = 0
         for ns in sample.namespaces:
@@ -229,7 +244,7 @@ class PeakRecorder:
             self._last_drops[ns.inode] = ns.drops
         finished = False
         if self._minute is not None and minute != self._minute:
-            self.peaks.append(Peak(self._minute, self._count, self._max, self._drops))
+            self.peaks.append(Peak(self._minute, self._count, self._max, self._drops, self._attack))
             cutoff = minute - PEAK_DAYS * 86400
             while self.peaks and self.peaks[0].minute < cutoff:
                 self.peaks.pop(0)
@@ -243,8 +258,16 @@ class PeakRecorder:
                     del self.hour[inode]
             self._ns_fill = {}
             self._count = self._drops = 0
+            self._attack = False
             finished = True
         self._minute = minute
+        if attack_since is not None:
+            self._attack = True
+            since = int(attack_since // 60) * 60
+            if any(p.minute >= since and not p.attack for p in self.peaks):
+                self.peaks = [p if p.minute < since or p.attack else Peak(p.minute, p.count, p.max, p.drops, True)
+                              for p in self.peaks]
+                finished = True
         worst = sample.worst
         if worst and worst.count >= self._count:
             self._count = worst.count
@@ -260,4 +283,4 @@ class PeakRecorder:
         """Recorded peaks plus the minute in progress."""
         if self._minute is None:
             return list(self.peaks)
-        return [*self.peaks, Peak(self._minute, self._count, self._max, self._drops)]
+        return [*self.peaks, Peak(self._minute, self._count, self._max, self._drops, self._attack)]

@@ -15,9 +15,10 @@ def test_recommend_from_recorded_peaks() -> None:
     peaks = [Peak(t - 60 * i, 1000 + (i % 100), 8192, 0) for i in range(200)]
     a = recommend.advise(p, peaks, 8192, 2048, 256, t, mem_total=MB128)
     assert a["enough_history"] and a["p99_peak"] == 1098 and a["factor"] == 2
-    # Buckets never below the live 2,048 (issue 11).
-    assert a["recommended_max"] == 3072 and a["recommended_buckets"] == 2048
-    assert a["memory_bytes"] == 3072 * 256 + 2048 * 8
+    # Buckets never below the live 2,048 (issue 11); issue 22: at the kernel's own ratio (1 since
+    # 5.15), and an entry costs its extensions (128 B) beside the object.
+    assert a["recommended_max"] == 3072 and a["recommended_buckets"] == 3072
+    assert a["memory_bytes"] == 3072 * (256 + 128) + 3072 * 8
     assert a["sysctl_line"] == "net.netfilter.nf_conntrack_max = 3072"
     stormy = peaks + [Peak(t, 40000, 65536, 12)]
     b = recommend.advise(p, stormy, 8192, 2048, 256, t, mem_total=MB128)

@@ -14,7 +14,7 @@ def test_empty_file_is_the_default_policy(tmp_path: Path) -> None:
     assert p.watch.interval == 1.0 and p.watch.fast_interval == 0.1 and p.watch.namespaces == "all"
     assert (p.thresholds.warn, p.thresholds.sustain, p.thresholds.act, p.thresholds.horizon) == (0.70, 60, 0.85, 10)
     assert (p.bump.factor, p.bump.ceiling, p.bump.memory_fraction, p.bump.cooldown, p.bump.max_per_hour) == (2.0, 1048576, 0.10, 30, 6)
-    assert p.buckets.manage and p.buckets.ratio == 4
+    assert p.buckets.manage and p.buckets.ratio == 0  # issue 22: 0 = the kernel's own ratio
     assert p.persist.mode == "stable" and p.persist.stable_for == 600
     assert p.persist.sysctl_file == Path("/etc/sysctl.d/90-ctguard.conf")
     assert p.persist.modprobe_file == Path("/etc/modprobe.d/ctguard.conf")

@@ -1,0 +1,144 @@
+"""Issue 22 on the real kernel: a spoofed SYN flood never sizes the next boot above the guard's
+ceiling; a burst of 20,000 flows sent as fast as one sender can ends within 4x what arrived with
+no kernel drop; the dead-upstream NAT scenario (the traffic lab) is bumped and not called an attack.
+
+Every test holds the shared kernel lock, restores nf_conntrack_max and hashsize, and deletes its
+namespaces (kernelenv), even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.daemon import Running
+from helpers.kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
+from helpers.policy import write_policy
+from helpers.wait import wait_for
+
+from ctguard.boot.persist import read_persisted_max
+from ctguard.core.sizing import kernel_default_max
+
+pytestmark = [needs_kernel, pytest.mark.kernel]
+
+
+def host_default() -> int:
+    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal:"))
+    return kernel_default_max(mem, Path("/proc/sys/kernel/osrelease").read_text().strip())
+
+
+def state(daemon: Running) -> dict:
+    return json.loads(daemon.state.read_text()) if daemon.state.exists() else {}
+
+
+def test_a_spoofed_syn_flood_persists_at_or_below_the_guard_ceiling(tmp_path: Path) -> None:
+    # Issue 22: a spoofed SYN flood into 262,144 with [guard] ceiling 393,216 and persist.mode
+    # "stable" stopped at the guard's ceiling, then persisted 663,552 for the next boot. Here: the
+    # guard's ceiling at this host's kernel default (persisted sizes never go below that), a table
+    # of half of it, and a flood that fills the guard's ceiling past act.
+    guard = max(host_default(), 65536)
+    start = guard // 2
+    flows = int(guard * 0.95)
+    policy = write_policy(tmp_path, f"[bump]\nceiling = {guard * 8}\ncooldown = 0.5\nmax_per_hour = 100\n"
+                                    f"[guard]\nceiling = {guard}\nmin_sources = 500\n",
+                          persist_mode="stable")
+    text = policy.read_text().replace('mode = "stable"', 'mode = "stable"\nstable_for = 3')
+    policy.write_text(text)
+    sysctl_file = tmp_path / "etc/sysctl.d/90-ctguard.conf"
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(start)
+        with Running(policy) as daemon:
+            time.sleep(1.0)
+            pair.flood_syn(flows, sources=4000)
+            assert wait_for(lambda: get_max() >= guard, 20), daemon.output()
+            assert wait_for(lambda: (state(daemon).get("incident") or state(daemon).get("last_incident") or {})
+                            .get("attack"), 20), (state(daemon), daemon.output())
+            assert wait_for(lambda: read_persisted_max(sysctl_file) is not None, 30), daemon.output()
+            persisted = read_persisted_max(sysctl_file)
+            final = get_max()
+            st = state(daemon)
+        inc = st.get("incident") or st.get("last_incident")
+        print(f"SYN flood of {flows}: max {start} -> {final} (guard {guard}), persisted {persisted}, incident peak {inc['peak_count']}, sizing_peak {st['sizing_peak']}")
+        assert final == guard, "no table handed to a spoofed flood past the guard's ceiling"
+        assert persisted is not None and persisted <= guard, (persisted, guard, inc)
+        assert st["sizing_peak"] < flows // 2 or st["sizing_peak"] == 0, st["sizing_peak"]
+        assert inc["attack"] and inc["peak_count"] >= int(guard * 0.85), inc
+
+
+def test_a_burst_of_20000_ends_within_4x_with_no_drops(tmp_path: Path) -> None:
+    # Issue 22: 20,000 flows sent as fast as one sender can went to 104,448-138,240 (5-7x), 0 drops.
+    policy = write_policy(tmp_path, "[bump]\nceiling = 1048576\n", persist_mode="never")
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(4096)
+        with Running(policy) as daemon:
+            time.sleep(1.0)
+            drops_before = pair.drops()
+            pair.flood_udp(20000)
+            assert wait_for(lambda: get_max() > 4096, 10), daemon.output()
+            time.sleep(2.0)
+            final = get_max()
+            drops = pair.drops() - drops_before
+            held = pair.count()
+        print(f"burst of 20000: max 4096 -> {final} ({final / 20000:.2f}x), {drops} drops, bumps {[(b['old'], b['new']) for b in daemon.bumps()]}")
+        assert final <= 4 * 20000, (final, daemon.bumps(), daemon.output())
+        assert drops == 0, f"{drops} packets dropped"
+        assert held <= final
+
+
+def test_dead_upstream_through_nat_is_bumped_not_called_an_attack() -> None:
+    # The traffic lab is another engineer's (tests/helpers/lab.py, "What users behind the gateway
+    # see"): copied in to run, never committed here.
+    try:
+        from helpers import lab
+    except ImportError:
+        pytest.skip("the traffic lab (tests/helpers/lab.py) is not in this tree")
+    why = lab.lab_ready()
+    if why:
+        pytest.skip(why)
+    # Internal clients retry one dead upstream through the NAT: 2,000 SYNs/s, SYN_SENT for 120 s,
+    # past a guard ceiling of 16,384 (the look happens there).
+    out = lab.dead_upstream("ctguard", rate=2000, duration=12, table=8192, ceiling=1_048_576,
+                            overrides={"guard": {"ceiling": 16384, "min_sources": 100}}, web_rate=200)
+    agent = out.agent
+    print(f"dead upstream: bumps {agent.bumps}, refused {agent.count('refused')}, peak {out.kernel.peak_count}, "
+          f"verdicts {[b[1][:120] for b in agent.bundles]}, "
+          f"outage said in the log's tail: {[ln[:200] for ln in agent.log_tail.splitlines() if 'outage' in ln][:2]}")
+    assert agent is not None
+    # The daemon's own bump entries (the lab's max readings also see other writers on a shared machine).
+    assert agent.count("bump") >= 1, (agent.events, agent.log_tail)
+    assert max(agent.bumps, default=0) > 16384, (agent.bumps, agent.log_tail)
+    assert agent.count("refused") == 0, agent.log_tail
+    assert "attack-shaped" not in agent.log_tail, agent.log_tail
+    assert not any("attack" in v for _, v, _ in agent.bundles), agent.bundles
+
+
+def test_a_look_reads_the_namespaces_own_addresses_and_routes() -> None:
+    # The host side of the guard's knowledge, on the real kernel, without a daemon: a look into
+    # the receiver of a UDP flood from its neighbour on the same /30 sees the sender as internal
+    # (a connected route), its own address as local, and the flood's one destination and port.
+    from ctguard.config import policy as policy_mod
+    from ctguard.core.decide import judge
+    from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.host.clock import Clock
+    from ctguard.host.kernel import Kernel
+    from ctguard.host.observe import Observer
+
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(65536)
+        pair.flood_udp(3000)
+        obs = Observer(Kernel(), Clock(), "all")
+        obs.rediscover()
+        p = policy_mod.loads("[guard]\nmin_sources = 1\n", "t.toml")
+        shape = obs.shape(pair.receiver_inode, p.guard)
+        assert not shape.error, shape.error
+        assert shape.host is not None and pair.receiver_addr in shape.host.local, shape.host
+        assert shape.top_sources == (pair.sender_addr,) and shape.host.is_internal(pair.sender_addr), shape
+        assert shape.top_dst == pair.receiver_addr and shape.top_port.startswith("udp/"), shape
+        s = Sample(Instant(0, 0), KernelLimits(65536, 65536, 256, 1 << 34, 1 << 33),
+                   (NamespaceReading(pair.receiver_inode, pair.receiver, shape.seen, ()),), shape)
+        attack, note = judge(p, s, History(), pair.receiver_inode)
+        assert attack is None and "internal clients" in note, (attack, note)

@@ -1,0 +1,99 @@
+"""Issue 22: bumps count flows, not dropped packets; growth is measured across the kernel's GC
+passes, so steady churn is not growth. One row per case, each naming its input.
+
+Kernel facts: nf_conntrack_core.c counts `drop` once per packet refused an entry (a stream at
+200 pps that finds the table full adds 200 a second); gc_worker reaps expired entries in passes
+GC_SCAN_INTERVAL_MIN (1 s) to GC_SCAN_INTERVAL_MAX (60 s) apart.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ctguard.config import policy as policy_mod
+from ctguard.core.decide import advance, current_rate, decide
+from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample, SetMax
+
+GiB = 1 << 30
+INODE = 4026531000
+
+
+def at(t: float) -> Instant:
+    return Instant(1_800_000_000 + t, 1000 + t, "b")
+
+
+def smp(t: float, max_: int, count: int, drop: int = 0, early: int = 0, failed: int = 0) -> Sample:
+    stats = (("drop", drop), ("early_drop", early), ("insert_failed", failed))
+    return Sample(at(t), KernelLimits(max_, max_, 256, 16 * GiB, 8 * GiB, "6.1.0"),
+                  (NamespaceReading(INODE, "host", count, stats),))
+
+
+def run(samples: list[Sample], policy: str = "") -> tuple[History, list]:
+    p = policy_mod.loads(policy, "t.toml")
+    h = History()
+    decisions = []
+    for s in samples:
+        d = decide(p, s, h, s.at)
+        decisions.append(d)
+        h = advance(h, s, (), (), s.at, p)
+    return h, decisions
+
+
+@pytest.mark.parametrize("name, samples, new", [
+    ("2,000 untracked UDP streams at 200 pps for 1 s into a full 262,144 (400k packet drops): x2, not 1M",
+     [smp(0, 262144, 262144, drop=0), smp(1, 262144, 262144, drop=400000)], 524288),
+    ("a full 4,096 that evicted 15,904 flows (early_drop): sized on what arrived",
+     [smp(0, 4096, 4096), smp(0.1, 4096, 4096, early=15904)], None),
+    ("entries the kernel could not insert count as flows too",
+     [smp(0, 8192, 8192), smp(0.1, 8192, 8192, failed=2000)], None),
+])
+def test_bumps_count_flows_not_packets(name, samples, new):
+    h, ds = run(samples)
+    bumps = [a for a in ds[-1].actions if isinstance(a, SetMax)]
+    assert bumps, (name, ds[-1])
+    if new is not None:
+        assert bumps[0].new == new, (name, bumps[0].reason)
+    else:
+        lost = samples[-1].namespaces[0].stat("early_drop") + samples[-1].namespaces[0].stat("insert_failed")
+        arrived = samples[-1].namespaces[0].count + lost
+        assert bumps[0].need >= arrived, (name, bumps[0].reason)
+        assert bumps[0].new <= 4 * arrived, (name, bumps[0].reason)   # a burst seen while it arrives: <= 4x
+
+
+def churn(until: float, high: int = 160000, low: int = 148000, rate: float = 12000.0, gc_every: float = 1.0,
+          step: float = 0.25):
+    """A 262,144 table at ~60% with 12k/s steady churn: climbs at `rate` between GC passes, falls back at each."""
+    out = []
+    t = 0.0
+    while t <= until + 1e-9:
+        phase = t % gc_every
+        out.append(smp(t, 262144, int(low + rate * phase)))
+        t = round(t + step, 6)
+    return out
+
+
+@pytest.mark.parametrize("name, samples, growing", [
+    ("steady churn at 60% of 262,144, 12k/s between GC passes 1 s apart", churn(20.0), False),
+    ("steady churn, GC passes 10 s apart (climbs 148k -> 268k? no: 148k + 12k x phase, capped by the pass)",
+     churn(40.0, low=100000, rate=6000, gc_every=10.0, step=0.5), False),
+    ("a flood above everything seen in the window is growth",
+     churn(10.0) + [smp(10.5, 262144, 180000), smp(10.6, 262144, 186000)], True),
+])
+def test_growth_spans_the_gc_passes(name, samples, growing):
+    h, ds = run(samples)
+    last = ds[-1]
+    bumped = any(isinstance(a, SetMax) for d in ds[len(samples) // 2:] for a in d.actions)
+    if growing:
+        assert last.rate > 20000 and bumped, (name, last.summary)
+    else:
+        # After the first GC window the churn reads no growth and nothing is bumped.
+        assert not bumped, (name, [d.summary for d in ds if any(isinstance(a, SetMax) for a in d.actions)])
+        assert all(d.rate == 0 for d in ds[-8:]), (name, [round(d.rate) for d in ds[-8:]])
+
+
+def test_the_rate_is_the_rise_above_the_windows_high():
+    # High 160,000 three seconds ago, 150,000 now and 0.25 s ago 147,000: refilling, not growing.
+    h = History(points=((997.0, ((INODE, 160000),)), (999.75, ((INODE, 147000),))))
+    assert current_rate(h, smp(0, 262144, 150000), INODE)[0] <= 0
+    # 170,000 now: 10,000 above the high in 0.25 s.
+    assert current_rate(h, smp(0, 262144, 170000), INODE)[0] == pytest.approx(40000)
