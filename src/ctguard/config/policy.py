@@ -96,7 +96,10 @@ class Relief:
         return self.high or thresholds.act
 
     def low_mark(self, thresholds: "Thresholds") -> float:
-        return self.low or thresholds.warn
+        if self.low:
+            return self.low
+        high = self.high_mark(thresholds)
+        return thresholds.warn if thresholds.warn < high else round(max(0.0, high - 0.05), 4)
 
 
 @dataclass(frozen=True)
@@ -409,7 +412,7 @@ def _contradictions(p: Policy) -> list[str]:
         out.append(f"{_at(p, 'watch', 'fast_interval')}: {p.watch.fast_interval} is above [watch] interval "
                    f"{p.watch.interval} ({p.origin('watch', 'interval')})")
     high, low = p.relief.high_mark(p.thresholds), p.relief.low_mark(p.thresholds)
-    if low >= high:
+    if (p.relief.high or p.relief.low) and low >= high:
         key = "low" if p.relief.low else "high"
         out.append(f"{_at(p, 'relief', key)}: the low watermark {low} must be below the high watermark {high} "
                    f"([relief] high, 0 = [thresholds] act; [relief] low, 0 = [thresholds] warn)")
