@@ -235,9 +235,9 @@ def _shorten(policy: Policy, ns: NamespaceReading, fill: float, shape, current: 
         what = (f"{n} of {shape.seen} sampled entries are {LABELS.get(key, key)}" if n
                 else f"{LABELS.get(key, key)} relieved already")
         lead = "entering relief" if step == "enter" else "relief steps down"
-        reason = (f"{why}; {what}: {lead} at level {level}/{r.steps}, {sysctl_name(key)} {old} -> {new} s "
-                  f"in netns {ns.name} (original {original} s" + (f", {freed} entries freed so far)" if step != "enter"
-                                                                   else ")"))
+        reason = (f"{lead} at level {level}/{r.steps}: {sysctl_name(key)} {old} -> {new} s in netns {ns.name} "
+                  f"(original {original} s" + (f", {freed} entries freed so far" if step != "enter" else "")
+                  + f"); {why}; {what}")
         out.append(ShortenTimeout(ns.inode, ns.name, key, old, new, reason, advise=advise, held=held, step=step,
                                   level=level, steps=r.steps, fill=fill, freed=freed))
     return out
@@ -477,6 +477,8 @@ def advance(state: ReliefState, history: History, sample: Sample | None, outcome
                 # the original is put back whatever the kernel now holds.
                 active.setdefault((a.netns, a.key), Relieved(a.netns, a.name, a.key, a.old, a.new, now))
                 moved = True
+            elif o.extra.get("forget"):
+                active.pop((a.netns, a.key), None)     # a step up found the operator's value: theirs stays
             if moved:
                 if a.netns not in entered:
                     last_left = left.get(a.netns)

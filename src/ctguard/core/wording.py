@@ -115,17 +115,17 @@ def _relief_fields(a: ShortenTimeout | RestoreTimeout, step: str) -> dict[str, A
 def _shorten(o: Outcome, a: ShortenTimeout, observe_only: bool) -> Entry:
     fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.old, CTGUARD_NEW=a.new,
                   CTGUARD_REASON=a.reason, **_relief_fields(a, a.step))
-    verb = "raised" if a.step == "up" else "lowered"
+    verb, base = ("raised", "raise") if a.step == "up" else ("lowered", "lower")
     if o.ok:
         return Entry("relief", f"relief: {verb} {sysctl_name(a.key)} {o.extra.get('old', a.old)} -> "
                                f"{o.read_back} s in netns {a.name}: {a.reason}", fields)
     if a.advise or observe_only:
-        return Entry("relief-advice", f"relief would {verb[:-1]} {sysctl_name(a.key)} {a.old} -> {a.new} s "
+        return Entry("relief-advice", f"relief would {base} {sysctl_name(a.key)} {a.old} -> {a.new} s "
                                       f"in netns {a.name} ({o.detail.split(':')[0]}): {a.reason}", fields)
     if o.extra.get("forget"):
         return Entry("relief-restored", f"relief over, nothing restored: {o.detail}",
                      dict(fields, CTGUARD_REASON="operator"))
-    return Entry("relief", f"relief: did not {verb[:-1]} {sysctl_name(a.key)} in netns {a.name}: {o.detail}", fields,
+    return Entry("relief", f"relief: did not {base} {sysctl_name(a.key)} in netns {a.name}: {o.detail}", fields,
                  priority=LOG_ERR)
 
 

@@ -288,3 +288,22 @@ def test_relief_leaves_in_steps_once_the_flood_stops():
     assert r["entries"] == 1 and r["restores"] == 1
     values = [v for _, v in r["all_changes"]]
     assert values == [10, 15, 30, 45, 60]
+
+
+def test_the_issue_dns_table_lowers_udp_timeout_and_recommend_advises_only_it():
+    # 900k answered once + 18k never answered (the issue's table, scaled to the sample): relief
+    # shortens nf_conntrack_udp_timeout and leaves the stream timeout alone; recommend follows.
+    from ctguard.host.hostrole import DEFAULT_TIMEOUTS
+
+    states = tuple(sorted(classes({"udp": 9180}, {}, udp_assured=0).items()))
+    table = Table()
+    p = pol()
+    s = replace(table.sample(1), shape=TableShape(NS, 9180, 180, 5000, states=states),
+                timeouts=((NS, (("udp", 30), ("udp_stream", 120))),),
+                namespaces=(NamespaceReading(HOST, "host", 10, (("drop", 0),)),
+                            NamespaceReading(NS, "tenant", 8150, (("drop", 40),))))
+    d = decide(p, s, History(drops=((HOST, 0), (NS, 0))), at(1))
+    assert [(a.key, a.old, a.new) for a in d.actions if isinstance(a, ShortenTimeout)] == [("udp", 30, 10)]
+    seen = {"udp": {"times": 1, "original": 30, "value": 10, "held": 1.0}}
+    advice = relief.timeout_advice(seen, dict(DEFAULT_TIMEOUTS))
+    assert [a["sysctl"] for a in advice] == ["nf_conntrack_udp_timeout"]
