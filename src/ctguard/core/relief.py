@@ -304,7 +304,8 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
             up -= 1
             then = {k: value_at(o, r.emergency(k) or o, up, r.steps) for k, o in originals.items()}
         if r.restore == "predicted":
-            if timeouts is None or shape is None or not shape.states:
+            if timeouts is None or shape is None or shape.error:
+                # (An empty look is an answer: nothing left to scale.)
                 last = _at(st.last_look, netns)
                 return [], (netns if last is None or now.since(last) >= LOOK_EVERY else None)
             now_values = {**dict(timeouts), **(current if enforce else {})} if enforce else dict(timeouts)

@@ -307,3 +307,19 @@ def test_the_issue_dns_table_lowers_udp_timeout_and_recommend_advises_only_it():
     seen = {"udp": {"times": 1, "original": 30, "value": 10, "held": 1.0}}
     advice = relief.timeout_advice(seen, dict(DEFAULT_TIMEOUTS))
     assert [a["sysctl"] for a in advice] == ["nf_conntrack_udp_timeout"]
+
+
+def test_an_empty_table_is_a_prediction_not_a_failed_look():
+    p, table, h = pol(), Table(), History(drops=((HOST, 0), (NS, 0)))
+    table.syn, table.drops = 8000, 10
+    h, _ = turn(p, table, h, 0)
+    got = []
+    for t in range(1, 80):
+        s = table.sample(t)
+        s = replace(s, namespaces=(s.namespaces[0], replace(s.namespaces[1], count=0)),
+                    shape=TableShape(NS, 0, 0, 0, states=()))
+        d = decide(p, s, h, at(t))
+        outs = [Outcome(a, True, "", read_back=getattr(a, "new", None)) for a in d.actions]
+        h = advance(h, s, [], outs, at(t), p)
+        got += [getattr(a, "step", "leave") for a in d.actions if isinstance(a, (ShortenTimeout, RestoreTimeout))]
+    assert got == ["up", "up", "up", "leave"]
