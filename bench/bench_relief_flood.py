@@ -54,8 +54,11 @@ calm_for = 300
 
 
 def simulate(rate: float = 15000.0, seconds: int = 1800, timeout: int = 60, legit: int = 5000,
-             policy_text: str = POLICY, dt: float = 1.0, stop_at: int | None = None) -> dict:
-    """Run the flood through ctguard's pure decisions (whatever `ctguard` is importable)."""
+             policy_text: str = POLICY, dt: float = 1.0, stop_at: int | None = None, key: str = "tcp_syn_recv",
+             max_: int = 262144) -> dict:
+    """Run the flood through ctguard's pure decisions (whatever `ctguard` is importable). `key`
+    names the class the flood's entries are in (the timeout that holds them, `timeout` s)."""
+    KEY, MAX = key, max_  # noqa: N806
     from ctguard.config import policy as policy_mod
     from ctguard.core.decide import advance, decide
     from ctguard.core.model import (
@@ -64,9 +67,10 @@ def simulate(rate: float = 15000.0, seconds: int = 1800, timeout: int = 60, legi
     )
 
     policy = policy_mod.loads(policy_text, "sim.toml")
-    sysctl = {k: v for k, v in (("udp", 30), ("udp_stream", 120), ("tcp_syn_sent", 120), ("tcp_syn_recv", timeout),
+    sysctl = {k: v for k, v in (("udp", 30), ("udp_stream", 120), ("tcp_syn_sent", 120), ("tcp_syn_recv", 60),
                                 ("tcp_time_wait", 120), ("tcp_close_wait", 60), ("tcp_fin_wait", 120),
                                 ("tcp_last_ack", 30), ("tcp_unacknowledged", 300), ("tcp_established", 432000))}
+    sysctl[KEY] = timeout
     cohorts: dict[int, int] = {}     # expiry second -> half-open entries expiring then
     drops = 0
     history = History()
