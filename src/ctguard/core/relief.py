@@ -278,12 +278,10 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
 
     target = r.steps if dropping else level_for(fill, high, r.steps)
     if target > level:
-        base = dict(timeouts) if timeouts is not None else {}
-        cur = {**base, **current} if enforce else {**base, **current}
+        # What is in force: the namespace's values as looked at, ours (written or advised) over them.
+        cur = {**(dict(timeouts) if timeouts is not None else {}), **current}
         acts = _shorten(policy, ns, fill, shape, cur, originals, target, "down",
                         f"{where}, above the high watermark {high:.0%}", freed)
-        if not enforce:
-            acts = [a for a in acts if a.key in originals or shape is not None]
         out: list[Action] = list(acts)
         if enforce:
             caps = {k: v for k, v in current.items() if k in TRIMMABLE}
@@ -308,8 +306,9 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
                 # (An empty look is an answer: nothing left to scale.)
                 last = _at(st.last_look, netns)
                 return [], (netns if last is None or now.since(last) >= LOOK_EVERY else None)
-            now_values = {**dict(timeouts), **(current if enforce else {})} if enforce else dict(timeouts)
-            then_values = then if enforce else dict(timeouts)
+            # Advising changed nothing: the table already shows the fill at the originals.
+            now_values = {**dict(timeouts), **current} if enforce else dict(timeouts)
+            then_values = {**dict(timeouts), **then} if enforce else dict(timeouts)
             predicted = predicted_fill(ns.count, sample.limits.max, shape.states, shape.seen, now_values, then_values)
             if predicted >= low:
                 return [], None     # the flood goes on: the fill at the next level up would be back above low
