@@ -129,12 +129,16 @@ def test_udp_flood_relieved_in_its_namespace_and_undone_when_calm(tmp_path: Path
             assert wait_for(lambda: sysctl(pair, "udp") == 600, 90), daemon.output()
             assert wait_for(lambda: not json.loads((tmp_path / "state/relief.json").read_text())["active"], 5)
             assert HOST_UDP.read_text() == host_before, "the host namespace's value never moved"
-        shortened = journal(events.MESSAGE_ID_RELIEF, pair.receiver_inode, start)
-        assert [(e["CTGUARD_KEY"], e["CTGUARD_OLD"], e["CTGUARD_NEW"]) for e in shortened] == [("udp", "600", "5")]
+        # Graduated: entering, each step down (to the emergency 5 s), each step up, leaving.
+        steps = journal(events.MESSAGE_ID_RELIEF, pair.receiver_inode, start)
+        shortened = [e for e in steps if e["CTGUARD_STEP"] in ("enter", "down")]
+        assert {e["CTGUARD_KEY"] for e in steps} == {"udp"}
+        assert shortened[0]["CTGUARD_STEP"] == "enter" and shortened[0]["CTGUARD_OLD"] == "600"
+        assert shortened[-1]["CTGUARD_NEW"] == "5"
         assert "refused (ceiling)" in shortened[0]["CTGUARD_REASON"]
         restored = journal(events.MESSAGE_ID_RELIEF_RESTORED, pair.receiver_inode, start)
-        assert [(e["CTGUARD_KEY"], e["CTGUARD_OLD"], e["CTGUARD_NEW"], e["CTGUARD_REASON"]) for e in restored] == [
-            ("udp", "5", "600", "calm")]
+        assert [(e["CTGUARD_KEY"], e["CTGUARD_NEW"], e["CTGUARD_REASON"], e["CTGUARD_STEP"]) for e in restored] == [
+            ("udp", "600", "calm", "leave")]
         trimmed = journal(events.MESSAGE_ID_RELIEF_TRIMMED, pair.receiver_inode, start)
         assert trimmed and sum(int(e["CTGUARD_ENTRIES"]) for e in trimmed) > 0
     assert HOST_UDP.read_text() == host_before

@@ -29,10 +29,12 @@ def render_text(view: StatusView) -> str:
         held = f", holding about {t['entries']} entries" if t.get("entries") is not None else ""
         lines.append(f"raised timeout: {t['name']} = {t['value']} s (default {t['default']} s){held}")
     for r in d.get("relief", []):
-        left = ("restored after calm_for once the namespace is calm" if r["seconds_left"] is None
-                else f"restored in {r['seconds_left']:.0f} s if it stays calm")
+        left = ("steps back up once the namespace stays below [relief] low" if r["seconds_left"] is None
+                else f"next step up in {r['seconds_left']:.0f} s if it stays calm (and the fill predicted there "
+                     "stays below [relief] low)")
+        level = f" at level {r['level']}/{r['steps']}" if r.get("steps") else ""
         lines.append(f"relief: netns {r['name']}: {sysctl_name(r['key'])} {r['value']} s "
-                     f"(was {r['original']} s), {left}")
+                     f"(was {r['original']} s){level}, {left}")
     persisted = d["persisted_max"]
     pb = d.get("persisted_buckets")
     lines.append(f"persisted: {'max ' + str(persisted) if persisted is not None else 'nothing'}"

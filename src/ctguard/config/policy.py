@@ -83,9 +83,23 @@ class Relief:
     calm_for: float = 300.0
     timeouts: tuple[tuple[str, int], ...] = tuple(
         (k, v) for k, (v, _) in RELIEF_TIMEOUTS.items() if v is not None)
+    # Graduated early aging between watermarks (fill ratios; 0 = the default named):
+    high: float = 0.0       # relief's steps start here; 0: [thresholds] act
+    low: float = 0.0        # steps back up only below this; 0: [thresholds] warn
+    steps: int = 4          # levels between the original timeouts and the emergency values
+    restore: str = "predicted"  # step back up only when the fill predicted there stays below low; "calm": when calm
 
     def emergency(self, key: str) -> int | None:
         return dict(self.timeouts).get(key)
+
+    def high_mark(self, thresholds: "Thresholds") -> float:
+        return self.high or thresholds.act
+
+    def low_mark(self, thresholds: "Thresholds") -> float:
+        if self.low:
+            return self.low
+        high = self.high_mark(thresholds)
+        return thresholds.warn if thresholds.warn < high else round(max(0.0, high - 0.05), 4)
 
 
 @dataclass(frozen=True)
@@ -240,6 +254,10 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("relief", "mode"): (str, {"off", "advise", "enforce"}, 'one of "off", "advise", "enforce"'),
     ("relief", "calm_for"): (_NUM, _between(0, 86400), "seconds between 0 and 86400"),
     ("relief", "timeouts"): (dict, "relief-timeouts", "a table of timeout name = seconds"),
+    ("relief", "high"): (_NUM, _between(0, 1), "a fill ratio between 0 ([thresholds] act) and 1"),
+    ("relief", "low"): (_NUM, _between(0, 1), "a fill ratio between 0 ([thresholds] warn) and 1"),
+    ("relief", "steps"): (int, _between(1, 20), "an integer between 1 and 20"),
+    ("relief", "restore"): (str, {"predicted", "calm"}, 'one of "predicted", "calm"'),
 }
 
 
@@ -393,6 +411,11 @@ def _contradictions(p: Policy) -> list[str]:
     if p.watch.fast_interval > p.watch.interval:
         out.append(f"{_at(p, 'watch', 'fast_interval')}: {p.watch.fast_interval} is above [watch] interval "
                    f"{p.watch.interval} ({p.origin('watch', 'interval')})")
+    high, low = p.relief.high_mark(p.thresholds), p.relief.low_mark(p.thresholds)
+    if (p.relief.high or p.relief.low) and low >= high:
+        key = "low" if p.relief.low else "high"
+        out.append(f"{_at(p, 'relief', key)}: the low watermark {low} must be below the high watermark {high} "
+                   f"([relief] high, 0 = [thresholds] act; [relief] low, 0 = [thresholds] warn)")
     if p.state.dir == p.evidence.dir:
         out.append(f"{_at(p, 'evidence', 'dir')}: must differ from [state] dir ({p.state.dir})")
     if p.persist.sysctl_file == p.persist.modprobe_file:
@@ -536,7 +559,10 @@ def summary(policy: Policy) -> str:
     relief = {
         "off": "no timeout relief",
         "advise": "timeout relief advised, never made",
-        "enforce": f"timeouts shortened in a namespace the ceiling cannot save, restored after {p.relief.calm_for:g} s calm",
+        "enforce": (f"timeouts of what fills a namespace the ceiling cannot save aged early in {p.relief.steps} steps from "
+                    f"{p.relief.high_mark(p.thresholds):.0%}, back up below {p.relief.low_mark(p.thresholds):.0%} "
+                    f"(each after {p.relief.calm_for / p.relief.steps:g} s calm"
+                    + (" and only when the fill predicted there stays below it)" if p.relief.restore == "predicted" else ")")),
     }[p.relief.mode]
     source = p.source + "".join(f" + {d}" for d in p.dropins)
     return (

@@ -238,6 +238,15 @@ class ShortenTimeout:
     reason: str
     advise: bool = False            # relief.mode = "advise": reported, never written
     held: float = 0.0               # share of the sampled table these entries held (for `recommend`)
+    # The graduated schedule (relief.py): "enter" (the first step), "down" (a further step as the
+    # fill climbs) or "up" (a step back towards the original as the fill falls below the low
+    # watermark; new > old); the level it moves to out of `steps`, the namespace's fill, and the
+    # entries freed since relief entered (its count then minus now).
+    step: str = "enter"
+    level: int = 0
+    steps: int = 0
+    fill: float = 0.0
+    freed: int = 0
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,9 @@ class RestoreTimeout:
     original: int
     relieved: int                   # what ctguard wrote; any other value found is the operator's
     reason: str
+    advise: bool = False            # advise mode: relief would leave now (nothing was changed)
+    fill: float = 0.0
+    freed: int = 0                  # entries freed since relief entered
 
 
 @dataclass(frozen=True)
@@ -352,6 +364,14 @@ class ReliefState:
     last_look: tuple[tuple[int, Instant], ...] = ()
     last_trim: tuple[tuple[int, Instant], ...] = ()
     total: int = 0                  # timeouts shortened, ever (a counter for metrics)
+    # The graduated schedule, per namespace: the level in force (1..steps; a namespace with
+    # relieved timeouts and no level is at the last), when relief entered and the count then
+    # (entries freed = that count minus now), how often it re-entered soon after leaving (each
+    # re-entry doubles the calm a step back up waits for), and when it last left.
+    levels: tuple[tuple[int, int], ...] = ()
+    entered: tuple[tuple[int, Instant, int], ...] = ()
+    reentries: tuple[tuple[int, int], ...] = ()
+    left: tuple[tuple[int, Instant], ...] = ()
 
     def of(self, netns: int) -> list[Relieved]:
         return [r for r in self.active if r.netns == netns]

@@ -108,23 +108,38 @@ def _set_max(o: Outcome, a: SetMax, where: Where, incident: str | None) -> Entry
     return Entry("bump-failed", f"did not set nf_conntrack_max to {a.new}: {o.detail}", fields)
 
 
+def _relief_fields(a: ShortenTimeout | RestoreTimeout, step: str) -> dict[str, Any]:
+    out: dict[str, Any] = dict(CTGUARD_STEP=step, CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_FREED=a.freed)
+    if isinstance(a, ShortenTimeout) and a.steps:
+        out["CTGUARD_LEVEL"] = f"{a.level}/{a.steps}"
+    return out
+
+
 def _shorten(o: Outcome, a: ShortenTimeout, observe_only: bool) -> Entry:
     fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.old, CTGUARD_NEW=a.new,
-                  CTGUARD_REASON=a.reason)
+                  CTGUARD_REASON=a.reason, **_relief_fields(a, a.step))
+    verb, base = ("raised", "raise") if a.step == "up" else ("lowered", "lower")
     if o.ok:
-        return Entry("relief", f"relief: lowered {sysctl_name(a.key)} {o.extra.get('old', a.old)} -> "
+        return Entry("relief", f"relief: {verb} {sysctl_name(a.key)} {o.extra.get('old', a.old)} -> "
                                f"{o.read_back} s in netns {a.name}: {a.reason}", fields)
     if a.advise or observe_only:
-        return Entry("relief-advice", f"relief would lower {sysctl_name(a.key)} {a.old} -> {a.new} s "
+        return Entry("relief-advice", f"relief would {base} {sysctl_name(a.key)} {a.old} -> {a.new} s "
                                       f"in netns {a.name} ({o.detail.split(':')[0]}): {a.reason}", fields)
-    return Entry("relief", f"relief: did not lower {sysctl_name(a.key)} in netns {a.name}: {o.detail}", fields,
+    if o.extra.get("forget"):
+        return Entry("relief-restored", f"relief over, nothing restored: {o.detail}",
+                     dict(fields, CTGUARD_REASON="operator"))
+    return Entry("relief", f"relief: did not {base} {sysctl_name(a.key)} in netns {a.name}: {o.detail}", fields,
                  priority=LOG_ERR)
 
 
 def _restore(o: Outcome, a: RestoreTimeout) -> Entry:
     why = o.extra.get("why", "calm" if o.ok else "failed")
     fields = dict(CTGUARD_NETNS=a.netns, CTGUARD_KEY=a.key, CTGUARD_OLD=a.relieved,
-                  CTGUARD_NEW=a.original if o.ok else o.extra.get("found", ""), CTGUARD_REASON=why)
+                  CTGUARD_NEW=a.original if o.ok else o.extra.get("found", ""), CTGUARD_REASON=why,
+                  **_relief_fields(a, "leave"))
+    if a.advise:
+        return Entry("relief-advice", f"relief would leave netns {a.name}: {sysctl_name(a.key)} back to "
+                                      f"{a.original} s ({a.reason})", fields)
     if o.ok:
         return Entry("relief-restored", f"relief over: {sysctl_name(a.key)} {a.relieved} -> {o.read_back} s "
                                         f"in netns {a.name} ({a.reason})", fields)

@@ -57,15 +57,19 @@ class ReliefActor:
         noted = False
         for o in outcomes:
             a = o.action
-            if isinstance(a, ShortenTimeout) and (o.ok or a.advise or observe_only):
+            if isinstance(a, ShortenTimeout) and a.step != "up" and (o.ok or a.advise or observe_only):
                 self.store.note(a.key, a.old, a.new, a.held, time.time())
                 noted = True
         return noted
 
     def carry_out(self, action, policy) -> Outcome:
         if isinstance(action, ShortenTimeout):
-            return self._shorten(action)
+            if action.advise:
+                return Outcome(action, False, "relief.mode is advise: nothing changed")
+            return self._step_up(action) if action.step == "up" else self._shorten(action)
         if isinstance(action, RestoreTimeout):
+            if action.advise:
+                return Outcome(action, False, "relief.mode is advise: nothing to restore")
             return self._restore(action)
         if isinstance(action, TrimEntries):
             return self._trim(action)
@@ -118,6 +122,29 @@ class ReliefActor:
         self._save_quietly()
         return Outcome(a, True, f"{sysctl_name(a.key)} {current} -> {got} s in netns {a.name}",
                        read_back=got, extra={"old": current})
+
+    def _step_up(self, a: ShortenTimeout) -> Outcome:
+        """A step back up: compare-and-set from what ctguard wrote to the next level's value; the
+        saved original stays (only `value` changes in the record)."""
+        key = (a.netns, a.key)
+        prior = self.store.records.get(key)
+        found, path = self._path(a.netns)
+        if not found:
+            return Outcome(a, False, f"netns {a.name} is gone")
+        try:
+            got = write_timeout(path, a.key, a.new, expect=a.old, sysctl_dir=self.sysctl_dir)
+        except TimeoutChanged as exc:
+            self._forget(key)
+            return Outcome(a, False, f"{sysctl_name(a.key)} in netns {a.name} was set to {exc.found} "
+                                     "by someone else during relief; their value stays", extra={"forget": True})
+        except OSError as exc:
+            return Outcome(a, False, f"cannot set {sysctl_name(a.key)} to {a.new} in netns {a.name}: {exc}; "
+                                     "retried next turn")
+        if prior is not None:
+            self.store.records[key] = replace(prior, value=got)
+            self._save_quietly()
+        return Outcome(a, True, f"{sysctl_name(a.key)} {a.old} -> {got} s in netns {a.name}", read_back=got,
+                       extra={"old": a.old})
 
     def _forget(self, key: tuple[int, str], prior: Record | None = None) -> None:
         if prior is None:

@@ -52,9 +52,12 @@ class Actor:
         observe = self.policy.observe_only
         if isinstance(action, (ShortenTimeout, RestoreTimeout, TrimEntries)):
             if isinstance(action, ShortenTimeout) and (observe or action.advise):
+                verb = "raise" if action.step == "up" else "lower"
                 return Outcome(action, False, ("observe mode" if observe else "relief.mode is advise")
-                               + f": would lower {sysctl_name(action.key)} {action.old} -> {action.new} "
+                               + f": would {verb} {sysctl_name(action.key)} {action.old} -> {action.new} "
                                f"in netns {action.name}")
+            if isinstance(action, RestoreTimeout) and action.advise:
+                return Outcome(action, False, f"relief.mode is advise: would leave relief in netns {action.name}")
             if isinstance(action, TrimEntries) and observe:
                 return Outcome(action, False, "observe mode: no entry trimmed")
             if self.relief is None:

@@ -279,6 +279,10 @@ class TableBreakdown:
     zones: Top  # only entries in a zone other than 0
     interrupted: bool = False  # the kernel flagged the dump as inconsistent (table changed meanwhile)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # For relief's classes (core.timeouts.classes): UDP entries that are ASSURED (streams), and TCP
+    # entries ESTABLISHED but never answered (picked up mid-stream: held by tcp_unacknowledged).
+    udp_assured: int = 0
+    tcp_unreplied_established: int = 0
 
 
 class Aggregator:
@@ -293,6 +297,8 @@ class Aggregator:
         self.by_tcp_state: dict[int | None, int] = {}
         self.unreplied = 0
         self.assured = 0
+        self.udp_assured = 0
+        self.tcp_unreplied_established = 0
         self.sources: SpaceSaving[bytes] = SpaceSaving(cap)
         self.destinations: SpaceSaving[bytes] = SpaceSaving(cap)
         self.dports: SpaceSaving[int] = SpaceSaving(cap)
@@ -307,7 +313,7 @@ class Aggregator:
         # them here saves a method call per entry (the misses, and `total`, go through add()).
         dst_counts, port_counts = self.destinations._counts, self.dports._counts
         dst_hits = port_hits = 0
-        n = unreplied = assured = 0
+        n = unreplied = assured = udp_assured = loose = 0
         done = False
         for e in entries:
             if e is None:
@@ -319,10 +325,14 @@ class Aggregator:
             by_proto[proto] = by_proto.get(proto, 0) + 1
             if proto == 6:
                 by_state[tcp_state] = by_state.get(tcp_state, 0) + 1
+                if tcp_state == 3 and not status & IPS_SEEN_REPLY:
+                    loose += 1
             if not status & IPS_SEEN_REPLY:
                 unreplied += 1
             if status & IPS_ASSURED:
                 assured += 1
+                if proto == 17:
+                    udp_assured += 1
             add_src(src)
             c = dst_counts.get(dst)
             if c is None:
@@ -347,6 +357,8 @@ class Aggregator:
         self.entries += n
         self.unreplied += unreplied
         self.assured += assured
+        self.udp_assured += udp_assured
+        self.tcp_unreplied_established += loose
         return done
 
     def result(self, *, cut_short: bool, seconds: float, expected: int | None, interrupted: bool = False,
@@ -376,6 +388,8 @@ class Aggregator:
             zones=top_of(self.zones, str, self.top),
             interrupted=interrupted,
             notes=notes,
+            udp_assured=self.udp_assured,
+            tcp_unreplied_established=self.tcp_unreplied_established,
         )
 
 

@@ -117,10 +117,13 @@ KINDS: Mapping[str, Kind] = {
         Kind("initramfs", MESSAGE_ID_INITRAMFS, LOG_NOTICE,
              "update-initramfs run after the modprobe file changed (CTGUARD_REASON: `updated` or `failed`)"),
         Kind("relief", MESSAGE_ID_RELIEF, LOG_WARNING,
-             "relief: a conntrack timeout shortened in one namespace (CTGUARD_NETNS, CTGUARD_KEY, CTGUARD_OLD, "
-             "CTGUARD_NEW, CTGUARD_REASON); a failed write says so in MESSAGE with PRIORITY err"),
+             "relief: a conntrack timeout shortened in one namespace, or raised back a step (CTGUARD_NETNS, "
+             "CTGUARD_KEY, CTGUARD_OLD, CTGUARD_NEW, CTGUARD_REASON; CTGUARD_STEP `enter`, `down` or `up`, "
+             "CTGUARD_LEVEL, CTGUARD_FILL, CTGUARD_FREED: entries freed since it entered); a failed write says so "
+             "in MESSAGE with PRIORITY err"),
         Kind("relief-restored", MESSAGE_ID_RELIEF_RESTORED, LOG_NOTICE,
-             "relief over: the original timeout is back (CTGUARD_OLD: relief's value, CTGUARD_NEW: the original), "
+             "relief over (CTGUARD_STEP `leave`): the original timeout is back (CTGUARD_OLD: relief's value, "
+             "CTGUARD_NEW: the original; CTGUARD_FILL, CTGUARD_FREED), "
              "or left alone: CTGUARD_REASON `operator` (someone changed it meanwhile) or `gone` (namespace vanished)"),
         Kind("relief-advice", MESSAGE_ID_RELIEF_ADVICE, LOG_NOTICE,
              "relief.mode is advise (or mode observe): the timeout relief would shorten, nothing changed"),
@@ -152,7 +155,7 @@ FIELDS = ("CTGUARD_NETNS", "CTGUARD_FILL", "CTGUARD_OLD_MAX", "CTGUARD_NEW_MAX",
           "CTGUARD_INCIDENT", "CTGUARD_PEAK_FILL", "CTGUARD_DROPS", "CTGUARD_EARLY_DROPS", "CTGUARD_TABLE_FULL",
           "CTGUARD_BUMPS", "CTGUARD_DURATION", "CTGUARD_TRIGGER",
           "CTGUARD_KEY", "CTGUARD_OLD", "CTGUARD_NEW", "CTGUARD_ENTRIES", "CTGUARD_FINDING",
-          "CTGUARD_WRITER", "CTGUARD_FILE")
+          "CTGUARD_WRITER", "CTGUARD_FILE", "CTGUARD_STEP", "CTGUARD_LEVEL", "CTGUARD_FREED")
 
 
 # journald field names: uppercase letters, digits, underscore; not starting with a digit or

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ctguard.core.model import Sample, TableShape
+from ctguard.core.timeouts import classes
 from ctguard.host import hostrole
 from ctguard.host.clock import Clock
 from ctguard.host.ctnetlink import dump_table
@@ -111,14 +112,7 @@ class Observer:
 
 
 def relief_states(t) -> tuple[tuple[str, int], ...]:
-    """Entries per relief timeout key, from a table breakdown. Unanswered UDP is estimated as the
-    unreplied entries less the half-open TCP ones (SYN_SENT is unreplied by nature), capped at UDP's count."""
-    tcp = t.by_tcp_state
-    names = {"SYN_SENT": "tcp_syn_sent", "SYN_RECV": "tcp_syn_recv", "TIME_WAIT": "tcp_time_wait",
-             "CLOSE_WAIT": "tcp_close_wait", "FIN_WAIT": "tcp_fin_wait", "ESTABLISHED": "tcp_established"}
-    udp = t.by_proto.get("udp", 0)
-    unanswered = max(0, min(udp, t.unreplied - tcp.get("SYN_SENT", 0)))
-    out = {"udp": unanswered, "udp_stream": udp - unanswered}
-    out.update({key: tcp.get(state, 0) for state, key in names.items()})
-    return tuple((k, v) for k, v in out.items() if v)
-
+    """Entries per timeout class (core.timeouts.classes: the timeout the kernel applies to each,
+    by protocol, TCP state and the SEEN_REPLY / ASSURED bits), from a table breakdown."""
+    got = classes(t.by_proto, t.by_tcp_state, t.udp_assured, t.tcp_unreplied_established)
+    return tuple(sorted(got.items(), key=lambda kv: -kv[1]))

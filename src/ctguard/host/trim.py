@@ -7,8 +7,10 @@ entry's CTA_TIMEOUT over ctnetlink, what `conntrack -U --timeout N` does, throug
 conntrack socket (NFCTSocket.entry("set", tuple_orig=..., timeout=N); present in pyroute2
 0.7.2, Debian 12's, and later).
 
-Only entries that were never answered or are already closing are touched: unreplied UDP,
-half-open TCP (SYN_SENT, SYN_RECV) that is not assured, and TIME_WAIT; an entry whose
+Only entries that were never answered, answered once and done, or are already closing are
+touched: UDP held by nf_conntrack_udp_timeout (unanswered, or answered within its first 2 s:
+a DNS or NTP exchange; never an ASSURED stream), half-open TCP (SYN_SENT, SYN_RECV) that is not
+assured, TCP picked up mid-stream and never answered, LAST_ACK and TIME_WAIT; an entry whose
 remaining time is already at or below the cap is left (a cap never lengthens). Bounded:
 at most --max-entries changed and --budget seconds spent per pass. The dump is decoded by
 ctguard's own ctnetlink reader (pyroute2's generic parser reads ~15,000 entries/s here).
@@ -29,29 +31,25 @@ import struct
 import sys
 import time
 
+from ctguard.core.relief import TRIMMABLE
+from ctguard.core.timeouts import classify
 from ctguard.host import ctnetlink as ct
 from ctguard.host import procs
 from ctguard.host.netns import setns
 
-TCP_SYN_SENT, TCP_SYN_RECV, TCP_TIME_WAIT = 1, 2, 7     # enum tcp_conntrack (ct.TCP_STATES)
 NLM_F_ACK = 0x4
 _ERRNO = struct.Struct("=i")
 
 
 def key_of(proto: int, status: int, tcp_state: int | None) -> str | None:
-    """The relief timeout key an entry is held by, if a trim may touch it."""
-    if proto == 17:
-        return "udp" if not status & ct.IPS_SEEN_REPLY else None
-    if proto == 6:
-        if tcp_state == TCP_TIME_WAIT:
-            return "tcp_time_wait"
-        if status & ct.IPS_ASSURED:
-            return None
-        if tcp_state == TCP_SYN_SENT:
-            return "tcp_syn_sent"
-        if tcp_state == TCP_SYN_RECV:
-            return "tcp_syn_recv"
-    return None
+    """The relief timeout key an entry is held by (core.timeouts.classify, the kernel's own
+    rules), if a trim may touch it: never an assured TCP connection nor a UDP stream."""
+    key = classify(proto, tcp_state, status)
+    if key not in TRIMMABLE:
+        return None
+    if key in ("tcp_syn_sent", "tcp_syn_recv") and status & ct.IPS_ASSURED:
+        return None
+    return key
 
 
 def select(caps: dict[str, int], limit: int, deadline: float) -> tuple[list[tuple], int, bool]:

@@ -170,7 +170,7 @@ def _active(calm_since=None) -> History:
 
 
 @pytest.mark.parametrize("text, calm_since, t, restore_reason", [
-    (ENFORCE, at(0), 31, "calm for 31 s"),
+    (ENFORCE + "steps = 1\n", at(0), 31, "calm for 31 s"),   # one step: straight back to the original
     (ENFORCE, at(0), 29, None),                       # not calm for long enough
     (ENFORCE, None, 100, None),                       # never calm
     ('[relief]\nmode = "off"\n', None, 1, "relief.mode is off"),
@@ -398,6 +398,6 @@ def test_relief_defaults_and_named_timeouts():
     assert p.relief.mode == "advise" and p.relief.calm_for == 300
     assert dict(p.relief.timeouts) == {"udp": 10, "udp_stream": 30, "tcp_syn_sent": 10, "tcp_syn_recv": 10,
                                        "tcp_time_wait": 10, "tcp_close_wait": 15, "tcp_fin_wait": 15,
-                                       "tcp_unacknowledged": 30}
+                                       "tcp_last_ack": 10, "tcp_unacknowledged": 30}
     named = policy_mod.loads("[relief.timeouts]\ntcp_established = 3600\nudp = 5\n", "p.toml")
     assert named.relief.emergency("tcp_established") == 3600 and named.relief.emergency("udp") == 5
