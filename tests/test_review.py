@@ -191,13 +191,14 @@ def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path
 
     last = last_bundle(folder)
     assert last is not None and last["id"] == "20260101T000100Z-manual"    # the newest complete one
-    assert last["top_finding"]["id"] == "kernel-drops" and "kernel-drops" in last["findings"]
+    # issue 24: the cause (the raised UDP timeout) ranks before its consequence (the drops)
+    assert last["top_finding"]["id"] == "udp-timeout-raised" and "kernel-drops" in last["findings"]
     policy = Policy()
     policy = replace(policy, persist=replace(policy.persist, sysctl_file=tmp_path / "none.conf"))
     now = Instant(1000.0, 1000.0)
     sample = Sample(now, KernelLimits(4096, 1024, 320, 8 << 30, 4 << 30), (NamespaceReading(1, "host", 10),))
     view = status.build(policy, sample, History(), now, last_bundle=last)
-    assert view.data["last_bundle"]["top_finding"]["id"] == "kernel-drops"
+    assert view.data["last_bundle"]["top_finding"]["id"] == "udp-timeout-raised"
     text = status_cli.render_text(view)
-    assert "last bundle: 20260101T000100Z-manual - critical kernel-drops:" in text
+    assert "last bundle: 20260101T000100Z-manual - critical udp-timeout-raised:" in text
     assert last_bundle(tmp_path / "empty") is None
