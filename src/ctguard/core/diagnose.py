@@ -163,6 +163,7 @@ class Facts:
     # The captured namespace judged on its own: its NAT rules and forwarding, not the host's.
     host_ns: bool = True
     inode: int = 0                                  # the captured namespace's inode (0: unknown)
+    netns_path: str = ""
     forwards: bool | None = None
     nat_kinds: Mapping[str, int] = field(default_factory=dict)
     ns_role: str = ""
@@ -381,7 +382,7 @@ def facts(data: BundleData) -> Facts:
         nat=nat, nat_text=str(rules.get("nat_verdict", "")),
         raised=tuple(t for t in host.get("raised_timeouts", []) or () if isinstance(t, Mapping)),
         ceiling=ceiling, upper=upper, upper_by=upper_by, netns_label=label,
-        host_ns=host_ns, inode=inode, forwards=forwards, nat_kinds=nat_kinds, ns_role=ns_role,
+        host_ns=host_ns, inode=inode, netns_path=path, forwards=forwards, nat_kinds=nat_kinds, ns_role=ns_role,
         listening_udp=udp_ports, listening_tcp=tcp_ports, guard=guard, refusals=tuple(refusals),
         incident=incident if isinstance(incident, Mapping) else {},
         guard_share=float(_policy_value(data.policy, "guard", "suspicious_share", ATTACK_SHARE)),
@@ -485,6 +486,17 @@ def _lost_text(f: Facts) -> str:
 
 def _where(f: Facts) -> str:
     return f.netns_label
+
+
+def _in_ns(f: Facts) -> str:
+    """The prefix that runs a command in the captured namespace ("" for the host's)."""
+    if f.host_ns:
+        return ""
+    if f.netns_path.startswith("/run/netns/"):
+        return f"ip netns exec {f.netns_path.rsplit('/', 1)[1]} "
+    if f.netns_path:
+        return f"nsenter --net={f.netns_path} "
+    return ""
 
 
 def _clients(f: Facts) -> str:
@@ -678,7 +690,7 @@ def time_wait_churn(f: Facts) -> Finding | None:
         who = f"short-lived TCP connections{target} are opened and closed in a churn"
     t = next((x for x in f.raised if x.get("name") == "nf_conntrack_tcp_timeout_time_wait"), None)
     tw_timeout = _int(t["value"]) if t else KERNEL_DEFAULT_TIMEOUTS["nf_conntrack_tcp_timeout_time_wait"]
-    where = f"ip netns exec {f.netns_label.split(' ')[0]} " if not f.host_ns else ""
+    where = _in_ns(f)
     rule = (f"{SUGGESTION}\n# entries of closed connections kept 30 s instead of {tw_timeout} s, in "
             f"{_where(f)} only (undo: the same line with {tw_timeout})\n"
             f"{where}sysctl -w net.netfilter.nf_conntrack_tcp_timeout_time_wait=30")
@@ -718,7 +730,7 @@ def udp_churn(f: Facts) -> Finding | None:
     what = "DNS query" if dns else "UDP exchange"
     path = "through the NAT" if nat else (f"through {_where(f)}" if f.gateway else f"in {_where(f)}")
     rate = f.largest[0] / timeout
-    where = f"ip netns exec {f.netns_label.split(' ')[0]} " if not f.host_ns else ""
+    where = _in_ns(f)
     rule = (f"{SUGGESTION}\n# answered UDP flows kept 10 s instead of {timeout} s, in {_where(f)} only "
             f"(undo: the same line with {timeout})\n{where}sysctl -w net.netfilter.nf_conntrack_udp_timeout=10")
     if dns and f.gateway:
@@ -750,7 +762,7 @@ def udp_timeout_raised(f: Facts) -> Finding | None:
     if not raised or _share(udp, f.entries) < UDP_SHARE:
         return None
     what = ", ".join(f"{t['name']} = {t['value']} s (default {t['default']} s)" for t in raised)
-    where = f"ip netns exec {f.netns_label.split(' ')[0]} " if not f.host_ns else ""
+    where = _in_ns(f)
     revert = "; ".join(f"{where}sysctl -w net.netfilter.{t['name']}={t['default']}" for t in raised)
     return Finding(
         "udp-timeout-raised", _severity(f),
