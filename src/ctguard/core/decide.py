@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
-    Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
+    Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, Trigger, Warn,
 )
 from ctguard.core.sizing import GROWTH_COVER, HASH_HEAD_BYTES, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
     kernel_default_max, round_up
@@ -266,7 +266,11 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
                 # Only growth past the guard's ceiling needs the table's shape: below it, bump
                 # at once; past it, the caller looks (bounded) and asks again.
                 needs_shape = netns
-        elif action.kind not in ("cooldown",) and _capture_due(policy, history, now):
+        elif action.kind not in ("cooldown",) and (
+                _capture_due(policy, history, now)
+                or (_worsens(history, "refused") and action.kind in WORSENING_REFUSALS and _gap_ok(history, now))):
+            # The first bump refused at a bound in an incident is a worse moment than the first
+            # bump: captured again (once; the recorder bounds it per incident).
             actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
 
     for e in events:
@@ -293,6 +297,15 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
 
     relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
     actions.extend(relief_actions)
+    if not any(isinstance(a, Capture) for a in actions) and _gap_ok(history, now):
+        # The incident worsened since its first bundle: the kernel began dropping, or relief
+        # acts. The bundle of that moment tells more than the first bump's.
+        if _worsens(history, "drops") and (_new_drops(history, sample) > 0 or _new_early(history, sample) > 0):
+            actions.append(Capture(reason="drops-began", netns=worst_inode))
+        elif (_worsens(history, "relief") and not history.relief.active
+              and any(isinstance(a, ShortenTimeout) and not a.advise for a in relief_actions)):
+            actions.append(Capture(reason="relief", netns=next(a.netns for a in relief_actions
+                                                                if isinstance(a, ShortenTimeout))))
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
@@ -448,6 +461,30 @@ def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | 
                 f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
                 f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell")
     return None
+
+
+# The moments an incident gets worse, each worth its own bundle once per incident (the
+# recorder's [evidence] incident_captures bounds them): a bump refused at a bound, the kernel's
+# first drops, relief's first shortening.
+WORSENING_REFUSALS = ("ceiling", "memory", "guard")
+WORSENING_CAPTURES = ("refused-ceiling", "refused-memory", "refused-guard", "drops-began", "relief")
+WORSENING_MOMENTS = 3       # refused (any bound), drops-began, relief
+
+
+def _worsens(history: History, what: str) -> bool:
+    """`what` happens for the first time in the open incident (none open: not a worsening)."""
+    inc = history.incident
+    if inc is None:
+        return False
+    if what == "refused":
+        return inc.refusals == 0
+    if what == "drops":
+        return inc.drops == 0 and inc.early_drops == 0
+    return True
+
+
+def _gap_ok(history: History, now: Instant) -> bool:
+    return history.last_capture is None or now.since(history.last_capture) >= MIN_CAPTURE_GAP
 
 
 def _capture_due(policy: Policy, history: History, now: Instant) -> bool:

@@ -195,7 +195,7 @@ class Facts:
         fill = _float(self.incident.get("peak_fill"))
         if inc_peak and fill > 0:
             cands.append((inc_peak, int(round(inc_peak / fill))))
-        return max(cands, key=lambda c: (c[0], -c[1]))
+        return max(cands, key=lambda c: (c[0], 1 if c[1] else 0, -c[1]))
 
     @property
     def tcp(self) -> int:
@@ -622,8 +622,8 @@ def unreachable_destination(f: Facts) -> Finding | None:
         hook = "forward" if f.gateway else "output"
         lines = [SUGGESTION, f"# while {where}{port_txt} does not answer: refuse new attempts at once, so clients",
                  "# fail fast instead of each holding an entry for the SYN_SENT / UDP timeout; remove it when",
-                 "# the destination answers again (nft delete table inet ctguard_unreachable)",
-                 "nft -f - <<'EOF'", "table inet ctguard_unreachable {",
+                 "# the destination answers again (nft delete table inet ctguard_suggested)",
+                 "nft -f - <<'EOF'", "table inet ctguard_suggested {",
                  f"  chain refuse_dead_{hook} {{",
                  f"    type filter hook {hook} priority filter; policy accept;"]
         for r in dests:
@@ -857,8 +857,8 @@ def _talker(f: Facts, key: str, fid: str, word: str, claimed: set[str]) -> Findi
         mgmt = ", ".join(str(p) for p in MANAGEMENT_PORTS)
         rule = "\n".join([
             SUGGESTION, f"# at most {limit} tracked connections from {addr} to this host's services; new flows only,",
-            "# never ssh or the kubelet (remove: nft delete table inet ctguard_limit)",
-            "nft -f - <<'EOF'", "table inet ctguard_limit {", "  chain limit_new_from_source {",
+            "# never ssh or the kubelet (remove: nft delete table inet ctguard_suggested)",
+            "nft -f - <<'EOF'", "table inet ctguard_suggested {", "  chain limit_new_from_source {",
             "    type filter hook input priority filter; policy accept;",
             f"    tcp dport {{ {mgmt} }} accept",
             f"    ct state new {fam} saddr {addr} ct count over {limit} counter drop", "  }", "}", "EOF"])
