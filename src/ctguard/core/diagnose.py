@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
@@ -604,7 +604,7 @@ def unreachable_destination(f: Facts) -> Finding | None:
         return None
     proto, stalled, total = st
     dests = [r for r in _rows(f, "top_destinations")[:FEW_DESTINATIONS] if _lower(r) > 0.1 * stalled]
-    held = sum(_lower(r) for r in dests)
+    held = min(stalled, sum(_lower(r) for r in dests))
     if not dests or _share(held, stalled) < FEW_SHARE:
         return None
     sources, exact = _sources(f)
@@ -685,7 +685,7 @@ def time_wait_churn(f: Facts) -> Finding | None:
     port_txt = ", ".join(str(r["key"]) for r in ports)
     target = (f" to {to}" if to else "") + (f" {port_txt}" if port_txt else "")
     if f.gateway:
-        who = f"{_clients(f)} open a new TCP connection per request{target} through {_where(f)}"
+        who = f"{_clients(f)} open a new TCP connection per request{target}"
     else:
         who = f"short-lived TCP connections{target} are opened and closed in a churn"
     t = next((x for x in f.raised if x.get("name") == "nf_conntrack_tcp_timeout_time_wait"), None)
@@ -748,7 +748,7 @@ def udp_churn(f: Facts) -> Finding | None:
         "udp-answered-once", _severity(f),
         f"{_pct(_share(once, udp))} of UDP entries were answered once{(' (' + ', '.join(str(r['key']) for r in ports) + ')') if ports else ''}"
         f"{(' to ' + to) if to else ''}: each {what} {path} holds an entry for nf_conntrack_udp_timeout "
-        f"({timeout} s), so about {_n(int(rate))} new flows/s keep {_n(f.largest[0])} entries{_lost_text(f)}",
+        f"({timeout} s), so at least {_n(int(rate))} new flows/s kept {_n(f.largest[0])} entries{_lost_text(f)}",
         {"answered_once": once, "udp": udp, "share_of_udp": round(_share(once, udp), 4),
          "ports": _table_rows(ports), "destinations": _table_rows(dests), "sources": _sources(f)[0],
          "role": f.ns_role, "nat": nat, "timeout_s": timeout, "flows_per_s_estimate": int(rate),
@@ -995,10 +995,12 @@ def host_role(f: Facts) -> Finding | None:
             "size the table for the clients behind the NAT, not for the host's own services; check whether the "
             "NAT rule is meant to be there (`nft list ruleset`, `iptables-save -t nat`)", weight=0.5, tier=CONSEQUENCE)
     if f.gateway:
-        fwd = "forwards" if f.forwards else ("forwarding unknown" if f.forwards is None else "does not forward")
+        fwd = "forwards" if f.forwards else ("forwarding not read" if f.forwards is None else "does not forward")
+        kinds = ", ".join(f"{k} x{v}" for k, v in sorted(f.nat_kinds.items()) if v)
+        nat = f"NAT: {kinds}" if kinds else ("no NAT" if f.nat is False else "NAT rules not read")
         return Finding(
             "host-role", INFO,
-            f"{_where(f)} is a {f.ns_role} ({fwd}; {f.nat_text or 'NAT rules not read'}): its table holds the "
+            f"{_where(f)} is a {f.ns_role} ({fwd}; {nat}): its table holds the "
             "flows of the clients behind it, not only its own",
             {"namespace": _where(f), "role": f.ns_role, "forwards": bool(f.forwards), "nat": f.nat_text,
              "host_role": f.role},
@@ -1058,6 +1060,9 @@ def diagnose(data: BundleData, warn: float | None = None) -> tuple[Finding, ...]
     threshold = warn if warn is not None else float(_policy_value(data.policy, "thresholds", "warn", HEALTHY_FILL))
     if healthy(f, threshold):
         return ()
+    history = drops_history(f)
+    if history is not None and healthy(replace(f, totals={}), threshold):
+        return (history,)       # only counters from long ago: history, nothing of this moment
     causes = [x for x in (rule(f) for rule in CAUSES) if x is not None]
     if any(x.id == "insert-race" for x in causes):
         # The race is the story of the drops; churn at a low fill is not what users suffered from.

@@ -1,0 +1,291 @@
+"""Issue 24: the diagnosis tells causes apart, tells each once, ranks it before its consequences,
+and suggests only rules that are safe to paste (each checked with `nft -c`).
+
+Every row is a bundle built in code from a few numbers, in the shapes the collectors write
+(evidence.toml's table, sysctl, cpu_stats, host, rules, network, listening; timeline.json's
+columns; the manifest's decision and incident), named for the incident it stands for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctguard.core.diagnose import FINDING_IDS, BundleData, diagnose, facts, verdict
+
+GW_CLIENTS = [(f"10.91.1.{i}", 40) for i in range(1, 21)]
+
+
+def rows(pairs: list[tuple[str, int]], exact: bool = True, tracked: int | None = None) -> dict[str, Any]:
+    return {"exact": exact, "capacity": 4096, "tracked": tracked if tracked is not None else len(pairs),
+            "rows": [{"key": k, "count": c, "error": 0} for k, c in pairs]}
+
+
+def series(inode: int, entries: list[int], max_: int = 8192, *, drop: list[int] | None = None,
+           insert_failed: list[int] | None = None, name: str = "ctgt-gw") -> dict[str, Any]:
+    n = len(entries)
+    return {"inode": inode, "name": name, "unit": "", "container": "", "t": [1000.0 + i for i in range(n)],
+            "entries": entries, "max": [max_] * n, "drop": drop or [0] * n, "early_drop": [0] * n,
+            "insert_failed": insert_failed or [0] * n, "invalid": [0] * n}
+
+
+def bundle(*, entries: int, max_: int = 8192, protos: dict[str, int] | None = None,
+           states: dict[str, int] | None = None, unreplied: int = 0, assured: int = 0,
+           sources: dict[str, Any] | None = None, dests: dict[str, Any] | None = None,
+           dports: dict[str, Any] | None = None, totals: dict[str, int] | None = None,
+           role: str = "server", nat: dict[str, int] | None = None, forwards: bool | None = False,
+           netns: str = "/run/netns/app", listening: list[int] | None = None,
+           raised: list[dict[str, Any]] | None = None, timeline: dict[str, Any] | None = None,
+           decision: dict[str, Any] | None = None, incident: dict[str, Any] | None = None) -> BundleData:
+    evidence: dict[str, Any] = {
+        "table": {"entries": entries, "unreplied": unreplied, "assured": assured, "by_proto": protos or {},
+                  "by_tcp_state": states or {}, "top_sources": sources or rows([]),
+                  "top_destinations": dests or rows([]), "top_dports": dports or rows([])},
+        "sysctl": {"sysctl": {"nf_conntrack_count": str(entries), "nf_conntrack_max": str(max_)},
+                   "hashsize": max_ // 4},
+        "cpu_stats": {"totals": totals or {}},
+        "host": {"role": role, "roles": [role], "seen": ["no NAT, no forwarding"], "raised_timeouts": raised or []},
+        "rules": ({"nat_verdict": "this host does NAT / masquerade (nft masquerade x1)", "nft_nat": nat} if nat
+                  else {"nat_verdict": "this host does no NAT / masquerade (checked nft)"}),
+        "memory": {"bytes": {"MemTotal": 8 << 30}},
+        "slab": {"slab": {"objsize": 256}},
+    }
+    if forwards is not None:
+        evidence["network"] = {"forwarding": {"ipv4": forwards, "ipv6": False}, "verdict": "", "interfaces": []}
+    if listening is not None:
+        evidence["listening"] = {"udp_ports": listening, "tcp_ports": [22]}
+    manifest: dict[str, Any] = {"id": "20260101T000000Z-bump", "reason": "bump", "netns": {"path": netns, "inode": 7}}
+    if decision is not None:
+        manifest["decision"] = decision
+    if incident is not None:
+        manifest["incident"] = incident
+    return BundleData(manifest, evidence, timeline, {})
+
+
+def bumped(entries: list[int], max_: int = 8192, **kw: Any) -> dict[str, Any]:
+    return {"namespaces": [series(7, entries, max_, **kw)],
+            "events": [{"t": 1001.0, "kind": "bump", "old": 4096, "new": max_, "netns": 7}]}
+
+
+GATEWAY = {"role": "server", "nat": {"masquerade": 1}, "forwards": True, "netns": "/run/netns/ctgt-gw"}
+
+# name -> (bundle, the top finding, ids that must not fire, severity of the top finding)
+CASES: dict[str, tuple[BundleData, str | None, set[str], str | None]] = {
+    "healthy table": (
+        bundle(entries=2000, protos={"tcp": 1500, "udp": 500}, states={"ESTABLISHED": 1400, "TIME_WAIT": 100},
+               timeline={"namespaces": [series(7, [1900, 2000, 1950])]}),
+        None, set(FINDING_IDS), None),
+    "capacity: full with drops, no one cause": (
+        bundle(entries=8100, protos={"tcp": 4000, "udp": 4100}, states={"ESTABLISHED": 3900, "TIME_WAIT": 100},
+               assured=7000,
+               sources=rows([(f"10.0.{i}.1", 80) for i in range(40)]),
+               dests=rows([(f"10.1.{i}.1", 80) for i in range(40)]),
+               timeline={"namespaces": [series(7, [6000, 8100, 8192], drop=[0, 300, 900])],
+                         "events": [{"t": 1001.0, "kind": "kernel", "text": "table full"}]}),
+        "kernel-drops", {"insert-race", "attack-shape", "top-source-dominant"}, "critical"),
+    "Kubernetes node: the UDP insert race at 19% fill": (
+        bundle(entries=1550, protos={"udp": 1200, "tcp": 350}, unreplied=100, assured=300,
+               dports=rows([("udp/53", 1100)]), role="Kubernetes node", nat={"masquerade": 3}, netns="(ctguard's own)",
+               timeline={"namespaces": [series(7, [1500, 1520, 1550], drop=[0, 200, 400],
+                                               insert_failed=[0, 200, 400], name="host")]}),
+        "insert-race", {"kernel-drops", "udp-answered-once", "tcp-time-wait-churn"}, "critical"),
+    "twelve drops from months ago on a 15% table": (
+        bundle(entries=1230, protos={"tcp": 1000, "udp": 230}, states={"ESTABLISHED": 1000},
+               totals={"drop": 12, "early_drop": 0, "insert_failed": 0}),
+        "drops-history", {"kernel-drops"}, "info"),
+    "dead upstream behind a NAT gateway": (
+        bundle(entries=7000, protos={"tcp": 7000}, states={"SYN_SENT": 6800, "ESTABLISHED": 200}, unreplied=6800,
+               sources=rows(GW_CLIENTS, tracked=200), dests=rows([("10.92.0.2", 6900)]),
+               dports=rows([("tcp/81", 6800), ("tcp/80", 200)]), timeline=bumped([500, 7000, 7000]), **GATEWAY),
+        "unreachable-destination", {"top-source-dominant", "top-destination-dominant", "tcp-syn-sent-dominant",
+                                    "attack-shape"}, "warning"),
+    "unanswered UDP to two dead servers": (
+        bundle(entries=6000, protos={"udp": 6000}, unreplied=5800, sources=rows(GW_CLIENTS, tracked=150),
+               dests=rows([("192.0.2.10", 3000), ("192.0.2.11", 2800)]), dports=rows([("udp/5353", 5800)]),
+               timeline=bumped([100, 6000, 6000]), **GATEWAY),
+        "unreachable-destination", {"top-destination-dominant", "udp-answered-once"}, "warning"),
+    "NAT flash crowd: TIME_WAIT through the gateway": (
+        bundle(entries=7800, protos={"tcp": 7800}, states={"TIME_WAIT": 7000, "ESTABLISHED": 800},
+               sources=rows([("10.91.0.2", 3800)] + GW_CLIENTS, tracked=201), dests=rows([("10.92.0.2", 7800)]),
+               dports=rows([("tcp/80", 7800)]),
+               timeline=bumped([300, 7800, 7800], drop=[0, 0, 50]), **GATEWAY),
+        "tcp-time-wait-churn", {"top-source-dominant", "top-destination-dominant", "server-does-nat"}, "critical"),
+    "DNS through the NAT past the ceiling": (
+        bundle(entries=32000, max_=32768, protos={"udp": 31500, "tcp": 500}, unreplied=600, assured=100,
+               sources=rows(GW_CLIENTS, tracked=200), dests=rows([("10.92.0.2", 31500)]),
+               dports=rows([("udp/53", 31500)]),
+               timeline={"namespaces": [series(7, [1000, 20000, 32000, 32768], 32768, drop=[0, 0, 4000, 15000])],
+                         "events": [{"t": 1002.0, "kind": "refusal", "reason": "ceiling", "old": 32768,
+                                     "new": 65536, "netns": 7}], "ceiling": 32768, "upper_bound": 32768,
+                         "upper_bound_by": "ceiling"},
+               incident={"id": "incident-1000", "started": 1000.0, "peak_count": 32768, "peak_fill": 1.0},
+               **GATEWAY),
+        "udp-answered-once", {"no-track-candidate", "top-source-dominant"}, "critical"),
+    "raised UDP timeout": (
+        bundle(entries=7000, protos={"udp": 6900, "tcp": 100}, unreplied=200,
+               raised=[{"name": "nf_conntrack_udp_timeout", "value": 300, "default": 30}],
+               timeline=bumped([100, 7000, 7000])),
+        "udp-timeout-raised", {"udp-answered-once"}, "warning"),
+    "spoofed flood, judged by the guard": (
+        bundle(entries=8000, protos={"tcp": 8000}, states={"SYN_RECV": 7900}, unreplied=7900,
+               sources=rows([("203.0.113.1", 2)] * 20, exact=False, tracked=4096), dests=rows([("10.92.0.2", 8000)]),
+               timeline=bumped([100, 8000, 8000]),
+               decision={"actions": [{"kind": "SetMax", "old": 8192, "new": 262144, "clipped": "guard",
+                                      "reason": "fill 98% reached act; attack-shaped growth: 97% of 2000 sampled "
+                                                "entries unanswered or half-open, from 1900 or more sources; "
+                                                "8192 -> 262144"}]}),
+        "attack-shape", {"unreachable-destination", "top-destination-dominant"}, "critical"),
+    "a local DNS server answering, no NAT": (
+        bundle(entries=7000, protos={"udp": 7000}, assured=0, dests=rows([("192.0.2.53", 6900)]),
+               dports=rows([("udp/53", 6900)]), listening=[53], timeline=bumped([100, 7000, 7000])),
+        "no-track-candidate", {"udp-answered-once", "top-destination-dominant"}, "warning"),
+    "a host resolving through a remote server": (
+        bundle(entries=7000, protos={"udp": 7000}, assured=0, dests=rows([("192.0.2.53", 6900)]),
+               dports=rows([("udp/53", 6900)]), listening=[68], timeline=bumped([100, 7000, 7000])),
+        "udp-answered-once", {"no-track-candidate"}, "warning"),
+    "a router forwarding DNS": (
+        bundle(entries=7000, protos={"udp": 7000}, dests=rows([("192.0.2.53", 6900)]),
+               dports=rows([("udp/53", 6900)]), listening=[53], forwards=True, timeline=bumped([100, 7000, 7000])),
+        "udp-answered-once", {"no-track-candidate"}, "warning"),
+    "one source hammering this host's service": (
+        bundle(entries=7000, protos={"tcp": 7000}, states={"ESTABLISHED": 7000},
+               sources=rows([("198.51.100.7", 6500)]), dports=rows([("tcp/443", 7000)]),
+               timeline=bumped([100, 7000, 7000])),
+        "top-source-dominant", set(), "warning"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_top_finding_names_the_cause(name: str) -> None:
+    data, top, must_not, severity = CASES[name]
+    found = diagnose(data)
+    ids = [f.id for f in found]
+    if top is None:
+        assert ids == [], ids
+        assert verdict(data).startswith("Healthy")
+        return
+    assert ids and ids[0] == top, (name, ids)
+    assert not (must_not & set(ids)), (name, ids)
+    assert found[0].severity == severity, (name, found[0].severity)
+    assert len(ids) == len(set(ids)), "one finding per id"
+    assert all(f.id in FINDING_IDS for f in found)
+    # Causes before consequences; within each, critical before warning before info.
+    kinds = [f.tier for f in found]
+    assert kinds == sorted(kinds, key=lambda k: 0 if k == "cause" else 1), kinds
+
+
+def test_a_gateway_finding_speaks_of_its_clients_and_cuts_none_off() -> None:
+    for name in ("NAT flash crowd: TIME_WAIT through the gateway", "DNS through the NAT past the ceiling",
+                 "dead upstream behind a NAT gateway"):
+        found = diagnose(CASES[name][0])
+        assert "clients behind ctgt-gw" in found[0].summary or "clients behind ctgt-gw" in found[0].action, name
+        for f in found:
+            assert "saddr 10.91." not in f.rule, (name, f.id, f.rule)
+
+
+def test_dns_through_nat_says_each_query_holds_an_entry() -> None:
+    f = diagnose(CASES["DNS through the NAT past the ceiling"][0])[0]
+    assert "each DNS query through the NAT holds an entry for nf_conntrack_udp_timeout" in f.summary
+    assert "udp/53" in f.summary and "10.92.0.2" in f.summary
+    assert "users lost" in f.summary and "refused" in f.summary
+
+
+def test_the_insert_race_is_not_a_bigger_table() -> None:
+    f = diagnose(CASES["Kubernetes node: the UDP insert race at 19% fill"][0])[0]
+    assert "NodeLocal DNSCache" in f.action and "single-request-reopen" in f.action and "clash" in f.action
+    assert "size the table" not in f.action and "bigger table does not help" in f.action
+
+
+def test_old_drops_are_history() -> None:
+    found = diagnose(CASES["twelve drops from months ago on a 15% table"][0])
+    assert [f.severity for f in found] == ["info"]
+
+
+def test_unreachable_names_the_destination_and_port() -> None:
+    f = diagnose(CASES["dead upstream behind a NAT gateway"][0])[0]
+    assert "10.92.0.2" in f.summary and "tcp/81" in f.summary
+    assert "hook forward" in f.rule and "ct state new ip daddr 10.92.0.2 tcp dport 81" in f.rule
+
+
+def test_the_attack_is_the_guards_judgement() -> None:
+    f = diagnose(CASES["spoofed flood, judged by the guard"][0])[0]
+    assert "the guard judged it so" in f.summary and "attack-shaped growth" in f.evidence["guard_judgement"]
+
+
+def test_severity_follows_what_users_lost() -> None:
+    quiet = CASES["NAT flash crowd: TIME_WAIT through the gateway"][0]
+    tl = {**quiet.timeline, "namespaces": [series(7, [300, 7800, 7800])]}
+    calm = BundleData(quiet.manifest, quiet.evidence, tl, {})
+    assert diagnose(calm)[0].severity == "warning" and diagnose(quiet)[0].severity == "critical"
+
+
+def test_peaks_agree_between_the_verdict_and_the_dump() -> None:
+    # The timeline's last sample held 886 entries, the dump at capture 6,337: the verdict says 6,337.
+    tl = {"namespaces": [series(7, [100, 500, 886], 8192)]}
+    data = bundle(entries=6337, protos={"tcp": 6337}, states={"TIME_WAIT": 6000, "ESTABLISHED": 337},
+                  timeline=tl)
+    assert facts(data).largest == (6337, 8192)
+    assert "6,337 entries at its peak, 77% of the max of 8,192 in force then" in verdict(data)
+
+
+def test_an_open_incident_says_so() -> None:
+    text = verdict(CASES["DNS through the NAT past the ceiling"][0])
+    assert "Incident incident-1000 was still open when this bundle was taken" in text
+
+
+def _all_rules() -> list[tuple[str, str, str]]:
+    out = []
+    for name, (data, _top, _no, _sev) in CASES.items():
+        for f in diagnose(data):
+            if f.rule:
+                out.append((name, f.id, f.rule))
+    return out
+
+
+def _nft_blocks(rule: str) -> list[str]:
+    return re.findall(r"nft -f - <<'EOF'\n(.*?)\nEOF", rule, re.S)
+
+
+def test_every_nft_rule_limits_new_flows_only_and_spares_the_management_path() -> None:
+    blocks = [(n, i, b) for n, i, r in _all_rules() for b in _nft_blocks(r)]
+    assert {i for _n, i, _b in blocks} >= {"unreachable-destination", "no-track-candidate", "top-source-dominant"}
+    for name, fid, block in blocks:
+        for line in block.splitlines():
+            if re.search(r"\b(drop|reject)\b", line) and "policy" not in line:
+                assert "ct state new" in line, (name, fid, line)
+        if "hook input" in block and " drop" in block:
+            assert block.index("tcp dport { 22, 10250 } accept") < block.index("ct count"), (name, block)
+        if "notrack" in block:
+            assert "hook prerouting priority raw" in block and "hook output priority raw" in block
+            assert "udp dport" in block and "udp sport" in block, "both directions"
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables (apt-get install nftables)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="nft -c needs root (CAP_NET_ADMIN) for its checks")
+def test_every_nft_rule_passes_nft_check() -> None:
+    """`nft -c -f` of every suggested rule set, in a fresh network namespace of its own (no
+    ruleset of this host is read or touched)."""
+    blocks = [(n, i, b) for n, i, r in _all_rules() for b in _nft_blocks(r)]
+    assert blocks
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (name, fid, block) in enumerate(blocks):
+            path = Path(tmp) / f"rule{k}.nft"
+            path.write_text(block + "\n")
+            res = subprocess.run(["unshare", "-n", "nft", "-c", "-f", str(path)], capture_output=True, text=True,
+                                 timeout=30)
+            assert res.returncode == 0, (name, fid, block, res.stderr)
+
+
+def test_every_sysctl_rule_names_a_real_key() -> None:
+    known = {"nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream", "nf_conntrack_tcp_timeout_time_wait",
+             "nf_conntrack_tcp_timeout_established"}
+    for name, fid, rule in _all_rules():
+        for key in re.findall(r"sysctl -w net\.netfilter\.(\w+)=\d+", rule):
+            assert key in known, (name, fid, key)
