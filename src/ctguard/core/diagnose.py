@@ -503,7 +503,9 @@ def _clients(f: Facts) -> str:
     n, exact = _sources(f)
     if not n:
         return f"the clients behind {_where(f)}"
-    return f"{'more than ' if not exact else ''}{_n(n)} client{'s' if n != 1 else ''} behind {_where(f)}"
+    if n == 1 and exact:
+        return f"one client behind {_where(f)} (all its connections)"
+    return f"{'more than ' if not exact else ''}{_n(n)} clients behind {_where(f)}"
 
 
 def _dport_rows(f: Facts, proto: str, floor: int) -> list[Mapping[str, Any]]:
@@ -685,7 +687,7 @@ def time_wait_churn(f: Facts) -> Finding | None:
     port_txt = ", ".join(str(r["key"]) for r in ports)
     target = (f" to {to}" if to else "") + (f" {port_txt}" if port_txt else "")
     if f.gateway:
-        who = f"{_clients(f)} open a new TCP connection per request{target}"
+        who = f"{_clients(f)} open{'s' if _sources(f)[0] == 1 else ''} a new TCP connection per request{target}"
     else:
         who = f"short-lived TCP connections{target} are opened and closed in a churn"
     t = next((x for x in f.raised if x.get("name") == "nf_conntrack_tcp_timeout_time_wait"), None)
