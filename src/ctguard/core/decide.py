@@ -268,7 +268,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
                 needs_shape = netns
         elif action.kind not in ("cooldown",) and (
                 _capture_due(policy, history, now)
-                or (_worsens(history, "refused") and action.kind in WORSENING_REFUSALS and _gap_ok(history, now))):
+                or (history.incident is not None and history.incident.refusals == 0
+                    and _worsens(history, "refused") and action.kind in WORSENING_REFUSALS and _gap_ok(history, now))):
             # The first bump refused at a bound in an incident is a worse moment than the first
             # bump: captured again (once; the recorder bounds it per incident).
             actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
@@ -472,15 +473,14 @@ WORSENING_MOMENTS = 3       # refused (any bound), drops-began, relief
 
 
 def _worsens(history: History, what: str) -> bool:
-    """`what` happens for the first time in the open incident (none open: not a worsening)."""
+    """The open incident has no bundle of moment `what` yet (none open: not a worsening). A
+    moment that came within MIN_CAPTURE_GAP of another capture is taken at the next turn it
+    still holds (drops still rising), not lost."""
     inc = history.incident
     if inc is None:
         return False
-    if what == "refused":
-        return inc.refusals == 0
-    if what == "drops":
-        return inc.drops == 0 and inc.early_drops == 0
-    return True
+    slug = {"refused": "-refused-", "drops": "-drops-began", "relief": "-relief"}[what]
+    return not any(slug in b or b.endswith(slug) for b in inc.bundles)
 
 
 def _gap_ok(history: History, now: Instant) -> bool:

@@ -731,7 +731,8 @@ def udp_churn(f: Facts) -> Finding | None:
     nat = any(f.nat_kinds.get(k) for k in ("masquerade", "snat", "netmap"))
     what = "DNS query" if dns else "UDP exchange"
     path = "through the NAT" if nat else (f"through {_where(f)}" if f.gateway else f"in {_where(f)}")
-    rate = f.largest[0] / timeout
+    own = next((s for s in f.series if f.inode and s.inode == f.inode), None)
+    rate = max(f.largest[0] / timeout, own.rate if own is not None else 0.0)
     where = _in_ns(f)
     rule = (f"{SUGGESTION}\n# answered UDP flows kept 10 s instead of {timeout} s, in {_where(f)} only "
             f"(undo: the same line with {timeout})\n{where}sysctl -w net.netfilter.nf_conntrack_udp_timeout=10")

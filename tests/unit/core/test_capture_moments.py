@@ -25,9 +25,10 @@ def sample(t: float, max_: int, count: int, drop: int = 0) -> Sample:
     return Sample(at(t), KernelLimits(max_, max_ // 4, 320, 16 * GiB, 8 * GiB), ns)
 
 
-def history(*, drops: int = 0, refusals: int = 0, last_capture: float | None = 0.0, base_drop: int = 0) -> History:
+def history(*, drops: int = 0, refusals: int = 0, last_capture: float | None = 0.0, base_drop: int = 0,
+            bundles: tuple[str, ...] = ("20260101T000000Z-bump",)) -> History:
     inc = Incident(at(0), NS, "gw", max_at_start=8192, bumps=1, refusals=refusals, drops=drops, max_now=8192,
-                   bundles=("b-first",), last_active=at(9))
+                   bundles=bundles, last_active=at(9))
     return History(incident=inc, last_capture=at(last_capture) if last_capture is not None else None,
                    drops=((4026531000, 0), (NS, base_drop)))
 
@@ -44,9 +45,19 @@ def test_the_first_drops_of_an_incident_are_captured() -> None:
     assert "drops-began" in captures(d) or any(r.startswith("refused-") for r in captures(d)), captures(d)
 
 
-def test_drops_at_a_calm_fill_that_go_on_are_not_captured_twice() -> None:
-    d = decide(POLICY, sample(10, 1 << 20, 3000, drop=900), history(drops=400, base_drop=400), at(10))
+def test_drops_that_go_on_are_not_captured_twice() -> None:
+    taken = ("20260101T000000Z-bump", "20260101T000009Z-drops-began")
+    d = decide(POLICY, sample(10, 1 << 20, 3000, drop=900), history(drops=400, base_drop=400, bundles=taken), at(10))
     assert "drops-began" not in captures(d)
+
+
+def test_drops_that_began_inside_the_gap_are_taken_at_the_next_turn_they_go_on() -> None:
+    # The drops began 2 s after the refusal's bundle (inside the 5 s gap): 6 s later they still
+    # rise and the incident has no drops bundle yet, so it is taken now.
+    taken = ("20260101T000000Z-bump", "20260101T000004Z-refused-ceiling")
+    d = decide(POLICY, sample(10, 1 << 20, 3000, drop=900), history(drops=400, base_drop=400, bundles=taken,
+                                                                    last_capture=4.0), at(10))
+    assert "drops-began" in captures(d)
 
 
 def test_the_first_refusal_at_the_ceiling_is_captured_inside_the_cooldown() -> None:
