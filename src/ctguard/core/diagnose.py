@@ -1005,8 +1005,8 @@ def host_role(f: Facts) -> Finding | None:
             "host-role", INFO,
             f"{_where(f)} is a {f.ns_role} ({fwd}; {nat}): its table holds the "
             "flows of the clients behind it, not only its own",
-            {"namespace": _where(f), "role": f.ns_role, "forwards": bool(f.forwards), "nat": f.nat_text,
-             "host_role": f.role},
+            {"namespace": _where(f), "role": f.ns_role, "forwards": bool(f.forwards), "nat": kinds or "none",
+             **({"host_namespace_role": f.role} if not f.host_ns else {})},
             "read the talkers as clients behind it; limits belong on those clients or where they enter",
             weight=0.1, tier=CONSEQUENCE)
     return None

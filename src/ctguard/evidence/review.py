@@ -179,7 +179,8 @@ def sparkline(ns: Mapping[str, Any], events: Sequence[Mapping[str, Any]], start:
     return line, "".join(marks)
 
 
-def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, Any], tty: bool) -> list[str]:
+def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, Any], tty: bool,
+                   data: BundleData | None = None) -> list[str]:
     if not timeline or not timeline.get("namespaces"):
         note = manifest.get("timeline_note") or "no timeline in this bundle (taken without a running daemon)"
         return [f"Timeline: {note}"]
@@ -189,6 +190,7 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
     lines = [f"Timeline {_clock(start)} - {_clock(end)} UTC ({(end - start) / 60:.1f} min recorded; "
              "fill against the max in force at each sample)"]
     width = max([len(str(ns.get("name", ""))) for ns in top] + [9])
+    captured_inode = (manifest.get("netns", {}) or {}).get("inode") if isinstance(manifest.get("netns"), Mapping) else None
     for ns in top:
         pts = fill_points(ns)
         fullest = max(pts, key=lambda p: p[1])
@@ -197,6 +199,11 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
         tail = f" largest {largest[2]:,} ({largest[1]:.0%} of {largest[3]:,}) at {_clock(largest[0])}"
         if fullest[3] != largest[3]:
             tail += f"; fullest {fullest[1]:.0%} of {fullest[3]:,} at {_clock(fullest[0])}"
+        if data is not None and captured_inode == ns.get("inode"):
+            big, then = facts(data).largest
+            if big > largest[2]:
+                # The peak every view states: the dump at capture held more than the last sample.
+                tail += f"; {big:,} at capture ({big / then:.0%} of {then:,}, the dump)" if then else ""
         if tty:
             line, marks = sparkline(ns, events, start, end)
             lines.append(f"{head} {line}{tail}")
@@ -396,7 +403,7 @@ def details_lines(path: Path, data: BundleData) -> list[str]:
     if f.buckets:
         out.append(f"  Buckets (hashsize): {f.buckets:,}")
     slab_info = (ev.get("slab", {}) or {}).get("slab")
-    if slab_info:
+    if slab_info and {"num_objs", "objsize", "bytes"} <= set(slab_info):
         out.append(f"  Slab: {slab_info['num_objs']:,} objects x {slab_info['objsize']} B = "
                    f"{slab_info['bytes'] / 1048576:.1f} MiB")
     jour = ev.get("journal", {}) or {}
@@ -427,7 +434,7 @@ def render_text(path: Path, data: BundleData, tty: bool = False) -> str:
     lines.append("")
     lines.extend(finding_lines(found))
     lines.append("")
-    lines.extend(timeline_lines(data.timeline, m, tty))
+    lines.extend(timeline_lines(data.timeline, m, tty, data))
     lines.append("")
     lines.extend(details_lines(path, data))
     return "\n".join(lines) + "\n"
