@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
-    Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, Trigger, Warn,
+    Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, TableShape, Trigger, Warn,
 )
 from ctguard.core.sizing import GROWTH_COVER, HASH_HEAD_BYTES, Advice, BumpSize, advice, bump_size, kernel_default_buckets, \
     kernel_default_max, round_up
@@ -451,13 +451,20 @@ def attack_shape(policy: Policy, sample: Sample, history: History, inode: int | 
             if new_drops > 0 and new_invalid >= new_drops:
                 return f"`invalid` climbs with the drops (+{new_invalid} invalid, +{new_drops} dropped)"
     shape = sample.shape
-    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
-            and shape.share >= g.suspicious_share and shape.sources >= g.min_sources):
+    if shape is None or shape.netns != inode:
+        return None
+    return shape_judgement(g, shape)
+
+
+def shape_judgement(g: Any, shape: TableShape) -> str | None:
+    """The guard's reading of a look into one table (`g`: [guard] suspicious_share and
+    min_sources), shared by the daemon's guard and the diagnosis of a bundle taken without one."""
+    if shape.error or not shape.seen or shape.share < g.suspicious_share:
+        return None
+    if shape.sources >= g.min_sources:
         return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
                 f"from {shape.sources} or more sources")
-    if (shape is not None and not shape.error and shape.netns == inode and shape.seen
-            and shape.share >= g.suspicious_share and shape.sources < g.min_sources
-            and shape.sources * UNSETTLED_SOURCES >= shape.seen):
+    if shape.sources * UNSETTLED_SOURCES >= shape.seen:
         return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
                 f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
                 f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell")

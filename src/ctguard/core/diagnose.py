@@ -31,6 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ctguard.core.decide import shape_judgement
+from ctguard.core.model import TableShape
+
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
 SEVERITY_RANK = {CRITICAL: 0, WARNING: 1, INFO: 2}
 CAUSE, CONSEQUENCE = "cause", "consequence"
@@ -522,6 +525,12 @@ def _port_of(key: str) -> int:
 # --- causes -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _GuardThresholds:
+    suspicious_share: float
+    min_sources: int
+
+
 def attack_shape(f: Facts) -> Finding | None:
     """The guard's judgement (recorded in the bundle's decision and timeline) first; a bundle
     without one (a capture by hand) is judged by the same [guard] thresholds on its table."""
@@ -531,15 +540,19 @@ def attack_shape(f: Facts) -> Finding | None:
     unanswered = _share(f.unreplied + half_open, f.entries)
     wd = f.window_drops or {}
     invalid_climb = _int(wd.get("invalid")) > 0 and _int(wd.get("invalid")) >= _int(wd.get("drop")) > 0
-    shaped = not f.guard and f.entries > 0 and many and unanswered >= f.guard_share
+    # Without a judgement recorded while it happened: the guard's own reading (decide.shape_judgement)
+    # of the whole table, with the bundle's [guard] thresholds.
+    look = TableShape(f.inode, f.entries, f.unreplied + half_open,
+                      sources if exact else max(sources, f.guard_sources))
+    judged = shape_judgement(_GuardThresholds(f.guard_share, f.guard_sources), look) if f.entries else None
+    shaped = not f.guard and judged is not None and many
     if not f.guard and not shaped and not invalid_climb:
         return None
     why = []
     if f.guard:
         why.append(f"the guard judged it so while it happened ({f.guard})")
     if shaped:
-        why.append(f"{_pct(unanswered)} of entries never answered or half-open, from "
-                   f"{'more than ' if not exact else ''}{_n(sources)} sources")
+        why.append(f"by the guard's own reading of the dump: {judged}")
     if invalid_climb:
         why.append(f"the kernel's invalid counter climbed by {_n(_int(wd['invalid']))} while it dropped "
                    f"{_n(_int(wd['drop']))}")
