@@ -593,7 +593,7 @@ def insert_race(f: Facts) -> Finding | None:
         "a bigger table does not help: run a node-local DNS cache (NodeLocal DNSCache on Kubernetes, or a "
         "local unbound/dnsmasq), put `options single-request-reopen` (glibc) in /etc/resolv.conf or the pod's "
         "dnsConfig so A and AAAA go out on two sockets, and run a kernel with conntrack's UDP clash resolution "
-        "(5.x and later; `clashres` in /proc/net/stat/nf_conntrack counts what it saved)",
+        "(5.6 and later; `clashres` in /proc/net/stat/nf_conntrack counts what it saved)",
         weight=1.0)
 
 
@@ -1014,9 +1014,10 @@ def host_role(f: Facts) -> Finding | None:
         fwd = "forwards" if f.forwards else ("forwarding not read" if f.forwards is None else "does not forward")
         kinds = ", ".join(f"{k} x{v}" for k, v in sorted(f.nat_kinds.items()) if v)
         nat = f"NAT: {kinds}" if kinds else ("no NAT" if f.nat is False else "NAT rules not read")
+        who = "this host (its own namespace)" if f.host_ns else _where(f)
         return Finding(
             "host-role", INFO,
-            f"{_where(f)} is a {f.ns_role} ({fwd}; {nat}): its table holds the "
+            f"{who} is a {f.ns_role} ({fwd}; {nat}): its table holds the "
             "flows of the clients behind it, not only its own",
             {"namespace": _where(f), "role": f.ns_role, "forwards": bool(f.forwards), "nat": kinds or "none",
              **({"host_namespace_role": f.role} if not f.host_ns else {})},
@@ -1055,6 +1056,17 @@ FINDING_IDS = (
     "top-source-dominant", "top-destination-dominant", "kernel-drops", "drops-history", "max-near-cap",
     "namespace-dominant", "buckets-too-few", "server-does-nat", "host-role", "protocol-dominant",
 )
+
+
+NO_CAUSE_ACTIONS = {
+    "kernel-drops": "every drop is a connection that failed, and no single cause stands out in this bundle: size "
+                    "the table for the peak now (`ctguard recommend` gives the number; `ctguard bump --to N` sets "
+                    "it within the ceiling), then look at what holds it: the breakdown by protocol, state, source "
+                    "and destination under Details, or `conntrack -L` in that namespace",
+    "max-near-cap": "no single cause stands out in this bundle: look at what holds the table (the details below), "
+                    "and raise [bump] ceiling in a drop-in (/etc/ctguard/policy.d/50-ceiling.toml, then "
+                    "`systemctl reload ctguard`) only if the host has the memory and the traffic is legitimate",
+}
 
 
 def _claimed(found: Sequence[Finding]) -> set[str]:
@@ -1103,6 +1115,9 @@ def diagnose(data: BundleData, warn: float | None = None) -> tuple[Finding, ...]
     if any(x.id == "insert-race" for x in causes):
         context = [x for x in context if x.id != "kernel-drops"]
     rank = lambda x: (SEVERITY_RANK[x.severity], -x.weight)  # noqa: E731
+    if not causes:
+        # Nothing names a cause: the consequences' actions cannot point "above".
+        context = [replace(x, action=NO_CAUSE_ACTIONS[x.id]) if x.id in NO_CAUSE_ACTIONS else x for x in context]
     # A talker no cause explains is a lead, not a cause: after the causes, before the consequences.
     return tuple(sorted(causes, key=rank) + sorted(talkers, key=rank) + sorted(context, key=rank))
 
