@@ -178,6 +178,7 @@ class Facts:
     guard_share: float = ATTACK_SHARE
     guard_sources: int = ATTACK_SOURCES
     clash: int = 0                                  # clash_resolve: inserts the kernel saved from the race
+    local_addrs: frozenset[str] = frozenset()       # the captured namespace's own addresses
 
     @property
     def gateway(self) -> bool:
@@ -372,6 +373,8 @@ def facts(data: BundleData) -> Facts:
                 guard = "a bump refused at [guard] ceiling: the daemon judged the growth attack-shaped"
                 break
     incident = m.get("incident", {}) or {}
+    local_addrs = frozenset(str(a).split("/")[0] for i in (net.get("interfaces", []) or [])
+                            if isinstance(i, Mapping) for a in (i.get("addresses", []) or []))
     return Facts(
         entries=entries, count=count, max=kmax, buckets=buckets, table=table,
         protos={str(k): _int(v) for k, v in (table.get("by_proto", {}) or {}).items()},
@@ -390,6 +393,7 @@ def facts(data: BundleData) -> Facts:
         incident=incident if isinstance(incident, Mapping) else {},
         guard_share=float(_policy_value(data.policy, "guard", "suspicious_share", ATTACK_SHARE)),
         guard_sources=_int(_policy_value(data.policy, "guard", "min_sources", ATTACK_SOURCES), ATTACK_SOURCES),
+        local_addrs=local_addrs,
         clash=_int((((ev.get("cpu_stats", {}) or {}).get("totals", {}) or {}).get("clashres"))),
     )
 
@@ -633,6 +637,19 @@ def unreachable_destination(f: Facts) -> Finding | None:
     who = (_clients(f) if f.gateway else
            f"{'more than ' if not exact else ''}{_n(sources)} source{'s' if sources != 1 else ''}")
     rule = ""
+    inbound = all(str(r["key"]) in f.local_addrs for r in dests)
+    if inbound:
+        # The destination is this namespace's own address: its own service does not answer.
+        return Finding(
+            "unreachable-destination", _severity(f),
+            f"{_pct(_share(stalled, total))} of {proto.upper()} entries are {state}, to {where}{port_txt}, "
+            f"this namespace's own address, from {who}: the local service does not answer{_lost_text(f)}",
+            {"protocol": proto, "stalled": stalled, "of_protocol": total, "share": round(_share(stalled, total), 4),
+             "destinations": _table_rows(dests), "ports": _table_rows(ports), "sources": sources,
+             "sources_exact": exact, "local": True, **_window_drops(f)},
+            f"check the service on{port_txt or ' that address'} in {_where(f)} (`ss -lntup`): is it running, is its "
+            "accept backlog full (`nstat -az TcpExtListenOverflows`)? Fix the service, not the table",
+            weight=_share(stalled, f.entries))
     if ports and all(_valid_addr(str(r["key"])) for r in dests):
         hook = "forward" if f.gateway else "output"
         lines = [SUGGESTION, f"# while {where}{port_txt} does not answer: refuse new attempts at once, so clients",

@@ -43,7 +43,8 @@ def bundle(*, entries: int, max_: int = 8192, protos: dict[str, int] | None = No
            role: str = "server", nat: dict[str, int] | None = None, forwards: bool | None = False,
            netns: str = "/run/netns/app", listening: list[int] | None = None,
            raised: list[dict[str, Any]] | None = None, timeline: dict[str, Any] | None = None,
-           decision: dict[str, Any] | None = None, incident: dict[str, Any] | None = None) -> BundleData:
+           decision: dict[str, Any] | None = None, incident: dict[str, Any] | None = None,
+           addresses: list[str] | None = None) -> BundleData:
     evidence: dict[str, Any] = {
         "table": {"entries": entries, "unreplied": unreplied, "assured": assured, "by_proto": protos or {},
                   "by_tcp_state": states or {}, "top_sources": sources or rows([]),
@@ -58,7 +59,8 @@ def bundle(*, entries: int, max_: int = 8192, protos: dict[str, int] | None = No
         "slab": {"slab": {"objsize": 256}},
     }
     if forwards is not None:
-        evidence["network"] = {"forwarding": {"ipv4": forwards, "ipv6": False}, "verdict": "", "interfaces": []}
+        evidence["network"] = {"forwarding": {"ipv4": forwards, "ipv6": False}, "verdict": "",
+                               "interfaces": [{"name": "eth0", "addresses": addresses or []}]}
     if listening is not None:
         evidence["listening"] = {"udp_ports": listening, "tcp_ports": [22]}
     manifest: dict[str, Any] = {"id": "20260101T000000Z-bump", "reason": "bump", "netns": {"path": netns, "inode": 7}}
@@ -111,6 +113,11 @@ CASES: dict[str, tuple[BundleData, str | None, set[str], str | None]] = {
                dests=rows([("192.0.2.10", 3000), ("192.0.2.11", 2800)]), dports=rows([("udp/5353", 5800)]),
                timeline=bumped([100, 6000, 6000]), **GATEWAY),
         "unreachable-destination", {"top-destination-dominant", "udp-answered-once"}, "warning"),
+    "this host's own service does not answer": (
+        bundle(entries=6000, protos={"tcp": 6000}, states={"SYN_SENT": 5900}, unreplied=5900,
+               sources=rows([(f"10.0.0.{i}", 50) for i in range(50)]), dests=rows([("192.0.2.5", 5900)]),
+               dports=rows([("tcp/8080", 5900)]), addresses=["192.0.2.5/24"], timeline=bumped([1, 6000, 6000])),
+        "unreachable-destination", {"top-destination-dominant", "attack-shape"}, "warning"),
     "NAT flash crowd: TIME_WAIT through the gateway": (
         bundle(entries=7800, protos={"tcp": 7800}, states={"TIME_WAIT": 7000, "ESTABLISHED": 800},
                sources=rows([("10.91.0.2", 3800)] + GW_CLIENTS, tracked=201), dests=rows([("10.92.0.2", 7800)]),
@@ -212,6 +219,11 @@ def test_unreachable_names_the_destination_and_port() -> None:
     f = diagnose(CASES["dead upstream behind a NAT gateway"][0])[0]
     assert "10.92.0.2" in f.summary and "tcp/81" in f.summary
     assert "hook forward" in f.rule and "ct state new ip daddr 10.92.0.2 tcp dport 81" in f.rule
+
+
+def test_a_local_service_that_does_not_answer_is_not_a_remote_dependency() -> None:
+    f = diagnose(CASES["this host's own service does not answer"][0])[0]
+    assert "own address" in f.summary and "ss -lntup" in f.action and f.rule == ""
 
 
 def test_the_attack_is_the_guards_judgement() -> None:
