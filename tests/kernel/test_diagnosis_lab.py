@@ -32,7 +32,9 @@ def tops(o) -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 def why(o) -> str:
-    return f"\n{lab.summary(o)}\n" + "\n".join(f"{b}: {ids}\n  {v}" for b, v, ids in o.agent.bundles)
+    text = f"\n{lab.summary(o)}\n" + "\n".join(f"{b}: {ids}\n  {v}" for b, v, ids in o.agent.bundles)
+    print(text)             # what each bundle said, for `pytest -s`
+    return text
 
 
 def test_nat_flash_crowd_is_time_wait_churn_through_the_gateway():
@@ -43,6 +45,7 @@ def test_nat_flash_crowd_is_time_wait_churn_through_the_gateway():
     # No client is cut off: nothing suggests a limit on the gateway's own client.
     for _b, _v, ids in tops(o):
         assert "top-source-dominant" not in ids and "server-does-nat" not in ids, why(o)
+    why(o)
 
 
 def test_dead_upstream_is_the_unreachable_destination():
@@ -50,6 +53,8 @@ def test_dead_upstream_is_the_unreachable_destination():
     first = tops(o)[0]
     assert first[2][0] == "unreachable-destination", why(o)
     assert lab.SERVER_ADDR in first[1] and f"tcp/{lab.DEAD_PORT}" in first[1], why(o)
+    assert "tcp/80" not in first[1].split("Top finding:")[1], "the live web server is not named with it" + why(o)
+    why(o)
 
 
 def test_dns_through_the_nat_past_the_ceiling_is_answered_once_udp_held_by_udp_timeout():
@@ -66,9 +71,11 @@ def test_dns_through_the_nat_past_the_ceiling_is_answered_once_udp_held_by_udp_t
     bid, text, ids = dropping[0]
     assert "dropped nothing" not in text and "users lost" in text and "kernel-drops" in ids, why(o)
     assert "still open when this bundle was taken" in text, why(o)
+    why(o)
 
 
 def test_spoofed_syn_flood_is_an_attack():
     o = lab.syn_flood("ctguard", rate=5000, duration=8, table=8192, capture_wait=10)
     first = tops(o)[0]
     assert first[2][0] == "attack-shape", why(o)
+    why(o)

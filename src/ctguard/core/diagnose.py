@@ -630,7 +630,9 @@ def unreachable_destination(f: Facts) -> Finding | None:
     src = _rows(f, "top_sources")
     if (sources < MANY_SOURCES and exact) or (src and _lower(src[0]) >= STALLED_SHARE * stalled):
         return None     # one client's storm, not a dependency many depend on (tcp-syn-sent-dominant)
-    ports = _dport_rows(f, proto, 0.1 * stalled)
+    # The port(s) of the stalled flows: each must hold at least half of them, or a live service on
+    # the same destination (its TIME_WAIT and ESTABLISHED) would be named, and refused, with it.
+    ports = _dport_rows(f, proto, 0.5 * stalled)
     where = ", ".join(str(r["key"]) for r in dests)
     port_txt = (" " + ", ".join(str(r["key"]) for r in ports)) if ports else ""
     state = "SYN_SENT (connection attempts never answered)" if proto == "tcp" else "UDP never answered"

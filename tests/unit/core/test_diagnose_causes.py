@@ -108,6 +108,11 @@ CASES: dict[str, tuple[BundleData, str | None, set[str], str | None]] = {
                dports=rows([("tcp/81", 6800), ("tcp/80", 200)]), timeline=bumped([500, 7000, 7000]), **GATEWAY),
         "unreachable-destination", {"top-source-dominant", "top-destination-dominant", "tcp-syn-sent-dominant",
                                     "attack-shape"}, "warning"),
+    "dead port beside a live web server on the same destination": (
+        bundle(entries=1683, protos={"tcp": 1683}, states={"SYN_SENT": 1363, "TIME_WAIT": 300, "ESTABLISHED": 20},
+               unreplied=1363, sources=rows(GW_CLIENTS, tracked=200), dests=rows([("10.92.0.2", 1683)]),
+               dports=rows([("tcp/81", 1363), ("tcp/80", 320)]), timeline=bumped([1, 1683, 1683]), **GATEWAY),
+        "unreachable-destination", {"top-destination-dominant"}, "warning"),
     "unanswered UDP to two dead servers": (
         bundle(entries=6000, protos={"udp": 6000}, unreplied=5800, sources=rows(GW_CLIENTS, tracked=150),
                dests=rows([("192.0.2.10", 3000), ("192.0.2.11", 2800)]), dports=rows([("udp/5353", 5800)]),
@@ -219,6 +224,13 @@ def test_unreachable_names_the_destination_and_port() -> None:
     f = diagnose(CASES["dead upstream behind a NAT gateway"][0])[0]
     assert "10.92.0.2" in f.summary and "tcp/81" in f.summary
     assert "hook forward" in f.rule and "ct state new ip daddr 10.92.0.2 tcp dport 81" in f.rule
+
+
+def test_the_live_service_beside_the_dead_port_is_not_refused() -> None:
+    # From the lab's dead upstream: the same server answers tcp/80 (wrk's TIME_WAIT) and drops tcp/81.
+    f = diagnose(CASES["dead port beside a live web server on the same destination"][0])[0]
+    assert "tcp/81" in f.summary and "tcp/80" not in f.summary
+    assert "dport 81" in f.rule and "dport 80" not in f.rule
 
 
 def test_a_local_service_that_does_not_answer_is_not_a_remote_dependency() -> None:
