@@ -86,3 +86,23 @@ def test_the_recorder_bounds_them_per_incident() -> None:
     assert not r.capture_allowed("refused-guard", 5), "one refusal moment, whichever bound"
     assert r.capture_allowed("incident-end", 5)
     assert not r.capture_allowed("drops-began", 1) and not r.capture_allowed("relief", 2)
+
+
+def test_relief_shortening_a_timeout_is_captured_once() -> None:
+    from dataclasses import replace as _replace
+
+    from ctguard.core.model import TableShape
+
+    policy = policy_mod.loads('[bump]\nceiling = 8192\ncooldown = 60\n[relief]\nmode = "enforce"\n', "t.toml")
+    s = _replace(sample(9, 8192, 8100), timeouts=((NS, (("udp", 30), ("udp_stream", 120), ("tcp_syn_sent", 120),
+                                                        ("tcp_syn_recv", 60), ("tcp_time_wait", 120))),),
+                 shape=TableShape(NS, 1000, 900, 10, states=(("udp", 900),)))
+    # A refusal at the ceiling was already captured in this incident: relief's first act is the next moment.
+    h = history(refusals=1, last_capture=0.0, bundles=("20260101T000000Z-bump", "20260101T000001Z-refused-ceiling"))
+    d = decide(policy, s, h, at(9))
+    shortened = [a for a in d.actions if type(a).__name__ == "ShortenTimeout"]
+    assert shortened, [type(a).__name__ for a in d.actions]
+    assert "relief" in captures(d)
+    taken = h.incident.bundles + ("20260101T000009Z-relief",)
+    again = decide(policy, s, _replace(h, incident=_replace(h.incident, bundles=taken)), at(9))
+    assert "relief" not in captures(again)
