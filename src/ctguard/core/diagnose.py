@@ -556,7 +556,8 @@ def attack_shape(f: Facts) -> Finding | None:
     if f.guard:
         why.append(f"the guard judged it so while it happened ({f.guard})")
     if shaped:
-        why.append(f"by the guard's own reading of the dump: {judged}")
+        why.append("by the guard's own reading of the dump: "
+                   + str(judged).replace("sampled entries", "entries in the dump"))
     if invalid_climb:
         why.append(f"the kernel's invalid counter climbed by {_n(_int(wd['invalid']))} while it dropped "
                    f"{_n(_int(wd['drop']))}")
