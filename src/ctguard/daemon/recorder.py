@@ -206,7 +206,8 @@ class FlightRecorder:
             elif type(a).__name__ not in ("Warn", "Persist"):
                 # Actions other helpers add (relief: shortened timeouts and their undo).
                 self.note(now, _event_kind(a), str(getattr(a, "reason", "") or o.detail),
-                          getattr(a, "netns", None), ok=o.ok, action=type(a).__name__)
+                          getattr(a, "netns", None), ok=o.ok, action=type(a).__name__,
+                          **({"advise": True} if getattr(a, "advise", False) else {}))
         for e in kernel_events:
             if not e.backlog:
                 self.note(now, "kernel", "nf_conntrack: table full, dropping packet"

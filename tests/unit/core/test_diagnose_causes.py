@@ -313,3 +313,12 @@ def test_every_sysctl_rule_names_a_real_key() -> None:
     for name, fid, rule in _all_rules():
         for key in re.findall(r"sysctl -w net\.netfilter\.(\w+)=\d+", rule):
             assert key in known, (name, fid, key)
+
+
+def test_advised_relief_is_not_told_as_acted() -> None:
+    data = CASES["DNS through the NAT past the ceiling"][0]
+    ev = [{"t": 1002.5, "kind": "relief", "netns": 7, "text": "udp 30 -> 10 s", "action": "ShortenTimeout",
+           "advise": True}]
+    tl = {**data.timeline, "events": list(data.timeline["events"]) + ev}
+    text = verdict(BundleData(data.manifest, data.evidence, tl, {}))
+    assert "Relief acted" not in text and 'mode = "advise": nothing changed' in text
