@@ -860,7 +860,7 @@ def no_track_candidate(f: Facts) -> Finding | None:
             "  chain answers_out {", "    type filter hook output priority raw; policy accept;",
             f"    {sscope}udp sport {port} notrack", "  }", "}", "EOF"])
         return Finding(
-            "no-track-candidate", WARNING,
+            "no-track-candidate", _severity(f),
             f"a local {svc} service (bound to {key} in {_where(f)}) holds {_pct(share)} of the table on a "
             "namespace that neither NATs nor forwards: this traffic needs no connection state",
             {"port": key, "service": svc, "entries": _int(row["count"]), "of": f.entries, "share": round(share, 4),
