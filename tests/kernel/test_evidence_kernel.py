@@ -219,7 +219,8 @@ def test_bundle_counts_known_flows_exactly(tmp_path: Path) -> None:
 
     text = show(cfg.dir, path.name)
     assert f"Table at capture: {k.total:,} entries read" in text
-    assert "this host does NAT / masquerade" in text
+    # issue 24: the namespace's role, forwarding and NAT are said once, as the namespace's own
+    assert "; NAT: it does NAT (masquerade x1)." in text and "this host does NAT" not in text.split("Details:")[0]
     assert pair.sender_addr in text and "udp/5353" in text
     assert "fill = 0.91" in text
 

@@ -169,9 +169,12 @@ def cmd_list(args: argparse.Namespace, policy: Any) -> int:
         print(f"no bundles in {policy.evidence.dir}")
         return 0
     # Every column says its unit: the size in KiB, the capture's duration in seconds.
+    # Which incident each bundle belongs to: its first bump, its worse moments, its end.
     print(f"{'ID':<44} {'SIZE (KiB)':>10} {'TOOK (s)':>8}  NOTES")
     for b in bundles:
         notes = []
+        if b.incident:
+            notes.append(f"{b.incident}" + (" (still open when taken)" if b.incident_open else ""))
         if not b.complete:
             notes.append("incomplete (running or crashed)")
         if b.cut_short:

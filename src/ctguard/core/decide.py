@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
-    Refuse, Sample, SetBuckets, SetMax, TableFull, Trigger, Warn,
+    Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, TableShape, Trigger, Warn,
 )
 from ctguard.core.sizing import DECAY_EVERY, DECAY_MIN_MINUTES, GROWTH_COVER, Advice, BumpSize, advice, bump_size, entry_bytes, kernel_default_buckets, \
     kernel_default_max, kernel_ratio, round_up
@@ -311,7 +311,12 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
                 # Only growth past the guard's ceiling needs the table's shape: below it, bump
                 # at once; past it, the caller looks (bounded) and asks again.
                 needs_shape = netns
-        elif action.kind not in ("cooldown",) and _capture_due(policy, history, now):
+        elif action.kind not in ("cooldown",) and (
+                _capture_due(policy, history, now)
+                or (history.incident is not None and history.incident.refusals == 0
+                    and _worsens(history, "refused") and action.kind in WORSENING_REFUSALS and _gap_ok(history, now))):
+            # The first bump refused at a bound in an incident is a worse moment than the first
+            # bump: captured again (once; the recorder bounds it per incident).
             actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
 
     for e in events:
@@ -338,6 +343,15 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
 
     relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
     actions.extend(relief_actions)
+    if not any(isinstance(a, Capture) for a in actions) and _gap_ok(history, now):
+        # The incident worsened since its first bundle: the kernel began dropping, or relief
+        # acts. The bundle of that moment tells more than the first bump's.
+        if _worsens(history, "drops") and (_new_drops(history, sample) > 0 or _new_early(history, sample) > 0):
+            actions.append(Capture(reason="drops-began", netns=worst_inode))
+        elif (_worsens(history, "relief") and not history.relief.active
+              and any(isinstance(a, ShortenTimeout) and not a.advise for a in relief_actions)):
+            actions.append(Capture(reason="relief", netns=next(a.netns for a in relief_actions
+                                                                if isinstance(a, ShortenTimeout))))
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
@@ -560,14 +574,7 @@ def judge(policy: Policy, sample: Sample, history: History, inode: int | None) -
         if host is not None and internal:
             return None, (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered, from internal "
                           f"clients{where}: not a spoofed flood; bumped within the ceiling")
-        if shape.sources >= g.min_sources:
-            return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
-                    f"from {shape.sources} or more sources"), ""
-        if shape.sources * UNSETTLED_SOURCES >= shape.seen:
-            return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
-                    f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
-                    f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell"), ""
-        return None, ""
+        return shape_judgement(g, shape), ""
     answered = shape.answered if shape.answered >= 0 else shape.seen - shape.suspicious
     port_share = shape.top_port_count / shape.seen
     one_each = shape.sources * UNSETTLED_SOURCES >= shape.seen and shape.sources >= g.min_sources
@@ -578,6 +585,44 @@ def judge(policy: Policy, sample: Sample, history: History, inode: int | None) -
                 f"{port_share:.0%} to one local port {shape.top_port}: a query flood or reflection through a "
                 f"local service"), ""
     return None, ""
+
+
+def shape_judgement(g: Any, shape: TableShape) -> str | None:
+    """The guard's reading of a look into one table (`g`: [guard] suspicious_share and
+    min_sources), shared by the daemon's guard and the diagnosis of a bundle taken without one."""
+    if shape.error or not shape.seen or shape.share < g.suspicious_share:
+        return None
+    if shape.sources >= g.min_sources:
+        return (f"{shape.share:.0%} of {shape.seen} sampled entries unanswered or half-open, "
+                f"from {shape.sources} or more sources")
+    if shape.sources * UNSETTLED_SOURCES >= shape.seen:
+        return (f"too early to tell: {shape.share:.0%} of {shape.seen} sampled entries unanswered or "
+                f"half-open, from {shape.sources} sources, too few entries yet to reach [guard] "
+                f"min_sources ({g.min_sources}); held at the guard's ceiling until a look can tell")
+    return None
+
+
+# The moments an incident gets worse, each worth its own bundle once per incident (the
+# recorder's [evidence] incident_captures bounds them): a bump refused at a bound, the kernel's
+# first drops, relief's first shortening.
+WORSENING_REFUSALS = ("ceiling", "memory", "guard")
+WORSENING_CAPTURES = ("refused-ceiling", "refused-memory", "refused-guard", "drops-began", "relief")
+WORSENING_MOMENTS = 3       # refused (any bound), drops-began, relief
+
+
+def _worsens(history: History, what: str) -> bool:
+    """The open incident has no bundle of moment `what` yet (none open: not a worsening). A
+    moment that came within MIN_CAPTURE_GAP of another capture is taken at the next turn it
+    still holds (drops still rising), not lost."""
+    inc = history.incident
+    if inc is None:
+        return False
+    slug = {"refused": "-refused-", "drops": "-drops-began", "relief": "-relief"}[what]
+    return not any(slug in b or b.endswith(slug) for b in inc.bundles)
+
+
+def _gap_ok(history: History, now: Instant) -> bool:
+    return history.last_capture is None or now.since(history.last_capture) >= MIN_CAPTURE_GAP
 
 
 def _capture_due(policy: Policy, history: History, now: Instant) -> bool:

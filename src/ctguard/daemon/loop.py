@@ -368,13 +368,16 @@ class Daemon:
         if not self._in_turn:
             return f"capture started (pid {self.captures.launch(action, decision)})"
         if not self.recorder.capture_allowed(action.reason, self.policy.evidence.incident_captures):
-            return ("capture skipped: this incident has its bundle, the next comes at its end "
-                    "([evidence] incident_captures)")
+            return ("capture skipped: this incident has its bundles for this moment, the next comes when it "
+                    "gets worse or at its end ([evidence] incident_captures)")
         self.captures.queue(action, decision)
         return "capture queued"
 
     def window(self, incident: dict | None = None) -> dict:
-        """The flight recorder's window with the bounds in force."""
+        """The flight recorder's window with the bounds in force; a capture during an incident
+        carries the open incident (no end yet), so its bundle says which incident it belongs to."""
+        if incident is None and self.history.incident is not None:
+            incident = incident_text.summary(self.history.incident)
         limits = self.last_sample.limits if self.last_sample is not None else None
         upper, binding = upper_bound(self.policy, limits) if limits is not None else (self.policy.bump.ceiling, "ceiling")
         return self.recorder.window(ceiling=self.policy.bump.ceiling, upper=upper, upper_by=binding, incident=incident)

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ctguard.core.decide import WORSENING_CAPTURES, WORSENING_MOMENTS
 from ctguard.core.model import Capture, Outcome, Refuse, Sample, SetBuckets, SetMax, TableFull
 
 WINDOW = 900.0              # seconds of history kept
@@ -97,6 +98,7 @@ class FlightRecorder:
         self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self.incident: str | None = None      # the core's open incident (its id), as last told
         self.incident_captures = 0             # captures started during it
+        self.incident_reasons: set[str] = set()  # worsening moments already captured in it
         self._last_limits: tuple[int, int] | None = None
         self._last_t = 0.0
 
@@ -204,7 +206,8 @@ class FlightRecorder:
             elif type(a).__name__ not in ("Warn", "Persist"):
                 # Actions other helpers add (relief: shortened timeouts and their undo).
                 self.note(now, _event_kind(a), str(getattr(a, "reason", "") or o.detail),
-                          getattr(a, "netns", None), ok=o.ok, action=type(a).__name__)
+                          getattr(a, "netns", None), ok=o.ok, action=type(a).__name__,
+                          **({"advise": True} if getattr(a, "advise", False) else {}))
         for e in kernel_events:
             if not e.backlog:
                 self.note(now, "kernel", "nf_conntrack: table full, dropping packet"
@@ -216,15 +219,29 @@ class FlightRecorder:
                 self.note(now, "incident-start", f"{incident} began", None, incident=incident)
             self.incident = incident
             self.incident_captures = 0
+            self.incident_reasons = set()
         if incident is not None:
             self.incident_captures += captured
         return captured
 
     def capture_allowed(self, reason: str, per_incident: int) -> bool:
-        """At most `per_incident` bundles per incident: the first one, and one kept for its end."""
+        """At most `per_incident` bundles per incident: the first one, one for each moment it got
+        worse (a bump refused at a bound, the first drops, relief: each once), and one kept for
+        its end."""
         if reason == "incident-end" or self.incident is None:
             return True
-        return self.incident_captures < max(1, per_incident - 1)
+        if self.incident_captures >= max(1, per_incident - 1):
+            return False
+        if reason in WORSENING_CAPTURES:
+            moment = "refused" if reason.startswith("refused-") else reason
+            if moment in self.incident_reasons:
+                return False
+            self.incident_reasons.add(moment)
+            return True
+        # Another bump or pressure is not a new moment: it gets only the slots left beyond the
+        # first bundle, the worsening moments still to come and the end.
+        left = WORSENING_MOMENTS - len(self.incident_reasons)
+        return self.incident_captures == 0 or self.incident_captures + left < per_incident - 1
 
     # -- reading ----------------------------------------------------------------------------
 

@@ -63,6 +63,8 @@ class BundleInfo:
     cut_short: bool
     complete: bool
     errors: int  # collectors that failed
+    incident: str = ""  # the incident it belongs to ("" none: a capture by hand, or an old bundle)
+    incident_open: bool = False  # taken while that incident was still going on
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -342,6 +344,7 @@ def _info(path: Path) -> BundleInfo:
     except (OSError, BundleError, tomllib.TOMLDecodeError):
         return BundleInfo(path.name, path, "", "", "", _bundle_bytes(path), 0.0, False, False, 0)
     netns = m.get("netns", {})
+    inc = m.get("incident", {})
     return BundleInfo(
         id=path.name,
         path=path,
@@ -353,6 +356,8 @@ def _info(path: Path) -> BundleInfo:
         cut_short=bool(m.get("cut_short", False)),
         complete=True,
         errors=sum(1 for c in m.get("collectors", {}).values() if isinstance(c, dict) and not c.get("ok", True)),
+        incident=str(inc.get("id", "")) if isinstance(inc, dict) else "",
+        incident_open=isinstance(inc, dict) and bool(inc) and not inc.get("ended"),
     )
 
 

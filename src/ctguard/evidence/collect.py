@@ -165,6 +165,43 @@ def sockstat(ctx: Context) -> Result:
     return data, files
 
 
+def parse_sockets(text: str, listening_state: str) -> set[int]:
+    """Local ports of the sockets in `listening_state` in a /proc/net/{tcp,udp}[6] table
+    ("0A": TCP LISTEN; "07": UDP bound and unconnected, a service waiting for any peer)."""
+    ports: set[int] = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 4 or fields[3] != listening_state:
+            continue
+        local, remote = fields[1], fields[2]
+        if listening_state == "07" and int(remote.rsplit(":", 1)[1], 16) != 0:
+            continue        # a connected UDP socket (a client's), not a service
+        try:
+            ports.add(int(local.rsplit(":", 1)[1], 16))
+        except (IndexError, ValueError):
+            continue
+    return ports
+
+
+def listening(ctx: Context) -> Result:
+    """The namespace's local services: UDP ports bound for any peer and TCP ports listening
+    (the diagnosis suggests `notrack` only for a service the bundle shows answering here)."""
+    udp: set[int] = set()
+    tcp: set[int] = set()
+    read = 0
+    for name, state, into in (("udp", "07", udp), ("udp6", "07", udp), ("tcp", "0A", tcp), ("tcp6", "0A", tcp)):
+        try:
+            text = _read(ctx.net_dir / name)
+        except CollectorError:
+            continue
+        read += 1
+        into.update(parse_sockets(text, state))
+    if not read:
+        # Unknown, not an error of the capture: the diagnosis then suggests no notrack.
+        return {"note": "no socket table could be read"}, {}
+    return {"udp_ports": sorted(udp), "tcp_ports": sorted(tcp)}, {}
+
+
 def _int(text: str) -> int | str:
     try:
         return int(text)
@@ -462,6 +499,7 @@ NAMESPACE_COLLECTORS: tuple[tuple[str, Collector], ...] = (
     ("sysctl", sysctls),
     ("cpu_stats", cpu_stats),
     ("sockstat", sockstat),
+    ("listening", listening),
 )
 NAMESPACE_SLOW_COLLECTORS: tuple[tuple[str, Collector], ...] = (("rules", rules),)
 HOST_COLLECTORS: tuple[tuple[str, Collector], ...] = (
@@ -512,5 +550,5 @@ def run_all(collectors: tuple[tuple[str, Collector], ...], ctx: Context) -> list
 __all__ = [
     "Collected", "Context", "CollectorError", "run_collector", "run_all",
     "NAMESPACE_COLLECTORS", "NAMESPACE_SLOW_COLLECTORS", "HOST_COLLECTORS",
-    "parse_stat", "parse_slab_line", "parse_cgroup", "nft_nat_rules", "iptables_nat_rules", "nat_verdict",
+    "parse_stat", "parse_slab_line", "parse_cgroup", "parse_sockets", "nft_nat_rules", "iptables_nat_rules", "nat_verdict",
 ]

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ctguard.core.diagnose import BundleData, Finding, diagnose, facts, verdict
-from ctguard.evidence.review import busiest, decision_sentences, fill_points, load, top_section
+from ctguard.evidence.review import (busiest, decision_sentences, evidence_rows, fill_points, load, role_sentence,
+                                     top_section)
 
 W, H = 880, 260                 # chart size (px)
 PAD_L, PAD_R, PAD_T, PAD_B = 70, 20, 16, 34
@@ -33,6 +34,7 @@ h1{font-size:1.4em;margin-bottom:4px}h2{font-size:1.15em;margin-top:28px;border-
 pre{background:#f6f6f6;padding:8px;overflow-x:auto}table{border-collapse:collapse;font-size:.9em}
 td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eee}.note{color:#666;font-size:.85em}
 svg text{font-family:system-ui,sans-serif;font-size:11px;fill:#333}
+.story{font-size:1.05em}table.rows td{border:none;padding:0 8px 0 0}.finding th{vertical-align:top;white-space:nowrap}
 """
 
 
@@ -239,9 +241,54 @@ def charts(data: BundleData) -> list[str]:
     return out
 
 
+def lead_chart(data: BundleData) -> str:
+    """The story's chart: the captured namespace's entries against nf_conntrack_max in force,
+    with the bumps, refusals, kernel table-full lines, relief and captures marked."""
+    tl = data.timeline
+    if not tl or not tl.get("namespaces"):
+        return ""
+    f = facts(data)
+    spaces = [ns for ns in tl.get("namespaces", []) if ns.get("t")]
+    own = next((ns for ns in spaces if f.inode and int(ns.get("inode", 0) or 0) == f.inode), None)
+    ns = own or (busiest(tl, 1)[0] or [None])[0]
+    if ns is None:
+        return ""
+    pts = fill_points(ns)
+    x0, x1 = float(tl.get("from", 0)), float(tl.get("to", 0))
+    limits = tl.get("limits", {}) or {}
+    max_points = [(float(t), float(m)) for t, m in zip(limits.get("t", []), limits.get("max", []))]
+    if not max_points:
+        max_points = [(t, float(m)) for t, _f, _e, m in pts]
+    top = max([e for _t, _f, e, _m in pts] + [m for _t, m in max_points] + [1])
+    chart = Chart(x0, x1, top * 1.1, f"{ns.get('name')}: entries against nf_conntrack_max, bumps marked")
+    chart.line([(t, float(e)) for t, _f, e, _m in pts], COLOURS[0], f"{ns.get('name')} entries")
+    chart.line(max_points, "#000", "nf_conntrack_max in force", dash="4,2", step=True)
+    events = [e for e in tl.get("events", []) if isinstance(e, Mapping)]
+    for e in events:
+        if e.get("kind") in MARK_STYLE and e.get("netns") in (None, "", ns.get("inode")):
+            chart.marker(float(e.get("t", x0)), str(e.get("kind")), str(e.get("text", "")))
+    largest, max_then = f.largest
+    note = (f"Largest count seen: {largest:,} entries against a max of {max_then:,} in force then. Markers: "
+            '<span style="color:#2ca02c">&#9660; bump</span>, <span style="color:#d62728">&#9660; refusal</span>, '
+            '<span style="color:#ff7f0e">&#9660; kernel table-full line</span>, '
+            '<span style="color:#9467bd">&#9660; relief</span>, <span style="color:#7f7f7f">&#9660; capture</span>.')
+    return f'<div class="lead-chart">{chart.svg()}<p class="note">{note}</p></div>'
+
+
+def _evidence_html(fd: Finding) -> str:
+    rows = []
+    for label, text, table in evidence_rows(fd.evidence):
+        if table:
+            inner = "".join(f"<tr><td>{_e(a)}</td><td>{_e(b)}</td></tr>" for a, b in table)
+            rows.append(f"<tr><th>{_e(label)}</th><td><table class=\"rows\">{inner}</table></td></tr>")
+        else:
+            rows.append(f"<tr><th>{_e(label)}</th><td>{_e(text)}</td></tr>")
+    return "".join(rows)
+
+
 def _finding_html(fd: Finding) -> str:
     colour = SEV_COLOUR.get(fd.severity, "#555")
-    ev = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in fd.evidence.items())
+    ev = _evidence_html(fd)
     rule = ""
     if fd.rule:
         rule = (f'<p><b>Suggested rule</b> <span class="note">(a suggestion: ctguard never applies it)</span></p>'
@@ -263,8 +310,10 @@ def render(path: Path, data: BundleData) -> str:
     body = [f"<h1>ctguard incident report: {_e(m.get('id', path.name))}</h1>",
             f'<p class="meta">Taken {_e(m.get("created"))} on {_e(m.get("host"))} because: {_e(m.get("reason"))}; '
             f'namespace {_e((m.get("netns") or {}).get("path", "?"))}</p>',
-            "<h2>Verdict</h2>", f'<p class="verdict">{_e(verdict(data, found))}</p>',
-            "<h2>Findings</h2>"]
+            "<h2>Verdict</h2>", f'<p class="verdict">{_e(verdict(data, found))}</p>']
+    if found:
+        body += [f'<p class="story"><b>The cause:</b> {_e(found[0].summary)}. <b>Do:</b> {_e(found[0].action)}</p>']
+    body += [lead_chart(data), f'<p class="note">{_e(role_sentence(facts(data)))}</p>', "<h2>Findings</h2>"]
     body += [_finding_html(x) for x in found] or ['<p>None: nothing in this bundle needs explaining.</p>']
     body.append("<h2>Timeline</h2>")
     body += charts(data)

@@ -179,7 +179,8 @@ def sparkline(ns: Mapping[str, Any], events: Sequence[Mapping[str, Any]], start:
     return line, "".join(marks)
 
 
-def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, Any], tty: bool) -> list[str]:
+def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, Any], tty: bool,
+                   data: BundleData | None = None) -> list[str]:
     if not timeline or not timeline.get("namespaces"):
         note = manifest.get("timeline_note") or "no timeline in this bundle (taken without a running daemon)"
         return [f"Timeline: {note}"]
@@ -189,6 +190,7 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
     lines = [f"Timeline {_clock(start)} - {_clock(end)} UTC ({(end - start) / 60:.1f} min recorded; "
              "fill against the max in force at each sample)"]
     width = max([len(str(ns.get("name", ""))) for ns in top] + [9])
+    captured_inode = (manifest.get("netns", {}) or {}).get("inode") if isinstance(manifest.get("netns"), Mapping) else None
     for ns in top:
         pts = fill_points(ns)
         fullest = max(pts, key=lambda p: p[1])
@@ -197,6 +199,11 @@ def timeline_lines(timeline: Mapping[str, Any] | None, manifest: Mapping[str, An
         tail = f" largest {largest[2]:,} ({largest[1]:.0%} of {largest[3]:,}) at {_clock(largest[0])}"
         if fullest[3] != largest[3]:
             tail += f"; fullest {fullest[1]:.0%} of {fullest[3]:,} at {_clock(fullest[0])}"
+        if data is not None and captured_inode == ns.get("inode"):
+            big, then = facts(data).largest
+            if big > largest[2]:
+                # The peak every view states: the dump at capture held more than the last sample.
+                tail += f"; {big:,} at capture ({big / then:.0%} of {then:,}, the dump)" if then else ""
         if tty:
             line, marks = sparkline(ns, events, start, end)
             lines.append(f"{head} {line}{tail}")
@@ -246,12 +253,69 @@ def _wrap(text: str, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, width=100, initial_indent=indent, subsequent_indent=indent) or [indent]
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{k} {x}" for k, x in v.items()) + "}"
+# Evidence keys as a person reads them (any other key: its words, underscores as spaces).
+EVIDENCE_LABELS = {
+    "of": "entries in the table", "share": "share of the table", "drop": "new flows dropped",
+    "early_drop": "entries evicted early", "insert_failed": "inserts failed", "table_full_lines": "table-full lines",
+    "span": "counted", "largest_count": "largest count seen", "max_then": "nf_conntrack_max then",
+    "fill": "fill (against the max then)", "timeout_s": "timeout (s)", "timeouts": "raised timeouts (s)",
+    "defaults": "kernel defaults (s)", "share_of_tcp": "share of TCP", "share_of_udp": "share of UDP",
+    "sources_exact": "source count exact", "flows_per_s_estimate": "new flows/s (estimate)",
+    "upper_bound": "upper bound", "bound_by": "bound by", "refused_at": "refused at",
+    "of_protocol": "entries of that protocol", "unanswered_or_half_open": "never answered or half-open",
+    "invalid_increase": "invalid counter rise", "drop_increase": "drop counter rise",
+    "guard_judgement": "guard's judgement", "max_per_bucket": "max per bucket",
+    "entries_per_bucket": "entries per bucket", "clash_resolve": "clashes resolved",
+}
+SHARE_KEYS = ("share", "share_of_tcp", "share_of_udp", "fill")
+
+
+def _scalar(key: str, v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float) and key in SHARE_KEYS:
+        return f"{100 * v:.1f}%"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
     return str(v)
+
+
+def evidence_table(value: Any) -> list[tuple[str, str]] | None:
+    """A list of rows ({key, entries}) or a mapping ({name: number}) as (name, value) pairs;
+    None for a plain value."""
+    if isinstance(value, Mapping):
+        return [(str(k), _scalar(str(k), v)) for k, v in value.items()]
+    if isinstance(value, (list, tuple)) and all(isinstance(r, Mapping) for r in value):
+        out = []
+        for r in value:
+            items = list(r.items())
+            if not items:
+                continue
+            name = str(items[0][1])
+            rest = ", ".join(f"{_scalar(str(k), v)} {k}" if k == "entries" else f"{k} {_scalar(str(k), v)}"
+                             for k, v in items[1:])
+            out.append((name, rest))
+        return out
+    return None
+
+
+def evidence_rows(evidence: Mapping[str, Any]) -> list[tuple[str, str, list[tuple[str, str]] | None]]:
+    """(label, value as text, table rows or None) per piece of evidence: the one reading of a
+    finding's numbers the text, JSON and HTML views share (never a language's repr)."""
+    out = []
+    for k, v in evidence.items():
+        label = EVIDENCE_LABELS.get(k, k.replace("_", " "))
+        table = evidence_table(v)
+        if table is not None:
+            text = "; ".join(f"{a} ({b})" if b else a for a, b in table) or "none"
+        elif isinstance(v, (list, tuple)):
+            text = ", ".join(str(x) for x in v) or "none"
+        else:
+            text = _scalar(k, v)
+        out.append((label, text, table))
+    return out
 
 
 def finding_lines(found: Sequence[Finding]) -> list[str]:
@@ -260,13 +324,31 @@ def finding_lines(found: Sequence[Finding]) -> list[str]:
     lines = ["Findings:"]
     for f in found:
         lines.extend(_wrap(f"{f.severity.upper()} {f.id}: {f.summary}", "  "))
-        ev = ", ".join(f"{k}={_value(v)}" for k, v in f.evidence.items())
-        lines.extend(_wrap(f"evidence: {ev}", "      "))
+        lines.append("      evidence:")
+        rows = evidence_rows(f.evidence)
+        width = min(28, max(len(label) for label, _t, _r in rows)) if rows else 0
+        for label, text, _table in rows:
+            lines.extend(textwrap.wrap(f"{label.ljust(width)}  {text}", width=100, initial_indent="        ",
+                                       subsequent_indent="        " + " " * (width + 2)) or [""])
         lines.extend(_wrap(f"do: {f.action}", "      "))
         if f.rule:
             lines.append("      suggested (ctguard never applies it):")
             lines.extend("        " + line for line in f.rule.splitlines() if not line.startswith("# suggestion"))
     return lines
+
+
+def role_sentence(f: Any) -> str:
+    """The captured namespace's role, its forwarding and its NAT, said once."""
+    fwd = {True: "forwards", False: "does not forward", None: "was not read for forwarding"}[f.forwards]
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(f.nat_kinds.items()) if v)
+    if kinds:
+        nat = f"does NAT ({kinds})"
+    elif f.nat is False:
+        nat = "does none"
+    else:
+        nat = "rules not read" if f.nat is None else "does NAT"
+    return (f"Role: {f.netns_label} is {'an' if f.ns_role[:1] in 'aeiou' else 'a'} {f.ns_role or 'unknown'}: "
+            f"it {fwd}; NAT: it {nat}.").replace("it rules not read", "its rules were not read")
 
 
 def details_lines(path: Path, data: BundleData) -> list[str]:
@@ -297,18 +379,20 @@ def details_lines(path: Path, data: BundleData) -> list[str]:
         err = (m.get("collectors", {}) or {}).get("conntrack", {}).get("error", "no table in this bundle")
         out.append(f"  Table: not read ({err})")
     host = ev.get("host", {}) or {}
-    if host:
-        out.append(f"  Host: {host.get('role')}" + (f" - {'; '.join(host.get('seen', []))}" if host.get("seen") else ""))
-        for t in host.get("raised_timeouts", []) or []:
-            held = f", holding about {t['entries']:,} entries" if "entries" in t else ""
-            out.append(f"  raised timeout: {t['name']} = {t['value']} s (kernel default {t['default']} s){held}")
-    rules = ev.get("rules", {}) or {}
-    out.append(f"  NAT: {rules.get('nat_verdict', 'unknown (rules not collected)')}")
+    out.append("  " + role_sentence(f))
+    if host and not f.host_ns:
+        out.append(f"  The host namespace (not this one) is a {host.get('role')}"
+                   + (f": {'; '.join(host.get('seen', []))}" if host.get("seen") else ""))
+    elif host and host.get("seen"):
+        out.append(f"  seen: {'; '.join(host.get('seen', []))}")
+    for t in host.get("raised_timeouts", []) or []:
+        held = f", holding about {t['entries']:,} entries" if "entries" in t else ""
+        out.append(f"  raised timeout: {t['name']} = {t['value']} s (kernel default {t['default']} s){held}")
     net = ev.get("network", {}) or {}
     if net:
         ifaces = ", ".join(f"{i.get('name')} {' '.join(i.get('addresses', []))}".strip()
                            for i in net.get("interfaces", []) or [])
-        out.append(f"  Network: {net.get('verdict')}; interfaces: {ifaces}")
+        out.append(f"  Interfaces: {ifaces}")
         if net.get("top_sources_by_interface"):
             out.append("  top sources arrive on: " + ", ".join(
                 f"{dev} ({n} of them)" for dev, n in sorted(net["top_sources_by_interface"].items(), key=lambda kv: -kv[1])))
@@ -319,7 +403,7 @@ def details_lines(path: Path, data: BundleData) -> list[str]:
     if f.buckets:
         out.append(f"  Buckets (hashsize): {f.buckets:,}")
     slab_info = (ev.get("slab", {}) or {}).get("slab")
-    if slab_info:
+    if slab_info and {"num_objs", "objsize", "bytes"} <= set(slab_info):
         out.append(f"  Slab: {slab_info['num_objs']:,} objects x {slab_info['objsize']} B = "
                    f"{slab_info['bytes'] / 1048576:.1f} MiB")
     jour = ev.get("journal", {}) or {}
@@ -350,7 +434,7 @@ def render_text(path: Path, data: BundleData, tty: bool = False) -> str:
     lines.append("")
     lines.extend(finding_lines(found))
     lines.append("")
-    lines.extend(timeline_lines(data.timeline, m, tty))
+    lines.extend(timeline_lines(data.timeline, m, tty, data))
     lines.append("")
     lines.extend(details_lines(path, data))
     return "\n".join(lines) + "\n"
@@ -367,7 +451,10 @@ def render_json(path: Path, data: BundleData) -> dict[str, Any]:
         "created": m.get("created"),
         "reason": m.get("reason"),
         "verdict": verdict(data, found),
-        "findings": [f.as_json() for f in found],
+        "findings": [{**f.as_json(), "evidence_rows": [{"label": label, "value": text}
+                                                       for label, text, _t in evidence_rows(f.evidence)]}
+                     for f in found],
+        "role": role_sentence(facts(data)),
         "timeline": timeline,
         "decision": decision_sentences(m.get("decision")),
         "manifest": m,

@@ -100,7 +100,11 @@ def test_one_capture_per_incident_beyond_the_first() -> None:
     assert not r.capture_allowed("refused-ceiling", 2)
     assert not r.capture_allowed("pressure", 2)
     assert r.capture_allowed("incident-end", 2)
-    assert r.capture_allowed("pressure", 3)          # the policy may allow more
+    # issue 24: a moment the incident got worse gets a slot of its own (once), another bump or
+    # pressure only the slots left beyond those
+    assert r.capture_allowed("drops-began", 3) and not r.capture_allowed("drops-began", 3)
+    assert not r.capture_allowed("pressure", 3)
+    assert r.capture_allowed("pressure", 7)          # the policy may allow more
     r.turn(sample(1100, {7: 100}), False, [], [], incident="incident-1100")
     assert r.capture_allowed("pressure", 2), "a new incident gets its first bundle"
 

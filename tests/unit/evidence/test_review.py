@@ -95,7 +95,8 @@ def test_cli_show_json_report_and_redacted_export(folder: Path, tmp_path: Path, 
 
 def test_report_is_self_contained(folder: Path) -> None:
     text = report(folder, NAME)
-    assert text.index("Verdict") < text.index("Findings") < text.index("<svg")
+    # issue 24: the report leads with the story and its chart (fill against max), then the findings
+    assert text.index("Verdict") < text.index("<svg") < text.index("Findings")
     assert "<script" not in text.lower()
     # No fetch of any kind: no src/href attributes, no CSS url() or @import; the only URL is
     # the SVG namespace name, which is an identifier, not a fetch.
@@ -184,13 +185,14 @@ def test_status_shows_the_last_bundle_and_its_top_finding(folder: Path, tmp_path
 
     last = last_bundle(folder)
     assert last is not None and last["id"] == "20260101T000100Z-manual"    # the newest complete one
-    assert last["top_finding"]["id"] == "kernel-drops" and "kernel-drops" in last["findings"]
+    # issue 24: the cause (the raised UDP timeout) ranks before its consequence (the drops)
+    assert last["top_finding"]["id"] == "udp-timeout-raised" and "kernel-drops" in last["findings"]
     policy = Policy()
     policy = replace(policy, persist=replace(policy.persist, sysctl_file=tmp_path / "none.conf"))
     now = Instant(1000.0, 1000.0)
     sample = Sample(now, KernelLimits(4096, 1024, 320, 8 << 30, 4 << 30), (NamespaceReading(1, "host", 10),))
     view = status.build(policy, sample, History(), now, last_bundle=last)
-    assert view.data["last_bundle"]["top_finding"]["id"] == "kernel-drops"
+    assert view.data["last_bundle"]["top_finding"]["id"] == "udp-timeout-raised"
     text = status_cli.render_text(view)
-    assert "last bundle: 20260101T000100Z-manual - critical kernel-drops:" in text
+    assert "last bundle: 20260101T000100Z-manual - critical udp-timeout-raised:" in text
     assert last_bundle(tmp_path / "empty") is None

@@ -1,0 +1,108 @@
+"""Issue 24: besides the first bump and the end, the daemon asks for a bundle when an incident
+gets worse (a bump refused at a bound, the kernel's first drops, relief's first shortening),
+each once per incident, bounded by [evidence] incident_captures (ctguard.daemon.recorder)."""
+
+from __future__ import annotations
+
+from ctguard.config import policy as policy_mod
+from ctguard.core.decide import decide
+from ctguard.core.model import (
+    Capture, History, Incident, Instant, KernelLimits, NamespaceReading, Outcome, Sample, SetMax,
+)
+from ctguard.daemon.recorder import FlightRecorder
+
+GiB = 1 << 30
+T0 = 1_800_000_000.0
+NS = 4026531001
+
+
+def at(t: float) -> Instant:
+    return Instant(T0 + t, 1000.0 + t, "b1")
+
+
+def sample(t: float, max_: int, count: int, drop: int = 0) -> Sample:
+    ns = (NamespaceReading(4026531000, "host", 10, (("drop", 0),)), NamespaceReading(NS, "gw", count, (("drop", drop),)))
+    return Sample(at(t), KernelLimits(max_, max_ // 4, 320, 16 * GiB, 8 * GiB), ns)
+
+
+def history(*, drops: int = 0, refusals: int = 0, last_capture: float | None = 0.0, base_drop: int = 0,
+            bundles: tuple[str, ...] = ("20260101T000000Z-bump",)) -> History:
+    inc = Incident(at(0), NS, "gw", max_at_start=8192, bumps=1, refusals=refusals, drops=drops, max_now=8192,
+                   bundles=bundles, last_active=at(9))
+    return History(incident=inc, last_capture=at(last_capture) if last_capture is not None else None,
+                   drops=((4026531000, 0), (NS, base_drop)))
+
+
+def captures(decision) -> list[str]:
+    return [a.reason for a in decision.actions if isinstance(a, Capture)]
+
+
+POLICY = policy_mod.loads("[bump]\nceiling = 8192\ncooldown = 60\n", "t.toml")
+
+
+def test_the_first_drops_of_an_incident_are_captured() -> None:
+    d = decide(POLICY, sample(10, 8192, 8000, drop=500), history(), at(10))
+    assert "drops-began" in captures(d) or any(r.startswith("refused-") for r in captures(d)), captures(d)
+
+
+def test_drops_that_go_on_are_not_captured_twice() -> None:
+    taken = ("20260101T000000Z-bump", "20260101T000009Z-drops-began")
+    d = decide(POLICY, sample(10, 1 << 20, 3000, drop=900), history(drops=400, base_drop=400, bundles=taken), at(10))
+    assert "drops-began" not in captures(d)
+
+
+def test_drops_that_began_inside_the_gap_are_taken_at_the_next_turn_they_go_on() -> None:
+    # The drops began 2 s after the refusal's bundle (inside the 5 s gap): 6 s later they still
+    # rise and the incident has no drops bundle yet, so it is taken now.
+    taken = ("20260101T000000Z-bump", "20260101T000004Z-refused-ceiling")
+    d = decide(POLICY, sample(10, 1 << 20, 3000, drop=900), history(drops=400, base_drop=400, bundles=taken,
+                                                                    last_capture=4.0), at(10))
+    assert "drops-began" in captures(d)
+
+
+def test_the_first_refusal_at_the_ceiling_is_captured_inside_the_cooldown() -> None:
+    # The last capture was 9 s ago, under the 60 s cooldown: a refusal at the ceiling is a worse
+    # moment than the first bump and gets its bundle all the same.
+    d = decide(POLICY, sample(9, 8192, 8100), history(last_capture=0.0), at(9))
+    assert "refused-ceiling" in captures(d), [type(a).__name__ for a in d.actions]
+    again = decide(POLICY, sample(9, 8192, 8100), history(last_capture=0.0, refusals=1), at(9))
+    assert "refused-ceiling" not in captures(again)
+
+
+def test_no_capture_within_the_minimum_gap() -> None:
+    d = decide(POLICY, sample(2, 8192, 8000, drop=500), history(last_capture=0.0), at(2))
+    assert captures(d) == []
+
+
+def test_the_recorder_bounds_them_per_incident() -> None:
+    r = FlightRecorder()
+    s = sample(1000, 8192, 3900)
+    r.turn(s, True, [Outcome(SetMax(4096, 8192, "fill", NS, 0.95, "x"), True, read_back=8192),
+                     Outcome(Capture("bump", NS), True, "capture queued")], [], incident="incident-1000")
+    assert not r.capture_allowed("bump", 5), "another bump is not a new moment: the slots are kept for those"
+    assert r.capture_allowed("drops-began", 5)
+    assert not r.capture_allowed("drops-began", 5), "each moment once"
+    assert r.capture_allowed("refused-ceiling", 5)
+    assert not r.capture_allowed("refused-guard", 5), "one refusal moment, whichever bound"
+    assert r.capture_allowed("incident-end", 5)
+    assert not r.capture_allowed("drops-began", 1) and not r.capture_allowed("relief", 2)
+
+
+def test_relief_shortening_a_timeout_is_captured_once() -> None:
+    from dataclasses import replace as _replace
+
+    from ctguard.core.model import TableShape
+
+    policy = policy_mod.loads('[bump]\nceiling = 8192\ncooldown = 60\n[relief]\nmode = "enforce"\n', "t.toml")
+    s = _replace(sample(9, 8192, 8100), timeouts=((NS, (("udp", 30), ("udp_stream", 120), ("tcp_syn_sent", 120),
+                                                        ("tcp_syn_recv", 60), ("tcp_time_wait", 120))),),
+                 shape=TableShape(NS, 1000, 900, 10, states=(("udp", 900),)))
+    # A refusal at the ceiling was already captured in this incident: relief's first act is the next moment.
+    h = history(refusals=1, last_capture=0.0, bundles=("20260101T000000Z-bump", "20260101T000001Z-refused-ceiling"))
+    d = decide(policy, s, h, at(9))
+    shortened = [a for a in d.actions if type(a).__name__ == "ShortenTimeout"]
+    assert shortened, [type(a).__name__ for a in d.actions]
+    assert "relief" in captures(d)
+    taken = h.incident.bundles + ("20260101T000009Z-relief",)
+    again = decide(policy, s, _replace(h, incident=_replace(h.incident, bundles=taken)), at(9))
+    assert "relief" not in captures(again)
