@@ -39,4 +39,5 @@ def test_bundle_says_where_the_top_sources_arrive_and_whether_the_namespace_forw
     assert ev["top_sources_by_interface"] == {veth: 1}
     assert (folder / "network.json").exists()
     assert shown.returncode == 0 and f"top sources arrive on: {veth} (1 of them)" in shown.stdout, shown.stdout
-    assert "Network: this namespace forwards" in shown.stdout
+    # Issue 24: forwarding is part of the one role sentence of the captured namespace.
+    assert "Role: " in shown.stdout and ": it forwards;" in shown.stdout, shown.stdout

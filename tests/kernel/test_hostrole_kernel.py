@@ -23,4 +23,5 @@ def test_every_bundle_says_what_the_host_is(tmp_policy: Path) -> None:
     assert ev["host"]["role"] in ("server", "router", "NAT gateway", "container host", "Kubernetes node")
     assert "raised_timeouts" in ev["host"]
     shown = ctguard("bundles", "show", bundle.name, "--policy", str(policy))
-    assert f"Host: {ev['host']['role']}" in shown.stdout
+    # Issue 24: the role is said once, per namespace ("Role: NAME is a ROLE: it forwards; NAT: ...").
+    assert "Role: " in shown.stdout and ev["host"]["role"] in shown.stdout, shown.stdout

@@ -370,8 +370,6 @@ def _buckets_action(policy: Policy, limits: KernelLimits, history: History, now:
     One resize at a time; with resize = "calm", an expensive one waits for the storm to end."""
     if not policy.buckets.manage or policy.buckets.resize == "never":
         return []
-    if any(c.startswith("hashsize") for c in limits.cannot):
-        return []       # read-only here (probed at start; `status` says so)
     if sample is not None and sample.resizing is not None:
         return []       # one in flight: the next sample after it sees its result
     if bumped_to is None and history.buckets_failed is not None and now.since(history.buckets_failed) < BUCKETS_RETRY:
@@ -646,11 +644,6 @@ def _bump_or_refuse(policy: Policy, limits: KernelLimits, history: History, now:
     if _bumps_in_last_hour(history, now) >= policy.bump.max_per_hour:
         return Refuse(want, old, "budget", trigger, netns, fill,
                       f"{why}; bump budget spent ({policy.bump.max_per_hour} in the last hour)")
-    cannot = [c for c in limits.cannot if c.startswith("nf_conntrack_max")]
-    if cannot:
-        return Refuse(want, old, "observe", trigger, netns, fill,
-                      f"{why}; would bump {old} -> {want}, but ctguard cannot change {cannot[0]}: raise it where it is "
-                      "writable (the host)")
     upper, binding = upper_bound(policy, limits)
     if attack is not None and policy.guard.ceiling < upper:
         upper, binding = policy.guard.ceiling, "guard"

@@ -204,17 +204,17 @@ def test_an_attack_incidents_live_count_is_not_a_sizing_peak():
 
 # -- what ctguard cannot do here (probed at start) ----------------------------------------------------
 
-@pytest.mark.parametrize("name, cannot, kinds", [
-    ("both writable: bump and buckets", (), {"SetMax", "SetBuckets"}),
-    ("max read-only (a container): no write, a refusal that says why", ("nf_conntrack_max: read-only here",),
-     {"Refuse"}),
-    ("hashsize read-only (not the initial netns): bump, no resize", ("hashsize: read-only here",), {"SetMax"}),
+@pytest.mark.parametrize("name, cannot", [
+    ("both writable", ()),
+    ("max read-only (a container)", ("nf_conntrack_max: read-only here",)),
+    ("hashsize read-only (not the initial netns)", ("hashsize: read-only here",)),
 ])
-def test_what_cannot_be_written_is_not_tried(name, cannot, kinds):
+def test_what_the_probe_finds_read_only_is_still_tried_and_said(name, cannot):
+    # The write is still made where the probe says read-only: the kernel's own error and the
+    # advice are journaled and the failed attempt recorded (tests/kernel/test_faults.py pins
+    # that); the probe's finding is what `status` says ctguard cannot do (control.status).
     s = Sample(at(10), KernelLimits(8192, 8192, 256, 16 * GiB, 8 * GiB, "6.1.0", cannot),
                (NamespaceReading(1, "host", 7500, (("drop", 0),)),))
     d = decide(pol(), s, History(), s.at)
     got = {type(a).__name__ for a in d.actions} - {"Capture", "Warn"}
-    assert got == kinds, (name, d.actions)
-    if "Refuse" in kinds:
-        assert "cannot change nf_conntrack_max" in d.of(Refuse)[0].reason
+    assert got == {"SetMax", "SetBuckets"}, (name, d.actions)
