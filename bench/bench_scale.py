@@ -184,7 +184,7 @@ def churn(base: int, rate: float, life: float, seconds: float, rule: Path, tag: 
     try:
         make(basenames, rule)
         d = Daemon(folder, None)
-        lab.kernelenv.wait_for(lambda: set(basenames) <= d.names(), 60, 0.2)
+        lab.wait_for(lambda: set(basenames) <= d.names(), 60, 0.2)
         time.sleep(6)
         fd0 = d.fds()
         stop = threading.Event()

@@ -108,6 +108,7 @@ from pathlib import Path
 from typing import Iterator
 
 from helpers import kernelenv
+from helpers.wait import wait_for
 
 _HERE = Path(__file__).resolve().parent
 
@@ -782,19 +783,23 @@ def lab_policy(folder: Path, ceiling: int, overrides: dict | None = None) -> Pat
     """The packaged policy with only its paths moved into `folder`, and a drop-in with the
     ceiling and `overrides` ({"relief": {"mode": "enforce"}, ...})."""
     text = PACKAGED_POLICY.read_text()
-    moves = {'"/var/lib/ctguard/bundles"': f'"{folder}/bundles"',
-             '"/var/lib/ctguard"': f'"{folder}/state"',
-             '"/etc/sysctl.d/90-ctguard.conf"': f'"{folder}/etc/sysctl.d/90-ctguard.conf"',
-             '"/etc/modprobe.d/ctguard.conf"': f'"{folder}/etc/modprobe.d/ctguard.conf"',
-             '"/var/lib/prometheus/node-exporter/ctguard.prom"': f'"{folder}/metrics/ctguard.prom"',
-             '"/run/ctguard/control.sock"': f'"{folder}/run/control.sock"'}
-    for old, new in moves.items():
-        if old not in text:
-            raise RuntimeError(f"the packaged policy has no {old}: update lab_policy()")
-        text = text.replace(old, new)
+    # The packaged file sets nothing (every key commented out with its default): the paths move
+    # in a drop-in of their own, read before the lab's overrides.
+    paths = {"state": {"dir": f"{folder}/state"}, "evidence": {"dir": f"{folder}/bundles"},
+             "persist": {"sysctl_file": f"{folder}/etc/sysctl.d/90-ctguard.conf",
+                         "modprobe_file": f"{folder}/etc/modprobe.d/ctguard.conf"},
+             "metrics": {"textfile": f"{folder}/metrics/ctguard.prom"},
+             "control": {"socket": f"{folder}/run/control.sock"}}
+    for sect, kv in paths.items():
+        for key, default in kv.items():
+            if not re.search(rf"^#?{key} = ", text, re.M):
+                raise RuntimeError(f"the packaged policy has no [{sect}] {key}: update lab_policy()")
     for sub in ("metrics", "run", "etc/sysctl.d", "etc/modprobe.d"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(folder / "run", 0o700)
+    (folder / "policy.d").mkdir(exist_ok=True)
+    (folder / "policy.d" / "40-lab-paths.toml").write_text(
+        "".join(f"[{sect}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items()) for sect, kv in paths.items()))
     p = folder / "policy.toml"
     p.write_text(text)
     tables = {"bump": {"ceiling": ceiling}}
@@ -807,7 +812,6 @@ def lab_policy(folder: Path, ceiling: int, overrides: dict | None = None) -> Pat
     for sect, kv in ((s, kv) for s, kv in tables.items() if isinstance(kv, dict)):
         body.append(f"[{sect}]")
         body += [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
-    (folder / "policy.d").mkdir(exist_ok=True)
     (folder / "policy.d" / "50-lab.toml").write_text("\n".join(body) + "\n")
     return p
 
@@ -890,7 +894,7 @@ class Agent:
                                      stderr=self._logf, env=env, preexec_fn=_die_with_parent)
         self.pid = self._daemon_pid()
         self.metrics = self.folder / "metrics" / "ctguard.prom"
-        if not kernelenv.wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 30):
+        if not wait_for(lambda: self.metrics.exists() or self.proc.poll() is not None, 30):
             self.stop()
             raise RuntimeError(f"ctguard took no sample within 30 s: {self.log.read_text()[-2000:]}")
         if self.proc.poll() is not None:
@@ -919,7 +923,7 @@ class Agent:
 
     def captures_done(self, timeout: float) -> None:
         """Wait (bounded) until the daemon has no child left (a capture or a trim)."""
-        kernelenv.wait_for(lambda: not _descendants(self.pid), timeout, 0.2)
+        wait_for(lambda: not _descendants(self.pid), timeout, 0.2)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
