@@ -174,6 +174,7 @@ class Facts:
     listening_udp: frozenset[int] | None = None     # local UDP ports with a bound socket (None: not read)
     listening_tcp: frozenset[int] | None = None
     guard: str = ""                                 # the guard's judgement recorded by the daemon ("" none)
+    guard_cleared: str = ""                         # ... or its word that the growth is not an attack
     refusals: tuple[Mapping[str, Any], ...] = ()    # refused bumps (ceiling, memory, guard, budget)
     incident: Mapping[str, Any] = field(default_factory=dict)
     guard_share: float = ATTACK_SHARE
@@ -356,7 +357,7 @@ def facts(data: BundleData) -> Facts:
     events = tuple(e for e in tl.get("events", []) if isinstance(e, Mapping))
     refusals = [e for e in events if e.get("kind") == "refusal"]
     decision = m.get("decision", {}) or {}
-    guard = ""
+    guard = cleared = ""
     for a in (decision.get("actions", []) or []) if isinstance(decision, Mapping) else []:
         if not isinstance(a, Mapping):
             continue
@@ -365,6 +366,9 @@ def facts(data: BundleData) -> Facts:
             guard = why[why.index("attack-shaped growth"):].split(";")[0]
         elif a.get("clipped") == "guard" or "[guard] ceiling" in why:
             guard = guard or "growth held at [guard] ceiling"
+        for cleared_by in ("an outage, not an attack", "not a spoofed flood"):     # decide.judge's words
+            if cleared_by in why and not cleared:
+                cleared = why[why.index(cleared_by):].split(";")[0]
         if a.get("kind") == "Refuse" and not any(_int(r.get("new")) == _int(a.get("wanted")) for r in refusals):
             refusals.append({"kind": "refusal", "reason": a.get("refused_by", a.get("binding", "")),
                              "old": a.get("current"), "new": a.get("wanted"), "text": why})
@@ -390,7 +394,8 @@ def facts(data: BundleData) -> Facts:
         raised=tuple(t for t in host.get("raised_timeouts", []) or () if isinstance(t, Mapping)),
         ceiling=ceiling, upper=upper, upper_by=upper_by, netns_label=label,
         host_ns=host_ns, inode=inode, netns_path=path, forwards=forwards, nat_kinds=nat_kinds, ns_role=ns_role,
-        listening_udp=udp_ports, listening_tcp=tcp_ports, guard=guard, refusals=tuple(refusals),
+        listening_udp=udp_ports, listening_tcp=tcp_ports, guard=guard, guard_cleared=cleared if not guard else "",
+        refusals=tuple(refusals),
         incident=incident if isinstance(incident, Mapping) else {},
         guard_share=float(_policy_value(data.policy, "guard", "suspicious_share", ATTACK_SHARE)),
         guard_sources=_int(_policy_value(data.policy, "guard", "min_sources", ATTACK_SOURCES), ATTACK_SOURCES),
@@ -550,7 +555,9 @@ def attack_shape(f: Facts) -> Finding | None:
     look = TableShape(f.inode, f.entries, f.unreplied + half_open,
                       sources if exact else max(sources, f.guard_sources))
     judged = shape_judgement(_GuardThresholds(f.guard_share, f.guard_sources), look) if f.entries else None
-    shaped = not f.guard and judged is not None and many
+    # The guard's word while it happened wins over a reading of the dump (shared, not recomputed):
+    # it knew the host (internal clients retrying one dead upstream are an outage, not an attack).
+    shaped = not f.guard and not f.guard_cleared and judged is not None and many
     if not f.guard and not shaped and not invalid_climb:
         return None
     why = []

@@ -134,3 +134,20 @@ def test_advised_relief_is_not_told_as_acted() -> None:
     tl = {**data.timeline, "events": list(data.timeline["events"]) + ev}
     text = verdict(BundleData(data.manifest, data.evidence, tl, {}))
     assert "Relief acted" not in text and 'mode = "advise": nothing changed' in text
+
+
+def test_the_guards_word_that_it_is_an_outage_wins_over_the_dump() -> None:
+    """The daemon's guard knew the host (internal clients retrying one dead upstream): its word,
+    recorded in the bump's reason, is not overruled by a host-less reading of the dump (the lab's
+    dead upstream: every SYN_SENT from 200 internal clients)."""
+    data = CASES["spoofed flood, judged by the guard"][0]      # an attack-shaped dump
+    assert "attack-shape" in [f.id for f in diagnose(data)]
+    decision = {"summary": "bump", "actions": [{"kind": "SetMax", "old": 16384, "new": 32768, "trigger": "growth",
+                                                 "reason": "growing 3110/s; an outage, not an attack: 90% of 1386 "
+                                                           "sampled entries unanswered; bumped within the ceiling"}]}
+    manifest = {**data.manifest, "decision": decision}
+    timeline = {**(data.timeline or {}), "events": [e for e in (data.timeline or {}).get("events", [])
+                                                   if "attack" not in str(e.get("text", "")) and e.get("reason") != "guard"]}
+    found = [f.id for f in diagnose(BundleData(manifest=manifest, evidence=data.evidence, timeline=timeline,
+                                               policy=data.policy))]
+    assert "attack-shape" not in found, found
