@@ -557,7 +557,11 @@ def attack_shape(f: Facts) -> Finding | None:
     judged = shape_judgement(_GuardThresholds(f.guard_share, f.guard_sources), look) if f.entries else None
     # The guard's word while it happened wins over a reading of the dump (shared, not recomputed):
     # it knew the host (internal clients retrying one dead upstream are an outage, not an attack).
-    shaped = not f.guard and not f.guard_cleared and judged is not None and many
+    # A gateway's unanswered SYN_SENT/UDP from many clients to a few destinations is an outage
+    # upstream (unreachable-destination), as the guard would judge it knowing the host: only a
+    # look at the dump without that knowledge would call it an attack.
+    outage = f.gateway and unreachable_destination(f) is not None
+    shaped = not f.guard and not f.guard_cleared and not outage and judged is not None and many
     if not f.guard and not shaped and not invalid_climb:
         return None
     why = []
