@@ -744,7 +744,7 @@ def check_no_way_out(m: Machine, phase: Phases) -> None:
     # back. This root has no initramfs-tools: update-initramfs is not found (127), and that is
     # what comes back.
     assert m.show("ActiveState", "ctguard-initramfs.path") == "active", m.show("ActiveState", "ctguard-initramfs.path")
-    out = m.run("python3", "-c", "from pathlib import Path; from ctguard import initramfs; "
+    out = m.run("python3", "-c", "from pathlib import Path; from ctguard.boot import initramfs; "
                 "o = initramfs.request(Path('/run/ctguard'), timeout=60); print(o.ran, o.ok, o.code, o.output)",
                 timeout=90).stdout.strip()
     phase.say(f"update-initramfs request through ctguard-initramfs.path: {out}")
@@ -889,7 +889,7 @@ def check_boot_values(m: Machine, phase: Phases) -> None:
         prom = "/var/lib/prometheus/node-exporter/ctguard.prom"
         assert wait_for(lambda: f'ctguard_persist_shadowed{{file="{tuning}"}} {lower}' in
                         m.run("cat", prom, check=False).stdout, 15), m.run("cat", prom, check=False).stdout
-        model = m.run("python3", "-c", "from ctguard import bootvalues as b; "
+        model = m.run("python3", "-c", "from ctguard.boot import values as b; "
                       "print('\\n'.join(c.path for c in b.conf_files('/', b.SYSCTL_DIRS)))").stdout.split()
         cat = [line[2:] for line in m.run("systemd-analyze", "cat-config", "--no-pager", "sysctl.d").stdout.splitlines()
                if line.startswith("# /") and line.endswith(".conf")]
