@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,8 +63,7 @@ def test_the_report_leads_with_the_story_and_its_chart(case: str, tmp_path: Path
 
 def _chromium():
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from browser import chromium, load_page, png_size_and_colours
+        from helpers.browser import chromium, load_page, png_size_and_colours
     except ImportError:
         return None
     return (load_page, png_size_and_colours) if chromium() else None
@@ -86,7 +84,6 @@ def test_the_report_renders_its_lead_chart_in_headless_chromium(tmp_path: Path) 
     assert page.value == 2, "the entries and the max in force are drawn across the chart"
     w, h, colours = png_size_and_colours(page.clip)
     assert w > 200 and h > 60 and colours >= 4, (w, h, colours)
-    shots = Path("/tmp/ctguard-issue24-shots")
-    shots.mkdir(exist_ok=True)
-    (shots / "report.png").write_bytes(page.screenshot)
-    (shots / "lead-chart.png").write_bytes(page.clip)
+    # Kept beside the report so a failing run leaves what the browser drew.
+    (tmp_path / "report.png").write_bytes(page.screenshot)
+    (tmp_path / "lead-chart.png").write_bytes(page.clip)
