@@ -75,6 +75,19 @@ KERNEL_DEFAULT_TIMEOUTS = {"nf_conntrack_udp_timeout": 30, "nf_conntrack_udp_tim
 SUGGESTION = "# a suggestion: ctguard never applies it"
 
 
+def action_name(action: Mapping[str, Any]) -> str:
+    """The class of one action in a bundle's decision ("SetMax", "Refuse", ...). The daemon
+    writes it under `action` (daemon.captures.jsonable), beside the action's own `kind` (a
+    Refuse's bound, a Warn's kind); bundles written before put the class in `kind` instead."""
+    return str(action.get("action") or action.get("kind") or "")
+
+
+def refusal_bound(action: Mapping[str, Any]) -> str:
+    """The bound that refused a Refuse action ("ceiling", "guard", ...): its own `kind`, which
+    bundles written before the class moved to `action` lost ("" then)."""
+    return str(action.get("kind", "")) if action.get("action") == "Refuse" else ""
+
+
 @dataclass(frozen=True)
 class Finding:
     id: str
@@ -364,13 +377,13 @@ def facts(data: BundleData) -> Facts:
         why = str(a.get("reason", ""))
         if "attack-shaped growth" in why:
             guard = why[why.index("attack-shaped growth"):].split(";")[0]
-        elif a.get("clipped") == "guard" or "[guard] ceiling" in why:
+        elif a.get("clipped_by", a.get("clipped")) == "guard" or "[guard] ceiling" in why:
             guard = guard or "growth held at [guard] ceiling"
         for cleared_by in ("an outage, not an attack", "not a spoofed flood"):     # decide.judge's words
             if cleared_by in why and not cleared:
                 cleared = why[why.index(cleared_by):].split(";")[0]
-        if a.get("kind") == "Refuse" and not any(_int(r.get("new")) == _int(a.get("wanted")) for r in refusals):
-            refusals.append({"kind": "refusal", "reason": a.get("refused_by", a.get("binding", "")),
+        if action_name(a) == "Refuse" and not any(_int(r.get("new")) == _int(a.get("wanted")) for r in refusals):
+            refusals.append({"kind": "refusal", "reason": refusal_bound(a),
                              "old": a.get("current"), "new": a.get("wanted"), "text": why})
     if not guard:
         for e in events:
