@@ -211,8 +211,13 @@ class Facts:
             cands.append((p.peak, p.peak_max))
         cands.append((max(self.count, self.entries), self.max))
         inc_peak = _int(self.incident.get("peak_count"))
+        inc_max = _int(self.incident.get("peak_max"))
         fill = _float(self.incident.get("peak_fill"))
-        if inc_peak and fill > 0:
+        if inc_peak and inc_max:
+            cands.append((inc_peak, inc_max))
+        elif inc_peak and fill > 0:
+            # A bundle written before the incident kept its peak's max: peak_fill is the fullest
+            # fill, which need not be the peak count's, so this max is a guess.
             cands.append((inc_peak, int(round(inc_peak / fill))))
         return max(cands, key=lambda c: (c[0], 1 if c[1] else 0, -c[1]))
 
@@ -1179,7 +1184,8 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     """One paragraph: what filled which namespace, how fast, what ctguard did, what the kernel dropped."""
     f = facts(data)
     found = diagnose(data) if findings is None else findings
-    if not found:
+    warn = float(_policy_value(data.policy, "thresholds", "warn", HEALTHY_FILL))
+    if not found and healthy(f, warn):
         if f.entries == 0 and f.count == 0 and not f.series:
             return "The table was empty when this bundle was taken: nothing to explain."
         max_txt = f" of a max of {_n(f.max)}" if f.max else ""
@@ -1248,7 +1254,15 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     if _open(f):
         parts.append(f"Incident {f.incident.get('id', '')} was still open when this bundle was taken: later "
                      "bundles of it (`ctguard bundles list`) show how it went on.")
-    parts.append(f"Top finding: {found[0].summary}.")
+    if found:
+        parts.append(f"Top finding: {found[0].summary}.")
+    else:
+        # Not healthy, yet nothing in the dump names a cause: the entries left before the capture
+        # (an incident's end, once they expired). Its earlier bundles hold them.
+        parts.append(f"No finding names a cause: the table held {_n(max(f.count, f.entries))} entries when this "
+                     "bundle was taken"
+                     + (f"; the earlier bundles of {f.incident.get('id', 'this incident')} (`ctguard bundles list`) "
+                        "show what filled it." if f.incident else "."))
     return " ".join(parts)
 
 

@@ -106,3 +106,24 @@ def test_relief_shortening_a_timeout_is_captured_once() -> None:
     taken = h.incident.bundles + ("20260101T000009Z-relief",)
     again = decide(policy, s, _replace(h, incident=_replace(h.incident, bundles=taken)), at(9))
     assert "relief" not in captures(again)
+
+
+def test_relief_that_entered_beside_another_capture_gets_its_bundle_once_the_gap_allows() -> None:
+    # Relief entered in the turn of the refusal's bundle (one capture a turn): its moment waits
+    # for the gap, then is taken while the incident has no relief bundle; relief active from
+    # before the incident began is not this incident's moment.
+    from dataclasses import replace as _replace
+
+    from ctguard.core.model import ReliefState, Relieved
+
+    policy = policy_mod.loads('[bump]\nceiling = 1048576\ncooldown = 60\n[relief]\nmode = "enforce"\n', "t.toml")
+    calm = sample(9, 1 << 20, 3000)        # no trigger, no drop: only relief's moment is in question
+    taken = ("20260101T000000Z-bump", "20260101T000001Z-refused-ceiling")
+    relieved = Relieved(NS, "gw", "udp", 30, 10, at(1))
+    h = _replace(history(refusals=1, last_capture=1.0, bundles=taken), relief=ReliefState(active=(relieved,)))
+    assert "relief" not in captures(decide(policy, calm, h, at(3))), "inside the gap"
+    assert "relief" in captures(decide(policy, calm, h, at(9)))
+    done = _replace(h, incident=_replace(h.incident, bundles=taken + ("20260101T000009Z-relief",)))
+    assert "relief" not in captures(decide(policy, calm, done, at(15))), "once"
+    before = _replace(h, relief=ReliefState(active=(_replace(relieved, since=at(-100)),)))
+    assert "relief" not in captures(decide(policy, calm, before, at(9))), "relief of an earlier incident"
