@@ -322,7 +322,7 @@ def evidence_rows(evidence: Mapping[str, Any]) -> list[tuple[str, str, list[tupl
 
 def finding_lines(found: Sequence[Finding]) -> list[str]:
     if not found:
-        return ["Findings: none (nothing in this bundle needs explaining)"]
+        return ["Findings: none (no rule matched this bundle; the verdict says what it holds)"]
     lines = ["Findings:"]
     for f in found:
         lines.extend(_wrap(f"{f.severity.upper()} {f.id}: {f.summary}", "  "))
