@@ -138,7 +138,7 @@ CASES: dict[str, tuple[BundleData, str | None, set[str], str | None]] = {
         bundle(entries=8000, protos={"tcp": 8000}, states={"SYN_RECV": 7900}, unreplied=7900,
                sources=rows([("203.0.113.1", 2)] * 20, exact=False, tracked=4096), dests=rows([("10.92.0.2", 8000)]),
                timeline=bumped([100, 8000, 8000]),
-               decision={"actions": [{"kind": "SetMax", "old": 8192, "new": 262144, "clipped": "guard",
+               decision={"actions": [{"action": "SetMax", "old": 8192, "new": 262144, "clipped_by": "guard",
                                       "reason": "fill 98% reached act; attack-shaped growth: 97% of 2000 sampled "
                                                 "entries unanswered or half-open, from 1900 or more sources; "
                                                 "8192 -> 262144"}]}),

@@ -7,6 +7,7 @@ import json
 import time
 
 from ctguard.control.status import CRITICAL, OK, UNKNOWN, WARNING, StatusView
+from ctguard.core.incident import peak_text
 from ctguard.core.spark import spark
 from ctguard.core.timeouts import sysctl_name
 
@@ -61,8 +62,9 @@ def render_text(view: StatusView) -> str:
         inc = d.get(key)
         if inc:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inc["started"]))
-            lines.append(f"{label}: {inc['id']} from {stamp} in {inc['name'] or inc['netns']}: peak fill "
-                         f"{inc['peak_fill']:.1%}, {inc['drops']} drops, {inc['early_drops']} early drops, "
+            peaks = peak_text(inc["peak_fill"], inc["peak_count"], inc.get("peak_max") or 0)
+            lines.append(f"{label}: {inc['id']} from {stamp} in {inc['name'] or inc['netns']}: {peaks}, "
+                         f"{inc['drops']} drops, {inc['early_drops']} early drops, "
                          f"{inc['bumps']} bump(s)" + (f", bundles {', '.join(inc['bundles'])}" if inc["bundles"] else ""))
     daemon = d.get("daemon")
     if daemon:

@@ -348,10 +348,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
         # acts. The bundle of that moment tells more than the first bump's.
         if _worsens(history, "drops") and (_new_drops(history, sample) > 0 or _new_early(history, sample) > 0):
             actions.append(Capture(reason="drops-began", netns=worst_inode))
-        elif (_worsens(history, "relief") and not history.relief.active
-              and any(isinstance(a, ShortenTimeout) and not a.advise for a in relief_actions)):
-            actions.append(Capture(reason="relief", netns=next(a.netns for a in relief_actions
-                                                                if isinstance(a, ShortenTimeout))))
+        elif _worsens(history, "relief") and (relieved := _relief_moment(history, relief_actions)) is not None:
+            actions.append(Capture(reason="relief", netns=relieved))
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
@@ -619,6 +617,20 @@ def _worsens(history: History, what: str) -> bool:
     return not any(slug in b or b.endswith(slug) for b in inc.bundles)
 
 
+def _relief_moment(history: History, relief_actions: Sequence[Action]) -> int | None:
+    """The namespace relief acted in during the open incident: this turn's first shortened
+    timeout (enforced, not advised), or one shortened since the incident began whose bundle
+    waited (relief entered in the turn of another capture, or within MIN_CAPTURE_GAP of one)."""
+    for a in relief_actions:
+        if isinstance(a, ShortenTimeout) and not a.advise and a.step != "up":     # "up" eases, not acts
+            return a.netns
+    inc = history.incident
+    if inc is None:
+        return None
+    # Instant.since is never negative: relieved at or after the start is the start being no later.
+    return next((r.netns for r in history.relief.active if inc.started.since(r.since) == 0), None)
+
+
 def _gap_ok(history: History, now: Instant) -> bool:
     return history.last_capture is None or now.since(history.last_capture) >= MIN_CAPTURE_GAP
 
@@ -777,7 +789,11 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         upd["drops"] = inc.drops + _new_drops(h, sample)
         upd["early_drops"] = inc.early_drops + _new_early(h, sample)
         upd["peak_fill"] = max(inc.peak_fill, sample.worst_fill)
-        upd["peak_count"] = max(inc.peak_count, worst.count if worst else 0)
+        count = worst.count if worst else 0
+        upd["peak_count"] = max(inc.peak_count, count)
+        if count > inc.peak_count or not inc.peak_max:
+            # The max read with this count (before this turn's bump): the max in force at the peak.
+            upd["peak_max"] = sample.limits.max
         upd["max_now"] = max([sample.limits.max] + [o.read_back or 0 for o in outcomes
                                                     if o.ok and isinstance(o.action, SetMax)])
     if active:

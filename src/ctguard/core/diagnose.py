@@ -75,6 +75,19 @@ KERNEL_DEFAULT_TIMEOUTS = {"nf_conntrack_udp_timeout": 30, "nf_conntrack_udp_tim
 SUGGESTION = "# a suggestion: ctguard never applies it"
 
 
+def action_name(action: Mapping[str, Any]) -> str:
+    """The class of one action in a bundle's decision ("SetMax", "Refuse", ...). The daemon
+    writes it under `action` (daemon.captures.jsonable), beside the action's own `kind` (a
+    Refuse's bound, a Warn's kind); bundles written before put the class in `kind` instead."""
+    return str(action.get("action") or action.get("kind") or "")
+
+
+def refusal_bound(action: Mapping[str, Any]) -> str:
+    """The bound that refused a Refuse action ("ceiling", "guard", ...): its own `kind`, which
+    bundles written before the class moved to `action` lost ("" then)."""
+    return str(action.get("kind", "")) if action.get("action") == "Refuse" else ""
+
+
 @dataclass(frozen=True)
 class Finding:
     id: str
@@ -198,8 +211,13 @@ class Facts:
             cands.append((p.peak, p.peak_max))
         cands.append((max(self.count, self.entries), self.max))
         inc_peak = _int(self.incident.get("peak_count"))
+        inc_max = _int(self.incident.get("peak_max"))
         fill = _float(self.incident.get("peak_fill"))
-        if inc_peak and fill > 0:
+        if inc_peak and inc_max:
+            cands.append((inc_peak, inc_max))
+        elif inc_peak and fill > 0:
+            # A bundle written before the incident kept its peak's max: peak_fill is the fullest
+            # fill, which need not be the peak count's, so this max is a guess.
             cands.append((inc_peak, int(round(inc_peak / fill))))
         return max(cands, key=lambda c: (c[0], 1 if c[1] else 0, -c[1]))
 
@@ -364,13 +382,13 @@ def facts(data: BundleData) -> Facts:
         why = str(a.get("reason", ""))
         if "attack-shaped growth" in why:
             guard = why[why.index("attack-shaped growth"):].split(";")[0]
-        elif a.get("clipped") == "guard" or "[guard] ceiling" in why:
+        elif a.get("clipped_by", a.get("clipped")) == "guard" or "[guard] ceiling" in why:
             guard = guard or "growth held at [guard] ceiling"
         for cleared_by in ("an outage, not an attack", "not a spoofed flood"):     # decide.judge's words
             if cleared_by in why and not cleared:
                 cleared = why[why.index(cleared_by):].split(";")[0]
-        if a.get("kind") == "Refuse" and not any(_int(r.get("new")) == _int(a.get("wanted")) for r in refusals):
-            refusals.append({"kind": "refusal", "reason": a.get("refused_by", a.get("binding", "")),
+        if action_name(a) == "Refuse" and not any(_int(r.get("new")) == _int(a.get("wanted")) for r in refusals):
+            refusals.append({"kind": "refusal", "reason": refusal_bound(a),
                              "old": a.get("current"), "new": a.get("wanted"), "text": why})
     if not guard:
         for e in events:
@@ -1166,7 +1184,8 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     """One paragraph: what filled which namespace, how fast, what ctguard did, what the kernel dropped."""
     f = facts(data)
     found = diagnose(data) if findings is None else findings
-    if not found:
+    warn = float(_policy_value(data.policy, "thresholds", "warn", HEALTHY_FILL))
+    if not found and healthy(f, warn):
         if f.entries == 0 and f.count == 0 and not f.series:
             return "The table was empty when this bundle was taken: nothing to explain."
         max_txt = f" of a max of {_n(f.max)}" if f.max else ""
@@ -1235,7 +1254,15 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     if _open(f):
         parts.append(f"Incident {f.incident.get('id', '')} was still open when this bundle was taken: later "
                      "bundles of it (`ctguard bundles list`) show how it went on.")
-    parts.append(f"Top finding: {found[0].summary}.")
+    if found:
+        parts.append(f"Top finding: {found[0].summary}.")
+    else:
+        # Not healthy, yet nothing in the dump names a cause: the entries left before the capture
+        # (an incident's end, once they expired). Its earlier bundles hold them.
+        parts.append(f"No finding names a cause: the table held {_n(max(f.count, f.entries))} entries when this "
+                     "bundle was taken"
+                     + (f"; the earlier bundles of {f.incident.get('id', 'this incident')} (`ctguard bundles list`) "
+                        "show what filled it." if f.incident else "."))
     return " ".join(parts)
 
 

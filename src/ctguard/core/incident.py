@@ -50,13 +50,21 @@ def duration(inc: Incident) -> float:
     return inc.ended.since(inc.started) if inc.ended is not None else 0.0
 
 
+def peak_text(peak_fill: float, peak_count: int, peak_max: int) -> str:
+    """The incident's peaks as `status` and the journal say them: the fullest fill, and the
+    largest count with the max in force when it was seen (what a bundle's verdict states as its
+    peak). The two differ once a bump raised the max between them."""
+    then = f" ({peak_count / peak_max:.1%} of max {peak_max} then)" if peak_max else ""
+    return f"peak fill {peak_fill:.1%}, peak {peak_count} entries{then}"
+
+
 def end_message(inc: Incident) -> str:
     bumps = f"{inc.bumps} bump(s), max {inc.max_at_start} -> {inc.max_now}" if inc.bumps else f"no bump (max {inc.max_now})"
     rate = f", sized on up to {inc.rate:.0f}/s" if inc.rate > 0 else ""
     refused = f", {inc.refusals} refused" if inc.refusals else ""
     bundles = f"; bundles: {', '.join(inc.bundles)}" if inc.bundles else ""
     return (f"conntrack incident {inc.id} in {where(inc.name, inc.unit, inc.netns)} ended after "
-            f"{duration(inc):.0f} s: peak fill {inc.peak_fill:.1%} ({inc.peak_count} entries), "
+            f"{duration(inc):.0f} s: {peak_text(inc.peak_fill, inc.peak_count, inc.peak_max)}, "
             f"{inc.drops} drops, {inc.early_drops} early drops, {inc.table_full_lines} table-full lines; "
             f"{bumps}{rate}{refused}{bundles}"
             + (f"; attack-shaped (the guard: {inc.attack}): left out of the persisted sizing" if inc.attack else ""))
@@ -79,7 +87,7 @@ def summary(inc: Incident) -> dict:
     return {
         "id": inc.id, "started": inc.started.wall, "ended": inc.ended.wall if inc.ended else None,
         "netns": inc.netns, "name": inc.name, "unit": inc.unit, "peak_fill": round(inc.peak_fill, 6),
-        "peak_count": inc.peak_count, "drops": inc.drops, "early_drops": inc.early_drops,
+        "peak_count": inc.peak_count, "peak_max": inc.peak_max, "drops": inc.drops, "early_drops": inc.early_drops,
         "table_full_lines": inc.table_full_lines, "bumps": inc.bumps, "refusals": inc.refusals,
         "max_at_start": inc.max_at_start, "max_now": inc.max_now, "rate": round(inc.rate, 1),
         "bundles": list(inc.bundles), "attack": inc.attack,

@@ -322,6 +322,9 @@ class Incident:
     max_at_start: int = 0
     peak_fill: float = 0.0
     peak_count: int = 0             # highest count of the worst namespace
+    # nf_conntrack_max in force when peak_count was sampled (0: not known, a state file written
+    # before it was kept): the peak every view states is that count against that max (issue 24).
+    peak_max: int = 0
     drops: int = 0                  # kernel `drop` counters, all namespaces, during it
     early_drops: int = 0            # kernel `early_drop` counters (entries evicted to make room)
     table_full_lines: int = 0       # the kernel's `table full` lines (+ those it suppressed)

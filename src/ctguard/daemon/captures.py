@@ -31,11 +31,21 @@ log = logging.getLogger(__name__)
 FINISHED_KEPT = 32          # finished captures remembered for `ctguard capture` asking about its pid
 
 
+ACTION_KEY = "action"    # the class of an action in the decision file (the recorder's events say it so too)
+
+
 def jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
+    """A decision's actions as JSON: each dataclass's fields, its class under ACTION_KEY.
+
+    The class goes under a key of its own because actions have a `kind` field of their own
+    (Refuse.kind: the bound that refused, Warn.kind); bundles written before kept the class
+    name in `kind` and lost that field, which readers still accept (core.diagnose.action_name)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
         d = {k: jsonable(v) for k, v in asdict(obj).items()}
-        d["kind"] = type(obj).__name__
+        d[ACTION_KEY] = type(obj).__name__
         return d
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [jsonable(x) for x in obj]
     if isinstance(obj, Path):

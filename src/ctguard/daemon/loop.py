@@ -254,8 +254,10 @@ class Daemon:
         self.reporter.outcomes(outcomes, self.history.incident, self.policy.observe_only)
         if ended is not None:
             self.reporter.incident_ended(ended)
-            # The end of an incident gets its own bundle: the whole incident's timeline and its peak.
-            self.captures.queue(Capture("incident-end", ended.netns), decision, incident_text.summary(ended))
+            # The end of an incident gets its own bundle: the whole incident's timeline and its peak
+            # (within [evidence] incident_captures: 1 keeps the first bundle only).
+            if self.recorder.capture_allowed("incident-end", self.policy.evidence.incident_captures):
+                self.captures.queue(Capture("incident-end", ended.netns), decision, incident_text.summary(ended))
         self.persistwatch.after_turn(sample, outcomes)
         # While the kernel rehashes, an fsync waits for it (ctguard.daemon.resize): files wait too.
         rehashing = self.resizer.running()

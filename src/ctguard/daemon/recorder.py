@@ -227,8 +227,10 @@ class FlightRecorder:
     def capture_allowed(self, reason: str, per_incident: int) -> bool:
         """At most `per_incident` bundles per incident: the first one, one for each moment it got
         worse (a bump refused at a bound, the first drops, relief: each once), and one kept for
-        its end."""
-        if reason == "incident-end" or self.incident is None:
+        its end (1: the first only)."""
+        if reason == "incident-end":
+            return per_incident > 1
+        if self.incident is None:
             return True
         if self.incident_captures >= max(1, per_incident - 1):
             return False

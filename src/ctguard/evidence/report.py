@@ -314,7 +314,7 @@ def render(path: Path, data: BundleData) -> str:
     if found:
         body += [f'<p class="story"><b>The cause:</b> {_e(found[0].summary)}. <b>Do:</b> {_e(found[0].action)}</p>']
     body += [lead_chart(data), f'<p class="note">{_e(role_sentence(facts(data)))}</p>', "<h2>Findings</h2>"]
-    body += [_finding_html(x) for x in found] or ['<p>None: nothing in this bundle needs explaining.</p>']
+    body += [_finding_html(x) for x in found] or ['<p>None: no rule matched this bundle; the verdict says what it holds.</p>']
     body.append("<h2>Timeline</h2>")
     body += charts(data)
     body.append("<h2>What the table held at capture</h2>")

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ctguard.core.diagnose import BundleData, Finding, diagnose, facts, verdict
+from ctguard.core.diagnose import BundleData, Finding, action_name, diagnose, facts, refusal_bound, verdict
 from ctguard.core.spark import spark
 from ctguard.evidence import bundle as bundle_mod
 from ctguard.evidence.bundle import BundleError, bundle_path
@@ -105,12 +105,14 @@ def decision_sentences(decision: Mapping[str, Any] | None) -> list[str]:
     for a in decision.get("actions", []) or []:
         if not isinstance(a, Mapping):
             continue
-        kind = a.get("kind")
+        kind = action_name(a)
         if kind == "SetMax":
             out.append(f"ctguard raised nf_conntrack_max from {int(a.get('old', 0)):,} to {int(a.get('new', 0)):,} "
                        f"(trigger: {a.get('trigger')}) because {a.get('reason')}.")
         elif kind == "Refuse":
-            out.append(f"ctguard did not raise nf_conntrack_max to {int(a.get('wanted', 0)):,}: {a.get('reason')}.")
+            bound = refusal_bound(a)
+            out.append(f"ctguard did not raise nf_conntrack_max to {int(a.get('wanted', 0)):,}"
+                       + (f" (refused by the {bound})" if bound else "") + f": {a.get('reason')}.")
         elif kind == "SetBuckets":
             out.append(f"It resized the hash buckets from {int(a.get('old', 0)):,} to {int(a.get('new', 0)):,}.")
         elif kind == "Persist":
@@ -320,7 +322,7 @@ def evidence_rows(evidence: Mapping[str, Any]) -> list[tuple[str, str, list[tupl
 
 def finding_lines(found: Sequence[Finding]) -> list[str]:
     if not found:
-        return ["Findings: none (nothing in this bundle needs explaining)"]
+        return ["Findings: none (no rule matched this bundle; the verdict says what it holds)"]
     lines = ["Findings:"]
     for f in found:
         lines.extend(_wrap(f"{f.severity.upper()} {f.id}: {f.summary}", "  "))

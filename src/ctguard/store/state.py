@@ -38,6 +38,7 @@ def _incident_json(i: Incident | None) -> dict | None:
         return None
     return {"started": _instant_json(i.started), "netns": i.netns, "name": i.name, "unit": i.unit,
             "max_at_start": i.max_at_start, "peak_fill": i.peak_fill, "peak_count": i.peak_count,
+            "peak_max": i.peak_max,
             "drops": i.drops, "early_drops": i.early_drops, "table_full_lines": i.table_full_lines,
             "bumps": i.bumps, "refusals": i.refusals, "max_now": i.max_now, "rate": i.rate,
             "bundles": list(i.bundles), "loss_base": [list(x) for x in i.loss_base],
@@ -53,6 +54,7 @@ def _incident(d: dict | None) -> Incident | None:
         netns=None if d.get("netns") is None else int(d["netns"]), name=str(d.get("name", "")),
         unit=str(d.get("unit", "")), max_at_start=int(d.get("max_at_start", 0)),
         peak_fill=float(d.get("peak_fill", 0.0)), peak_count=int(d.get("peak_count", 0)),
+        peak_max=int(d.get("peak_max", 0)),
         drops=int(d.get("drops", 0)), early_drops=int(d.get("early_drops", 0)),
         table_full_lines=int(d.get("table_full_lines", 0)), bumps=int(d.get("bumps", 0)),
         refusals=int(d.get("refusals", 0)), max_now=int(d.get("max_now", 0)), rate=float(d.get("rate", 0.0)),

@@ -4,6 +4,8 @@ each once per incident, bounded by [evidence] incident_captures (ctguard.daemon.
 
 from __future__ import annotations
 
+import pytest
+
 from ctguard.config import policy as policy_mod
 from ctguard.core.decide import decide
 from ctguard.core.model import (
@@ -106,3 +108,50 @@ def test_relief_shortening_a_timeout_is_captured_once() -> None:
     taken = h.incident.bundles + ("20260101T000009Z-relief",)
     again = decide(policy, s, _replace(h, incident=_replace(h.incident, bundles=taken)), at(9))
     assert "relief" not in captures(again)
+
+
+def test_relief_that_entered_beside_another_capture_gets_its_bundle_once_the_gap_allows() -> None:
+    # Relief entered in the turn of the refusal's bundle (one capture a turn): its moment waits
+    # for the gap, then is taken while the incident has no relief bundle; relief active from
+    # before the incident began is not this incident's moment.
+    from dataclasses import replace as _replace
+
+    from ctguard.core.model import ReliefState, Relieved
+
+    policy = policy_mod.loads('[bump]\nceiling = 1048576\ncooldown = 60\n[relief]\nmode = "enforce"\n', "t.toml")
+    calm = sample(9, 1 << 20, 3000)        # no trigger, no drop: only relief's moment is in question
+    taken = ("20260101T000000Z-bump", "20260101T000001Z-refused-ceiling")
+    relieved = Relieved(NS, "gw", "udp", 30, 10, at(1))
+    h = _replace(history(refusals=1, last_capture=1.0, bundles=taken), relief=ReliefState(active=(relieved,)))
+    assert "relief" not in captures(decide(policy, calm, h, at(3))), "inside the gap"
+    assert "relief" in captures(decide(policy, calm, h, at(9)))
+    done = _replace(h, incident=_replace(h.incident, bundles=taken + ("20260101T000009Z-relief",)))
+    assert "relief" not in captures(decide(policy, calm, done, at(15))), "once"
+    before = _replace(h, relief=ReliefState(active=(_replace(relieved, since=at(-100)),)))
+    assert "relief" not in captures(decide(policy, calm, before, at(9))), "relief of an earlier incident"
+
+
+@pytest.mark.parametrize("per_incident", [1, 2, 3, 5, 7])
+def test_an_incident_of_many_bumps_takes_at_most_incident_captures_bundles(per_incident: int) -> None:
+    # Issue 21 item 4: each bundle dumps the whole table once (bounded by [evidence] budget);
+    # an incident of 30 bumps, each asking for a bundle, with every worse moment on the way,
+    # takes at most [evidence] incident_captures bundles, its end included, never one a bump.
+    r = FlightRecorder()
+    taken = []
+    moments = {3: "refused-ceiling", 6: "drops-began", 9: "relief", 12: "refused-guard", 15: "drops-began"}
+    for i in range(30):
+        reason = moments.get(i, "bump")
+        outs = [Outcome(SetMax(4096 << i, 8192 << i, "fill", NS, 0.9, "x"), True, read_back=8192 << i)]
+        if r.capture_allowed(reason, per_incident):
+            outs.append(Outcome(Capture(reason, NS), True, "capture queued"))
+            taken.append(reason)
+        r.turn(sample(1000 + i, 8192 << i, 3900), True, outs, [], incident="incident-1000")
+    if r.capture_allowed("incident-end", per_incident):
+        taken.append("incident-end")
+    assert len(taken) <= per_incident, taken
+    assert taken[0] == "bump", "the first bump's bundle is always taken"
+    if per_incident >= 2:
+        assert taken[-1] == "incident-end", taken
+    if per_incident >= 5:
+        assert {"refused-ceiling", "drops-began", "relief"} <= set(taken), "each worse moment once"
+        assert taken.count("drops-began") == 1 and "refused-guard" not in taken, taken

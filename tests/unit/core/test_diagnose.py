@@ -145,6 +145,12 @@ CASES: dict[str, tuple[BundleData, set[str], set[str]]] = {
         bundle(entries=3800, protos={"udp": 3800}, dports=rows([("udp/53", 3500)]), nat={"dnat": 1},
                timeline=BUMPED),
         set(), {"no-track-candidate"}),
+    "one destination most flows go to, no cause": (
+        bundle(entries=4000, protos={"tcp": 4000}, states={"ESTABLISHED": 4000},
+               sources=rows([(f"10.0.0.{i}", 200) for i in range(20)]),
+               dests=rows([("10.5.0.9", 3500), ("10.5.0.10", 500)]), dports=rows([("tcp/443", 4000)]),
+               timeline=BUMPED),
+        {"top-destination-dominant"}, {"top-source-dominant", "tcp-time-wait-churn", "tcp-syn-sent-dominant"}),
     "no dominant talker": (
         bundle(entries=3900, protos={"udp": 2000, "tcp": 1900},
                sources=rows([(f"10.0.0.{i}", 20) for i in range(20)]),

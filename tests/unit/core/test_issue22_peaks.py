@@ -66,3 +66,40 @@ def _bundle(dump: int, series_peak: int) -> BundleData:
 ])
 def test_the_verdict_peak_counts_the_dump(name, dump, series_peak, said):
     assert said in verdict(_bundle(dump, series_peak)), name
+
+
+def test_the_incident_keeps_the_max_in_force_at_its_peak_and_the_verdict_and_status_say_it():
+    # Issue 24: 3,600 of 4,096 (88%) is the fullest fill, 20,000 under the raised 24,576 the
+    # largest count; the max at that peak is 24,576, not 20,000 / 88% (22,756).
+    from ctguard.store.state import history_from_json, history_to_json
+
+    p = policy_mod.loads("", "t.toml")
+    h = History()
+    for t, mx, count, bump_to in [(0, 4096, 3159, None), (0.1, 4096, 3600, 24576), (0.2, 24576, 20000, None),
+                                  (0.3, 24576, 20000, None), (0.4, 24576, 12000, None)]:
+        outs = [Outcome(SetMax(mx, bump_to, "fill", 1, count / mx, "bump"), True, read_back=bump_to)] if bump_to else []
+        h = advance(h, smp(t, mx, count), (), outs, at(t), p)
+    assert (h.incident.peak_count, h.incident.peak_max) == (20000, 24576)
+    assert history_from_json(history_to_json(h)).incident.peak_max == 24576, "kept in the state file"
+    summary = incident_text.summary(h.incident)
+    assert summary["peak_max"] == 24576
+    said = "peak 20000 entries (81.4% of max 24576 then)"
+    assert said in incident_text.peak_text(summary["peak_fill"], summary["peak_count"], summary["peak_max"])
+    # A bundle whose own window missed the peak states the incident's, against that max.
+    data = _bundle(1000, 3900)
+    data = BundleData({**data.manifest, "incident": summary}, data.evidence, data.timeline, {})
+    assert "20,000 entries at its peak, 81% of the max of 24,576 in force then" in verdict(data)
+
+
+def test_an_end_bundle_whose_entries_expired_is_not_called_healthy():
+    # Seen in the kernel test: the incident's end bundle, its dump empty (the UDP entries had
+    # expired), was "Healthy ... with no action by ctguard" beside a bump in its own timeline.
+    data = _bundle(0, 6000)
+    ev = {**data.evidence, "table": {**data.evidence["table"], "by_proto": {}},
+          "sysctl": {"sysctl": {"nf_conntrack_count": "0", "nf_conntrack_max": "8192"}, "hashsize": 8192}}
+    data = BundleData({**data.manifest, "incident": {"id": "incident-1000", "started": 1000.0, "ended": 1040.0}},
+                      ev, data.timeline, {})
+    said = verdict(data)
+    assert not said.startswith("Healthy") and "no action by ctguard" not in said, said
+    assert "6,000 entries at its peak" in said and "(1 bump)" in said, said
+    assert "No finding names a cause" in said and "earlier bundles of incident-1000" in said, said
