@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from ctguard.core.model import (
     Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
-    Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, TableShape, Trigger, Warn,
+    RefusalMark, Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, TableShape, Trigger, Warn,
 )
 from ctguard.core.sizing import DECAY_EVERY, DECAY_MIN_MINUTES, GROWTH_COVER, Advice, BumpSize, advice, bump_size, entry_bytes, kernel_default_buckets, \
     kernel_default_max, kernel_ratio, round_up
-from ctguard.core import relief
+from ctguard.core import refusals, relief
 
 if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a file
     from ctguard.config.policy import Policy
@@ -301,6 +301,10 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
         action = _bump_or_refuse(policy, limits, history, now, trigger, why, netns, fill,
                                  worst.count if worst else 0, size_rate, attack, lost,
                                  _urgent(policy, sample, history, fill, size_rate))
+        if isinstance(action, Refuse) and action.kind != "cooldown":
+            # Refused again on every sample while the table stays at the bound: one refused bump.
+            action = replace(action, repeat=refusals.repeats(
+                history.last_refusal, action.kind, action.current, now.boot, refusals.repeat_window(policy.bump.cooldown)))
         actions.append(action)
         if isinstance(action, SetMax):
             bumped_to = action.new
@@ -780,7 +784,7 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
         "bumps": inc.bumps + sum(1 for o in outcomes if o.ok and isinstance(o.action, SetMax)
                                  and o.action.trigger not in ("manual", "reapply")),
         "refusals": inc.refusals + sum(1 for o in outcomes if isinstance(o.action, Refuse)
-                                       and o.action.kind != "cooldown" and o.action.trigger != "manual"),
+                                       and refusals.counted(o.action) and o.action.trigger != "manual"),
         "rate": max([inc.rate] + [o.action.rate for o in outcomes if o.ok and isinstance(o.action, SetMax)]),
         "attack": inc.attack or _attack_of(outcomes),
     }
@@ -871,10 +875,12 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
             changes["last_capture"] = now
         elif isinstance(a, Warn) and a.kind == "pressure":
             changes["last_warn"] = now
-        elif isinstance(a, Refuse) and a.kind != "cooldown":
+        elif isinstance(a, Refuse) and refusals.counted(a):
             counts = dict(changes.get("refusals", h.refusals))
             counts[a.kind] = counts.get(a.kind, 0) + 1
             changes["refusals"] = tuple(sorted(counts.items()))
+            if a.trigger != "manual":   # an operator's command is its own refusal, never a repeat
+                changes["last_refusal"] = RefusalMark(now.boot, a.kind, a.current)
     # Keep what budget, cooldown and `status` need: the last hour and at least the last 20.
     keep = [b for b in bumps if now.since(b.at) < HOUR]
     changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)

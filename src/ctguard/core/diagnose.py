@@ -33,6 +33,7 @@ from typing import Any
 
 from ctguard.core.decide import shape_judgement
 from ctguard.core.model import TableShape
+from ctguard.core.refusals import distinct, repeat_window
 from ctguard.core.sizing import EXTENSION_BYTES, HASH_HEAD_BYTES
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
@@ -373,7 +374,8 @@ def facts(data: BundleData) -> Facts:
     udp_ports = frozenset(_int(p) for p in listen.get("udp_ports", []) or []) if "udp_ports" in listen else None
     tcp_ports = frozenset(_int(p) for p in listen.get("tcp_ports", []) or []) if "tcp_ports" in listen else None
     events = tuple(e for e in tl.get("events", []) if isinstance(e, Mapping))
-    refusals = [e for e in events if e.get("kind") == "refusal"]
+    # One per refused bump (core.refusals), also in bundles of a version that recorded one per sample.
+    refusals = distinct(events, repeat_window(_float(_policy_value(data.policy, "bump", "cooldown", 30.0), 30.0)))
     decision = m.get("decision", {}) or {}
     guard = cleared = ""
     for a in (decision.get("actions", []) or []) if isinstance(decision, Mapping) else []:
@@ -387,7 +389,12 @@ def facts(data: BundleData) -> Facts:
         for cleared_by in ("an outage, not an attack", "not a spoofed flood"):     # decide.judge's words
             if cleared_by in why and not cleared:
                 cleared = why[why.index(cleared_by):].split(";")[0]
-        if action_name(a) == "Refuse" and not any(_int(r.get("new")) == _int(a.get("wanted")) for r in refusals):
+        # The decision's refusal is one the timeline holds when a recorded refusal has its bound
+        # and max (the wanted size moves every sample: core.refusals).
+        if action_name(a) == "Refuse" and a.get("kind") != "cooldown" and not any(
+                _int(r.get("new")) == _int(a.get("wanted"))
+                or (str(r.get("reason")) == refusal_bound(a) and _int(r.get("old")) == _int(a.get("current")))
+                for r in refusals):
             refusals.append({"kind": "refusal", "reason": refusal_bound(a),
                              "old": a.get("current"), "new": a.get("wanted"), "text": why})
     if not guard:
@@ -1219,7 +1226,7 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     lead = f"{', '.join(what)} filled {where}" if what else f"The table of {where} filled"
     parts.append(f"{lead}: {size}.")
     bumps = [e for e in f.events if e.get("kind") == "bump"]
-    refusals = [e for e in f.events if e.get("kind") == "refusal"]
+    refusals = f.refusals
     if bumps:
         steps = [_int(bumps[0].get("old"))] + [_int(b.get("new")) for b in bumps]
         parts.append(f"ctguard raised nf_conntrack_max {' -> '.join(_n(s) for s in steps)} "

@@ -203,6 +203,18 @@ class Refuse:
     netns: int | None
     fill: float
     reason: str
+    # The same refused bump as the last one counted (same bound, same max, within the bump
+    # cooldown: core.refusals): status shows it, the journal, metrics and incident do not count it again.
+    repeat: bool = False
+
+
+@dataclass(frozen=True)
+class RefusalMark:
+    """The last refused bump that was counted (core.refusals.repeats compares with it)."""
+
+    at: float                       # seconds (boot time in the daemon, wall time in a timeline)
+    kind: str
+    current: int                    # the max it was refused at
 
 
 @dataclass(frozen=True)
@@ -329,7 +341,7 @@ class Incident:
     early_drops: int = 0            # kernel `early_drop` counters (entries evicted to make room)
     table_full_lines: int = 0       # the kernel's `table full` lines (+ those it suppressed)
     bumps: int = 0                  # bumps made
-    refusals: int = 0               # bumps refused (ceiling, memory, budget, guard)
+    refusals: int = 0               # bumps refused (ceiling, memory, budget, guard), each once (core.refusals)
     max_now: int = 0                # nf_conntrack_max at the last sample
     rate: float = 0.0               # the highest rate a bump of this incident was sized with
     bundles: tuple[str, ...] = ()   # evidence bundles captured during it
@@ -413,7 +425,8 @@ class History:
     recorded_minutes: int = 0                 # minutes recorded in sizing.PEAK_WINDOW
     recorded_attack_minutes: int = 0          # of them, attack-shaped (left out of the two above)
     persisted_at: Instant | None = None       # when ctguard last wrote the persisted sizing
-    refusals: tuple[tuple[str, int], ...] = ()  # refused decisions by reason, cooldown aside (a counter for metrics; survives restarts)
+    refusals: tuple[tuple[str, int], ...] = ()  # refused bumps by reason, cooldown and repeats aside (a counter for metrics; survives restarts)
+    last_refusal: RefusalMark | None = None     # the last counted automatic refusal (core.refusals)
 
     def with_(self, **changes) -> "History":
         return replace(self, **changes)

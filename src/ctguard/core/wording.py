@@ -44,8 +44,8 @@ def nowhere(_inode: int | None) -> tuple[str, dict[str, str]]:
 
 def entry(o: Outcome, where: Where = nowhere, incident: str | None = None,
           observe_only: bool = False) -> Entry | None:
-    """The entry for one outcome, or None when it is not journaled (a cooldown refusal, a
-    pending resize, a relief action that did nothing worth saying)."""
+    """The entry for one outcome, or None when it is not journaled (a cooldown refusal, a repeated
+    refusal, a pending resize, a relief action that did nothing worth saying)."""
     a = o.action
     if o.pending:
         return Entry("log", o.detail, priority=6)
@@ -59,8 +59,8 @@ def entry(o: Outcome, where: Where = nowhere, incident: str | None = None,
                          dict(CTGUARD_OLD_MAX=a.old, CTGUARD_NEW_MAX=o.read_back or a.new, CTGUARD_REASON=a.reason))
         return Entry("bump-failed", f"buckets not resized: {o.detail}", dict(CTGUARD_REASON="buckets"))
     if isinstance(a, Refuse):
-        if a.kind == "cooldown":
-            return None
+        if a.kind == "cooldown" or a.repeat:
+            return None     # a wait, or the refusal already journaled (core.refusals): said once
         in_ns, ns_fields = where(a.netns)
         return Entry("refused", f"bump refused ({a.kind}){in_ns}: {a.reason}",
                      dict(CTGUARD_NETNS=a.netns or "", CTGUARD_FILL=f"{a.fill:.4f}", CTGUARD_OLD_MAX=a.current,

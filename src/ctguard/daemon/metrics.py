@@ -83,7 +83,7 @@ def render(sample: Sample, history: History, ceiling: int, budget_left: int | No
     out.append(f"ctguard_bumps_total {history.bumps_total}\n")
     head("ctguard_table_full_events_total", "counter", "Kernel 'table full' lines seen in the journal.")
     out.append(f"ctguard_table_full_events_total {history.table_full_events}\n")
-    head("ctguard_refusals_total", "counter", "Bumps ctguard decided it may not make, by reason (one per refused decision).")
+    head("ctguard_refusals_total", "counter", "Bumps ctguard may not make, by reason (one per refused bump, not per sample refused).")
     counted = dict(history.refusals)
     for reason in sorted({*REFUSAL_REASONS, *counted}):
         out.append(f'ctguard_refusals_total{{reason="{_label(reason)}"}} {counted.get(reason, 0)}\n')

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ctguard.core.decide import WORSENING_CAPTURES, WORSENING_MOMENTS
+from ctguard.core import refusals
 from ctguard.core.model import Capture, Outcome, Refuse, Sample, SetBuckets, SetMax, TableFull
 
 WINDOW = 900.0              # seconds of history kept
@@ -191,7 +192,7 @@ class FlightRecorder:
                 else:
                     self.note(now, "bump-failed", o.detail, a.netns, old=a.old, new=a.new)
             elif isinstance(a, Refuse):
-                if a.kind == "cooldown":
+                if not refusals.counted(a):     # a wait, or the same refused bump again
                     continue
                 self.note(now, "refusal", f"{a.kind}: wanted {a.wanted}, max {a.current}", a.netns,
                           old=a.current, new=a.wanted, reason=a.kind)
