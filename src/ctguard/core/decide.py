@@ -236,10 +236,33 @@ def _urgent(policy: Policy, sample: Sample, history: History, fill: float, rate:
     return None
 
 
+def attribute_lines(policy: Policy, sample: Sample, history: History,
+                    events: Sequence[TableFull]) -> tuple[TableFull, ...]:
+    """The kernel's table-full lines of this turn, each marked `unattributed` unless a sampled
+    namespace shows it: the one it names (any, for a line that names none) dropped since the
+    last sample or sits at `thresholds.warn` or above.
+
+    The kernel counts `drop` in the namespace before it prints the line, and the line reaches
+    ctguard before the sample of its turn is read, so a line of this moment shows in a counter
+    or a full table (a line journald handed over late may have had its drop counted by the
+    sample before, which acted on that counter then). A line that shows nowhere is another namespace's (another
+    tenant's, a test's, a gone namespace whose inode a new one reuses) or an old one that
+    journald handed over late: acting on it bumps a table that is not full, and `status` said
+    "table full 8 s ago" (CRITICAL) with 0 drops in the lab's dead-upstream run (issue 24)."""
+    before = dict(history.drops)
+    showing = {ns.inode for ns in sample.namespaces
+               if ns.drops > before.get(ns.inode, ns.drops) or sample.fill(ns) >= policy.thresholds.warn}
+    out = []
+    for e in events:
+        seen = bool(showing) if e.netns is None else e.netns in showing
+        out.append(e if e.backlog or seen else replace(e, unattributed=True))
+    return tuple(out)
+
+
 def _trigger(policy: Policy, sample: Sample, history: History, events: Sequence[TableFull],
              fill: float, rate: float) -> tuple[Trigger | None, str]:
     t = policy.thresholds
-    live = [e for e in events if not e.backlog]
+    live = [e for e in events if e.live]
     if live:
         where = f" in netns {live[0].netns}" if live[0].netns else ""
         return "table-full", f"the kernel reported the table full{where}"
@@ -272,7 +295,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     fill = sample.worst_fill
     rate, ref_age = current_rate(history, sample, worst_inode) if worst_inode is not None else (0.0, math.inf)
     # A table-full line names its namespace; trust it over the sample for which one is worst.
-    event_ns = next((e.netns for e in events if not e.backlog and e.netns), None)
+    event_ns = next((e.netns for e in events if e.live and e.netns), None)
     netns = event_ns or worst_inode
     actions: list[Action] = []
     limits = sample.limits
@@ -324,7 +347,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
 
     for e in events:
-        if not e.backlog:
+        if e.live:
             actions.append(Warn("table-full", e.netns, fill, "the kernel reported: table full, dropping packet"))
             break
 
@@ -745,7 +768,7 @@ def decide_start(policy: Policy, limits: KernelLimits, persisted_max: int | None
 def _active(policy: Policy, sample: Sample | None, events: Sequence[TableFull], acted: bool) -> bool:
     """Does this turn keep an incident going (or start one)?"""
     hot = sample is not None and sample.worst_fill >= policy.thresholds.warn
-    return hot or acted or any(not e.backlog for e in events)
+    return hot or acted or any(e.live for e in events)
 
 
 def _calm_for(incident: Incident, now: Instant) -> float:
@@ -778,7 +801,7 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
                        loss_base=h.lost, last_active=now,
                        sizing_base=h.sizing_peak)
     changes: dict = {}
-    live = [e for e in events if not e.backlog]
+    live = [e for e in events if e.live]
     upd: dict = {
         "table_full_lines": inc.table_full_lines + len(live) + sum(e.suppressed for e in live),
         "bumps": inc.bumps + sum(1 for o in outcomes if o.ok and isinstance(o.action, SetMax)
@@ -886,7 +909,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
     changes["bumps"] = tuple(bumps[-20:] if len(keep) < 20 else keep)
 
     changes["relief"] = relief.advance(h.relief, h, sample, outcomes, now, policy)
-    live_events = [e for e in events if not e.backlog]
+    live_events = [e for e in events if e.live]
     if live_events:
         changes["last_drop"] = now
         changes["table_full_events"] = h.table_full_events + len(events) + sum(e.suppressed for e in events)

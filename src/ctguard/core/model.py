@@ -166,6 +166,15 @@ class TableFull:
     netns: int | None               # inode from "table full in netns N", None for older wordings
     suppressed: int = 0             # from "net_ratelimit: N callbacks suppressed"
     backlog: bool = False           # written while ctguard was down: history, not an emergency
+    # No sampled namespace shows it (decide.attribute_lines): the namespace it names is not one
+    # ctguard samples (another tenant's, or a gone namespace whose inode was reused), or none
+    # dropped nor sits near its max. Counted as a line the kernel wrote, never acted on.
+    unattributed: bool = False
+
+    @property
+    def live(self) -> bool:
+        """A line of this moment in a namespace ctguard guards: acted on, an incident's, `status`'s."""
+        return not self.backlog and not self.unattributed
 
 
 Trigger = Literal["fill", "growth", "table-full", "drops", "manual", "reapply"]

@@ -30,7 +30,7 @@ from ctguard.core import incident as incident_text
 from ctguard.core import relief as relief_core
 from ctguard.core import ticks, wording
 from ctguard.core.decide import (
-    advance, decide, decide_start, incident_changes, next_interval, note_bundle,
+    advance, attribute_lines, decide, decide_start, incident_changes, next_interval, note_bundle,
     upper_bound,
 )
 from ctguard.core.model import Capture, Decision, History, Outcome, Sample, TableFull
@@ -219,6 +219,14 @@ class Daemon:
             self._start(sample)
         if self.resizer.busy():
             sample = replace(sample, resizing=self.resizer.target)
+        if kernel_events:
+            # Only a line some sampled namespace shows is this moment's (decide.attribute_lines).
+            kernel_events = list(attribute_lines(self.policy, sample, self.history, kernel_events))
+            elsewhere = [e for e in kernel_events if e.unattributed]
+            if elsewhere:
+                log.info("%d kernel table-full line(s) (netns %s) shown by no sampled namespace (no drop, "
+                         "none near its max): counted, not acted on", len(elsewhere),
+                         ", ".join(sorted({str(e.netns or "unnamed") for e in elsewhere})))
         sample, defended, note = self.persistwatch.before_decide(sample, now)
         if defended:
             self._fold(None, [], defended)
@@ -262,7 +270,7 @@ class Daemon:
         # While the kernel rehashes, an fsync waits for it (ctguard.daemon.resize): files wait too.
         rehashing = self.resizer.running()
         inc = self.history.incident
-        if self.peaks.observe(sample, sum(1 + e.suppressed for e in kernel_events if not e.backlog),
+        if self.peaks.observe(sample, sum(1 + e.suppressed for e in kernel_events if e.live),
                               inc.started.wall if inc is not None and inc.attack else None):
             self.saver.save_or_hold("peaks", lambda: self.store.save_peaks(self.peaks.peaks, self.peaks.hour), rehashing)
             self._note_p99()

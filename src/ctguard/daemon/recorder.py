@@ -180,7 +180,7 @@ class FlightRecorder:
         now = sample.at.wall
         # A turn in which ctguard acted or the kernel complained is kept whole, like pressure.
         busy = pressure or any(type(o.action).__name__ not in ("Warn", "Persist") for o in outcomes) or any(
-            not e.backlog for e in kernel_events)
+            e.live for e in kernel_events)
         self.record(sample, busy)
         captured = 0
         for o in outcomes:
@@ -210,7 +210,7 @@ class FlightRecorder:
                           getattr(a, "netns", None), ok=o.ok, action=type(a).__name__,
                           **({"advise": True} if getattr(a, "advise", False) else {}))
         for e in kernel_events:
-            if not e.backlog:
+            if e.live:
                 self.note(now, "kernel", "nf_conntrack: table full, dropping packet"
                           + (f" (+{e.suppressed} suppressed)" if e.suppressed else ""), e.netns)
         if incident != self.incident:

@@ -331,3 +331,22 @@ def test_backlog_is_bounded(monkeypatch) -> None:
     assert len(evs) <= 101
     assert sum(e.drops for e in evs) == 1000
     assert evs[-1].cursor == "c001001"
+
+
+@pytest.mark.parametrize("name, printed, same_boot, backlog", [
+    # The follower opens at CLOCK_MONOTONIC 200 with no cursor; journald hands each line over late.
+    ("printed 5 s before ctguard followed (the lab's arm before)", 195.0, True, True),
+    ("printed within the start-up slack", 199.5, True, False),
+    ("printed after", 201.0, True, False),
+    ("another boot's clock says nothing about now", 195.0, False, False),
+])
+def test_a_line_printed_before_following_began_is_history(monkeypatch, name, printed, same_boot, backlog) -> None:
+    import ctguard.host.journal as j
+
+    monkeypatch.setattr(j, "_current_boot_id", lambda: BOOT.hex if same_boot else uuid.UUID(int=8).hex)
+    entries: list[dict] = []
+    reader = FakeReader(entries)
+    f = j.JournalFollower(reader_factory=lambda: reader, watched_dirs=(), clock=lambda: 200.0)
+    entries.append(entry(1, FULL, src_mono=printed))
+    (ev,) = f.read_events()
+    assert ev.backlog is backlog, name
