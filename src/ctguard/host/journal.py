@@ -538,9 +538,11 @@ class JournalFollower:
         key = (boot_id, round(mono * 1e6), message)
         if key in self._seen:
             return  # already reported from the other source
-        if not backlog and boot_id and boot_id == self._boot_id and mono < self._opened - PRESTART_SLACK:
+        if (not backlog and source == "journal" and boot_id and boot_id == self._boot_id
+                and mono < self._opened - PRESTART_SLACK):
             # Printed before ctguard followed, read late (journald lags under a burst of kernel
-            # lines): the lab's arm before this one, not this moment (issue 24).
+            # lines): the lab's arm before this one, not this moment (issue 24). The kmsg tap
+            # starts at the end of the ring buffer: everything it reads is new.
             backlog = True
         self._seen[key] = None
         if len(self._seen) > DEDUP_KEEP:
