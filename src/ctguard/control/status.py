@@ -40,7 +40,11 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
     budget_left = budget_left_of(policy, history, now)
     fill = sample.worst_fill
     worst = sample.worst
-    recent_drop = history.last_drop is not None and now.since(history.last_drop) < RECENT_DROPS
+    recent_drop = history.last_packet_drop is not None and now.since(history.last_packet_drop) < RECENT_DROPS
+    # Entries evicted to make room (early_drop at warn) with no packet dropped: the table was at its
+    # max, the flows evicted were unanswered ones; said as such, not as "table full" (issue 24).
+    recent_evict = (not recent_drop and history.last_drop is not None
+                    and now.since(history.last_drop) < RECENT_DROPS)
     persisted = persist.read_persisted_max(policy.persist.sysctl_file)
     persisted_buckets = persist.read_persisted_buckets(policy.persist.sysctl_file, policy.persist.modprobe_file)
     due = persist_due_in(policy, history, now)
@@ -56,7 +60,10 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
     elif fill >= policy.thresholds.warn:
         problems.append((WARNING, f"fill {fill:.0%} above warn {policy.thresholds.warn:.0%}"))
     if recent_drop:
-        problems.append((CRITICAL, f"table full {now.since(history.last_drop):.0f} s ago"))  # type: ignore[arg-type]
+        problems.append((CRITICAL, f"table full {now.since(history.last_packet_drop):.0f} s ago"))  # type: ignore[arg-type]
+    elif recent_evict:
+        problems.append((WARNING, f"table at its max {now.since(history.last_drop):.0f} s ago: the kernel "  # type: ignore[arg-type]
+                                  "evicted unanswered entries to make room (early_drop), no packet dropped"))
     if lim.max >= upper:
         problems.append((WARNING, f"max {lim.max} is at the {binding} {upper}: no room left to bump"))
     if budget_left == 0:
@@ -117,6 +124,7 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "last_incident": incident_text.summary(history.last_incident) if history.last_incident else None,
         "table_full_events": history.table_full_events,
         "last_drop": history.last_drop.wall if history.last_drop else None,
+        "last_packet_drop": history.last_packet_drop.wall if history.last_packet_drop else None,
         "host_role": None if role is None else role.as_dict(),
         "relief": relieved,
         "relief_mode": policy.relief.mode,

@@ -912,6 +912,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
     live_events = [e for e in events if e.live]
     if live_events:
         changes["last_drop"] = now
+        changes["last_packet_drop"] = now
         changes["table_full_events"] = h.table_full_events + len(events) + sum(e.suppressed for e in events)
     elif events:
         changes["table_full_events"] = h.table_full_events + len(events) + sum(e.suppressed for e in events)
@@ -919,6 +920,8 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
     if sample is not None:
         if _new_drops(h, sample) > 0 or (_new_early(h, sample) > 0 and sample.worst_fill >= policy.thresholds.warn):
             changes["last_drop"] = now
+        if _new_drops(h, sample) > 0:
+            changes["last_packet_drop"] = now
         if h.incident is not None or changes.get("incident") is not None or h.unpersisted_max is not None \
                 or changes.get("unpersisted_max") is not None:
             # Peaks during an incident and after it, until the raised max is persisted: what persists is sized on.

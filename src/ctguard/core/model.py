@@ -411,7 +411,11 @@ class History:
     invalid: tuple[tuple[int, int], ...] = ()                             # last invalid counter per inode
     pressure_since: Instant | None = None
     last_warn: Instant | None = None
-    last_drop: Instant | None = None
+    last_drop: Instant | None = None         # last loss: packets dropped, or entries evicted (early_drop) at warn
+    # Last packet the kernel dropped (a `drop` counter moved, or a table-full line a sampled namespace
+    # shows): `status`'s CRITICAL "table full". An eviction alone is not one (issue 24: the dead-upstream
+    # lab's SYN_SENT entries evicted to make room, 0 packets dropped, read "table full").
+    last_packet_drop: Instant | None = None
     last_capture: Instant | None = None
     persisted_max: int | None = None
     persisted_buckets: int | None = None

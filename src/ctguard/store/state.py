@@ -72,6 +72,7 @@ def history_to_json(h: History) -> dict:
                   for b in h.bumps],
         "last_warn": _instant_json(h.last_warn),
         "last_drop": _instant_json(h.last_drop),
+        "last_packet_drop": _instant_json(h.last_packet_drop),
         "last_capture": _instant_json(h.last_capture),
         "persisted_max": h.persisted_max,
         "persisted_buckets": h.persisted_buckets,
@@ -109,6 +110,8 @@ def history_from_json(d: dict) -> History:
         bumps=bumps,
         last_warn=_instant(d.get("last_warn")),
         last_drop=_instant(d.get("last_drop")),
+        # A state file written before the two were told apart: its last loss may have been a drop.
+        last_packet_drop=_instant(d["last_packet_drop"] if "last_packet_drop" in d else d.get("last_drop")),
         last_capture=_instant(d.get("last_capture")),
         persisted_max=_opt_int(d.get("persisted_max")),
         persisted_buckets=_opt_int(d.get("persisted_buckets")),

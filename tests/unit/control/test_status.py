@@ -20,7 +20,8 @@ from helpers.builders import now, status_sample
         (8192, (100,), History(), 0),
         (8192, (100, 6000), History(), 1),
         (8192, (7000,), History(), 2),
-        (8192, (100,), History(last_drop=now(0)), 2),
+        (8192, (100,), History(last_drop=now(0), last_packet_drop=now(0)), 2),   # packets dropped: table full
+        (8192, (100,), History(last_drop=now(0)), 1),     # issue 24: entries evicted (early_drop), none dropped
         (65536, (100,), History(), 1),        # at the ceiling: no room left
     ],
 )
@@ -47,3 +48,16 @@ def test_status_on_a_terminal_has_bars_and_sparklines() -> None:
     assert "\x1b[33m" in text, "warning colour for a namespace above warn"
     assert "max 8192" in text
     assert status_cli.sparkline([], minute) == " " * 60
+
+
+@pytest.mark.parametrize("history, says, not_says", [
+    (History(last_drop=now(0), last_packet_drop=now(0)), "table full 10 s ago", "evicted"),
+    # The dead-upstream lab: SYN_SENT entries evicted to make room, 0 packets dropped (issue 24).
+    (History(last_drop=now(0)), "table at its max 10 s ago: the kernel evicted unanswered entries", "table full"),
+    (History(last_drop=now(-400)), "", "table"),      # older than status.RECENT_DROPS
+])
+def test_status_tells_a_drop_from_an_eviction(history, says, not_says) -> None:
+    p = policy_mod.loads("[bump]\nceiling = 65536", "t.toml")
+    view = status_mod.build(p, status_sample(8192, 100), history, now(10))
+    text = status_cli.render_text(view)
+    assert says in text and not_says not in view.headline, text

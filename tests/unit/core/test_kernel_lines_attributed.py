@@ -71,3 +71,20 @@ def test_an_attributed_line_is_acted_on_as_before():
     assert d.actions[0].trigger == "table-full"
     h = advance(CALM, s, events, [], s.at, p)
     assert h.last_drop == s.at and h.incident is not None and h.incident.table_full_lines == 1
+
+
+# --- where status's "table full" comes from when no line came at all --------------------------
+# The lab's daemon runs without journald (its `journal-unavailable` entry): no kernel line reaches
+# it, so "table full 8 s ago" came from History.last_drop, which an eviction (early_drop at warn:
+# the dead upstream's unanswered SYN_SENT entries) set as well as a dropped packet.
+
+@pytest.mark.parametrize("name, s, loss, packet", [
+    ("a packet dropped", sample(1, 8192, 100, 7900, drops=(0, 9)), True, True),
+    ("entries evicted at warn, no packet dropped", sample(1, 8192, 100, 7900, drops=(0, 5), early=(0, 40)), True, False),
+    ("entries evicted below warn: not a loss of this moment", sample(1, 8192, 100, 200, drops=(0, 5), early=(0, 40)),
+     False, False),
+    ("calm", sample(1, 8192, 100, 200, drops=(0, 5)), False, False),
+])
+def test_a_drop_is_told_from_an_eviction(name, s, loss, packet):
+    h = advance(History(drops=((HOST, 0), (NS1, 5)), early=((HOST, 0), (NS1, 0))), s, (), [], s.at, pol())
+    assert (h.last_drop == s.at) is loss and (h.last_packet_drop == s.at) is packet, name

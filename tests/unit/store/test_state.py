@@ -49,3 +49,19 @@ def test_peaks_per_minute(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.save_peaks(rec.current())
     assert store.load_peaks() == [Peak(60, 50, 8192, 5), Peak(120, 5, 8192, 0)]
+
+
+@pytest.mark.parametrize("name, saved, packet_drop", [
+    ("both kept", History(last_drop=now(3), last_packet_drop=now(1)), now(1)),
+    ("an eviction only", History(last_drop=now(3)), None),
+])
+def test_the_last_packet_drop_round_trips(name, saved, packet_drop) -> None:
+    from ctguard.store.state import history_from_json, history_to_json
+    assert history_from_json(history_to_json(saved)).last_packet_drop == packet_drop, name
+
+
+def test_a_state_file_before_drops_and_evictions_were_told_apart_keeps_its_last_drop() -> None:
+    from ctguard.store.state import history_from_json, history_to_json
+    d = history_to_json(History(last_drop=now(3)))
+    del d["last_packet_drop"]
+    assert history_from_json(d).last_packet_drop == now(3)
