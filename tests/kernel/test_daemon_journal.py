@@ -162,3 +162,27 @@ def test_reload_takes_effect_and_keeps_state(tmp_path: Path) -> None:
             assert wait_for(new_metrics.exists, 5), daemon.output()
             assert "ctguard_conntrack_max 8192" in new_metrics.read_text()
             assert [b["trigger"] for b in daemon.bumps()] == ["manual"]
+
+
+def test_a_line_from_a_namespace_it_does_not_sample_moves_nothing(tmp_path: Path, journald) -> None:
+    # Issue 24: a kernel line names a namespace ctguard does not guard (here: it samples the host's
+    # only; in the lab, another tenant's or a test's): counted, but no bump and no "table full".
+    policy = write_policy(tmp_path, SLOW.replace("[watch]\n", '[watch]\nnamespaces = "host"\n')
+                          + "[bump]\nceiling = 65536\ncooldown = 0")
+    with saved_kernel_values(), netns_pair() as pair:
+        set_max(2048)
+        with Running(policy) as daemon:
+            time.sleep(RATELIMIT_WINDOW)
+            t0 = time.monotonic()
+            pair.flood_udp(3000, rate=20000)
+            assert wait_for(lambda: any(f"in netns {pair.receiver_inode}," in e.get("MESSAGE", "")
+                                        and e["__MONOTONIC_TIMESTAMP"][0].total_seconds() >= t0 - 0.2
+                                        for e in journal_entries(_TRANSPORT="kernel")), 5), "the kernel logged table full"
+            time.sleep(1.5)
+            assert get_max() == 2048, daemon.output()
+            assert daemon.bumps() == []
+            status = json.loads(subprocess.run([sys.executable, "-m", "ctguard", "status", "--json", "--policy",
+                                                str(policy)], capture_output=True, text=True,
+                                               env={**os.environ, "PYTHONPATH": SRC}).stdout)
+            assert status["last_packet_drop"] is None and status["table_full_events"] >= 1, status
+            assert not any("table full" in m for m in status["problems"]), status["problems"]
