@@ -305,7 +305,7 @@ def test_the_issue_dns_table_lowers_udp_timeout_and_recommend_advises_only_it():
                 namespaces=(NamespaceReading(HOST, "host", 10, (("drop", 0),)),
                             NamespaceReading(NS, "tenant", 8150, (("drop", 40),))))
     d = decide(p, s, History(drops=((HOST, 0), (NS, 0))), at(1))
-    assert [(a.key, a.old, a.new) for a in d.actions if isinstance(a, ShortenTimeout)] == [("udp", 30, 10)]
+    assert [(a.key, a.old, a.new) for a in d.actions if isinstance(a, ShortenTimeout)] == [("udp", 30, 5)]
     seen = {"udp": {"times": 1, "original": 30, "value": 10, "held": 1.0}}
     advice = relief.timeout_advice(seen, dict(DEFAULT_TIMEOUTS))
     assert [a["sysctl"] for a in advice] == ["nf_conntrack_udp_timeout"]
