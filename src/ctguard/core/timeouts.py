@@ -110,7 +110,12 @@ def sysctl_name(key: str) -> str:
 #     nf_conntrack_tcp_max_retrans (-> max_retrans), or a zero window: an answered connection
 #     with data in flight. A dump carries those flags (CTA_PROTOINFO_TCP_FLAGS_*) but these are
 #     live connections relief never cuts, so they are counted as ESTABLISHED.
-#   - SYN_SENT2 (simultaneous open) and NONE have no sysctl of their own here: not relieved.
+#   - SYN_SENT2 (simultaneous open) has its own slot, timeouts[TCP_CONNTRACK_SYN_SENT2] (2 min
+#     in tcp_timeouts[], like SYN_SENT's default), but no sysctl writes it:
+#     nf_conntrack_standalone.c nf_conntrack_standalone_init_tcp_sysctl() points the sysctls at
+#     SYN_SENT, SYN_RECV, ESTABLISHED, FIN_WAIT, CLOSE_WAIT, LAST_ACK, TIME_WAIT, CLOSE, RETRANS
+#     and UNACK only. Lowering nf_conntrack_tcp_timeout_syn_sent does not touch it, so it is not
+#     mapped to tcp_syn_sent (relief would count entries it cannot free); NONE likewise.
 # ICMP / ICMPv6 (nf_conntrack_proto_icmp.c / _icmpv6.c): nf_conntrack_icmp(v6)_timeout.
 # Anything else (GRE, SCTP, DCCP, ... have their own tables; the rest): generic_timeout.
 
