@@ -1,10 +1,10 @@
 """Relief past the ceiling keeps users served (issue 23 item 3): the level the arrival rate
-needs, taken at once and before the table is full, and the trim that ages the entries already
-there as the new timeout would have.
+needs, taken at once and before the table is full, (the trim that ages the entries already there:
+tests/unit/host/test_trim.py).
 
-Rows of the pure arithmetic (arrival_fill, rate_level), of decide() on a namespace filling with
-DNS-shaped entries (answered once, held by udp_timeout) at the lab's 500/s and bench_users'
-3,000/s, and of the trim child's per-entry plan (host.trim.plan_entry).
+Rows of the pure arithmetic (arrival_fill, rate_level) and of decide() on a namespace filling
+with DNS-shaped entries (answered once, held by udp_timeout) at the lab's 500/s and
+bench_users' 3,000/s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from ctguard.core.decide import decide
 from ctguard.core.model import (
     History, Instant, KernelLimits, NamespaceReading, Refuse, Sample, ShortenTimeout, TableShape, TrimEntries,
 )
-from ctguard.host.trim import plan_entry
 
 NS, HOST = 4026532001, 4026531840
 T0 = 1_800_000_000.0
@@ -103,20 +102,3 @@ def test_a_dns_storm_at_the_ceiling_enters_at_the_level_its_rate_needs(what, cei
         trims = [a for a in d.actions if isinstance(a, TrimEntries)]
         # The entries already there are aged from the value in force before the step.
         assert trims and dict(trims[0].timeouts)["udp"] == want[2] and dict(trims[0].previous) == {"udp": 30}, what
-
-
-# --- the trim child's plan for one entry ---------------------------------------------------------
-
-# (what, remaining s, cap, previous, new remaining: 0 deletes, None leaves it)
-@pytest.mark.parametrize("what, remaining, cap, previous, new", [
-    ("made after the step (at most cap left): never touched, it may await its answer", 5, 5, 30, None),
-    ("idle 24 s under 30 s (6 left): expired under 5 s -> deleted (it would count until the GC reaps it)",
-     6, 5, 30, 0),
-    ("idle 10 s (20 left): deleted", 20, 5, 30, 0),
-    ("idle 1 s (29 left): 4 s left, as under 5 s", 29, 5, 30, 4),
-    ("idle 0 s (30 left): the full new value", 30, 5, 30, 5),
-    ("a periodic pass (previous = cap): a cap only", 20, 10, 10, 10),
-    ("from a longer older value: still never above the cap", 100, 10, 15, 10),
-])
-def test_the_trim_ages_each_entry_as_the_new_timeout_would_have(what, remaining, cap, previous, new):
-    assert plan_entry(remaining, cap, previous) == new, what
