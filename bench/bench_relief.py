@@ -14,7 +14,7 @@ isolated so it sees only the host's and this run's namespaces (benchlib.Daemon o
         at --syn-rate SYNs/s for --duration seconds; bump.ceiling 65,536 but [guard] ceiling
         4,096, so the guard holds the table
 
-Relief uses the default [relief.timeouts] (udp 10 s, tcp_syn_sent 10 s, ...) and calm_for 5.
+Relief uses the default [relief.timeouts] (udp 5 s, tcp_syn_sent 10 s, ...) and calm_for 5.
 Columns:
   drop, early_drop  the receiver's kernel counters, after minus before (both are lost flows:
                     drop refused a new one, early_drop evicted an unanswered one to make room)

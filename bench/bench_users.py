@@ -142,7 +142,7 @@ def main() -> int:
                          "holds at most ~32k TIME_WAIT entries: 16,384 cannot hold it at 120 s, can at 10 s")
     ap.add_argument("--dns-ceiling", type=int, default=32768,
                     help="--past-ceiling: the DNS scenario's ceiling (3,000/s x 30 s = 90,000 entries at "
-                         "the default nf_conntrack_udp_timeout; 30,000 at relief's 10 s)")
+                         "the default nf_conntrack_udp_timeout; 30,000 at 10 s, 92%% of it; 15,000 at relief's 5 s)")
     ap.add_argument("--flash-rate", type=float, default=0, help="wrk requests/s (0: closed loop, as fast as it goes)")
     ap.add_argument("--dns-rate", type=float, default=3000)
     ap.add_argument("--dead-rate", type=float, default=2000)

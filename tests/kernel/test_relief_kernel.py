@@ -178,7 +178,11 @@ def test_syn_flood_stopped_by_the_guard_is_relieved(tmp_path: Path, journald) ->
                 t1, d1 = time.monotonic(), pair.drops()
                 time.sleep(2.0)
                 late_rate = (pair.drops() - d1) / (time.monotonic() - t1)
-                assert late_rate < early_rate or late_rate == 0, (early_rate, late_rate)
+                # Relief may come before the first drop (it acts once the arrivals would fill the
+                # table at the timeouts in force): then the drops at 5 s stay below half the
+                # ~1,200 SYNs/s, where a table full under 120 s refuses ~1,170/s of them.
+                assert late_rate < early_rate or late_rate == 0 or (early_rate == 0 and late_rate < 600), (
+                    early_rate, late_rate)
             finally:
                 stop.set()
                 flood.join()

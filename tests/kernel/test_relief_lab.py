@@ -23,8 +23,8 @@ except ImportError:     # the lab is written on another branch (issue 21)
 TABLE = 8192
 # DNS stubs, a new source port per query, answered at once: each entry is held by
 # nf_conntrack_udp_timeout (30 s): 500 queries/s hold 15,000 entries (the table is full after
-# ~14 s); at relief's 10 s they hold ~5,000, below act.
-DNS_RATE, DNS_SECONDS = 500, 45
+# ~16 s); relief goes at once to the level 500/s needs (8 s: ~4,000, 49%).
+DNS_RATE, DNS_SECONDS = 500, 40
 
 
 def _ready() -> str | None:
@@ -62,15 +62,17 @@ def _lost(outcome) -> int:
     return gw.drop + gw.early_drop
 
 
-def test_a_dns_storm_at_the_ceiling_shortens_udp_timeout_in_that_namespace_only():
-    off = lab.dns("ctguard", rate=DNS_RATE, duration=DNS_SECONDS, table=TABLE, ceiling=TABLE,
-                  overrides={"relief": {"mode": "off"}}, capture_wait=0)
+def test_a_dns_storm_at_the_ceiling_is_served_as_the_ideal_and_only_udp_timeout_moves():
+    # The ideal (nf_conntrack_max 1,048,576, no agent) and relief enforcing at the ceiling, the
+    # same load in the same test: relief must serve >= 0.97x the ideal's answers (issue 23).
+    ideal = lab.dns("ideal", rate=DNS_RATE, duration=DNS_SECONDS, table=TABLE, ceiling=TABLE, capture_wait=0)
     on = lab.dns("ctguard", rate=DNS_RATE, duration=DNS_SECONDS, table=TABLE, ceiling=TABLE,
                  overrides={"relief": {"mode": "enforce"}}, longlived=3, capture_wait=0)
-    _held(off, on)
-    print(f"\nDNS {DNS_RATE}/s at {TABLE}: relief off lost {_lost(off)} (answered {off.users.completed} of "
-          f"{off.users.attempted}), enforce lost {_lost(on)} (answered {on.users.completed} of {on.users.attempted}); "
-          f"long-lived flow {on.longlived}")
+    _held(on)
+    ratio = on.users.completed / max(1, ideal.users.completed)
+    print(f"\nDNS {DNS_RATE}/s at {TABLE}: ideal answered {ideal.users.completed} of {ideal.users.attempted}, relief "
+          f"enforce {on.users.completed} of {on.users.attempted} ({ratio:.3f}x), lost {_lost(on)}; long-lived flow "
+          f"{on.longlived}; relief {on.agent.relief}")
     lowered = _lines(on, "relief: lowered")
     assert lowered, on.agent.log_tail
     # The timeout that holds answered-once UDP, never the stream timeout ...
@@ -80,10 +82,11 @@ def test_a_dns_storm_at_the_ceiling_shortens_udp_timeout_in_that_namespace_only(
     names = {m.group(1) for ln in lowered for m in [re.search(r" in netns (\S+?):", ln)] if m}
     assert len(names) == 1 and "host" not in names, names
     assert on.agent.timeouts_left_changed == (), "every timeout back after the daemon stopped"
-    # The drops fall: what the kernel refused or evicted, relief off against relief on.
-    assert _lost(on) < _lost(off), (_lost(off), _lost(on))
+    # Users served as by the ideal table.
+    assert ratio >= 0.97, (ideal.users, on.users, on.agent.relief)
     # The long-lived UDP flow beside it (a stream: ASSURED, udp_timeout_stream) is never cut.
-    assert on.longlived is not None and on.longlived.cuts == 0, on.longlived
+    assert on.longlived is not None and on.longlived.cuts == 0 and on.longlived.answered == on.longlived.sent, \
+        on.longlived
 
 
 def test_a_long_lived_udp_flow_is_never_cut_by_relief():

@@ -177,6 +177,18 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
     return 0.0, math.inf
 
 
+def arrivals(history: History, sample: Sample, inode: int) -> float:
+    """New entries a second arriving in namespace `inode`: the growth of its demand
+    (current_rate) plus what the kernel refused since the previous sample (drop); 0 unknown."""
+    growth, age = current_rate(history, sample, inode)
+    if not math.isfinite(age) or age <= 0:
+        return max(0.0, growth)
+    ns = next((n for n in sample.namespaces if n.inode == inode), None)
+    before = dict(history.drops).get(inode)
+    dropped = max(0, ns.drops - before) if ns is not None and before is not None else 0
+    return max(0.0, growth) + dropped / age
+
+
 def _bumps_in_last_hour(history: History, now: Instant) -> int:
     return sum(1 for b in history.bumps if b.ok and b.trigger not in ("manual", "reapply") and now.since(b.at) < HOUR)
 
@@ -368,7 +380,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     if bumped_to is None:
         actions.extend(_stable_persist(policy, limits, history, now, sample) or _decay_persist(policy, limits, history, now))
 
-    relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions)
+    relief_actions, needs_relief = relief.plan(policy, sample, history, now, actions,
+                                               lambda inode: arrivals(history, sample, inode))
     actions.extend(relief_actions)
     if not any(isinstance(a, Capture) for a in actions) and _gap_ok(history, now):
         # The incident worsened since its first bundle: the kernel began dropping, or relief

@@ -293,6 +293,9 @@ class TrimEntries:
     name: str
     timeouts: tuple[tuple[str, int], ...]
     reason: str
+    # The value each key had before the step that asks for this trim: the entries made under it
+    # are aged as if the new value had been in force (host.trim.plan_entry). Empty: cap only.
+    previous: tuple[tuple[str, int], ...] = ()
 
 
 Action = Union[SetMax, SetBuckets, Refuse, Warn, Persist, Capture, ShortenTimeout, RestoreTimeout, TrimEntries]

@@ -28,7 +28,7 @@ carrying them out did into the ReliefState. Imports only model, timeouts and pol
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ctguard.core.model import (
@@ -128,6 +128,47 @@ def predicted_fill(count: int, max_: int, states: Sequence[tuple[str, int]], see
     return max(0.0, total) / max_
 
 
+def arrival_fill(policy: Policy, count: int, max_: int, states: Sequence[tuple[str, int]], seen: int,
+                 current: dict[str, int], originals: dict[str, int], keys: Sequence[str], arrivals: float,
+                 level: int) -> float:
+    """The fill the arrivals would hold at `level` once each relieved class has turned over.
+
+    Little's law: a class's entries = its arrival rate x its timeout. The relieved classes'
+    entries (`keys`, scaled from the look to the count) each arrive at entries / timeout in force
+    a second -- scaled up to the measured `arrivals` (new entries/s, dropped ones included) when
+    more arrive than that, as while the table fills -- and the rest of the table stays as it is.
+    Level 0 with no `originals` is the timeouts in force now."""
+    r = policy.relief
+    if max_ <= 0:
+        return 1.0
+    if seen <= 0:
+        return count / max_
+    held = {k: count * n / seen for k, n in states if k in keys and current.get(k)}
+    little = sum(n / current[k] for k, n in held.items())
+    scale = max(1.0, arrivals / little) if little > 0 else 1.0
+    total = count - sum(held.values())
+    for k, n in held.items():
+        original = originals.get(k, current[k])
+        total += n / current[k] * scale * value_at(original, r.emergency(k) or original, level, r.steps)
+    return total / max_
+
+
+def rate_level(policy: Policy, count: int, max_: int, states: Sequence[tuple[str, int]], seen: int,
+               current: dict[str, int], originals: dict[str, int], keys: Sequence[str], arrivals: float,
+               low: float, start: int) -> int:
+    """The lowest level from `start` at which arrival_fill stays below the low watermark, or the last.
+
+    One level per look let the lab's DNS storm (500 new entries/s, udp_timeout 30 s: 15,000
+    wanted, 8,192 allowed) fill the table while relief went 30 -> 22 -> 15 -> 10 s: the level is
+    chosen from what the arrivals will hold instead. Below the low watermark, not the high one:
+    the kernel reaps expired entries lazily (they count against the max until then), and a step
+    back up waits for the same prediction at the level above, so relief does not flap."""
+    for level in range(max(start, 1), policy.relief.steps + 1):
+        if arrival_fill(policy, count, max_, states, seen, current, originals, keys, arrivals, level) < low:
+            return level
+    return policy.relief.steps
+
+
 def step_wait(policy: Policy, reentries: int) -> float:
     """Seconds of calm before each step back up: calm_for / steps, doubled per recent re-entry."""
     r = policy.relief
@@ -151,8 +192,10 @@ def _freed(st: ReliefState, ns: NamespaceReading) -> int:
 
 
 def plan(policy: Policy, sample: Sample, history: History, now: Instant,
-         actions: Sequence[Action]) -> tuple[list[Action], int | None]:
-    """Relief actions for this turn, and the namespace relief needs a look at first (or None)."""
+         actions: Sequence[Action], rate_of: Callable[[int], float] = lambda netns: 0.0,
+         ) -> tuple[list[Action], int | None]:
+    """Relief actions for this turn, and the namespace relief needs a look at first (or None).
+    `rate_of(netns)`: new entries a second arriving there (growth and drops, decide's reading)."""
     r = policy.relief
     st = history.relief
     out: list[Action] = list(_restores(policy, sample, history, now))
@@ -167,7 +210,7 @@ def plan(policy: Policy, sample: Sample, history: History, now: Instant,
         ns = next((n for n in sample.namespaces if n.inode == netns), None)
         if ns is None:
             continue
-        acts, need = _schedule(policy, sample, history, now, ns)
+        acts, need = _schedule(policy, sample, history, now, ns, rate_of(netns))
         out.extend(acts)
         if look is None and need is not None:
             look = need
@@ -179,11 +222,13 @@ def plan(policy: Policy, sample: Sample, history: History, now: Instant,
         return out, look
     fill = sample.fill(ns)
     dropping = _new_drops(history, sample, netns) > 0
-    high = r.high_mark(policy.thresholds)
-    if not (fill >= high or dropping):
+    high, low = r.high_mark(policy.thresholds), r.low_mark(policy.thresholds)
+    arrivals = rate_of(netns)
+    # Growing past the low watermark with no bigger table to come: look now, so relief can act
+    # before the table is full when the arrivals will fill it (the prediction below).
+    growing = arrivals > 0 and fill >= low
+    if not (fill >= high or dropping or growing):
         return out, look
-    level = r.steps if dropping else level_for(fill, high, r.steps)
-    why = f"{why}; netns {ns.name} at {fill:.1%}" + (" and dropping" if dropping else "")
     timeouts = dict(sample.timeouts).get(netns)
     shape = sample.shape if sample.shape is not None and sample.shape.netns == netns else None
     if timeouts is None or shape is None or not shape.states:
@@ -191,12 +236,25 @@ def plan(policy: Policy, sample: Sample, history: History, now: Instant,
         if timeouts is None and (last is None or now.since(last) >= LOOK_EVERY):
             return out, netns
         return out, look
-    acts = _shorten(policy, ns, fill, shape, dict(timeouts), {}, level, "enter", why, 0)
+    current = dict(timeouts)
+    keys = [k for k, _ in _offending(policy, shape, current)]
+    ahead = ""
+    if not (fill >= high or dropping):
+        will = arrival_fill(policy, ns.count, sample.limits.max, shape.states, shape.seen, current, {}, keys,
+                            arrivals, 0)
+        if not keys or will < high:
+            return out, look        # what arrives fits at today's timeouts
+        ahead = f", {arrivals:.0f} new entries/s would hold {will:.0%} at today's timeouts"
+    level = r.steps if dropping else max(level_for(fill, high, r.steps),
+                                         rate_level(policy, ns.count, sample.limits.max, shape.states, shape.seen,
+                                                    current, {}, keys, arrivals, low, 1))
+    why = f"{why}; netns {ns.name} at {fill:.1%}" + (" and dropping" if dropping else ahead)
+    acts = _shorten(policy, ns, fill, shape, current, {}, level, "enter", why, 0)
     out.extend(acts)
     if r.mode == "enforce" and not policy.observe_only:
         trim = {a.key: a.new for a in acts if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE}
         if trim:
-            out.append(_trim(ns, trim, why))
+            out.append(_trim(ns, trim, why, {a.key: a.old for a in acts if isinstance(a, ShortenTimeout)}))
     return out, look
 
 
@@ -243,14 +301,17 @@ def _shorten(policy: Policy, ns: NamespaceReading, fill: float, shape, current: 
     return out
 
 
-def _trim(ns: NamespaceReading, caps: dict[str, int], why: str) -> TrimEntries:
-    keys = ", ".join(f"{k} <= {v} s" for k, v in sorted(caps.items()))
+def _trim(ns: NamespaceReading, caps: dict[str, int], why: str, previous: dict[str, int] | None = None) -> TrimEntries:
+    """Trim the existing entries to `caps`; `previous` (the values before this step) ages them
+    as if the new values had been in force since each entry's last packet (host.trim.plan_entry)."""
+    prev = {k: v for k, v in (previous or {}).items() if k in caps and v > caps[k]}
+    keys = ", ".join(f"{k} <= {v} s" + (f", aged from {prev[k]} s" if k in prev else "") for k, v in sorted(caps.items()))
     return TrimEntries(ns.inode, ns.name, tuple(sorted(caps.items())),
-                       f"{why}; cap the remaining timeout of existing entries ({keys})")
+                       f"{why}; cap the remaining timeout of existing entries ({keys})", tuple(sorted(prev.items())))
 
 
 def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
-              ns: NamespaceReading) -> tuple[list[Action], int | None]:
+              ns: NamespaceReading, arrivals: float = 0.0) -> tuple[list[Action], int | None]:
     """One relieved namespace's turn: a step down as the fill climbs, a step up (or leaving) as
     it falls below the low watermark and stays there, periodic trims in between."""
     r = policy.relief
@@ -276,10 +337,15 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
     freed = _freed(st, ns)
     where = f"netns {ns.name} at {fill:.1%}" + (" and dropping" if dropping else "")
 
+    # What is in force: the namespace's values as looked at, ours (written or advised) over them.
+    cur = {**(dict(timeouts) if timeouts is not None else {}), **current}
     target = r.steps if dropping else level_for(fill, high, r.steps)
+    if 0 < target < r.steps and shape is not None and shape.seen:
+        # Above the high watermark: straight to the level the arrivals need, not one level a look.
+        keys = sorted({k for k, _ in _offending(policy, shape, cur)} | set(originals))
+        target = max(target, rate_level(policy, ns.count, sample.limits.max, shape.states, shape.seen, cur,
+                                        originals, keys, arrivals, low, target))
     if target > level:
-        # What is in force: the namespace's values as looked at, ours (written or advised) over them.
-        cur = {**(dict(timeouts) if timeouts is not None else {}), **current}
         acts = _shorten(policy, ns, fill, shape, cur, originals, target, "down",
                         f"{where}, above the high watermark {high:.0%}", freed)
         out: list[Action] = list(acts)
@@ -287,7 +353,7 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
             caps = {k: v for k, v in current.items() if k in TRIMMABLE}
             caps.update({a.key: a.new for a in acts if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE})
             if caps:
-                out.append(_trim(ns, caps, where))
+                out.append(_trim(ns, caps, where, {a.key: a.old for a in acts if isinstance(a, ShortenTimeout)}))
         return out, None
 
     quiet = fill < low and not dropping

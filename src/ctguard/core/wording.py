@@ -179,7 +179,9 @@ def trimmed(name: str, netns: int, report: dict) -> Entry:
     """A relief trim child's report (ctguard.host.trim)."""
     return Entry("relief-trimmed",
                  f"relief: capped the remaining timeout of {report.get('changed', 0)} existing entries "
+                 f"and deleted {report.get('deleted', 0)} already past the new timeout "
                  f"in netns {name} ({report.get('seen', 0)} looked at, {report.get('gone', 0)} "
                  f"already gone, {report.get('seconds', 0)} s"
                  + (", cut short by its bounds)" if report.get("cut_short") else ")"),
-                 dict(CTGUARD_NETNS=netns, CTGUARD_ENTRIES=report.get("changed", 0), CTGUARD_REASON="trim"))
+                 dict(CTGUARD_NETNS=netns, CTGUARD_ENTRIES=report.get("changed", 0) + report.get("deleted", 0),
+                      CTGUARD_REASON="trim"))

@@ -2,8 +2,7 @@
 
 A restore is a compare-and-set: a value other than the one ctguard wrote is the operator's,
 and wins. The originals are saved (ctguard.store.relief) before the first write. Trims run in
-a child process (`python3 -m ctguard.host.trim`): pyroute2's import alone costs ~20 MB of
-RSS, which the daemon never pays, and a slow pass never holds the loop.
+a child process (`python3 -m ctguard.host.trim`): a slow pass never holds the loop.
 """
 
 from __future__ import annotations
@@ -192,8 +191,9 @@ class ReliefActor:
             return Outcome(a, False, f"netns {a.name} is gone")
         args = [self.python, "-m", "ctguard.host.trim", "--netns-path", path or "",
                 "--max-entries", str(TRIM_ENTRIES), "--budget", str(TRIM_BUDGET)]
+        previous = dict(a.previous)
         for k, v in a.timeouts:
-            args += ["--timeout", f"{k}={v}"]
+            args += ["--timeout", f"{k}={v}" + (f"/{previous[k]}" if k in previous else "")]
         try:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     close_fds=True)

@@ -128,7 +128,7 @@ KINDS: Mapping[str, Kind] = {
         Kind("relief-advice", MESSAGE_ID_RELIEF_ADVICE, LOG_NOTICE,
              "relief.mode is advise (or mode observe): the timeout relief would shorten, nothing changed"),
         Kind("relief-trimmed", MESSAGE_ID_RELIEF_TRIMMED, LOG_NOTICE,
-             "existing entries' remaining timeout capped over ctnetlink (CTGUARD_ENTRIES: how many changed)"),
+             "existing entries aged over ctnetlink: remaining timeout capped, or deleted when already past the new timeout (CTGUARD_ENTRIES: how many changed or deleted)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),
         Kind("incident-start", MESSAGE_ID_INCIDENT_START, LOG_WARNING,
              "pressure began (fill at warn, a table-full line, or a bump); CTGUARD_INCIDENT names it"),

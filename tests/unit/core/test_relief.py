@@ -66,7 +66,7 @@ def test_when_a_bump_is_refused_and_the_table_stays_full(count, drops, mode, exp
     shorten = [a for a in d.actions if isinstance(a, ShortenTimeout)]
     assert [a.key for a in shorten] == expect
     for a in shorten:
-        assert a.netns == NS and a.old == 600 and a.new == 10
+        assert a.netns == NS and a.old == 600 and a.new == 5
         assert a.advise == (mode == "advise")
         assert "refused (ceiling)" in a.reason and "unanswered UDP" in a.reason
 
@@ -124,7 +124,7 @@ def test_tcp_established_only_when_named():
 
 
 def test_never_a_timeout_already_at_or_below_its_emergency_value():
-    s = sample(10, 8000, timeouts=(("udp", 10), ("tcp_syn_sent", 120)))
+    s = sample(10, 8000, timeouts=(("udp", 5), ("tcp_syn_sent", 120)))
     d = decide(pol(ENFORCE), s, hist(), at(10))
     assert not [a for a in d.actions if isinstance(a, ShortenTimeout)]
 
@@ -145,7 +145,7 @@ def test_where_only_the_namespace_that_fills():
 def test_trim_goes_with_the_shortening_and_repeats_every_trim_every():
     d = decide(pol(ENFORCE), sample(10, 8000), hist(), at(10))
     trims = [a for a in d.actions if isinstance(a, TrimEntries)]
-    assert [t.timeouts for t in trims] == [(("udp", 10),)]
+    assert [t.timeouts for t in trims] == [(("udp", 5),)]
     active = ReliefState(active=(Relieved(NS, "tenant", "udp", 600, 10, at(10)),), last_trim=((NS, at(10)),))
     h = hist(relief=active)
     assert not [a for a in decide(pol(ENFORCE), sample(12, 8000), h, at(12)).actions if isinstance(a, TrimEntries)]
@@ -396,8 +396,8 @@ def test_a_bad_relief_policy_is_refused_naming_file_and_key(text, problem):
 def test_relief_defaults_and_named_timeouts():
     p = policy_mod.loads("", "p.toml")
     assert p.relief.mode == "advise" and p.relief.calm_for == 300
-    assert dict(p.relief.timeouts) == {"udp": 10, "udp_stream": 30, "tcp_syn_sent": 10, "tcp_syn_recv": 10,
+    assert dict(p.relief.timeouts) == {"udp": 5, "udp_stream": 30, "tcp_syn_sent": 10, "tcp_syn_recv": 10,
                                        "tcp_time_wait": 10, "tcp_close_wait": 15, "tcp_fin_wait": 15,
                                        "tcp_last_ack": 10, "tcp_unacknowledged": 30}
-    named = policy_mod.loads("[relief.timeouts]\ntcp_established = 3600\nudp = 5\n", "p.toml")
-    assert named.relief.emergency("tcp_established") == 3600 and named.relief.emergency("udp") == 5
+    named = policy_mod.loads("[relief.timeouts]\ntcp_established = 3600\nudp = 8\n", "p.toml")
+    assert named.relief.emergency("tcp_established") == 3600 and named.relief.emergency("udp") == 8
