@@ -31,6 +31,17 @@ RATE_WINDOW = 3.0           # seconds of samples kept whole to estimate growth
 # 12000/s, full in 8.7 s" and was bumped). Growth counts only the demand above the highest seen
 # in the last GC_WINDOW seconds (points older than RATE_WINDOW kept one a second).
 GC_WINDOW = 60.0
+# Until a namespace has been watched for a GC window there is no high to measure against: a table
+# with steady churn read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s arrivals and
+# as many expiring, bumped within the first minute after a start). So for its first GC_WINDOW the
+# growth is the arrival rate (the kernel's `insert` counter: entries confirmed) above the arrival
+# rate the watch began with (measured over its first BASE_SPAN seconds; none before). Churn only
+# climbs between GC passes by what expired since the last one, about a GC interval of arrivals,
+# which in a steady table is less than what it holds: demand past CHURN_SPAN times what the table
+# held when the watch began is growth whatever the counters say (a flood into a table that was
+# nearly empty when the daemon started or the namespace appeared is bumped at once).
+BASE_SPAN = 1.0
+CHURN_SPAN = 2.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -173,8 +184,50 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
     for t, counts in reversed(history.points):
         before = dict(counts).get(inode)
         if before is not None and now - t > 0.0:
-            return (current - max(before, high if high is not None else before)) / (now - t), now - t
+            rise = (current - max(before, high if high is not None else before)) / (now - t)
+            early = first_window_growth(history, sample, inode)
+            return (early if early is not None else rise), now - t
     return 0.0, math.inf
+
+
+def first_window_growth(history: History, sample: Sample, inode: int) -> float | None:
+    """Growth of namespace `inode` in its first GC_WINDOW of watching (see GC_WINDOW and BASE_SPAN):
+    its arrivals since the previous sample above the arrival rate its watch began with (0 while
+    that is not measured yet). None when the high-water rule alone judges: a GC window exists,
+    the demand passed CHURN_SPAN x what the table held when the watch began, or the namespace's
+    `insert` counter never counted (a reader or kernel without it)."""
+    ns = next((n for n in sample.namespaces if n.inode == inode), None)
+    w = next((w for w in history.watched if w[0] == inode), None)
+    if ns is None or w is None:
+        return None
+    _, since, demand0, insert0, base = w
+    now, inserted = sample.at.boot, ns.stat("insert")
+    if now - since >= GC_WINDOW or inserted <= 0 or inserted < insert0 or demand(ns) > CHURN_SPAN * demand0:
+        return None
+    if base < 0:
+        return 0.0
+    before = dict(history.inserts).get(inode)
+    if before is None or history.counters_at is None or now <= history.counters_at:
+        return 0.0
+    return max(0.0, (inserted - before) / (now - history.counters_at) - base)
+
+
+def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int, int, float], ...]:
+    """The watches of the namespaces in `sample` (History.watched): begun at their first sample
+    (again when the `insert` counter went back: a new namespace on a reused inode), their arrival
+    rate measured once they span BASE_SPAN seconds."""
+    old = {w[0]: w for w in h.watched}
+    now = sample.at.boot
+    out = []
+    for ns in sample.namespaces:
+        inserted = ns.stat("insert")
+        w = old.get(ns.inode)
+        if w is None or inserted < w[3]:
+            w = (ns.inode, now, demand(ns), inserted, -1.0)
+        elif w[4] < 0 and now - w[1] >= BASE_SPAN:
+            w = (*w[:4], (inserted - w[3]) / (now - w[1]))
+        out.append(w)
+    return tuple(out)
 
 
 def _bumps_in_last_hour(history: History, now: Instant) -> int:
@@ -891,6 +944,8 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
         changes["invalid_base"] = _invalid_base(h, sample, policy)
         changes["counters_at"] = sample.at.boot
+        changes["inserts"] = tuple((ns.inode, ns.stat("insert")) for ns in sample.namespaces)
+        changes["watched"] = _watched(h, sample)
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
         changes["points"] = _keep_points(h.points, sample.at.boot) + (point,)
         if sample.worst_fill >= policy.thresholds.warn:
