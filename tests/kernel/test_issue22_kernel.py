@@ -142,3 +142,80 @@ def test_a_look_reads_the_namespaces_own_addresses_and_routes() -> None:
                    (NamespaceReading(pair.receiver_inode, pair.receiver, shape.seen, ()),), shape)
         attack, note = judge(p, s, History(), pair.receiver_inode)
         assert attack is None and "internal clients" in note, (attack, note)
+
+
+# Internal IPv6 clients each open `n` TCP connections to one dead upstream: one SYN per flow
+# (a non-blocking connect, the socket closed at once: no retransmission, no RST), from
+# addresses argv[3:] in turn.
+_V6_SYNS = r"""
+import socket, sys
+dst, n, srcs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+for i in range(n):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.bind((srcs[i % len(srcs)], 0))
+    s.connect_ex((dst, 443))
+    s.close()
+"""
+
+
+def test_ipv6_dead_upstream_through_a_gateway_whose_clients_only_its_nat_rule_names() -> None:
+    # Issue 22 (IPv6, and the NAT rules as host knowledge), on the real kernel without a daemon:
+    # a gateway namespace forwards for clients in fd00:77::/64, which it has no route or address
+    # for (in a real network they sit behind an access router reached by policy routing), named
+    # only by its `ip6 saddr fd00:77::/64 masquerade` rule. The clients retry one dead upstream
+    # 2001:db8:dead::7 (routed to a neighbour that never answers). A look into the gateway's
+    # table must read the IPv6 entries, see the clients as internal through the NAT rule, and
+    # the guard must call it an outage, not an attack; without the rule's prefix, an attack.
+    from dataclasses import replace
+
+    from ctguard.config import policy as policy_mod
+    from ctguard.core.decide import judge
+    from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.host.clock import Clock
+    from ctguard.host.kernel import Kernel
+    from ctguard.host.observe import Observer
+
+    with saved_kernel_values(), netns_pair("ctg6") as pair:
+        set_max(65536)
+        client, gw = pair.sender, pair.receiver
+        dev_c = pair.exec(client, "ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        dev_g = pair.exec(gw, "ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        clients = [f"fd00:77::{i:x}" for i in range(16, 24)]
+        for a in clients:
+            pair.exec(client, "ip", "-6", "addr", "add", f"{a}/128", "dev", dev_c, "nodad")
+        pair.exec(client, "ip", "-6", "addr", "add", "fd00:10::2/64", "dev", dev_c, "nodad")
+        pair.exec(client, "ip", "-6", "route", "add", "default", "via", "fd00:10::1", "dev", dev_c)
+        pair.exec(gw, "ip", "-6", "addr", "add", "fd00:10::1/64", "dev", dev_g, "nodad")
+        pair.exec(gw, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        # The dead upstream: a route back out of the same link to a neighbour whose address no one
+        # answers (a static neighbour entry, so nothing waits for neighbour discovery).
+        pair.exec(gw, "ip", "-6", "neigh", "add", "fd00:10::99", "lladdr", "02:00:00:00:00:99", "dev", dev_g)
+        pair.exec(gw, "ip", "-6", "route", "add", "2001:db8:dead::/48", "via", "fd00:10::99", "dev", dev_g)
+        nat = ("table ip6 ctg6nat {\n chain post { type nat hook postrouting priority 100;\n"
+               "  ip6 saddr fd00:77::/64 masquerade\n }\n}\n")
+        import subprocess
+        import sys
+        subprocess.run(["ip", "netns", "exec", gw, "nft", "-f", "-"], input=nat, text=True, check=True, capture_output=True)
+        pair.exec(client, sys.executable, "-c", _V6_SYNS, "2001:db8:dead::7", "1500", *clients)
+
+        obs = Observer(Kernel(), Clock(), "all")
+        obs.rediscover()
+        p = policy_mod.loads("[guard]\nmin_sources = 4\n", "t.toml")
+        shape = obs.shape(pair.receiver_inode, p.guard)
+        assert not shape.error, shape.error
+        host = shape.host
+        print(f"IPv6 dead upstream: {shape.seen} entries, {shape.suspicious} unanswered, top {shape.top_dst} "
+              f"x{shape.top_dst_count}, sources {shape.top_sources}, host {host}")
+        assert host is not None and host.nat and "fd00:77::/64" in host.nat_sources, host
+        assert host.is_local("fd00:10::1") and "fd00:10::/64" in host.internal, host
+        assert shape.top_dst == "2001:db8:dead::7" and shape.top_dst_count >= 1000, shape
+        assert set(shape.top_sources) <= set(clients) and shape.top_sources, shape
+        s = Sample(Instant(0, 0), KernelLimits(65536, 65536, 256, 1 << 34, 1 << 33),
+                   (NamespaceReading(pair.receiver_inode, gw, shape.seen, ()),), shape)
+        attack, note = judge(p, s, History(), pair.receiver_inode)
+        assert attack is None and "outage" in note and "NAT gateway" in note, (attack, note)
+        # The same look without what the NAT rule says: clients from nowhere it knows.
+        blind = replace(shape, host=replace(host, nat_sources=()))
+        attack, _ = judge(p, replace(s, shape=blind), History(), pair.receiver_inode)
+        assert attack is not None, "without the NAT rule's prefix the clients are outside sources"

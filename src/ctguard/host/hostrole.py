@@ -220,6 +220,7 @@ def parse_local(fib_trie: str) -> tuple[str, ...]:
 
 RTF_REJECT = 0x0200           # include/uapi/linux/route.h: an unreachable/prohibit route, not a network
 RTF_LOCAL = 0x80000000        # include/uapi/linux/ipv6_route.h: the namespace's own address (local table)
+RTF_ANYCAST = 0x00100000      # ... and a subnet-router anycast address of its own (fd00:10::/128): not a network
 
 
 def parse_routes6(text: str) -> tuple[str, ...]:
@@ -227,7 +228,7 @@ def parse_routes6(text: str) -> tuple[str, ...]:
     networks (global, ULA, fe80::/64) and specific routes. Each line is `dest plen src src_plen
     nexthop metric refcnt use flags iface`, addresses as 32 hex digits, plen and flags hex. Left
     out: the default (plen 0), unreachable routes (RTF_REJECT), the namespace's own /128s
-    (RTF_LOCAL: local, not a network), multicast and loopback."""
+    (RTF_LOCAL, RTF_ANYCAST: local, not a network), multicast and loopback."""
     import ipaddress
     out = []
     for line in text.splitlines():
@@ -239,7 +240,7 @@ def parse_routes6(text: str) -> tuple[str, ...]:
             plen, flags = int(f[1], 16), int(f[8], 16)
         except ValueError:
             continue
-        if plen == 0 or flags & (RTF_REJECT | RTF_LOCAL) or addr.is_multicast or addr.is_loopback:
+        if plen == 0 or flags & (RTF_REJECT | RTF_LOCAL | RTF_ANYCAST) or addr.is_multicast or addr.is_loopback:
             continue
         out.append(str(ipaddress.IPv6Network((addr, plen), strict=False)))
     return tuple(dict.fromkeys(out))
