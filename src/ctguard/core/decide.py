@@ -35,13 +35,13 @@ GC_WINDOW = 60.0
 # with steady churn read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s arrivals and
 # as many expiring, bumped within the first minute after a start). So for its first GC_WINDOW the
 # growth is the arrival rate (the kernel's `insert` counter: entries confirmed) above the arrival
-# rate the watch began with (measured over its first BASE_SPAN seconds; none before). Churn only
-# climbs between GC passes by what expired since the last one, about a GC interval of arrivals,
-# which in a steady table is less than what it holds: demand past CHURN_SPAN times what the table
-# held when the watch began is growth whatever the counters say (a flood into a table that was
-# nearly empty when the daemon started or the namespace appeared is bumped at once).
+# rate the watch began with (measured over its first BASE_SPAN seconds; none before): a flood that
+# begins after the start is growth at once, churn is not. The kernel's GC is global and can lag
+# far behind short timeouts (measured on 6.18 with 2 s UDP entries: a new namespace's first pass
+# 16 to 45+ s after its first flow, its count climbing at the arrival rate all the while), so the
+# climb alone cannot tell. Above [thresholds] warn the high-water rule judges alone, as after the
+# window: a flood already running when the daemon started is bumped from there, not at `act`.
 BASE_SPAN = 1.0
-CHURN_SPAN = 2.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -164,7 +164,7 @@ def flows_lost(ns) -> int:
     return ns.stat("early_drop") + ns.stat("insert_failed")
 
 
-def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, float]:
+def current_rate(history: History, sample: Sample, inode: int, warn: float = 1.0) -> tuple[float, float]:
     """(growth since the previous sample, that sample's age in seconds); (0, inf) without one.
 
     The one rate: the growth trigger, the bump's size, its journal entry and the decision all
@@ -185,24 +185,24 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
         before = dict(counts).get(inode)
         if before is not None and now - t > 0.0:
             rise = (current - max(before, high if high is not None else before)) / (now - t)
-            early = first_window_growth(history, sample, inode)
+            early = first_window_growth(history, sample, inode, warn)
             return (early if early is not None else rise), now - t
     return 0.0, math.inf
 
 
-def first_window_growth(history: History, sample: Sample, inode: int) -> float | None:
+def first_window_growth(history: History, sample: Sample, inode: int, warn: float = 1.0) -> float | None:
     """Growth of namespace `inode` in its first GC_WINDOW of watching (see GC_WINDOW and BASE_SPAN):
     its arrivals since the previous sample above the arrival rate its watch began with (0 while
     that is not measured yet). None when the high-water rule alone judges: a GC window exists,
-    the demand passed CHURN_SPAN x what the table held when the watch began, or the namespace's
-    `insert` counter never counted (a reader or kernel without it)."""
+    the table is at `warn` or above, or the namespace's `insert` counter never counted (a reader
+    or kernel without it)."""
     ns = next((n for n in sample.namespaces if n.inode == inode), None)
     w = next((w for w in history.watched if w[0] == inode), None)
     if ns is None or w is None:
         return None
-    _, since, demand0, insert0, base = w
+    _, since, insert0, base = w
     now, inserted = sample.at.boot, ns.stat("insert")
-    if now - since >= GC_WINDOW or inserted <= 0 or inserted < insert0 or demand(ns) > CHURN_SPAN * demand0:
+    if now - since >= GC_WINDOW or inserted <= 0 or inserted < insert0 or sample.fill(ns) >= warn:
         return None
     if base < 0:
         return 0.0
@@ -212,7 +212,7 @@ def first_window_growth(history: History, sample: Sample, inode: int) -> float |
     return max(0.0, (inserted - before) / (now - history.counters_at) - base)
 
 
-def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int, int, float], ...]:
+def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int, float], ...]:
     """The watches of the namespaces in `sample` (History.watched): begun at their first sample
     (again when the `insert` counter went back: a new namespace on a reused inode), their arrival
     rate measured once they span BASE_SPAN seconds."""
@@ -222,10 +222,10 @@ def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int, int, fl
     for ns in sample.namespaces:
         inserted = ns.stat("insert")
         w = old.get(ns.inode)
-        if w is None or inserted < w[3]:
-            w = (ns.inode, now, demand(ns), inserted, -1.0)
-        elif w[4] < 0 and now - w[1] >= BASE_SPAN:
-            w = (*w[:4], (inserted - w[3]) / (now - w[1]))
+        if w is None or inserted < w[2]:
+            w = (ns.inode, now, inserted, -1.0)
+        elif w[3] < 0 and now - w[1] >= BASE_SPAN:
+            w = (*w[:3], (inserted - w[2]) / (now - w[1]))
         out.append(w)
     return tuple(out)
 
@@ -323,7 +323,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     worst = sample.worst
     worst_inode = worst.inode if worst else None
     fill = sample.worst_fill
-    rate, ref_age = current_rate(history, sample, worst_inode) if worst_inode is not None else (0.0, math.inf)
+    rate, ref_age = (current_rate(history, sample, worst_inode, policy.thresholds.warn) if worst_inode is not None
+                     else (0.0, math.inf))
     # A table-full line names its namespace; trust it over the sample for which one is worst.
     event_ns = next((e.netns for e in events if not e.backlog and e.netns), None)
     netns = event_ns or worst_inode

@@ -418,9 +418,9 @@ class History:
     invalid_base: tuple[tuple[int, float, float], ...] = ()
     counters_at: float | None = None
     # Each namespace's watch (decide.first_window_growth): (inode, boot time it was first sampled, its
-    # demand and `insert` counter then, the arrival rate/s it began with: -1 until measured). Not
-    # saved: a restarted daemon has no GC window of its own yet, and starts its watches again.
-    watched: tuple[tuple[int, float, int, int, float], ...] = ()
+    # `insert` counter then, the arrival rate/s it began with: -1 until measured). Not saved: a
+    # restarted daemon has no GC window of its own yet, and starts its watches again.
+    watched: tuple[tuple[int, float, int, float], ...] = ()
     inserts: tuple[tuple[int, int], ...] = ()   # last `insert` counter per inode (at counters_at)
     incident: Incident | None = None          # the open incident
     last_incident: Incident | None = None     # the last one that ended

@@ -101,11 +101,11 @@ def test_the_rate_is_the_rise_above_the_windows_high():
 
 # -- the first GC window: no history yet (the daemon just started, or the namespace just appeared) --
 
-def churn_from_start(until: float, low: int = 130000, rate: float = 12000.0, gc_every: float = 5.0,
+def churn_from_start(until: float, low: int = 140000, rate: float = 12000.0, gc_every: float = 3.0,
                      offset: float = 2.0, step: float = 1.0, flood: float = 0.0, flood_at: float = 1e9,
                      flood_max: int = 262144):
-    """A 262,144 table at ~60% (130k-190k) with 12k/s arrivals and as many expiring, GC passes
-    `gc_every` s apart, first sampled `offset` s into a climb; the `insert` counter counts every
+    """A 262,144 table at 60% (140k-176k: below [thresholds] warn, above which the high-water rule
+    judges alone) with 12k/s arrivals and as many expiring, GC passes `gc_every` s apart, first sampled `offset` s into a climb; the `insert` counter counts every
     arrival (10M before the watch began). From `flood_at`, `flood` more new flows/s, never reaped."""
     out = []
     t = 0.0
@@ -129,7 +129,7 @@ def timed(samples):
 FIRST_WINDOW_QUIET = [
     # (Sampled at least every 0.2 s: a slope over an older sample waits for a fresh one, so rows
     # sampled each second would never bump and say nothing.)
-    ("60% of 262,144, 12k/s churn, GC every 5 s, first sampled 2 s into a climb, each 0.1 s",
+    ("60% of 262,144, 12k/s churn, GC every 3 s, first sampled 2 s into a climb, each 0.1 s",
      churn_from_start(90.0, step=0.1)),
     ("the same first sampled right after a GC pass, each 0.2 s", churn_from_start(90.0, offset=0.0, step=0.2)),
     ("GC every 10 s, 6k/s (100k -> 160k), first sampled 8 s into a climb, each 0.2 s",
@@ -158,11 +158,14 @@ FIRST_WINDOW_FLOODS = [
     # name, samples, the flood's start, bumped within (s)
     ("churning table, +30k/s new flows from 10 s: bumped at once",
      churn_from_start(20.0, step=0.1, flood=30000, flood_at=10.0), 10.0, 0.3),
-    ("nearly empty 8,192 (500 entries) right after the start, 20k/s from 0.5 s (bench_ramp): bumped at once",
+    ("nearly empty 8,192 (500 entries), 20k/s from 1.5 s after the start (bench_ramp): bumped at once",
+     [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 1.5))), insert=40 + max(0, int(20000 * (t / 20 - 1.5))))
+      for t in range(0, 50)], 1.5, 0.1),
+    ("the same flood from 0.5 s, before the watch's arrival rate is measured: bumped before full",
      [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 0.5))), insert=40 + max(0, int(20000 * (t / 20 - 0.5))))
-      for t in range(0, 30)], 0.5, 0.1),
-    ("a flood of 20k/s already running when the watch began, into 40% of 262,144: bumped once past 2x, before full",
-     [smp(t / 10, 262144, min(262144, 105000 + 2000 * t), insert=5_000_000 + 2000 * t) for t in range(0, 80)], 0.0, 6.0),
+      for t in range(0, 30)], 0.5, 0.45),
+    ("a flood of 20k/s already running when the watch began, into 40% of 262,144: bumped from warn, before full",
+     [smp(t / 10, 262144, min(262144, 105000 + 2000 * t), insert=5_000_000 + 2000 * t) for t in range(0, 80)], 0.0, 4.0),
 ]
 
 
