@@ -31,17 +31,20 @@ RATE_WINDOW = 3.0           # seconds of samples kept whole to estimate growth
 # 12000/s, full in 8.7 s" and was bumped). Growth counts only the demand above the highest seen
 # in the last GC_WINDOW seconds (points older than RATE_WINDOW kept one a second).
 GC_WINDOW = 60.0
-# Until a namespace has been watched for a GC window there is no high to measure against: a table
-# with steady churn read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s arrivals and
-# as many expiring, bumped within the first minute after a start). So for its first GC_WINDOW the
-# growth is the arrival rate (the kernel's `insert` counter: entries confirmed) above the arrival
-# rate the watch began with (measured over its first BASE_SPAN seconds; none before): a flood that
-# begins after the start is growth at once, churn is not. The kernel's GC is global and can lag
-# far behind short timeouts (measured on 6.18 with 2 s UDP entries: a new namespace's first pass
-# 16 to 45+ s after its first flow, its count climbing at the arrival rate all the while), so the
-# climb alone cannot tell. Above [thresholds] warn the high-water rule judges alone, as after the
-# window: a flood already running when the daemon started is bumped from there, not at `act`.
-BASE_SPAN = 1.0
+# Until a namespace has been watched for a GC window there may be no high to measure against: a
+# table with steady churn first read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s
+# arrivals and as many expiring, bumped within the first minute after a start). The kernel's
+# `insert` counter would give the arrivals, but kernels >= 6.x no longer count it for packet-path
+# entries (6.18 here: 0 after 3,000 new flows), and the GC is global and can lag far behind short
+# timeouts (6.18, 2 s UDP entries: a new namespace's first pass 16 to 45+ s after its first flow,
+# the count climbing at the arrival rate all the while). So in its first GC_WINDOW a namespace's
+# climb is held as "not yet known growth" until the watch has seen it quiet: one interval without
+# a rise above QUIET_RATE/s (idle, a trickle, or a GC pass, after which the high-water rule has
+# the churn's peak to measure against). A flood that begins after the start is growth at once; a
+# climb that was going on when the watch began is held while the table is below [thresholds]
+# warn, above which the high-water rule judges alone (a flood already running when the daemon
+# started is bumped from there, not at `act`).
+QUIET_RATE = 100.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -185,47 +188,41 @@ def current_rate(history: History, sample: Sample, inode: int, warn: float = 1.0
         before = dict(counts).get(inode)
         if before is not None and now - t > 0.0:
             rise = (current - max(before, high if high is not None else before)) / (now - t)
-            early = first_window_growth(history, sample, inode, warn)
-            return (early if early is not None else rise), now - t
+            if rise > 0 and held_in_first_window(history, sample, inode, warn):
+                rise = 0.0
+            return rise, now - t
     return 0.0, math.inf
 
 
-def first_window_growth(history: History, sample: Sample, inode: int, warn: float = 1.0) -> float | None:
-    """Growth of namespace `inode` in its first GC_WINDOW of watching (see GC_WINDOW and BASE_SPAN):
-    its arrivals since the previous sample above the arrival rate its watch began with (0 while
-    that is not measured yet). None when the high-water rule alone judges: a GC window exists,
-    the table is at `warn` or above, or the namespace's `insert` counter never counted (a reader
-    or kernel without it)."""
+def held_in_first_window(history: History, sample: Sample, inode: int, warn: float = 1.0) -> bool:
+    """Namespace `inode` has climbed since its watch began, less than GC_WINDOW ago, and is below
+    `warn`: its climb may be churn between the kernel's GC passes (see GC_WINDOW and QUIET_RATE)."""
     ns = next((n for n in sample.namespaces if n.inode == inode), None)
     w = next((w for w in history.watched if w[0] == inode), None)
     if ns is None or w is None:
-        return None
-    _, since, insert0, base = w
-    now, inserted = sample.at.boot, ns.stat("insert")
-    if now - since >= GC_WINDOW or inserted <= 0 or inserted < insert0 or sample.fill(ns) >= warn:
-        return None
-    if base < 0:
-        return 0.0
-    before = dict(history.inserts).get(inode)
-    if before is None or history.counters_at is None or now <= history.counters_at:
-        return 0.0
-    return max(0.0, (inserted - before) / (now - history.counters_at) - base)
+        return False
+    _, since, quiet = w
+    return not quiet and sample.at.boot - since < GC_WINDOW and sample.fill(ns) < warn
 
 
-def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int, float], ...]:
-    """The watches of the namespaces in `sample` (History.watched): begun at their first sample
-    (again when the `insert` counter went back: a new namespace on a reused inode), their arrival
-    rate measured once they span BASE_SPAN seconds."""
+def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, bool], ...]:
+    """The watches of the namespaces in `sample` (History.watched): begun at their first sample,
+    quiet once an interval since shows no rise above QUIET_RATE/s."""
     old = {w[0]: w for w in h.watched}
+    last = {}
+    for t, counts in h.points:
+        for inode, d in counts:
+            last[inode] = (t, d)
     now = sample.at.boot
     out = []
     for ns in sample.namespaces:
-        inserted = ns.stat("insert")
         w = old.get(ns.inode)
-        if w is None or inserted < w[2]:
-            w = (ns.inode, now, inserted, -1.0)
-        elif w[3] < 0 and now - w[1] >= BASE_SPAN:
-            w = (*w[:3], (inserted - w[2]) / (now - w[1]))
+        if w is None:
+            w = (ns.inode, now, False)
+        elif not w[2] and ns.inode in last and now > last[ns.inode][0]:
+            t, d = last[ns.inode]
+            if demand(ns) - d <= QUIET_RATE * (now - t):
+                w = (ns.inode, w[1], True)
         out.append(w)
     return tuple(out)
 
@@ -945,7 +942,6 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
         changes["invalid_base"] = _invalid_base(h, sample, policy)
         changes["counters_at"] = sample.at.boot
-        changes["inserts"] = tuple((ns.inode, ns.stat("insert")) for ns in sample.namespaces)
         changes["watched"] = _watched(h, sample)
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
         changes["points"] = _keep_points(h.points, sample.at.boot) + (point,)
