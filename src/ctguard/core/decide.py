@@ -35,16 +35,17 @@ GC_WINDOW = 60.0
 # table with steady churn first read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s
 # arrivals and as many expiring, bumped within the first minute after a start). The kernel's
 # `insert` counter would give the arrivals, but kernels >= 6.x no longer count it for packet-path
-# entries (6.18 here: 0 after 3,000 new flows), and the GC is global and can lag far behind short
-# timeouts (6.18, 2 s UDP entries: a new namespace's first pass 16 to 45+ s after its first flow,
-# the count climbing at the arrival rate all the while). So in its first GC_WINDOW a namespace's
-# climb is held as "not yet known growth" until the watch has seen it quiet: one interval without
-# a rise above QUIET_RATE/s (idle, a trickle, or a GC pass, after which the high-water rule has
-# the churn's peak to measure against). A flood that begins after the start is growth at once; a
-# climb that was going on when the watch began is held while the table is below [thresholds]
-# warn, above which the high-water rule judges alone (a flood already running when the daemon
-# started is bumped from there, not at `act`).
+# entries (6.18 here: 0 after 3,000 new flows). So in its first GC_WINDOW a namespace's climb is
+# held as "not yet known growth" while all of these hold: the watch has not seen it quiet (one
+# interval without a rise above QUIET_RATE/s: idle, a trickle, or a GC pass, after which the
+# high-water rule has the churn's peak to measure against); its demand is within CHURN_SPAN times
+# what it was when the watch began; the table is below [thresholds] warn. Churn climbs between
+# passes by what expired since the last one: with the shortest default timeouts (UDP, ICMP: 30 s)
+# and passes at most GC_SCAN_INTERVAL_MAX (60 s) apart, at most (30 + 60) / 30 = 3 times its live
+# entries. A flood that begins after the start is growth at once (the watch saw the table quiet,
+# or the flood passes 3x); a flood already running at the start is bumped from `warn`.
 QUIET_RATE = 100.0
+CHURN_SPAN = 3.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -195,36 +196,25 @@ def current_rate(history: History, sample: Sample, inode: int, warn: float = 1.0
 
 
 def held_in_first_window(history: History, sample: Sample, inode: int, warn: float = 1.0) -> bool:
-    """Namespace `inode` has climbed since its watch began, less than GC_WINDOW ago, and is below
-    `warn`: its climb may be churn between the kernel's GC passes (see GC_WINDOW and QUIET_RATE)."""
+    """Namespace `inode` has climbed in every interval since its watch began, less than GC_WINDOW
+    ago, to within CHURN_SPAN times its demand then, and is below `warn`: its climb may be churn
+    between the kernel's GC passes (see GC_WINDOW). The intervals are those of History.points
+    (full turns and quiet ticks), which reach back GC_WINDOW: the whole watch while it is held."""
     ns = next((n for n in sample.namespaces if n.inode == inode), None)
     w = next((w for w in history.watched if w[0] == inode), None)
     if ns is None or w is None:
         return False
-    _, since, quiet = w
-    return not quiet and sample.at.boot - since < GC_WINDOW and sample.fill(ns) < warn
+    _, since, demand0 = w
+    if sample.at.boot - since >= GC_WINDOW or sample.fill(ns) >= warn or demand(ns) > CHURN_SPAN * demand0:
+        return False
+    seen = [(t, d) for t, counts in history.points for i, d in counts if i == inode and t >= since]
+    return not any(d2 - d1 <= QUIET_RATE * (t2 - t1) for (t1, d1), (t2, d2) in zip(seen, seen[1:]))
 
 
-def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, bool], ...]:
-    """The watches of the namespaces in `sample` (History.watched): begun at their first sample,
-    quiet once an interval since shows no rise above QUIET_RATE/s."""
+def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int], ...]:
+    """When each namespace in `sample` was first sampled, and its demand then (History.watched)."""
     old = {w[0]: w for w in h.watched}
-    last = {}
-    for t, counts in h.points:
-        for inode, d in counts:
-            last[inode] = (t, d)
-    now = sample.at.boot
-    out = []
-    for ns in sample.namespaces:
-        w = old.get(ns.inode)
-        if w is None:
-            w = (ns.inode, now, False)
-        elif not w[2] and ns.inode in last and now > last[ns.inode][0]:
-            t, d = last[ns.inode]
-            if demand(ns) - d <= QUIET_RATE * (now - t):
-                w = (ns.inode, w[1], True)
-        out.append(w)
-    return tuple(out)
+    return tuple(old.get(ns.inode, (ns.inode, sample.at.boot, demand(ns))) for ns in sample.namespaces)
 
 
 def _bumps_in_last_hour(history: History, now: Instant) -> int:

@@ -417,10 +417,9 @@ class History:
     # boot time of the sample the counters above were read at (decide.attack_shape compares with it).
     invalid_base: tuple[tuple[int, float, float], ...] = ()
     counters_at: float | None = None
-    # Each namespace's watch (decide.held_in_first_window): (inode, boot time it was first sampled,
-    # whether an interval since showed it quiet). Not saved: a restarted daemon has no GC window of
-    # its own yet, and starts its watches again.
-    watched: tuple[tuple[int, float, bool], ...] = ()
+    # When each namespace was first sampled and its demand then (inode, boot time, demand;
+    # decide.held_in_first_window). Not saved: a restarted daemon has no GC window of its own yet.
+    watched: tuple[tuple[int, float, int], ...] = ()
     incident: Incident | None = None          # the open incident
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)

@@ -103,8 +103,8 @@ def test_the_rate_is_the_rise_above_the_windows_high():
 
 def churn_from_start(until: float, low: int = 140000, rate: float = 12000.0, gc_every: float = 3.0,
                      offset: float = 2.0, step: float = 1.0, flood: float = 0.0, flood_at: float = 1e9):
-    """A 262,144 table at 60% (140k-176k: below [thresholds] warn, above which the high-water rule
-    judges alone) with 12k/s arrivals and as many expiring, GC passes `gc_every` s apart, first
+    """A 262,144 table at 60% (140k-176k: below [thresholds] warn and within 3x of any start, beyond
+    which the high-water rule judges alone) with 12k/s arrivals and as many expiring, GC passes `gc_every` s apart, first
     sampled `offset` s into a climb. From `flood_at`, `flood` more new flows/s, never reaped."""
     out = []
     t = 0.0
@@ -154,6 +154,8 @@ FIRST_WINDOW_FLOODS = [
      [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 1.5)))) for t in range(0, 50)], 1.5, 0.1),
     ("the same flood from 0.1 s, one quiet interval after the start: bumped at once",
      [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 0.1)))) for t in range(0, 30)], 0.1, 0.1),
+    ("idle 8,192 (500 entries), 20k/s from right after the first sample (no quiet interval seen): past 3x, at once",
+     [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 0.01)))) for t in range(0, 30)], 0.01, 0.1),
     ("a flood of 20k/s already running when the watch began, into 40% of 262,144: bumped from warn, before full",
      [smp(t / 10, 262144, min(262144, 105000 + 2000 * t)) for t in range(0, 80)], 0.0, 4.0),
 ]
