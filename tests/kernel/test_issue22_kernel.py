@@ -224,14 +224,15 @@ def test_ipv6_dead_upstream_through_a_gateway_whose_clients_only_its_nat_rule_na
 def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tmp_path: Path) -> None:
     # Issue 22: a table with steady churn, the daemon just started (no GC window of its own yet):
     # between the kernel's GC passes the count climbs at the arrival rate, which read as growth
-    # and was bumped in the first minute. Scaled to this shared machine: 1,500 new UDP flows/s
-    # with a 2 s timeout (the receiver's own sysctl) into a table of 262,144, with [thresholds]
+    # and was bumped in the first minute. Scaled to this shared machine: 1,000 new UDP flows/s
+    # with a 10 s timeout (the receiver's own sysctl) into a table of 262,144, with [thresholds]
     # horizon = 300 so that any climb of the churn reads "full within the horizon" unless it is
     # recognised as churn (the row's 60% table at 12k/s, in small). The kernel's GC is global and
     # lazy here (kernel 6.18, other tests' long-lived entries in the table): a new namespace's
-    # first pass came 16 to more than 45 s after its first flow, then every ~6 s, so the table
-    # climbs at the arrival rate for most of the daemon's first minute.
-    # Then, still in that minute, 20,000 flows as fast as one sender can: bumped at once, no drop.
+    # first pass came 16 to 45+ s after its first flow, so the daemon starts once one was seen.
+    # Then, still in its first minute, a flood of 30,000 new flows/s (150,000 in 5 s: full within
+    # the horizon): bumped within a second of its start, with no kernel drop. (A burst of 20,000
+    # into this table is not bumped, before or after: it stops with the table at 15%.)
     import subprocess
     import sys
 
@@ -240,11 +241,18 @@ def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tm
     policy = write_policy(tmp_path, "[thresholds]\nhorizon = 300\n[bump]\nceiling = 4194304\n", persist_mode="never")
     with saved_kernel_values(), netns_pair("ctgch") as pair:
         set_max(262144)
-        pair.exec(pair.receiver, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=2")
+        pair.exec(pair.receiver, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=10")
         churn = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", FLOOD_SCRIPT,
-                                  pair.receiver_addr, str(1500 * 120), "1500", "1"], stdout=subprocess.DEVNULL)
+                                  pair.receiver_addr, str(1000 * 180), "1000", "1"], stdout=subprocess.DEVNULL)
         try:
-            time.sleep(3.0)
+            high = [0]
+
+            def gc_pass() -> bool:
+                c = pair.count()
+                high[0] = max(high[0], c)
+                return c < high[0] * 0.8
+            if not wait_for(gc_pass, 90, interval=0.2):
+                pytest.skip(f"the kernel made no GC pass in 90 s (count up to {high[0]}): no steady churn to start in")
             counts = []
             with Running(policy) as daemon:
                 t0 = time.monotonic()
@@ -255,9 +263,11 @@ def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tm
                 churn_max = get_max()
                 drops_before = pair.drops()
                 t1 = time.monotonic()
-                pair.flood_udp(20000, first_port=30000)
+                flood = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", FLOOD_SCRIPT,
+                                          pair.receiver_addr, "150000", "30000", "30000"], stdout=subprocess.DEVNULL)
                 bumped = wait_for(lambda: get_max() > 262144, 10)
                 took = time.monotonic() - t1
+                flood.wait(30)
                 time.sleep(1.0)
                 drops = pair.drops() - drops_before
                 final = get_max()
@@ -265,10 +275,10 @@ def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tm
         finally:
             churn.kill()
             churn.wait()
-        print(f"churn 1500/s, 2 s: counts {min(counts)}..{max(counts)} of 262144 over 25 s after the start, "
-              f"bumps then {[(b['old'], b['new']) for b in churn_bumps]}; flood of 20000: max -> {final} "
+        print(f"churn 1000/s, 10 s: counts {min(counts)}..{max(counts)} of 262144 over 25 s after the start, "
+              f"bumps then {[(b['old'], b['new']) for b in churn_bumps]}; flood of 30,000/s: max -> {final} "
               f"within {took:.1f} s of its start, {drops} drops")
         assert max(counts) > 6000 and max(counts) < 0.7 * 262144, counts   # churn, below warn
-        assert not churn_bumps and churn_max == 262144, ([b.get("reason") for b in churn_bumps], [ln[:700] for ln in out.splitlines() if "raised" in ln][:3])
-        assert bumped, out
+        assert not churn_bumps and churn_max == 262144, [ln[:400] for ln in out.splitlines() if "raised" in ln][:3]
+        assert bumped and took < 2.0, (took, out)
         assert drops == 0, f"{drops} packets dropped"
