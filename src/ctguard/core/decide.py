@@ -34,8 +34,8 @@ GC_WINDOW = 60.0
 # Until a namespace has been watched for a GC window there may be no high to measure against: a
 # table with steady churn first read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s
 # arrivals and as many expiring, bumped within the first minute after a start). The kernel's
-# `insert` counter would give the arrivals, but kernels >= 6.x no longer count it for packet-path
-# entries (6.18 here: 0 after 3,000 new flows). So in its first GC_WINDOW a namespace's climb is
+# `insert` counter would give the arrivals, but the running kernel does not count packet-path
+# entries in it (6.18 here: 0 after 3,000 new flows). So in its first GC_WINDOW a namespace's climb is
 # held as "not yet known growth" while all of these hold: the watch has not seen it quiet (one
 # interval without a rise above QUIET_RATE/s: idle, a trickle, or a GC pass, after which the
 # high-water rule has the churn's peak to measure against); its demand is within CHURN_SPAN times
