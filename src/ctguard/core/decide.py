@@ -37,8 +37,9 @@ GC_WINDOW = 60.0
 # `insert` counter would give the arrivals, but the running kernel does not count packet-path
 # entries in it (6.18 here: 0 after 3,000 new flows). So in its first GC_WINDOW a namespace's climb is
 # held as "not yet known growth" while all of these hold: the watch has not seen it quiet (one
-# interval without a rise above QUIET_RATE/s: idle, a trickle, or a GC pass, after which the
-# high-water rule has the churn's peak to measure against); its demand is within CHURN_SPAN times
+# interval flat within QUIET_RATE/s: idle or a trickle; or a fall after a rise it saw: a GC pass
+# whose peak the high-water rule can now measure against; a fall seen first, the watch begun
+# during a pass, leaves the high below the churn's peak); its demand is within CHURN_SPAN times
 # what it was when the watch began; the table is below [thresholds] warn. Churn climbs between
 # passes by what expired since the last one: with the shortest default timeouts (UDP, ICMP: 30 s)
 # and passes at most GC_SCAN_INTERVAL_MAX (60 s) apart, at most (30 + 60) / 30 = 3 times its live
@@ -208,7 +209,15 @@ def held_in_first_window(history: History, sample: Sample, inode: int, warn: flo
     if sample.at.boot - since >= GC_WINDOW or sample.fill(ns) >= warn or demand(ns) > CHURN_SPAN * demand0:
         return False
     seen = [(t, d) for t, counts in history.points for i, d in counts if i == inode and t >= since]
-    return not any(d2 - d1 <= QUIET_RATE * (t2 - t1) for (t1, d1), (t2, d2) in zip(seen, seen[1:]))
+    rose = False
+    for (t1, d1), (t2, d2) in zip(seen, seen[1:]):
+        slack = QUIET_RATE * (t2 - t1)
+        if abs(d2 - d1) <= slack:
+            return False        # flat: idle or a trickle
+        if d2 < d1 and rose:
+            return False        # a GC pass after a climb the watch saw: its peak is the high to measure against
+        rose = rose or d2 > d1
+    return True
 
 
 def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int], ...]:
