@@ -232,7 +232,7 @@ def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tm
     # first pass came 16 to 45+ s after its first flow, so the daemon starts once one was seen,
     # and must not bump during its first climb, up to the next pass.
     # Then, still in its first minute, a flood of 30,000 new flows/s (150,000 in 5 s: full within
-    # the horizon): bumped within a second of its start, with no kernel drop. (A burst of 20,000
+    # the horizon): bumped within 2.5 s of its start (idle sampling every 1 s), with no kernel drop. (A burst of 20,000
     # into this table is not bumped, before or after: it stops with the table at 15%.)
     import subprocess
     import sys
@@ -290,5 +290,5 @@ def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tm
               f"within {took:.1f} s of its start, {drops} drops")
         assert max(counts) > 6000 and max(counts) < 0.7 * 262144, counts   # churn, below warn
         assert not churn_bumps and churn_max == 262144, [ln[:400] for ln in out.splitlines() if "raised" in ln][:3]
-        assert bumped and took < 2.0, (took, out)
+        assert bumped and took < 2.5, (took, out)   # 1 s idle sampling, then a fresh rate
         assert drops == 0, f"{drops} packets dropped"
