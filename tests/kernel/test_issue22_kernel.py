@@ -142,3 +142,156 @@ def test_a_look_reads_the_namespaces_own_addresses_and_routes() -> None:
                    (NamespaceReading(pair.receiver_inode, pair.receiver, shape.seen, ()),), shape)
         attack, note = judge(p, s, History(), pair.receiver_inode)
         assert attack is None and "internal clients" in note, (attack, note)
+
+
+# Internal IPv6 clients each open `n` TCP connections to one dead upstream: one SYN per flow
+# (a non-blocking connect, the socket closed at once: no retransmission, no RST), from
+# addresses argv[3:] in turn.
+_V6_SYNS = r"""
+import socket, sys
+dst, n, srcs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+for i in range(n):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.bind((srcs[i % len(srcs)], 0))
+    s.connect_ex((dst, 443))
+    s.close()
+"""
+
+
+def test_ipv6_dead_upstream_through_a_gateway_whose_clients_only_its_nat_rule_names() -> None:
+    # Issue 22 (IPv6, and the NAT rules as host knowledge), on the real kernel without a daemon:
+    # a gateway namespace forwards for clients in fd00:77::/64, which it has no route or address
+    # for (in a real network they sit behind an access router reached by policy routing), named
+    # only by its `ip6 saddr fd00:77::/64 masquerade` rule. The clients retry one dead upstream
+    # 2001:db8:dead::7 (routed to a neighbour that never answers). A look into the gateway's
+    # table must read the IPv6 entries, see the clients as internal through the NAT rule, and
+    # the guard must call it an outage, not an attack; without the rule's prefix, an attack.
+    from dataclasses import replace
+
+    from ctguard.config import policy as policy_mod
+    from ctguard.core.decide import judge
+    from ctguard.core.model import History, Instant, KernelLimits, NamespaceReading, Sample
+    from ctguard.host.clock import Clock
+    from ctguard.host.kernel import Kernel
+    from ctguard.host.observe import Observer
+
+    with saved_kernel_values(), netns_pair("ctg6") as pair:
+        set_max(65536)
+        client, gw = pair.sender, pair.receiver
+        dev_c = pair.exec(client, "ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        dev_g = pair.exec(gw, "ip", "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip().split("@")[0]
+        clients = [f"fd00:77::{i:x}" for i in range(16, 24)]
+        for a in clients:
+            pair.exec(client, "ip", "-6", "addr", "add", f"{a}/128", "dev", dev_c, "nodad")
+        pair.exec(client, "ip", "-6", "addr", "add", "fd00:10::2/64", "dev", dev_c, "nodad")
+        pair.exec(client, "ip", "-6", "route", "add", "default", "via", "fd00:10::1", "dev", dev_c)
+        pair.exec(gw, "ip", "-6", "addr", "add", "fd00:10::1/64", "dev", dev_g, "nodad")
+        pair.exec(gw, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        # The dead upstream: a route back out of the same link to a neighbour whose address no one
+        # answers (a static neighbour entry, so nothing waits for neighbour discovery).
+        pair.exec(gw, "ip", "-6", "neigh", "add", "fd00:10::99", "lladdr", "02:00:00:00:00:99", "dev", dev_g)
+        pair.exec(gw, "ip", "-6", "route", "add", "2001:db8:dead::/48", "via", "fd00:10::99", "dev", dev_g)
+        nat = ("table ip6 ctg6nat {\n chain post { type nat hook postrouting priority 100;\n"
+               "  ip6 saddr fd00:77::/64 masquerade\n }\n}\n")
+        import subprocess
+        import sys
+        subprocess.run(["ip", "netns", "exec", gw, "nft", "-f", "-"], input=nat, text=True, check=True, capture_output=True)
+        pair.exec(client, sys.executable, "-c", _V6_SYNS, "2001:db8:dead::7", "1500", *clients)
+
+        obs = Observer(Kernel(), Clock(), "all")
+        obs.rediscover()
+        p = policy_mod.loads("[guard]\nmin_sources = 4\n", "t.toml")
+        shape = obs.shape(pair.receiver_inode, p.guard)
+        assert not shape.error, shape.error
+        host = shape.host
+        print(f"IPv6 dead upstream: {shape.seen} entries, {shape.suspicious} unanswered, top {shape.top_dst} "
+              f"x{shape.top_dst_count}, sources {shape.top_sources}, host {host}")
+        assert host is not None and host.nat and "fd00:77::/64" in host.nat_sources, host
+        assert host.is_local("fd00:10::1") and "fd00:10::/64" in host.internal, host
+        assert shape.top_dst == "2001:db8:dead::7" and shape.top_dst_count >= 1000, shape
+        assert set(shape.top_sources) <= set(clients) and shape.top_sources, shape
+        s = Sample(Instant(0, 0), KernelLimits(65536, 65536, 256, 1 << 34, 1 << 33),
+                   (NamespaceReading(pair.receiver_inode, gw, shape.seen, ()),), shape)
+        attack, note = judge(p, s, History(), pair.receiver_inode)
+        assert attack is None and "outage" in note and "NAT gateway" in note, (attack, note)
+        # The same look without what the NAT rule says: clients from nowhere it knows.
+        blind = replace(shape, host=replace(host, nat_sources=()))
+        attack, _ = judge(p, replace(s, shape=blind), History(), pair.receiver_inode)
+        assert attack is not None, "without the NAT rule's prefix the clients are outside sources"
+
+
+def test_steady_churn_right_after_the_start_is_not_growth_and_a_flood_then_is(tmp_path: Path) -> None:
+    # Issue 22: a table with steady churn, the daemon just started (no GC window of its own yet):
+    # between the kernel's GC passes the count climbs at the arrival rate, which read as growth
+    # and was bumped in the first minute. Scaled to this shared machine: 1,000 new UDP flows/s
+    # with a 10 s timeout (the receiver's own sysctl) into a table of 262,144, with [thresholds]
+    # horizon = 300 so that any climb of the churn reads "full within the horizon" unless it is
+    # recognised as churn (the row's 60% table at 12k/s, in small). The kernel's GC is global and
+    # lazy here (kernel 6.18, other tests' long-lived entries in the table): a new namespace's
+    # first pass came 16 to 45+ s after its first flow, so the daemon starts once one was seen,
+    # and must not bump during its first climb, up to the next pass.
+    # Then, still in its first minute, a flood of 30,000 new flows/s (150,000 in 5 s: full within
+    # the horizon): bumped while the table is below warn, with no kernel drop. (A burst of 20,000
+    # into this table is not bumped, before or after: it stops with the table at 15%.)
+    import subprocess
+    import sys
+
+    from helpers.kernelenv import FLOOD_SCRIPT
+
+    policy = write_policy(tmp_path, "[thresholds]\nhorizon = 300\n[bump]\nceiling = 4194304\n", persist_mode="never")
+    with saved_kernel_values(), netns_pair("ctgch") as pair:
+        set_max(262144)
+        pair.exec(pair.receiver, "sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=10")
+        churn = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", FLOOD_SCRIPT,
+                                  pair.receiver_addr, str(1000 * 180), "1000", "1"], stdout=subprocess.DEVNULL)
+        try:
+            high = [0]
+
+            def gc_pass() -> bool:
+                c = pair.count()
+                high[0] = max(high[0], c)
+                return c < high[0] * 0.8
+            if not wait_for(gc_pass, 90, interval=0.2):
+                pytest.skip(f"the kernel made no GC pass in 90 s (count up to {high[0]}): no steady churn to start in")
+            counts = []
+            with Running(policy) as daemon:
+                # The daemon's first climb: from its start to the kernel's next GC pass. (After a
+                # pass the high-water rule has the churn's peak to measure against, as after the
+                # first minute; a later pass that comes later than the last can still let the count
+                # climb past that peak, which horizon = 300 reads as growth and the default 10 s not.)
+                t0 = time.monotonic()
+                high[0] = 0
+                while time.monotonic() - t0 < 40:
+                    counts.append(pair.count())
+                    if len(counts) > 8 and gc_pass():
+                        break
+                    time.sleep(0.25)
+                climb = time.monotonic() - t0
+                churn_bumps = daemon.bumps()
+                churn_max = get_max()
+                drops_before = pair.drops()
+                t1 = time.monotonic()
+                flood = subprocess.Popen(["ip", "netns", "exec", pair.sender, sys.executable, "-c", FLOOD_SCRIPT,
+                                          pair.receiver_addr, "150000", "30000", "30000"], stdout=subprocess.DEVNULL)
+                bumped = wait_for(lambda: get_max() > 262144, 10)
+                took = time.monotonic() - t1
+                at_bump = pair.count()
+                flood.wait(30)
+                time.sleep(1.0)
+                drops = pair.drops() - drops_before
+                final = get_max()
+                out = daemon.output()
+        finally:
+            churn.kill()
+            churn.wait()
+        print(f"churn 1000/s, 10 s: counts {min(counts)}..{max(counts)} of 262144 over the {climb:.1f} s from the "
+              f"start to the next GC pass, "
+              f"bumps then {[(b['old'], b['new']) for b in churn_bumps]}; flood of 30,000/s: max -> {final} "
+              f"within {took:.1f} s of its start (count then {at_bump}), {drops} drops")
+        assert max(counts) > 6000 and max(counts) < 0.7 * 262144, counts   # churn, below warn
+        assert not churn_bumps and churn_max == 262144, [ln[:400] for ln in out.splitlines() if "raised" in ln][:3]
+        # Bumped while the table is still below warn: the flood first climbs past the churn's peak
+        # (the high-water rule), then a 1 s idle sample and a fresh one 20 ms later size it.
+        assert bumped and at_bump < 0.7 * 262144, (took, at_bump, out)
+        assert drops == 0, f"{drops} packets dropped"

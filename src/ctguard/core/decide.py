@@ -31,6 +31,22 @@ RATE_WINDOW = 3.0           # seconds of samples kept whole to estimate growth
 # 12000/s, full in 8.7 s" and was bumped). Growth counts only the demand above the highest seen
 # in the last GC_WINDOW seconds (points older than RATE_WINDOW kept one a second).
 GC_WINDOW = 60.0
+# Until a namespace has been watched for a GC window there may be no high to measure against: a
+# table with steady churn first read mid-climb looks like growth (issue 22: 60% of 262,144, 12k/s
+# arrivals and as many expiring, bumped within the first minute after a start). The kernel's
+# `insert` counter would give the arrivals, but the running kernel does not count packet-path
+# entries in it (6.18 here: 0 after 3,000 new flows). So in its first GC_WINDOW a namespace's climb is
+# held as "not yet known growth" while all of these hold: the watch has not seen it quiet (one
+# interval flat within QUIET_RATE/s: idle or a trickle; or a fall after a rise it saw: a GC pass
+# whose peak the high-water rule can now measure against; a fall seen first, the watch begun
+# during a pass, leaves the high below the churn's peak); its demand is within CHURN_SPAN times
+# what it was when the watch began; the table is below [thresholds] warn. Churn climbs between
+# passes by what expired since the last one: with the shortest default timeouts (UDP, ICMP: 30 s)
+# and passes at most GC_SCAN_INTERVAL_MAX (60 s) apart, at most (30 + 60) / 30 = 3 times its live
+# entries. A flood that begins after the start is growth at once (the watch saw the table quiet,
+# or the flood passes 3x); a flood already running at the start is bumped from `warn`.
+QUIET_RATE = 100.0
+CHURN_SPAN = 3.0
 HOUR = 3600.0
 REWARN_AFTER = HOUR         # a pressure episode that lasts is warned about again every hour
 MIN_CAPTURE_GAP = 5.0       # even with cooldown = 0, do not capture more often than this
@@ -153,7 +169,7 @@ def flows_lost(ns) -> int:
     return ns.stat("early_drop") + ns.stat("insert_failed")
 
 
-def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, float]:
+def current_rate(history: History, sample: Sample, inode: int, warn: float = 1.0) -> tuple[float, float]:
     """(growth since the previous sample, that sample's age in seconds); (0, inf) without one.
 
     The one rate: the growth trigger, the bump's size, its journal entry and the decision all
@@ -173,7 +189,10 @@ def current_rate(history: History, sample: Sample, inode: int) -> tuple[float, f
     for t, counts in reversed(history.points):
         before = dict(counts).get(inode)
         if before is not None and now - t > 0.0:
-            return (current - max(before, high if high is not None else before)) / (now - t), now - t
+            rise = (current - max(before, high if high is not None else before)) / (now - t)
+            if rise > 0 and held_in_first_window(history, sample, inode, warn):
+                rise = 0.0
+            return rise, now - t
     return 0.0, math.inf
 
 
@@ -187,6 +206,36 @@ def arrivals(history: History, sample: Sample, inode: int) -> float:
     before = dict(history.drops).get(inode)
     dropped = max(0, ns.drops - before) if ns is not None and before is not None else 0
     return max(0.0, growth) + dropped / age
+
+
+def held_in_first_window(history: History, sample: Sample, inode: int, warn: float = 1.0) -> bool:
+    """Namespace `inode` has climbed in every interval since its watch began, less than GC_WINDOW
+    ago, to within CHURN_SPAN times its demand then, and is below `warn`: its climb may be churn
+    between the kernel's GC passes (see GC_WINDOW). The intervals are those of History.points
+    (full turns and quiet ticks), which reach back GC_WINDOW: the whole watch while it is held."""
+    ns = next((n for n in sample.namespaces if n.inode == inode), None)
+    w = next((w for w in history.watched if w[0] == inode), None)
+    if ns is None or w is None:
+        return False
+    _, since, demand0 = w
+    if sample.at.boot - since >= GC_WINDOW or sample.fill(ns) >= warn or demand(ns) > CHURN_SPAN * demand0:
+        return False
+    seen = [(t, d) for t, counts in history.points for i, d in counts if i == inode and t >= since]
+    rose = False
+    for (t1, d1), (t2, d2) in zip(seen, seen[1:]):
+        slack = QUIET_RATE * (t2 - t1)
+        if abs(d2 - d1) <= slack:
+            return False        # flat: idle or a trickle
+        if d2 < d1 and rose:
+            return False        # a GC pass after a climb the watch saw: its peak is the high to measure against
+        rose = rose or d2 > d1
+    return True
+
+
+def _watched(h: History, sample: Sample) -> tuple[tuple[int, float, int], ...]:
+    """When each namespace in `sample` was first sampled, and its demand then (History.watched)."""
+    old = {w[0]: w for w in h.watched}
+    return tuple(old.get(ns.inode, (ns.inode, sample.at.boot, demand(ns))) for ns in sample.namespaces)
 
 
 def _bumps_in_last_hour(history: History, now: Instant) -> int:
@@ -305,7 +354,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     worst = sample.worst
     worst_inode = worst.inode if worst else None
     fill = sample.worst_fill
-    rate, ref_age = current_rate(history, sample, worst_inode) if worst_inode is not None else (0.0, math.inf)
+    rate, ref_age = (current_rate(history, sample, worst_inode, policy.thresholds.warn) if worst_inode is not None
+                     else (0.0, math.inf))
     # A table-full line names its namespace; trust it over the sample for which one is worst.
     event_ns = next((e.netns for e in events if e.live and e.netns), None)
     netns = event_ns or worst_inode
@@ -952,6 +1002,7 @@ def advance(history: History, sample: Sample | None, events: Sequence[TableFull]
         changes["invalid"] = tuple((ns.inode, ns.stat("invalid")) for ns in sample.namespaces)
         changes["invalid_base"] = _invalid_base(h, sample, policy)
         changes["counters_at"] = sample.at.boot
+        changes["watched"] = _watched(h, sample)
         point = (sample.at.boot, tuple((ns.inode, demand(ns)) for ns in sample.namespaces))
         changes["points"] = _keep_points(h.points, sample.at.boot) + (point,)
         if sample.worst_fill >= policy.thresholds.warn:

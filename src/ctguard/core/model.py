@@ -76,22 +76,29 @@ class KernelLimits:
 class HostFacts:
     """What a namespace's own network says about an address (host.hostrole.facts): its local
     addresses, the prefixes it routes without its default route (connected networks and specific
-    routes: the internal side), whether it forwards and has NAT rules (its role)."""
+    routes: the internal side), the source prefixes its NAT rules translate (clients a gateway
+    reaches by policy routing or through an access router need not be in the main table), whether
+    it forwards and has source-NAT rules (its role). IPv4 and IPv6 alike."""
 
     local: tuple[str, ...] = ()         # addresses of this namespace
     internal: tuple[str, ...] = ()      # CIDR prefixes reached without the default route
     forwarding: bool = False
     nat: bool = False
+    nat_sources: tuple[str, ...] = ()   # CIDR prefixes its masquerade/snat rules match as sources
 
     def is_local(self, addr: str) -> bool:
-        return addr in self.local
+        ip = _ip(addr)
+        if ip is None:
+            return addr in self.local
+        return any(_ip(a) == ip for a in self.local)
 
     def is_internal(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
+        ip = _ip(addr)
+        if ip is None:
             return False
-        for prefix in self.internal:
+        if ip.version == 6 and ip.is_link_local:
+            return True     # fe80::/10 never crosses a router: the sender is on one of our links
+        for prefix in self.internal + self.nat_sources:
             try:
                 if ip in ipaddress.ip_network(prefix, strict=False):
                     return True
@@ -106,6 +113,14 @@ class HostFacts:
         if self.forwarding:
             return "router"
         return "end host"
+
+
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as the kernel and the tools write it ("fd00::1", "fe80::1%eth0"), or None."""
+    try:
+        return ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -433,6 +448,9 @@ class History:
     # boot time of the sample the counters above were read at (decide.attack_shape compares with it).
     invalid_base: tuple[tuple[int, float, float], ...] = ()
     counters_at: float | None = None
+    # When each namespace was first sampled and its demand then (inode, boot time, demand;
+    # decide.held_in_first_window). Not saved: a restarted daemon has no GC window of its own yet.
+    watched: tuple[tuple[int, float, int], ...] = ()
     incident: Incident | None = None          # the open incident
     last_incident: Incident | None = None     # the last one that ended
     sizing_peak: int = 0                      # highest worst count since the last persist (what persists is sized on)

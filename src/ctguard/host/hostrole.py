@@ -218,10 +218,80 @@ def parse_local(fib_trie: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+RTF_REJECT = 0x0200           # include/uapi/linux/route.h: an unreachable/prohibit route, not a network
+RTF_LOCAL = 0x80000000        # include/uapi/linux/ipv6_route.h: the namespace's own address (local table)
+RTF_ANYCAST = 0x00100000      # ... and a subnet-router anycast address of its own (fd00:10::/128): not a network
+
+
+def parse_routes6(text: str) -> tuple[str, ...]:
+    """IPv6 prefixes of /proc/net/ipv6_route reached without the default route: connected
+    networks (global, ULA, fe80::/64) and specific routes. Each line is `dest plen src src_plen
+    nexthop metric refcnt use flags iface`, addresses as 32 hex digits, plen and flags hex. Left
+    out: the default (plen 0), unreachable routes (RTF_REJECT), the namespace's own /128s
+    (RTF_LOCAL, RTF_ANYCAST: local, not a network), multicast and loopback."""
+    import ipaddress
+    out = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 10:
+            continue
+        try:
+            addr = ipaddress.IPv6Address(bytes.fromhex(f[0]))
+            plen, flags = int(f[1], 16), int(f[8], 16)
+        except ValueError:
+            continue
+        if plen == 0 or flags & (RTF_REJECT | RTF_LOCAL | RTF_ANYCAST) or addr.is_multicast or addr.is_loopback:
+            continue
+        out.append(str(ipaddress.IPv6Network((addr, plen), strict=False)))
+    return tuple(dict.fromkeys(out))
+
+
+def parse_local6(if_inet6: str) -> tuple[str, ...]:
+    """The namespace's own IPv6 addresses (link-local included, loopback left out) from
+    /proc/net/if_inet6: `address ifindex plen scope flags name`, the address as 32 hex digits."""
+    import ipaddress
+    out = []
+    for line in if_inet6.splitlines():
+        f = line.split()
+        if len(f) < 6:
+            continue
+        try:
+            addr = ipaddress.IPv6Address(bytes.fromhex(f[0]))
+        except ValueError:
+            continue
+        if not addr.is_loopback:
+            out.append(str(addr))
+    return tuple(dict.fromkeys(out))
+
+
+def nat_sources(ruleset: str | None, iptables: str | None = None):
+    """NatSources of a namespace: its nft ruleset (JSON) when read, else `iptables-save` text."""
+    from ctguard.host.nat import NatSources, iptables_nat_sources, nft_nat_sources
+    if ruleset:
+        return nft_nat_sources(ruleset)
+    if iptables:
+        return iptables_nat_sources(iptables)
+    return NatSources()
+
+
+def _run(argv: list[str], timeout: float = 1.0) -> str | None:
+    """A program's output, or None (missing, failed, or slower than `timeout`: a guard look must
+    stay short, and a huge kube-proxy ruleset can take seconds to list)."""
+    exe = shutil.which(argv[0])
+    if exe is None:
+        return None
+    try:
+        res = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
 def facts(netns_path: str | None):
     """HostFacts of the namespace at `netns_path` (None: ctguard's own), read from inside it in a
-    short thread (routes, local addresses, forwarding; /proc/thread-self/net is the thread's
-    namespace). IPv4 only; a source that cannot be read leaves its part empty."""
+    short thread (IPv4 and IPv6 routes and local addresses, forwarding, the source-NAT rules;
+    /proc/thread-self/net is the thread's namespace, and programs it starts run there). A source
+    that cannot be read leaves its part empty."""
     from ctguard.core.model import HostFacts
     from ctguard.host.netns import run_in_netns
 
@@ -232,8 +302,13 @@ def facts(netns_path: str | None):
                     return fh.read()
             except OSError:
                 return ""
-        forwarding = text("/proc/sys/net/ipv4/ip_forward").strip() == "1"
-        return HostFacts(local=parse_local(text("/proc/thread-self/net/fib_trie")),
-                         internal=parse_routes(text("/proc/thread-self/net/route")), forwarding=forwarding)
+        net = "/proc/thread-self/net/"
+        forwarding = (text("/proc/sys/net/ipv4/ip_forward").strip() == "1"
+                      or text("/proc/sys/net/ipv6/conf/all/forwarding").strip() == "1")
+        ruleset = _run(["nft", "-j", "list", "ruleset"])
+        nat = nat_sources(ruleset, None if ruleset is not None else _run(["iptables-save", "-t", "nat"]))
+        return HostFacts(local=parse_local(text(net + "fib_trie")) + parse_local6(text(net + "if_inet6")),
+                         internal=parse_routes(text(net + "route")) + parse_routes6(text(net + "ipv6_route")),
+                         forwarding=forwarding, nat=nat.rules > 0, nat_sources=nat.prefixes)
 
     return run_in_netns(netns_path, read)

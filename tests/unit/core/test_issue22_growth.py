@@ -97,3 +97,78 @@ def test_the_rate_is_the_rise_above_the_windows_high():
     assert current_rate(h, smp(0, 262144, 150000), INODE)[0] <= 0
     # 170,000 now: 10,000 above the high in 0.25 s.
     assert current_rate(h, smp(0, 262144, 170000), INODE)[0] == pytest.approx(40000)
+
+
+# -- the first GC window: no history yet (the daemon just started, or the namespace just appeared) --
+
+def churn_from_start(until: float, low: int = 140000, rate: float = 12000.0, gc_every: float = 3.0,
+                     offset: float = 2.0, step: float = 1.0, flood: float = 0.0, flood_at: float = 1e9):
+    """A 262,144 table at 60% (140k-176k: below [thresholds] warn and within 3x of any start, beyond
+    which the high-water rule judges alone) with 12k/s arrivals and as many expiring, GC passes `gc_every` s apart, first
+    sampled `offset` s into a climb. From `flood_at`, `flood` more new flows/s, never reaped."""
+    out = []
+    t = 0.0
+    while t <= until + 1e-9:
+        extra = int(flood * max(0.0, t - flood_at))
+        out.append(smp(t, 262144, min(262144, int(low + rate * ((t + offset) % gc_every)) + extra)))
+        t = round(t + step, 6)
+    return out
+
+
+def bumps(ds) -> list[tuple[float, int, int, str]]:
+    return [(round(d_t, 2), a.old, a.new, a.trigger) for d_t, d in ds for a in d.actions if isinstance(a, SetMax)]
+
+
+def timed(samples):
+    h, ds = run(samples)
+    return [(s.at.boot - 1000, d) for s, d in zip(samples, ds)]
+
+
+FIRST_WINDOW_QUIET = [
+    # (Sampled at least every 0.2 s: a slope over an older sample waits for a fresh one, so rows
+    # sampled each second would never bump and say nothing. Before this change the first two
+    # were bumped 262,144 -> 524,288 within 3 s of the start.)
+    ("60% of 262,144, 12k/s churn, GC every 3 s, first sampled 2 s into a climb, each 0.1 s",
+     churn_from_start(90.0, step=0.1)),
+    ("the same first sampled right after a GC pass, each 0.2 s", churn_from_start(90.0, offset=0.0, step=0.2)),
+    ("first sampled during a GC pass (160k, 150k, 140k, then the climb to 176k): the fall alone sets no high",
+     [smp(0.0, 262144, 160000), smp(0.1, 262144, 150000)] + [smp(round(0.2 + x.at.boot - 1000, 6), 262144,
+                                                                 x.namespaces[0].count)
+                                                             for x in churn_from_start(60.0, offset=0.0, step=0.1)]),
+    ("GC every 10 s, 6k/s (100k -> 160k), first sampled 8 s into a climb, each 0.2 s",
+     churn_from_start(90.0, low=100000, rate=6000, gc_every=10.0, offset=8.0, step=0.2)),
+]
+
+
+@pytest.mark.parametrize("name, samples", FIRST_WINDOW_QUIET, ids=[r[0] for r in FIRST_WINDOW_QUIET])
+def test_churn_is_not_growth_in_the_first_minute(name, samples):
+    ds = timed(samples)
+    assert not bumps(ds), (name, bumps(ds), [d.summary for _, d in ds if d.of(SetMax)][:3])
+
+
+def smp8(t: float, count: int) -> Sample:
+    return smp(t, 8192, min(8192, count))
+
+
+FIRST_WINDOW_FLOODS = [
+    # name, samples, the flood's start, bumped within (s)
+    ("churning table, +30k/s new flows from 10 s (past its first GC passes): bumped within 1 s",
+     churn_from_start(20.0, step=0.1, flood=30000, flood_at=10.0), 10.0, 1.0),
+    ("idle 8,192 (500 entries), 20k/s from 1.5 s after the start (bench_ramp): bumped at once",
+     [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 1.5)))) for t in range(0, 50)], 1.5, 0.1),
+    ("the same flood from 0.1 s, one quiet interval after the start: bumped at once",
+     [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 0.1)))) for t in range(0, 30)], 0.1, 0.1),
+    ("idle 8,192 (500 entries), 20k/s from right after the first sample (no quiet interval seen): past 3x, at once",
+     [smp8(t / 20, 500 + max(0, int(20000 * (t / 20 - 0.01)))) for t in range(0, 30)], 0.01, 0.1),
+    ("a flood of 20k/s already running when the watch began, into 40% of 262,144: bumped from warn, before full",
+     [smp(t / 10, 262144, min(262144, 105000 + 2000 * t)) for t in range(0, 80)], 0.0, 4.0),
+]
+
+
+@pytest.mark.parametrize("name, samples, began, within", FIRST_WINDOW_FLOODS, ids=[r[0] for r in FIRST_WINDOW_FLOODS])
+def test_a_real_flood_in_the_first_minute_is_still_bumped(name, samples, began, within):
+    ds = timed(samples)
+    got = bumps(ds)
+    assert got and got[0][0] - began <= within, (name, got[:3], [d.summary for _, d in ds][:12])
+    first = next(i for i, (_, d) in enumerate(ds) if d.of(SetMax))
+    assert samples[first].namespaces[0].count < samples[first].limits.max, (name, "bumped before the table was full")

@@ -19,6 +19,18 @@ GW = HostFacts(local=("10.0.0.1", "203.0.113.2"), internal=("10.0.0.0/8",), forw
 SERVER = HostFacts(local=("192.0.2.10",), internal=("192.0.2.0/24",), forwarding=False, nat=False)
 INTERNAL = tuple(f"10.1.{i}.{j}" for i in range(2) for j in range(1, 5))
 SPOOFED = tuple(f"198.18.{i}.{j}" for i in range(2) for j in range(1, 5))
+# A CGNAT gateway whose clients (100.64.0.0/10) sit behind an access router reached by policy
+# routing: not in its main routing table, named only by its masquerade rule.
+CGN_CLIENTS = tuple(f"100.64.{i}.{j}" for i in range(2) for j in range(1, 5))
+CGN = HostFacts(local=("10.0.0.1", "203.0.113.2"), internal=("10.0.0.0/30",), forwarding=True, nat=True,
+                nat_sources=("100.64.0.0/10",))
+CGN_NO_RULES = HostFacts(local=CGN.local, internal=CGN.internal, forwarding=True, nat=True)
+# IPv6: a gateway with fd00:10::/64 inside (ULA) and fe80::/64 on its links; a server 2001:db8:5::1.
+GW6 = HostFacts(local=("fd00:10::1", "2001:db8:1::2"), internal=("fd00:10::/64", "fe80::/64"), forwarding=True,
+                nat=True)
+SERVER6 = HostFacts(local=("2001:0db8:0005:0000:0000:0000:0000:0001",), internal=("2001:db8:5::/64",))
+INTERNAL6 = tuple(f"fd00:10::{i:x}" for i in range(1, 7)) + ("fe80::1", "fe80::2")
+SPOOFED6 = tuple(f"2001:db8:f00d:{i:x}::1" for i in range(1, 9))
 POLICY = "[guard]\nceiling = 262144\nmin_sources = 256\n[bump]\nceiling = 4194304"
 
 
@@ -58,6 +70,17 @@ ROWS = [
     ("answered traffic from internal clients through a gateway to one port: bumped",
      shape(suspicious=200, sources=4900, answered=4800, dst="8.8.8.8", dst_n=4900, port="udp/53", port_n=4900),
      History(), False, ""),
+    ("CGNAT clients 100.64/10 named only by the masquerade rule, retrying a dead upstream: an outage, bumped",
+     shape(dst="198.51.100.7", dst_n=4200, top=CGN_CLIENTS, host=CGN), History(), False, "outage"),
+    ("the same clients without the NAT rule's prefix: outside sources, guard",
+     shape(dst="198.51.100.7", dst_n=4200, top=CGN_CLIENTS, host=CGN_NO_RULES), History(), True, ""),
+    ("IPv6 gateway, ULA and link-local clients retrying one dead upstream 2001:db8:dead::7: an outage, bumped",
+     shape(dst="2001:db8:dead::7", dst_n=4200, top=INTERNAL6, host=GW6), History(), False, "outage"),
+    ("IPv6 spoofed SYN flood at the gateway's own address from outside prefixes: guard",
+     shape(dst="2001:db8:1::2", dst_n=4500, top=SPOOFED6, host=GW6), History(), True, ""),
+    ("IPv6 spoofed query flood the local resolver answers (its address written long-hand): guard",
+     shape(suspicious=200, sources=4900, answered=4800, dst="2001:db8:5::1", dst_n=4900, port="udp/53", port_n=4900,
+           top=SPOOFED6, host=SERVER6), History(), True, "query flood"),
     ("invalid +80 in 0.1 s with 50 drops, no baseline yet: no judgement, bumped",
      None, History(drops=((NS, 0),), invalid=((NS, 0),), counters_at=1009.9), False, ""),
     ("invalid +80 in 0.1 s on a busy gateway whose calm rate is 700/s: its normal, bumped",
