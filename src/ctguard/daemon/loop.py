@@ -199,7 +199,7 @@ class Daemon:
         assert self._ticks is not None
         counts = self.observer.counts()
         at = self.clock.now().boot
-        if ticks.woken(self._ticks, counts) is None:
+        if ticks.woken(self._ticks, counts, at, self.kernel.read_max_or_none(), self.observer.changed()) is None:
             self._quiet = (at, counts)
             return False
         if self._quiet is not None:
@@ -274,8 +274,9 @@ class Daemon:
         self.notifier.status(self._status_line(f"{decision.summary}; last action: {self.reporter.last_action}"))
         self.events.flush()
         self._ready()
-        self._ticks, self._quiet = ticks.plan(self.policy, sample, decision), None
-        return next_interval(self.policy, decision)
+        self._ticks, self._quiet = ticks.plan(self.policy, sample, decision, self.history), None
+        # A calm host's next full turn is further away, ticks between (ctguard.core.ticks).
+        return self._ticks.full_in if self._ticks is not None else next_interval(self.policy, decision)
 
     def _ready(self) -> None:
         if not self.ready:
@@ -343,8 +344,8 @@ class Daemon:
 
     def _write_metrics(self, sample: Sample) -> None:
         last = self.history.incident or self.history.last_incident
-        self.metrics.write(self.policy, sample, self.history, self.kernel.slab_bytes(), self.saver,
-                           metrics_text(last.started.wall if last else None, self._findings)
+        self.metrics.write(self.policy, sample, self.history, self.kernel.slab_bytes, self.saver,
+                           lambda: metrics_text(last.started.wall if last else None, self._findings)
                            + self.persistwatch.metrics())
 
     # -- signals ------------------------------------------------------------------------------

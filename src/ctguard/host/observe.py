@@ -34,14 +34,27 @@ class Observer:
         self.problems: list[str] = []
         self._facts: dict[int, tuple[float, object]] = {}
 
-    def _run_netns_changed(self) -> bool:
+    def _run_netns_mtime_now(self) -> float | None:
         try:
-            mtime = os.stat(self.run_netns).st_mtime
+            return os.stat(self.run_netns).st_mtime
         except OSError:
-            mtime = None
+            return None
+
+    def _run_netns_changed(self) -> bool:
+        mtime = self._run_netns_mtime_now()
         changed = mtime != self._run_netns_mtime
         self._run_netns_mtime = mtime
         return changed
+
+    def changed(self) -> str:
+        """Why the namespaces being sampled may no longer be all of them ("" when nothing says so),
+        for a tick between full turns: /run/netns changed (a namespace added or deleted), or the
+        /proc scan is due. Only looks: the next sample() rediscovers."""
+        if self.namespaces == "all" and self._run_netns_mtime_now() != self._run_netns_mtime:
+            return f"{self.run_netns} changed"
+        if self.clock.monotonic() - self._last_discovery >= DISCOVER_EVERY:
+            return "the namespaces are due to be found again"
+        return ""
 
     def rediscover(self) -> None:
         if self.namespaces == "host":
