@@ -48,23 +48,33 @@ def _ns_inode(path: str) -> int | None:
         return None
 
 
+def named(run_netns: str | Path = "/run/netns") -> list[NamespaceRef]:
+    """The namespaces bound under /run/netns (`ip netns add`, CNI plugins), by name."""
+    try:
+        names = sorted(os.listdir(run_netns))
+    except OSError:
+        names = []
+    out = []
+    for name in names:
+        path = os.path.join(run_netns, name)
+        ino = _ns_inode(path)
+        if ino is not None:
+            out.append(NamespaceRef(ino, name, path, None))
+    return out
+
+
 def discover(proc_root: str | Path = "/proc", run_netns: str | Path = "/run/netns",
-             self_inode: int | None = None) -> list[NamespaceRef]:
-    """Every network namespace reachable through a process or a /run/netns bind mount."""
+             self_inode: int | None = None, bound: list[NamespaceRef] | None = None) -> list[NamespaceRef]:
+    """Every network namespace reachable through a process or a /run/netns bind mount
+    (`bound`: those of /run/netns when the caller knows them unchanged, see `named`)."""
     proc = Path(proc_root)
     host_inode = self_inode if self_inode is not None else _ns_inode(str(proc / "self/ns/net"))
     found: dict[int, NamespaceRef] = {}
     if host_inode is not None:
         found[host_inode] = NamespaceRef(host_inode, "host", str(proc / "self/ns/net"), None)
-    try:
-        names = sorted(os.listdir(run_netns))
-    except OSError:
-        names = []
-    for name in names:
-        path = os.path.join(run_netns, name)
-        ino = _ns_inode(path)
-        if ino is not None and ino not in found:
-            found[ino] = NamespaceRef(ino, name, path, None)
+    for ref in named(run_netns) if bound is None else bound:
+        if ref.inode not in found:
+            found[ref.inode] = ref
     try:
         all_pids = procs.pids(proc)
     except OSError:
