@@ -4,6 +4,8 @@ at 20/s).
 
     sudo python3 bench/bench_scale.py                      # counts 1,50,250,1000; 30 s idle each; 30 s churn
     sudo python3 bench/bench_scale.py --quick              # counts 1,50; 5 s idle; 5 s churn
+    git archive main src | tar -x -C /tmp/base             # another tree as "before", same invocation:
+    sudo python3 bench/bench_scale.py --baseline /tmp/base/src [--rounds 3]
 
 Each namespace is `ip netns add` plus one nftables `ct state new` rule (so it has a conntrack
 table). The daemon runs `mode = "observe"` (it never writes nf_conntrack_max, so it cannot
@@ -12,10 +14,11 @@ folder.
 
 - Idle: the daemon sees only the benchmark's namespaces (its own mount and PID namespaces, as
   in the lab); CPU = utime + stime of the daemon (and children) from /proc/PID/stat over the
-  window. At `watch.interval = 1` there is one full sample a second (the global max here
-  needs no count-only ticks), so the CPU per second is the cost of one full sample plus the
-  loop's own turn; "first look" is the time from the daemon's start to a status listing every
-  namespace.
+  window (clock ticks: 10 ms, so 20 s resolve 0.5 ms/s). A calm host gets count-only ticks
+  every `watch.interval` (1 s) and a full sample every 5 s (ctguard.core.ticks; before issue 21
+  item 5, a full sample every second); "first look" is the time from the daemon's start to a
+  status listing every namespace. With `--baseline`, each count's namespaces are made once and
+  the two trees' daemons measured in turn on them (`--rounds` times, interleaved; the median).
 - Churn: `--churn-base` namespaces stay; new ones are created at `--churn-rate`/s and each is
   deleted `--churn-life` s after its creation. The daemon sees the host's whole /run/netns
   (a fixed view cannot show namespaces created after the start; other sessions' namespaces are
