@@ -104,6 +104,9 @@ class Daemon:
         self._in_turn = False
         self._ticks: ticks.Ticks | None = None  # count-only reads until the next full turn (ctguard.core.ticks)
         self._quiet: tuple[float, dict[int, int]] | None = None  # the last tick that woke nothing
+        # A reload asks for a full turn at once: a calm host's next one may be 5 s away, and the new
+        # policy (or the rejection) must show in STATUS=, metrics and decisions now.
+        self._turn_now = False
 
     def _note_p99(self) -> None:
         """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
@@ -174,6 +177,9 @@ class Daemon:
                     self.control.expire()
                 if not self.running:
                     break
+                if self._turn_now:
+                    self._turn_now = False
+                    next_sample = min(next_sample, time.monotonic())
                 now = time.monotonic()
                 if not kernel_events and now < next_sample and self._ticks is not None and now >= next_tick:
                     next_tick = now + self._ticks.every
@@ -393,6 +399,7 @@ class Daemon:
     def reload(self) -> list[str]:
         """Load the policy file again; the problems that kept the old policy in force, or []."""
         self.notifier.reloading()
+        self._turn_now = True
         try:
             new = policy_mod.load(self.policy_path)
         except PolicyError as exc:
