@@ -15,7 +15,7 @@ Issue 21 (scale of the host): while every table is calm (no pressure, no inciden
 resize), ticks also stand in for the full turns themselves. A full turn costs ~70 us a namespace
 (the whole stat table parsed, decided, recorded, rendered for metrics): 2.1% of a core idle at 250
 namespaces. A calm host therefore gets a tick every `watch.interval` (or the guard period, when
-shorter) and a full turn only every IDLE_TURN_EVERY seconds, unless a tick wakes one sooner:
+shorter) and a full turn only every IDLE_TURNS intervals (5 s), unless a tick wakes one sooner:
   - a count reaches its wake level (above), or
   - a count has grown, since the last full turn, at a pace that would fill the table within the
     window in which a full turn samples fast (`next_interval`'s "growing": 3 x max(horizon,
@@ -26,7 +26,7 @@ shorter) and a full turn only every IDLE_TURN_EVERY seconds, unless a tick wakes
 What a calm tick does not see: the event counters. `drop` and `early_drop` only move with a full
 table (a count at `warn` wakes a turn, and the kernel's table-full line wakes one at once);
 `insert_failed` (clashes) and `invalid` can move at any fill, and are read at the next full
-turn: within IDLE_TURN_EVERY seconds.
+turn: within IDLE_TURNS intervals.
 
 Pure: the daemon reads the counts and the clock; this decides.
 """
@@ -49,9 +49,10 @@ if TYPE_CHECKING:   # the policy's nouns, typed only: the core never loads a fil
 # (watch.interval) unless it piles up to the same rise first.
 WAKE_SHARE = 0.1
 WAKE_MIN = 16               # entries: a smaller rise is churn, not growth
-# Seconds between full turns while every table is calm, ticks between them (see above): 5 s keeps
-# the idle cost of 250 namespaces under 0.5% of a core and a missed counter (insert_failed) near.
-IDLE_TURN_EVERY = 5.0
+# Full turns while every table is calm come every IDLE_TURNS x watch.interval, ticks between them
+# (see above): 5 s at the default interval keeps the idle cost of 250 namespaces under 0.5% of a
+# core and a missed counter (insert_failed) near; a shorter interval the operator chose shortens it.
+IDLE_TURNS = 5
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def plan(policy: Policy, sample: Sample, decision: Decision, history: History | 
 
     Only an idle table gets ticks: under pressure, while confirming a rate or while growing,
     the full turns come at fast_interval (or the guard period) anyway. A calm host (`calm`) has
-    its next full turn IDLE_TURN_EVERY seconds away, ticks every watch.interval in between."""
+    its next full turn IDLE_TURNS intervals away, ticks every watch.interval in between."""
     if decision.pressure or decision.confirm:
         return None
     guard = guard_interval(policy, decision.headroom)
@@ -92,7 +93,7 @@ def plan(policy: Policy, sample: Sample, decision: Decision, history: History | 
     turn = next_interval(policy, decision)
     every = min(guard, policy.watch.interval)
     idle = turn >= policy.watch.interval and calm(history, sample)
-    full_in = max(turn, IDLE_TURN_EVERY) if idle else turn
+    full_in = max(turn, IDLE_TURNS * policy.watch.interval) if idle else turn
     if every >= full_in:
         return None
     t = policy.thresholds

@@ -161,7 +161,7 @@ class Daemon:
             while self.running:
                 wake = next_sample if self._ticks is None else min(next_sample, next_tick)
                 timeouts = [wake - time.monotonic(), next_watchdog - time.monotonic() if wd else None,
-                            self.lines.timeout(), self.notifier.status_timeout(),
+                            self.lines.timeout(), self.notifier.status_timeout(), self.metrics.timeout(),
                             self.control.timeout() if self.control else None]
                 kernel_events: list[TableFull] = []
                 for key, _ in self._sel.select(max(0.0, min(t for t in timeouts if t is not None))):
@@ -192,6 +192,8 @@ class Daemon:
                     next_tick = time.monotonic() + (self._ticks.every if self._ticks else 0.0)
                 self.resizer.launch()   # after the turn's files are written (ctguard.daemon.resize)
                 self.notifier.flush_status()
+                if not self.resizer.running():
+                    self.metrics.flush()    # a turn's metrics held by the 1-s limit
                 if wd and time.monotonic() >= next_watchdog:
                     # Only a loop that gets here pings: a stuck loop lets systemd's watchdog fire.
                     self.notifier.watchdog()

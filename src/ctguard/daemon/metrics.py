@@ -124,6 +124,9 @@ class MetricsWriter:
         self.under_systemd = under_systemd
         self._at = -1e9
         self._said: bool | None = None        # what was last said about the folder
+        # A turn's metrics not yet due, written once they are (flush): a calm host's next turn
+        # may be 5 s away (ctguard.core.ticks), and what a turn changed must show within `every`.
+        self._held: tuple[str, Callable[[], None]] | None = None
 
     def due(self, path: str, now: float) -> bool:
         if not path or now - self._at < self.every:
@@ -150,11 +153,33 @@ class MetricsWriter:
         series). The slab size and `extra` are asked for only then: reading /proc/slabinfo costs
         ~0.5 ms, more than a calm turn's own work."""
         path = policy.metrics.textfile
-        if not self.due(path, time.monotonic()):
+
+        def out() -> None:
+            text = render(sample, history, policy.bump.ceiling, budget_left(policy, history, sample.at),
+                          upper_bound(policy, sample.limits)[0], slab_bytes()) + extra()
+            saver.save("metrics", lambda: write(path, text), where=path)
+
+        now = time.monotonic()
+        if path and now - self._at < self.every:
+            self._held = (path, out)
             return
-        text = render(sample, history, policy.bump.ceiling, budget_left(policy, history, sample.at),
-                      upper_bound(policy, sample.limits)[0], slab_bytes()) + extra()
-        saver.save("metrics", lambda: write(path, text), where=path)
+        self._held = None
+        if self.due(path, now):
+            out()
+
+    def timeout(self) -> float | None:
+        """Seconds until held metrics are due, or None when none are held."""
+        if self._held is None:
+            return None
+        return max(0.0, self._at + self.every - time.monotonic())
+
+    def flush(self) -> None:
+        """Write held metrics once they are due."""
+        if self._held is None or time.monotonic() - self._at < self.every:
+            return
+        (path, out), self._held = self._held, None
+        if self.due(path, time.monotonic()):
+            out()
 
 
 def folder_ready(path: str) -> bool:

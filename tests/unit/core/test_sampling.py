@@ -16,20 +16,20 @@ from helpers.builders import at, pol, sample
 NS = 4026531000
 
 
-IDLE = ticks.IDLE_TURN_EVERY
+IDLE = ticks.IDLE_TURNS * 1.0      # at the default interval of 1 s
 
 
 @pytest.mark.parametrize("text, max_, count, points, turn, tick, full", [
     # idle: count-only ticks every watch.interval, or as often as the headroom to act lasts at
-    # guard_rate new flows/s when that is sooner; a calm host's full turns every IDLE_TURN_EVERY
+    # guard_rate new flows/s when that is sooner; a calm host's full turns every IDLE_TURNS intervals
     ("", 8192, 100, (), 1.0, (6963 - 100) / 100_000, IDLE),
     ("[watch]\nguard_rate = 25000", 8192, 100, (), 1.0, (6963 - 100) / 25_000, IDLE),
     ("", 65536, 100, (), 1.0, (55705 - 100) / 100_000, IDLE),
     ("", 262144, 100, (), 1.0, 1.0, IDLE),                    # 2.2 s of headroom: ticks at the interval
-    ("[watch]\ninterval = 2", 262144, 100, (), 2.0, 2.0, IDLE),
-    ("[watch]\ninterval = 2\nfast_interval = 0.5", 1_048_576, 100, (), 2.0, 2.0, IDLE),
-    ("[watch]\ninterval = 10", 262144, 100, (), 10.0, (222822 - 100) / 100_000, 10.0),   # never later than the interval
-    ("[watch]\ninterval = 10", 8_388_608, 100, (), 10.0, None, None),   # ticks as slow as the turns: none
+    ("[watch]\ninterval = 2", 262144, 100, (), 2.0, 2.0, 10.0),
+    ("[watch]\ninterval = 0.2\nfast_interval = 0.1", 1_048_576, 100, (), 0.2, 0.2, 1.0),   # an interval chosen short
+    ("[watch]\ninterval = 10", 262144, 100, (), 10.0, (222822 - 100) / 100_000, 50.0),
+    ("[watch]\ninterval = 10", 16_777_216, 100, (), 10.0, 10.0, 50.0),   # ticks never later than the interval
     ("[watch]\nguard_rate = 0", 8192, 100, (), 1.0, None, None),     # the guard off: full turns only
     ("", 2048, 1400, (), 1.0, MIN_GUARD_INTERVAL, IDLE),                # never below MIN_GUARD_INTERVAL
     # above warn, not growing: full turns at fast_interval, no ticks (a table parked at 73% costs no more)
