@@ -4,6 +4,8 @@ at 20/s).
 
     sudo python3 bench/bench_scale.py                      # counts 1,50,250,1000; 30 s idle each; 30 s churn
     sudo python3 bench/bench_scale.py --quick              # counts 1,50; 5 s idle; 5 s churn
+    git archive main src | tar -x -C /tmp/base             # another tree as "before", same invocation:
+    sudo python3 bench/bench_scale.py --baseline /tmp/base/src [--rounds 3]
 
 Each namespace is `ip netns add` plus one nftables `ct state new` rule (so it has a conntrack
 table). The daemon runs `mode = "observe"` (it never writes nf_conntrack_max, so it cannot
@@ -12,10 +14,11 @@ folder.
 
 - Idle: the daemon sees only the benchmark's namespaces (its own mount and PID namespaces, as
   in the lab); CPU = utime + stime of the daemon (and children) from /proc/PID/stat over the
-  window. At `watch.interval = 1` there is one full sample a second (the global max here
-  needs no count-only ticks), so the CPU per second is the cost of one full sample plus the
-  loop's own turn; "first look" is the time from the daemon's start to a status listing every
-  namespace.
+  window (clock ticks: 10 ms, so 20 s resolve 0.5 ms/s). A calm host gets count-only ticks
+  every `watch.interval` (1 s) and a full sample every 5 s (ctguard.core.ticks; before issue 21
+  item 5, a full sample every second); "first look" is the time from the daemon's start to a
+  status listing every namespace. With `--baseline`, each count's namespaces are made once and
+  the two trees' daemons measured in turn on them (`--rounds` times, interleaved; the median).
 - Churn: `--churn-base` namespaces stay; new ones are created at `--churn-rate`/s and each is
   deleted `--churn-life` s after its creation. The daemon sees the host's whole /run/netns
   (a fixed view cannot show namespaces created after the start; other sessions' namespaces are
@@ -50,11 +53,11 @@ RULE = "table inet scale {\n  chain c { type filter hook prerouting priority 0; 
 
 
 class Daemon:
-    def __init__(self, folder: Path, names: list[str] | None) -> None:
+    def __init__(self, folder: Path, names: list[str] | None, src: Path = lab.SRC) -> None:
         self.folder = folder
         self.policy = lab.lab_policy(folder, 1_048_576, {"mode": "observe"})
         self.sock = folder / "run" / "control.sock"
-        env = {**os.environ, "PYTHONPATH": str(lab.SRC)}
+        env = {**os.environ, "PYTHONPATH": str(src)}
         for k in ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "PYTHONDONTWRITEBYTECODE"):
             env.pop(k, None)
         self.log = folder / "daemon.log"
@@ -138,15 +141,11 @@ def delete(names: list[str]) -> None:
     batch([f"netns del {n}" for n in names])
 
 
-def idle(count: int, seconds: float, rule: Path, tag: str) -> dict:
-    names = [f"{tag}i{i}" for i in range(count)]
-    folder = Path(tempfile.mkdtemp(prefix=f"ctguard-scale-{count}-"))
+def idle_one(names: list[str], seconds: float, src: Path) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix=f"ctguard-scale-{len(names)}-"))
     d = None
     try:
-        t = time.monotonic()
-        make(names, rule)
-        made = time.monotonic() - t
-        d = Daemon(folder, names)
+        d = Daemon(folder, names, src)
         want = set(names)
         first = None
         deadline = time.monotonic() + 120
@@ -161,19 +160,39 @@ def idle(count: int, seconds: float, rule: Path, tag: str) -> dict:
         c1, w1 = lab.tree_cpu(d.pid), time.monotonic()
         st = d.status() or {}
         pct = 100 * (c1 - c0) / (w1 - w0)
-        return {"namespaces": count, "create_s": round(made, 1), "first_look_s": round(first, 2) if first else None,
+        return {"namespaces": len(names), "first_look_s": round(first, 2) if first else None,
                 "cpu_pct": round(pct, 3), "ms_per_s": round(1000 * (c1 - c0) / (w1 - w0), 2),
                 "rss_mb": round(d.rss_mb(), 1), "fds": d.fds(), "sample_age": st.get("sample_age"),
                 "errors": len(d.errors())}
     finally:
         if d:
             d.stop()
-        delete(names)
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def churn(base: int, rate: float, life: float, seconds: float, rule: Path, tag: str) -> dict:
+def idle(count: int, seconds: float, rule: Path, tag: str, arms: list[tuple[str, Path]], rounds: int) -> dict:
+    """Each arm `rounds` times, interleaved (A B A B ...) on the same namespaces; the median CPU."""
+    names = [f"{tag}i{i}" for i in range(count)]
+    try:
+        t = time.monotonic()
+        make(names, rule)
+        made = time.monotonic() - t
+        runs: dict[str, list[dict]] = {label: [] for label, _ in arms}
+        for _ in range(rounds):
+            for label, src in arms:
+                runs[label].append(idle_one(names, seconds, src))
+        out = {}
+        for label, rs in runs.items():
+            mid = sorted(rs, key=lambda r: r["ms_per_s"])[len(rs) // 2]
+            out[label] = {**mid, "create_s": round(made, 1), "runs_ms_per_s": [r["ms_per_s"] for r in rs],
+                          "errors": sum(r["errors"] for r in rs)}
+        return out
+    finally:
+        delete(names)
+
+
+def churn(base: int, rate: float, life: float, seconds: float, rule: Path, tag: str, src: Path = lab.SRC) -> dict:
     basenames = [f"{tag}b{i}" for i in range(base)]
     folder = Path(tempfile.mkdtemp(prefix="ctguard-churn-"))
     d = None
@@ -183,7 +202,7 @@ def churn(base: int, rate: float, life: float, seconds: float, rule: Path, tag: 
     ip = None
     try:
         make(basenames, rule)
-        d = Daemon(folder, None)
+        d = Daemon(folder, None, src)
         lab.wait_for(lambda: set(basenames) <= d.names(), 60, 0.2)
         time.sleep(6)
         fd0 = d.fds()
@@ -259,6 +278,10 @@ def main() -> int:
                     help="nf_conntrack_max held (under the tests' kernel lock) while measuring: the idle "
                          "sampling period follows it (count-only ticks below ~262,144)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", type=Path,
+                    help="another ctguard's src folder (e.g. `git archive main src | tar -x -C DIR`, then DIR/src): "
+                         "measured as 'before' beside this tree's 'after', interleaved on the same namespaces")
+    ap.add_argument("--rounds", type=int, default=1, help="idle runs of each arm per count (the median is shown)")
     a = ap.parse_args()
     # SIGTERM/SIGINT unwind through the lab's `finally` blocks: namespaces deleted, servers
     # stopped, nf_conntrack_max, hashsize and timeouts restored.
@@ -270,6 +293,7 @@ def main() -> int:
     if why:
         print(f"bench_scale: cannot run: {why}", file=sys.stderr)
         return 1
+    arms = ([("before", a.baseline.resolve())] if a.baseline else []) + [("after" if a.baseline else "this", lab.SRC)]
     tag = f"scl{os.getpid() % 10000}"
     with tempfile.NamedTemporaryFile("w", suffix=".nft", delete=False) as fh:
         fh.write(RULE)
@@ -281,21 +305,28 @@ def main() -> int:
         for c in [int(x) for x in a.counts.split(",")]:
             with lab.kernelenv.saved_kernel_values():
                 lab.kernelenv.set_max(a.max)
-                r = idle(c, a.idle, rule, tag)
+                r = idle(c, a.idle, rule, tag, arms, a.rounds)
             rows.append(r)
-            print("  ", r, flush=True)
-        print("\n| namespaces | create s | first look s | idle % of a core | CPU ms per s (= per full sample) | added us per namespace | RSS MB | fds | errors |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            print("  ", json.dumps(r), flush=True)
+        print("\n| namespaces | arm | create s | first look s | idle % of a core | CPU ms per s | added us per namespace "
+              "| RSS MB | fds | errors |" + (" after / before |" if a.baseline else ""))
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if a.baseline else ""))
         for r in rows:
-            per = ((r["ms_per_s"] - rows[0]["ms_per_s"]) * 1000 / (r["namespaces"] - rows[0]["namespaces"])
-                   if r is not rows[0] else None)
-            print(f"| {r['namespaces']:,} | {r['create_s']} | {r['first_look_s']} | {r['cpu_pct']:.2f}% | "
-                  f"{r['ms_per_s']} | {'-' if per is None else f'{per:.0f}'} | {r['rss_mb']} | {r['fds']} | {r['errors']} |")
+            for label, _ in arms:
+                x, first = r[label], rows[0][label]
+                per = ((x["ms_per_s"] - first["ms_per_s"]) * 1000 / (x["namespaces"] - first["namespaces"])
+                       if r is not rows[0] else None)
+                ratio = (f" {x['ms_per_s'] / r['before']['ms_per_s']:.2f}x |" if a.baseline and label != "before"
+                         else " |" if a.baseline else "")
+                print(f"| {x['namespaces']:,} | {label} | {x['create_s']} | {x['first_look_s']} | {x['cpu_pct']:.2f}% | "
+                      f"{x['ms_per_s']} | {'-' if per is None else f'{per:.0f}'} | {x['rss_mb']} | {x['fds']} | "
+                      f"{x['errors']} |{ratio}")
         if a.churn:
-            with lab.kernelenv.saved_kernel_values():
-                lab.kernelenv.set_max(a.max)
-                r = churn(a.churn_base, a.churn_rate, a.churn_life, a.churn, rule, tag)
-            print("\nchurn:", json.dumps(r), flush=True)
+            for label, src in arms:
+                with lab.kernelenv.saved_kernel_values():
+                    lab.kernelenv.set_max(a.max)
+                    r = churn(a.churn_base, a.churn_rate, a.churn_life, a.churn, rule, tag + label[0], src)
+                print(f"\nchurn ({label}):", json.dumps(r), flush=True)
     finally:
         rule.unlink(missing_ok=True)
     return 0

@@ -104,6 +104,9 @@ class Daemon:
         self._in_turn = False
         self._ticks: ticks.Ticks | None = None  # count-only reads until the next full turn (ctguard.core.ticks)
         self._quiet: tuple[float, dict[int, int]] | None = None  # the last tick that woke nothing
+        # A reload asks for a full turn at once: a calm host's next one may be 5 s away, and the new
+        # policy (or the rejection) must show in STATUS=, metrics and decisions now.
+        self._turn_now = False
 
     def _note_p99(self) -> None:
         """What persists is sized on the recorded peaks too (sizing.advice): keep their p99 in the history."""
@@ -158,7 +161,7 @@ class Daemon:
             while self.running:
                 wake = next_sample if self._ticks is None else min(next_sample, next_tick)
                 timeouts = [wake - time.monotonic(), next_watchdog - time.monotonic() if wd else None,
-                            self.lines.timeout(),
+                            self.lines.timeout(), self.notifier.status_timeout(), self.metrics.timeout(),
                             self.control.timeout() if self.control else None]
                 kernel_events: list[TableFull] = []
                 for key, _ in self._sel.select(max(0.0, min(t for t in timeouts if t is not None))):
@@ -174,6 +177,9 @@ class Daemon:
                     self.control.expire()
                 if not self.running:
                     break
+                if self._turn_now:
+                    self._turn_now = False
+                    next_sample = min(next_sample, time.monotonic())
                 now = time.monotonic()
                 if not kernel_events and now < next_sample and self._ticks is not None and now >= next_tick:
                     next_tick = now + self._ticks.every
@@ -185,6 +191,9 @@ class Daemon:
                     next_sample = time.monotonic() + self._turn(kernel_events)
                     next_tick = time.monotonic() + (self._ticks.every if self._ticks else 0.0)
                 self.resizer.launch()   # after the turn's files are written (ctguard.daemon.resize)
+                self.notifier.flush_status()
+                if not self.resizer.running():
+                    self.metrics.flush()    # a turn's metrics held by the 1-s limit
                 if wd and time.monotonic() >= next_watchdog:
                     # Only a loop that gets here pings: a stuck loop lets systemd's watchdog fire.
                     self.notifier.watchdog()
@@ -199,7 +208,7 @@ class Daemon:
         assert self._ticks is not None
         counts = self.observer.counts()
         at = self.clock.now().boot
-        if ticks.woken(self._ticks, counts) is None:
+        if ticks.woken(self._ticks, counts, at, self.kernel.read_max_or_none(), self.observer.changed()) is None:
             self._quiet = (at, counts)
             return False
         if self._quiet is not None:
@@ -284,8 +293,9 @@ class Daemon:
         self.notifier.status(self._status_line(f"{decision.summary}; last action: {self.reporter.last_action}"))
         self.events.flush()
         self._ready()
-        self._ticks, self._quiet = ticks.plan(self.policy, sample, decision), None
-        return next_interval(self.policy, decision)
+        self._ticks, self._quiet = ticks.plan(self.policy, sample, decision, self.history), None
+        # A calm host's next full turn is further away, ticks between (ctguard.core.ticks).
+        return self._ticks.full_in if self._ticks is not None else next_interval(self.policy, decision)
 
     def _ready(self) -> None:
         if not self.ready:
@@ -353,8 +363,8 @@ class Daemon:
 
     def _write_metrics(self, sample: Sample) -> None:
         last = self.history.incident or self.history.last_incident
-        self.metrics.write(self.policy, sample, self.history, self.kernel.slab_bytes(), self.saver,
-                           metrics_text(last.started.wall if last else None, self._findings)
+        self.metrics.write(self.policy, sample, self.history, self.kernel.slab_bytes, self.saver,
+                           lambda: metrics_text(last.started.wall if last else None, self._findings)
                            + self.persistwatch.metrics())
 
     # -- signals ------------------------------------------------------------------------------
@@ -402,6 +412,7 @@ class Daemon:
     def reload(self) -> list[str]:
         """Load the policy file again; the problems that kept the old policy in force, or []."""
         self.notifier.reloading()
+        self._turn_now = True
         try:
             new = policy_mod.load(self.policy_path)
         except PolicyError as exc:

@@ -50,6 +50,25 @@ def parse_stat_table(text: str) -> tuple[int, tuple[tuple[str, int], ...]]:
     return entries, stats
 
 
+def parse_stat_columns(data: bytes, columns: tuple[str, ...]) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """`parse_stat_table` of the raw file for `columns` only (those the file has, in that order):
+    the daemon's every-sample read, which needs four of some twenty columns."""
+    lines = data.split(b"\n")
+    header = lines[0].split()
+    width = len(header)
+    where = [(name, header.index(name.encode())) for name in columns if name.encode() in header]
+    totals = [0] * len(where)
+    entries = 0
+    for line in lines[1:]:
+        cells = line.split()
+        if len(cells) != width:
+            continue
+        entries = int(cells[0], 16)
+        for j, (_, i) in enumerate(where):
+            totals[j] += int(cells[i], 16)
+    return entries, tuple((name, totals[j]) for j, (name, _) in enumerate(where))
+
+
 def parse_stat_entries(head: bytes) -> int:
     """The `entries` column of the first CPU row of /proc/net/stat/nf_conntrack (the start of
     the file is enough): the namespace's count, read without summing every CPU's counters."""

@@ -59,6 +59,7 @@ class Notifier:
         self._sd: sdnotify.SystemdNotifier | None = None
         self._status_sent: str | None = None      # the STATUS= systemd holds
         self._status_at = -1e9                     # monotonic time it was sent
+        self._status_held: str | None = None       # a changed line held by the interval, sent by flush_status
         if self._socket_name:
             self._sd = sdnotify.SystemdNotifier()
             if environ is not None:
@@ -105,7 +106,7 @@ class Notifier:
             self._send("READY=1")
         else:
             self._send("READY=1", f"STATUS={_clean(status)}")
-            self._status_sent, self._status_at = _clean(status), time.monotonic()
+            self._status_sent, self._status_at, self._status_held = _clean(status), time.monotonic(), None
 
     # STATUS= goes to PID 1 when it changes, at most once per STATUS_INTERVAL seconds: the loop
     # calls status() every turn (10 a second under pressure), and a line that changes faster
@@ -115,10 +116,27 @@ class Notifier:
     def status(self, text: str) -> None:
         line = _clean(text)
         now = time.monotonic()
-        if line == self._status_sent or now - self._status_at < self.STATUS_INTERVAL:
+        if line == self._status_sent:
+            self._status_held = None
+            return
+        if now - self._status_at < self.STATUS_INTERVAL:
+            # Held, not dropped: a calm host's next turn may be seconds away (ctguard.core.ticks),
+            # so the loop sends it once the interval is over (status_timeout, flush_status).
+            self._status_held = line
             return
         self._send(f"STATUS={line}")
-        self._status_sent, self._status_at = line, now
+        self._status_sent, self._status_at, self._status_held = line, now, None
+
+    def status_timeout(self) -> float | None:
+        """Seconds until a held STATUS= line may be sent, or None when none is held."""
+        if self._status_held is None:
+            return None
+        return max(0.0, self._status_at + self.STATUS_INTERVAL - time.monotonic())
+
+    def flush_status(self) -> None:
+        """Send the held STATUS= line once the interval is over."""
+        if self._status_held is not None and time.monotonic() - self._status_at >= self.STATUS_INTERVAL:
+            self.status(self._status_held)
 
     def watchdog_interval(self) -> float | None:
         """Seconds between pings (half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises), or None."""
@@ -140,7 +158,7 @@ class Notifier:
             self._send("STOPPING=1")
         else:
             self._send("STOPPING=1", f"STATUS={_clean(status)}")
-            self._status_sent, self._status_at = _clean(status), time.monotonic()
+            self._status_sent, self._status_at, self._status_held = _clean(status), time.monotonic(), None
 
     def extend_timeout(self, seconds: float) -> None:
         """EXTEND_TIMEOUT_USEC: a slow start or stop (e.g. a capture finishing) needs more time."""

@@ -11,7 +11,7 @@ from ctguard.host import hostrole
 from ctguard.host.clock import Clock
 from ctguard.host.ctnetlink import dump_table
 from ctguard.host.kernel import Kernel
-from ctguard.host.netns import StatReaders, discover
+from ctguard.host.netns import NamespaceRef, StatReaders, discover, named
 
 # A full /proc scan costs ~1 ms per few hundred processes; new namespaces that appear
 # through a process are found within this many seconds (those under /run/netns at once).
@@ -31,23 +31,43 @@ class Observer:
         self.readers = StatReaders(proc_root)
         self._last_discovery = -1e9
         self._run_netns_mtime: float | None = None
+        # /run/netns as last listed, and its mtime then: the periodic rediscovery walks /proc for
+        # namespaces without a name, but lists and stats /run/netns again only when it changed
+        # (~2.6 ms of a 3.7 ms rediscovery at 250 named namespaces).
+        self._named: tuple[float | None, list[NamespaceRef]] | None = None
         self.problems: list[str] = []
         self._facts: dict[int, tuple[float, object]] = {}
 
-    def _run_netns_changed(self) -> bool:
+    def _run_netns_mtime_now(self) -> float | None:
         try:
-            mtime = os.stat(self.run_netns).st_mtime
+            return os.stat(self.run_netns).st_mtime
         except OSError:
-            mtime = None
+            return None
+
+    def _run_netns_changed(self) -> bool:
+        mtime = self._run_netns_mtime_now()
         changed = mtime != self._run_netns_mtime
         self._run_netns_mtime = mtime
         return changed
+
+    def changed(self) -> str:
+        """Why the namespaces being sampled may no longer be all of them ("" when nothing says so),
+        for a tick between full turns: /run/netns changed (a namespace added or deleted), or the
+        /proc scan is due. Only looks: the next sample() rediscovers."""
+        if self.namespaces == "all" and self._run_netns_mtime_now() != self._run_netns_mtime:
+            return f"{self.run_netns} changed"
+        if self.clock.monotonic() - self._last_discovery >= DISCOVER_EVERY:
+            return "the namespaces are due to be found again"
+        return ""
 
     def rediscover(self) -> None:
         if self.namespaces == "host":
             refs = [r for r in discover(self.proc_root, "/nonexistent") if r.name == "host"]
         else:
-            refs = discover(self.proc_root, self.run_netns)
+            mtime = self._run_netns_mtime_now()     # before the listing: a change during it shows next time
+            if self._named is None or mtime is None or self._named[0] != mtime:
+                self._named = (mtime, named(self.run_netns))
+            refs = discover(self.proc_root, self.run_netns, bound=self._named[1])
         self.problems = self.readers.refresh(refs)
         self._last_discovery = self.clock.monotonic()
 
@@ -61,6 +81,7 @@ class Observer:
         if failed:
             # A namespace vanished mid-sample: drop it now, find the rest again next turn.
             self._last_discovery = -1e9
+            self._named = None
         return Sample(self.clock.now(), limits, tuple(readings))
 
     def counts(self) -> dict[int, int]:

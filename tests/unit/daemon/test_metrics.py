@@ -103,3 +103,35 @@ def test_node_exporter_reads_the_textfile_without_error(tmp_path: Path) -> None:
                      scraped, re.M), "node_exporter fills the labels a namespace lacks with empty values"
 
 
+
+
+def test_a_turn_inside_the_limit_is_held_and_written_when_due(tmp_path: Path) -> None:
+    """At most one write a second; a turn inside that second is held, not dropped, and written by
+    the loop's flush once due (a calm host's next turn may be 5 s away, issue 21 item 5). The slab
+    size is read only when the file is written."""
+    import time as time_mod
+    from ctguard.config.policy import loads
+    from ctguard.daemon.saving import Saver
+
+    prom = tmp_path / "ctguard.prom"
+    policy = loads(f'[metrics]\ntextfile = "{prom}"\n', "t.toml")
+    slab_reads = []
+
+    def slab() -> int:
+        slab_reads.append(1)
+        return 100
+
+    w = metrics.MetricsWriter(every=0.3)
+    saver = Saver(lambda: str(tmp_path))
+    first, second = rich_sample(), rich_sample()
+    w.write(policy, first, History(), slab, saver)
+    assert prom.exists() and len(slab_reads) == 1 and w.timeout() is None
+    prom.unlink()
+    w.write(policy, second, History(), slab, saver)   # inside the limit: held
+    assert not prom.exists() and len(slab_reads) == 1
+    assert 0.0 < w.timeout() <= 0.3
+    w.flush()
+    assert not prom.exists(), "not due yet"
+    time_mod.sleep(0.35)
+    w.flush()
+    assert prom.exists() and len(slab_reads) == 2 and w.timeout() is None

@@ -144,3 +144,24 @@ def test_status_is_sent_when_it_changes_at_most_once_a_second(notify_socket: soc
     n.status("b")            # the next turn after the interval sends it
     n.status("b")
     assert recv_all(notify_socket) == ["STATUS=a", "STATUS=b"]
+
+
+def test_a_held_status_is_sent_when_the_interval_is_over(notify_socket: socket.socket) -> None:
+    """A calm host's turns may be 5 s apart (issue 21 item 5): a changed line held by the interval
+    is sent by the loop's flush once the interval is over, not at the next turn."""
+    n = Notifier()
+    n.STATUS_INTERVAL = 0.3
+    assert n.status_timeout() is None
+    n.status("a")
+    n.status("b")            # held
+    assert 0.0 < n.status_timeout() <= 0.3
+    n.flush_status()         # too early: still held
+    time.sleep(0.35)
+    assert n.status_timeout() == 0.0
+    n.flush_status()
+    n.flush_status()
+    assert n.status_timeout() is None
+    n.status("c")
+    n.status("b")            # back to what PID 1 holds: nothing held
+    assert n.status_timeout() is None
+    assert recv_all(notify_socket) == ["STATUS=a", "STATUS=b"]
