@@ -474,3 +474,16 @@ def test_the_effective_policy_prints_enforce_as_a_list_it_loads_back():
     text = policy_mod.effective(p)
     assert 'enforce = ["udp", "udp_stream"]' in text
     assert policy_mod.loads(text, "again.toml").relief.enforce == ("udp", "udp_stream")
+
+
+@pytest.mark.parametrize("restore", ["calm", "predicted"])
+def test_leaving_a_mixed_namespace_restores_what_was_written_and_advises_the_rest(restore):
+    # tcp_time_wait written (120 -> 10), udp_stream only advised; calm for longer than calm_for.
+    st = ReliefState(active=(Relieved(NS, "tenant", "tcp_time_wait", 120, 10, at(0)),),
+                     advised=((NS, "udp_stream"),), calm_since=((NS, at(0)),), levels=((NS, 1),))
+    timeouts = (("tcp_time_wait", 10), ("udp_stream", 120))
+    d = decide(pol(f'[relief]\ncalm_for = 30\nsteps = 1\nrestore = "{restore}"\n'),
+               sample(31, 100, states=(("tcp_time_wait", 50), ("udp_stream", 50)), timeouts=timeouts),
+               hist(relief=st), at(31))
+    got = sorted((a.key, a.original, a.relieved, a.advise) for a in d.actions if isinstance(a, RestoreTimeout))
+    assert got == [("tcp_time_wait", 120, 10, False), ("udp_stream", 120, 30, True)]
