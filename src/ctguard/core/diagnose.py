@@ -1243,8 +1243,8 @@ def verdict(data: BundleData, findings: Sequence[Finding] | None = None) -> str:
     relief = [e for e in f.events if e.get("kind") == "relief" and not e.get("advise")]
     advised = [e for e in f.events if e.get("kind") == "relief" and e.get("advise")]
     if advised and not relief:
-        parts.append(f"Relief would have shortened timeouts {len(advised)} time(s) ([relief] mode = \"advise\": "
-                     f"nothing changed; {advised[0].get('text', '')}).")
+        parts.append(f"Relief would have shortened timeouts {len(advised)} time(s) ([relief] mode = \"advise\", "
+                     f"or classes not in [relief] enforce: nothing changed; {advised[0].get('text', '')}).")
     if relief:
         parts.append(f"Relief acted {len(relief)} time(s) on timeouts ({relief[0].get('text', '')}"
                      + (", ..." if len(relief) > 1 else "") + ").")

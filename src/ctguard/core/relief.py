@@ -21,6 +21,10 @@ Little's law, entries = arrivals x timeout) stays below the low watermark. A flo
 therefore keeps relief on instead of switching it off and on. At level 0 the originals go back
 (RestoreTimeout, which leaves alone a value someone else set meanwhile).
 
+Written or advised, per class: `[relief] mode = "enforce"` (the default) writes only the classes
+in `[relief] enforce` (default: unanswered, half-open and closing, core.timeouts.ENFORCE_CLASSES)
+and advises the rest, so one namespace may hold both; `mode = "advise"` and observe mode advise all.
+
 Like decide.py: no I/O, no clock; `plan` returns actions with reasons, `advance` folds what
 carrying them out did into the ReliefState. Imports only model, timeouts and policy.
 """
@@ -66,6 +70,15 @@ LABELS = {
     "icmpv6": "ICMPv6",
     "generic": "other protocols",
 }
+
+
+def advised_why(policy: Policy, key: str) -> str:
+    """Why relief only advises `key` (for the journal): the mode, or the class left out of [relief] enforce."""
+    if policy.observe_only:
+        return "mode is observe"
+    if policy.relief.mode != "enforce":
+        return f"relief.mode is {policy.relief.mode}"
+    return f"{key} is not in [relief] enforce"
 
 
 def _at(pairs: Sequence[tuple[int, Instant]], netns: int) -> Instant | None:
@@ -252,7 +265,7 @@ def plan(policy: Policy, sample: Sample, history: History, now: Instant,
     acts = _shorten(policy, ns, fill, shape, current, {}, level, "enter", why, 0)
     out.extend(acts)
     if r.mode == "enforce" and not policy.observe_only:
-        trim = {a.key: a.new for a in acts if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE}
+        trim = {a.key: a.new for a in acts if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE and not a.advise}
         if trim:
             out.append(_trim(ns, trim, why, {a.key: a.old for a in acts if isinstance(a, ShortenTimeout)}))
     return out, look
@@ -273,7 +286,6 @@ def _shorten(policy: Policy, ns: NamespaceReading, fill: float, shape, current: 
              originals: dict[str, int], level: int, step: str, why: str, freed: int) -> list[Action]:
     """ShortenTimeouts taking the offending classes (and those already relieved) to `level`."""
     r = policy.relief
-    advise = r.mode == "advise" or policy.observe_only
     keys: list[tuple[str, int]] = []
     if shape is not None and shape.seen > 0:
         keys = _offending(policy, shape, current)
@@ -296,6 +308,8 @@ def _shorten(policy: Policy, ns: NamespaceReading, fill: float, shape, current: 
         reason = (f"{lead} at level {level}/{r.steps}: {sysctl_name(key)} {old} -> {new} s in netns {ns.name} "
                   f"(original {original} s" + (f", {freed} entries freed so far" if step != "enter" else "")
                   + f"); {why}; {what}")
+        # Advised, never written: relief.mode advise, observe mode, or a class not in [relief] enforce.
+        advise = policy.observe_only or not r.enforces(key)
         out.append(ShortenTimeout(ns.inode, ns.name, key, old, new, reason, advise=advise, held=held, step=step,
                                   level=level, steps=r.steps, fill=fill, freed=freed))
     return out
@@ -317,7 +331,6 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
     r = policy.relief
     st = history.relief
     netns = ns.inode
-    enforce = r.mode == "enforce" and not policy.observe_only
     level = _level_of(st, netns, r.steps)
     fill = sample.fill(ns)
     dropping = _new_drops(history, sample, netns) > 0
@@ -325,15 +338,16 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
     timeouts = dict(sample.timeouts).get(netns)
     shape = sample.shape if sample.shape is not None and sample.shape.netns == netns else None
     active = {x.key: x for x in st.of(netns)}
-    advised = [k for n, k in st.advised if n == netns]
-    if enforce:
-        originals = {k: x.original for k, x in active.items()}
-        current = {k: x.value for k, x in active.items()}
-    else:
-        # Advising: nothing changed, the namespace's timeouts are the originals.
-        base = dict(timeouts) if timeouts is not None else {}
-        originals = {k: base[k] for k in advised if k in base}
-        current = {k: value_at(v, r.emergency(k) or v, level, r.steps) for k, v in originals.items()}
+    advised = [k for n, k in st.advised if n == netns and k not in active]
+    # One namespace may hold both: classes written (active: their saved originals and the values
+    # in force) and classes only advised ([relief] enforce leaves them out, or mode advise), whose
+    # values in the namespace are still the originals.
+    base = dict(timeouts) if timeouts is not None else {}
+    originals = {k: base[k] for k in advised if k in base}
+    current = {k: value_at(v, r.emergency(k) or v, level, r.steps) for k, v in originals.items()}
+    originals.update({k: x.original for k, x in active.items()})
+    current.update({k: x.value for k, x in active.items()})
+    written = {k: x.value for k, x in active.items()}
     freed = _freed(st, ns)
     where = f"netns {ns.name} at {fill:.1%}" + (" and dropping" if dropping else "")
 
@@ -349,11 +363,11 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
         acts = _shorten(policy, ns, fill, shape, cur, originals, target, "down",
                         f"{where}, above the high watermark {high:.0%}", freed)
         out: list[Action] = list(acts)
-        if enforce:
-            caps = {k: v for k, v in current.items() if k in TRIMMABLE}
-            caps.update({a.key: a.new for a in acts if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE})
-            if caps:
-                out.append(_trim(ns, caps, where, {a.key: a.old for a in acts if isinstance(a, ShortenTimeout)}))
+        caps = {k: v for k, v in written.items() if k in TRIMMABLE}
+        caps.update({a.key: a.new for a in acts if isinstance(a, ShortenTimeout) and a.key in TRIMMABLE
+                     and not a.advise})
+        if caps:
+            out.append(_trim(ns, caps, where, {a.key: a.old for a in acts if isinstance(a, ShortenTimeout)}))
         return out, None
 
     quiet = fill < low and not dropping
@@ -372,9 +386,10 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
                 # (An empty look is an answer: nothing left to scale.)
                 last = _at(st.last_look, netns)
                 return [], (netns if last is None or now.since(last) >= LOOK_EVERY else None)
-            # Advising changed nothing: the table already shows the fill at the originals.
-            now_values = {**dict(timeouts), **current} if enforce else dict(timeouts)
-            then_values = {**dict(timeouts), **then} if enforce else dict(timeouts)
+            # Advising changed nothing: the table already shows the fill at the originals of the
+            # advised classes; only the written ones scale.
+            now_values = {**dict(timeouts), **written}
+            then_values = {**dict(timeouts), **{k: v for k, v in then.items() if k in written}}
             predicted = predicted_fill(ns.count, sample.limits.max, shape.states, shape.seen, now_values, then_values)
             if predicted >= low:
                 return [], None     # the flood goes on: the fill at the next level up would be back above low
@@ -389,7 +404,7 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
             for k, o in sorted(originals.items()):
                 relieved = active[k].value if k in active else current.get(k, o)
                 out.append(RestoreTimeout(netns, ns.name, k, o, relieved, f"leaving relief: {why}",
-                                          advise=not enforce, fill=fill, freed=freed))
+                                          advise=k not in active, fill=fill, freed=freed))
             return out, None
         out = []
         for k, o in sorted(originals.items()):
@@ -398,12 +413,12 @@ def _schedule(policy: Policy, sample: Sample, history: History, now: Instant,
                 out.append(ShortenTimeout(netns, ns.name, k, old, then[k],
                                           f"relief steps up to level {up}/{r.steps}: {sysctl_name(k)} {old} -> "
                                           f"{then[k]} s in netns {ns.name} (original {o} s); {why}",
-                                          advise=not enforce, step="up", level=up, steps=r.steps, fill=fill,
+                                          advise=k not in active, step="up", level=up, steps=r.steps, fill=fill,
                                           freed=freed))
         return out, None
 
-    if enforce and fill >= high:
-        caps = {k: v for k, v in current.items() if k in TRIMMABLE}
+    if written and fill >= high:
+        caps = {k: v for k, v in written.items() if k in TRIMMABLE}
         last = _at(st.last_trim, netns)
         if caps and (last is None or now.since(last) >= TRIM_EVERY):
             return [_trim(ns, caps, where)], None
@@ -422,6 +437,8 @@ def _restores(policy: Policy, sample: Sample, history: History, now: Instant) ->
             reason = f"relief.mode is {r.mode}"
         elif policy.observe_only:
             reason = "mode is observe"
+        elif x.key not in r.enforce:
+            reason = f"{x.key} is no longer in [relief] enforce"
         elif r.emergency(x.key) is None:
             reason = f"{x.key} is no longer in [relief.timeouts]"
         elif x.netns not in present:
@@ -532,9 +549,13 @@ def advance(state: ReliefState, history: History, sample: Sample | None, outcome
                 moved = True
             elif o.ok:
                 prior = active.get((a.netns, a.key))
-                active[(a.netns, a.key)] = Relieved(a.netns, a.name, a.key, prior.original if prior else a.old,
+                # The value read before the write is the original (a.old is the advised level's
+                # value when a reload moved an advised class into [relief] enforce).
+                original = prior.original if prior else o.extra.get("old", a.old)
+                active[(a.netns, a.key)] = Relieved(a.netns, a.name, a.key, original,
                                                     o.read_back if o.read_back is not None else a.new,
                                                     prior.since if prior else now)
+                advised.discard((a.netns, a.key))
                 if a.step != "up":
                     total += 1
                 moved = True

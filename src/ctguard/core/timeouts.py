@@ -64,6 +64,14 @@ RELIEF_TIMEOUTS: dict[str, tuple[int | None, int]] = {
 }
 
 
+# [relief] enforce's default: the classes relief writes when `mode = "enforce"` (the packaged
+# default); the others it only advises. Unanswered, half-open and closing entries: none is a live
+# flow, and the lab (bench/README.md) showed relief on them never broke one. Not udp_stream nor
+# tcp_established (live flows: VPN, QUIC, idle sessions), nor tcp_unacknowledged: on a host with
+# asymmetric routing every live connection is "never answered", and no lab scenario covers that.
+ENFORCE_CLASSES: tuple[str, ...] = ("udp", "tcp_syn_sent", "tcp_syn_recv", "tcp_time_wait", "tcp_fin_wait",
+                                    "tcp_close_wait", "tcp_last_ack")
+
 def sysctl_name(key: str) -> str:
     """The sysctl a relief key names: udp -> nf_conntrack_udp_timeout, udp_stream ->
     nf_conntrack_udp_timeout_stream, tcp_syn_sent -> nf_conntrack_tcp_timeout_syn_sent."""

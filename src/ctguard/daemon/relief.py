@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ctguard.config.policy import Policy
+from ctguard.core.relief import advised_why
 from ctguard.core.model import Instant, Outcome, RestoreTimeout, Sample, ShortenTimeout, TrimEntries
 from ctguard.core.timeouts import sysctl_name
 from ctguard.host.timeouts import SYSCTL_DIR, TimeoutChanged, read_timeouts, write_timeout
@@ -64,11 +65,11 @@ class ReliefActor:
     def carry_out(self, action, policy) -> Outcome:
         if isinstance(action, ShortenTimeout):
             if action.advise:
-                return Outcome(action, False, "relief.mode is advise: nothing changed")
+                return Outcome(action, False, f"{advised_why(policy, action.key)}: nothing changed")
             return self._step_up(action) if action.step == "up" else self._shorten(action)
         if isinstance(action, RestoreTimeout):
             if action.advise:
-                return Outcome(action, False, "relief.mode is advise: nothing to restore")
+                return Outcome(action, False, f"{advised_why(policy, action.key)}: nothing to restore")
             return self._restore(action)
         if isinstance(action, TrimEntries):
             return self._trim(action)

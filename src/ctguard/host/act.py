@@ -16,6 +16,7 @@ from ctguard.core.model import (
     TrimEntries, Warn,
 )
 from ctguard.config.policy import Policy, sysctl_name
+from ctguard.core.relief import advised_why
 
 _ORDER = {SetMax: 0, SetBuckets: 1, Persist: 2, Refuse: 3, Warn: 4, Capture: 5,
           RestoreTimeout: 6, ShortenTimeout: 7, TrimEntries: 8}
@@ -53,11 +54,12 @@ class Actor:
         if isinstance(action, (ShortenTimeout, RestoreTimeout, TrimEntries)):
             if isinstance(action, ShortenTimeout) and (observe or action.advise):
                 verb = "raise" if action.step == "up" else "lower"
-                return Outcome(action, False, ("observe mode" if observe else "relief.mode is advise")
+                return Outcome(action, False, ("observe mode" if observe else advised_why(self.policy, action.key))
                                + f": would {verb} {sysctl_name(action.key)} {action.old} -> {action.new} "
                                f"in netns {action.name}")
             if isinstance(action, RestoreTimeout) and action.advise:
-                return Outcome(action, False, f"relief.mode is advise: would leave relief in netns {action.name}")
+                return Outcome(action, False, f"{advised_why(self.policy, action.key)}: would leave relief in netns "
+                                              f"{action.name}")
             if isinstance(action, TrimEntries) and observe:
                 return Outcome(action, False, "observe mode: no entry trimmed")
             if self.relief is None:

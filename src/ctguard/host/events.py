@@ -126,7 +126,7 @@ KINDS: Mapping[str, Kind] = {
              "CTGUARD_NEW: the original; CTGUARD_FILL, CTGUARD_FREED), "
              "or left alone: CTGUARD_REASON `operator` (someone changed it meanwhile) or `gone` (namespace vanished)"),
         Kind("relief-advice", MESSAGE_ID_RELIEF_ADVICE, LOG_NOTICE,
-             "relief.mode is advise (or mode observe): the timeout relief would shorten, nothing changed"),
+             "relief.mode is advise, mode observe, or the class is not in [relief] enforce: the timeout relief would shorten, nothing changed"),
         Kind("relief-trimmed", MESSAGE_ID_RELIEF_TRIMMED, LOG_NOTICE,
              "existing entries aged over ctnetlink: remaining timeout capped, or deleted when already past the new timeout (CTGUARD_ENTRIES: how many changed or deleted)"),
         Kind("other", MESSAGE_ID_OTHER, LOG_NOTICE, "an entry of a kind this version does not know (a bug)"),

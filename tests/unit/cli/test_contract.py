@@ -103,6 +103,8 @@ def test_every_policy_key_the_loader_accepts_is_documented_with_its_default() ->
                     default = str(default)
                 if isinstance(default, tuple) and all(isinstance(x, tuple) and len(x) == 2 for x in default):
                     default = dict(default)     # a table of its own ([relief.timeouts])
+                elif isinstance(default, tuple):
+                    default = list(default)     # a TOML list ([relief] enforce)
                 if value != default or type(value) is bool and type(default) is not bool:
                     wrong.append(f"  [{sec or 'top level'}] {key} = {value!r} there, but the default is "
                                  f"{_toml_line(key, default)}")

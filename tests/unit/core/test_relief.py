@@ -386,6 +386,12 @@ def test_recommend_prints_timeout_lines(tmp_path):
     ('[relief]\nmode = "on"\n', '[relief] mode: must be one of "off", "advise", "enforce"'),
     ("[relief]\ncalm_for = -1\n", "[relief] calm_for: must be seconds between 0 and 86400"),
     ("[relief]\ntimeouts = 5\n", "[relief] timeouts: must be a table"),
+    # [relief] enforce: only classes relief can shorten, as a list
+    ('[relief]\nenforce = ["udp", "tcp_close"]\n', "[relief] enforce: unknown relief class 'tcp_close' (known: udp,"),
+    ('[relief]\nenforce = ["icmp"]\n', "[relief] enforce: unknown relief class 'icmp'"),
+    ('[relief]\nenforce = ["UDP"]\n', "[relief] enforce: unknown relief class 'UDP'"),
+    ("[relief]\nenforce = [5]\n", "[relief] enforce: unknown relief class 5"),
+    ('[relief]\nenforce = "udp"\n', "[relief] enforce: must be a list, not str 'udp'"),
 ])
 def test_a_bad_relief_policy_is_refused_naming_file_and_key(text, problem):
     with pytest.raises(policy_mod.PolicyError) as exc:
@@ -395,9 +401,89 @@ def test_a_bad_relief_policy_is_refused_naming_file_and_key(text, problem):
 
 def test_relief_defaults_and_named_timeouts():
     p = policy_mod.loads("", "p.toml")
-    assert p.relief.mode == "advise" and p.relief.calm_for == 300
+    assert p.relief.mode == "enforce" and p.relief.calm_for == 300
+    assert p.relief.enforce == ("udp", "tcp_syn_sent", "tcp_syn_recv", "tcp_time_wait", "tcp_fin_wait",
+                                "tcp_close_wait", "tcp_last_ack")
     assert dict(p.relief.timeouts) == {"udp": 5, "udp_stream": 30, "tcp_syn_sent": 10, "tcp_syn_recv": 10,
                                        "tcp_time_wait": 10, "tcp_close_wait": 15, "tcp_fin_wait": 15,
                                        "tcp_last_ack": 10, "tcp_unacknowledged": 30}
     named = policy_mod.loads("[relief.timeouts]\ntcp_established = 3600\nudp = 8\n", "p.toml")
     assert named.relief.emergency("tcp_established") == 3600 and named.relief.emergency("udp") == 8
+
+
+# --- the packaged default (issue 23 item 6): enforce the unanswered, half-open and closing
+# classes, only advise those that hold live flows --------------------------------------------
+
+DEFAULT_TIMEOUTS = (("udp", 30), ("udp_stream", 120), ("tcp_syn_sent", 120), ("tcp_syn_recv", 60),
+                    ("tcp_time_wait", 120), ("tcp_fin_wait", 120), ("tcp_close_wait", 60), ("tcp_last_ack", 30),
+                    ("tcp_unacknowledged", 300), ("tcp_established", 432000))
+
+
+@pytest.mark.parametrize("text, fills, written", [
+    ("", "udp", True),                      # DNS answered at once / unanswered UDP
+    ("", "tcp_syn_recv", True),             # a SYN flood
+    ("", "tcp_syn_sent", True),
+    ("", "tcp_time_wait", True),            # a flash crowd's closed connections
+    ("", "tcp_fin_wait", True),
+    ("", "tcp_close_wait", True),
+    ("", "tcp_last_ack", True),
+    ("", "udp_stream", False),              # VPN, QUIC: a live flow, advised only
+    ("", "tcp_unacknowledged", False),      # every live connection under asymmetric routing
+    ('[relief]\nenforce = ["udp_stream"]\n', "udp_stream", True),    # the operator asks for it
+    ('[relief]\nenforce = ["udp_stream"]\n', "udp", False),          # ... and then only for it
+    ('[relief]\nenforce = []\n', "tcp_time_wait", False),            # none: enforce advises all
+    ('[relief]\nmode = "advise"\n', "tcp_time_wait", False),          # advise changes nothing
+])
+def test_the_default_policy_enforces_only_what_holds_no_live_flow(text, fills, written):
+    d = decide(pol(text), sample(10, 8000, states=((fills, 950),), timeouts=DEFAULT_TIMEOUTS), hist(), at(10))
+    shorten = [a for a in d.actions if isinstance(a, ShortenTimeout)]
+    assert [(a.key, a.advise) for a in shorten] == [(fills, not written)]
+    trims = [a for a in d.actions if isinstance(a, TrimEntries)]
+    assert bool(trims) == (written and fills in relief.TRIMMABLE)
+
+
+def test_established_is_never_shortened_by_default_even_when_it_fills():
+    # No emergency value unless named in [relief.timeouts]; named, still only advised by default.
+    states = (("tcp_established", 950),)
+    d = decide(pol(""), sample(10, 8000, states=states, timeouts=DEFAULT_TIMEOUTS), hist(), at(10))
+    assert not [a for a in d.actions if isinstance(a, ShortenTimeout)]
+    d = decide(pol("[relief.timeouts]\ntcp_established = 600\n"),
+               sample(10, 8000, states=states, timeouts=DEFAULT_TIMEOUTS), hist(), at(10))
+    assert [(a.key, a.advise) for a in d.actions if isinstance(a, ShortenTimeout)] == [("tcp_established", True)]
+
+
+def test_a_mixed_table_writes_the_closing_class_and_advises_the_stream():
+    states = (("tcp_time_wait", 600), ("udp_stream", 350))
+    d = decide(pol(""), sample(10, 8000, states=states, timeouts=DEFAULT_TIMEOUTS), hist(), at(10))
+    got = {a.key: a.advise for a in d.actions if isinstance(a, ShortenTimeout)}
+    assert got == {"tcp_time_wait": False, "udp_stream": True}
+    trims = [a for a in d.actions if isinstance(a, TrimEntries)]
+    assert [dict(t.timeouts).keys() for t in trims] == [{"tcp_time_wait": 0}.keys()]
+
+
+def test_a_class_taken_out_of_enforce_is_restored():
+    st = ReliefState(active=(Relieved(NS, "tenant", "tcp_time_wait", 120, 10, at(0)),))
+    d = decide(pol('[relief]\nenforce = ["udp"]\n'), sample(1, 100, timeouts=DEFAULT_TIMEOUTS),
+               hist(relief=st), at(1))
+    assert [(a.key, a.reason) for a in d.actions if isinstance(a, RestoreTimeout)] == [
+        ("tcp_time_wait", "tcp_time_wait is no longer in [relief] enforce")]
+
+
+def test_the_effective_policy_prints_enforce_as_a_list_it_loads_back():
+    p = policy_mod.loads('[relief]\nenforce = ["udp", "udp_stream"]\n', "p.toml")
+    text = policy_mod.effective(p)
+    assert 'enforce = ["udp", "udp_stream"]' in text
+    assert policy_mod.loads(text, "again.toml").relief.enforce == ("udp", "udp_stream")
+
+
+@pytest.mark.parametrize("restore", ["calm", "predicted"])
+def test_leaving_a_mixed_namespace_restores_what_was_written_and_advises_the_rest(restore):
+    # tcp_time_wait written (120 -> 10), udp_stream only advised; calm for longer than calm_for.
+    st = ReliefState(active=(Relieved(NS, "tenant", "tcp_time_wait", 120, 10, at(0)),),
+                     advised=((NS, "udp_stream"),), calm_since=((NS, at(0)),), levels=((NS, 1),))
+    timeouts = (("tcp_time_wait", 10), ("udp_stream", 120))
+    d = decide(pol(f'[relief]\ncalm_for = 30\nsteps = 1\nrestore = "{restore}"\n'),
+               sample(31, 100, states=(("tcp_time_wait", 50), ("udp_stream", 50)), timeouts=timeouts),
+               hist(relief=st), at(31))
+    got = sorted((a.key, a.original, a.relieved, a.advise) for a in d.actions if isinstance(a, RestoreTimeout))
+    assert got == [("tcp_time_wait", 120, 10, False), ("udp_stream", 120, 30, True)]

@@ -243,7 +243,8 @@ def test_restore_on_calm_alone_when_asked():
 
 
 def test_advise_journals_the_same_steps_and_changes_nothing():
-    p = policy_mod.loads(f"[bump]\nceiling = {MAX}\n[guard]\nceiling = {MAX}\n[relief]\ncalm_for = 40\n", "t.toml")
+    p = policy_mod.loads(f"[bump]\nceiling = {MAX}\n[guard]\nceiling = {MAX}\n[relief]\nmode = \"advise\"\n"
+                         "calm_for = 40\n", "t.toml")
     table, h = Table(), History(drops=((HOST, 0), (NS, 0)))
     table.syn = 6950
     h, acts = turn(p, table, h, 1)
