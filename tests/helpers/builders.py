@@ -51,3 +51,26 @@ def status_sample(max_: int, *counts: int) -> Sample:
     ns = tuple(NamespaceReading(4026531000 + i, "host" if not i else f'n"{i}', c, (("drop", i),))
                for i, c in enumerate(counts))
     return Sample(now(10), KernelLimits(max_, max_ // 4, 256, 1 << 34, 1 << 33), ns)
+
+
+def run_at_ceiling(policy_text: str, turns: list[tuple[float, int]]):
+    """Turns of (t, max) with the table at 8,000 entries, each decision carried out as it is:
+    (the History after them, the Refuse actions decided)."""
+    from ctguard.core.decide import advance, decide
+    from ctguard.core.model import Outcome, Refuse
+
+    p = pol(policy_text)
+    h = History()
+    refused: list[Refuse] = []
+    for t, kmax in turns:
+        s = sample(t, kmax, 8000)
+        d = decide(p, s, h, s.at)
+        outcomes = [Outcome(a, True, getattr(a, "reason", "")) for a in d.actions]
+        refused += [a for a in d.actions if isinstance(a, Refuse)]
+        h = advance(h, s, (), outcomes, s.at, p)
+    return h, refused
+
+
+def every(step: float, until: float, kmax: int = 8192) -> list[tuple[float, int]]:
+    """(t, max) turns every `step` seconds up to `until`."""
+    return [(round(i * step, 3), kmax) for i in range(int(until / step) + 1)]

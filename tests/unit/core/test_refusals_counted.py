@@ -8,10 +8,10 @@ import pytest
 
 from ctguard.core import incident as incident_text
 from ctguard.core import wording
-from ctguard.core.decide import advance, decide
-from ctguard.core.model import History, Outcome, RefusalMark, Refuse
+from ctguard.core.decide import advance
+from ctguard.core.model import Outcome, RefusalMark, Refuse
 from ctguard.core.refusals import distinct, repeat_window, repeats
-from helpers.builders import pol, sample
+from helpers.builders import every, pol, run_at_ceiling, sample
 
 # --- the rule ------------------------------------------------------------------------------------
 
@@ -38,22 +38,6 @@ def test_window_is_the_cooldown_but_never_a_sample(cooldown, window):
 
 # --- the daemon's turns: decide -> (the refusal carried out) -> advance ---------------------------
 
-def run(policy_text: str, turns: list[tuple[float, int]]) -> tuple[History, list[Refuse]]:
-    """Turns of (t, max) with the table at 8,000 entries; every action carried out as it is."""
-    p = pol(policy_text)
-    h = History()
-    refused: list[Refuse] = []
-    for t, kmax in turns:
-        s = sample(t, kmax, 8000)
-        d = decide(p, s, h, s.at)
-        outcomes = [Outcome(a, True, getattr(a, "reason", "")) for a in d.actions]
-        refused += [a for a in d.actions if isinstance(a, Refuse)]
-        h = advance(h, s, (), outcomes, s.at, p)
-    return h, refused
-
-
-def every(step: float, until: float, kmax: int = 8192) -> list[tuple[float, int]]:
-    return [(round(i * step, 3), kmax) for i in range(int(until / step) + 1)]
 
 
 CASES = [
@@ -71,7 +55,7 @@ CASES = [
 
 @pytest.mark.parametrize("name, text, turns, expected", CASES, ids=[c[0] for c in CASES])
 def test_one_refused_bump_counts_once_everywhere(name, text, turns, expected):
-    h, refused = run(text, turns)
+    h, refused = run_at_ceiling(text, turns)
     non_cooldown = [a for a in refused if a.kind != "cooldown"]
     assert len(non_cooldown) > expected          # refused on (nearly) every sample ...
     inc = h.incident
@@ -85,14 +69,14 @@ def test_one_refused_bump_counts_once_everywhere(name, text, turns, expected):
 
 def test_status_still_shows_the_refusal_it_repeats():
     # The repeat is not counted or journaled again, but `systemctl status` keeps saying it.
-    _, refused = run("[bump]\nceiling = 8192\ncooldown = 30", every(0.1, 1.0))
+    _, refused = run_at_ceiling("[bump]\nceiling = 8192\ncooldown = 30", every(0.1, 1.0))
     last = [a for a in refused if a.kind != "cooldown"][-1]
     assert last.repeat and wording.last_action(Outcome(last, True, last.reason)) == "bump refused (ceiling)"
 
 
 def test_an_operators_refused_bump_is_never_a_repeat():
     p = pol("[bump]\nceiling = 8192\ncooldown = 30")
-    h, _ = run("[bump]\nceiling = 8192\ncooldown = 30", every(0.5, 1.0))
+    h, _ = run_at_ceiling("[bump]\nceiling = 8192\ncooldown = 30", every(0.5, 1.0))
     manual = Refuse(20000, 8192, "ceiling", "manual", None, 0.97, "operator asked for 20000, above the ceiling 8192")
     s = sample(1.5, 8192, 8000)
     after = advance(h, s, (), [Outcome(manual, True, manual.reason)], s.at, p)

@@ -9,31 +9,15 @@ from ctguard.core.decide import advance, decide
 from ctguard.core.model import History, Outcome, Refuse
 from ctguard.daemon.metrics import render
 from ctguard.daemon.recorder import FlightRecorder
-from helpers.builders import pol, sample
+from helpers.builders import every, pol, run_at_ceiling, sample
 
 
-def run(policy_text: str, turns: list[tuple[float, int]]) -> tuple[History, list[Refuse]]:
-    """Turns of (t, max) with the table at 8,000 entries; every action carried out as it is."""
-    p = pol(policy_text)
-    h = History()
-    refused: list[Refuse] = []
-    for t, kmax in turns:
-        s = sample(t, kmax, 8000)
-        d = decide(p, s, h, s.at)
-        outcomes = [Outcome(a, True, getattr(a, "reason", "")) for a in d.actions]
-        refused += [a for a in d.actions if isinstance(a, Refuse)]
-        h = advance(h, s, (), outcomes, s.at, p)
-    return h, refused
-
-
-def every(step: float, until: float, kmax: int = 8192) -> list[tuple[float, int]]:
-    return [(round(i * step, 3), kmax) for i in range(int(until / step) + 1)]
 
 
 @pytest.mark.parametrize("cooldown, until, expected", [(30, 4.9, 1), (30, 40.0, 2), (0, 12.0, 3)])
 def test_the_counter_counts_refused_bumps(cooldown, until, expected):
     turns = every(0.1, until)
-    h, _ = run(f"[bump]\nceiling = 8192\ncooldown = {cooldown}", turns)
+    h, _ = run_at_ceiling(f"[bump]\nceiling = 8192\ncooldown = {cooldown}", turns)
     t, kmax = turns[-1]
     assert f'ctguard_refusals_total{{reason="ceiling"}} {expected}\n' in render(sample(t, kmax, 8000), h, 8192)
 
