@@ -76,15 +76,8 @@ def nat_rule_counts(ruleset_json: str) -> dict[str, int]:
     return {"masquerade": 0, "snat": 0, "dnat": 0, **nft_nat_rules(ruleset_json.encode())}
 
 
-def _nft_ruleset() -> str | None:
-    nft = shutil.which("nft")
-    if nft is None:
-        return None
-    try:
-        res = subprocess.run([nft, "-j", "list", "ruleset"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return res.stdout if res.returncode == 0 else None
+def _nft_ruleset(timeout: float = 5.0) -> str | None:
+    return _run(["nft", "-j", "list", "ruleset"], timeout)
 
 
 def detect(proc_root: str | Path = "/proc", sys_root: str | Path = "/sys", etc_root: str | Path = "/etc",
@@ -305,7 +298,7 @@ def facts(netns_path: str | None):
         net = "/proc/thread-self/net/"
         forwarding = (text("/proc/sys/net/ipv4/ip_forward").strip() == "1"
                       or text("/proc/sys/net/ipv6/conf/all/forwarding").strip() == "1")
-        ruleset = _run(["nft", "-j", "list", "ruleset"])
+        ruleset = _nft_ruleset(timeout=1.0)
         nat = nat_sources(ruleset, None if ruleset is not None else _run(["iptables-save", "-t", "nat"]))
         return HostFacts(local=parse_local(text(net + "fib_trie")) + parse_local6(text(net + "if_inet6")),
                          internal=parse_routes(text(net + "route")) + parse_routes6(text(net + "ipv6_route")),
