@@ -25,7 +25,7 @@ import pytest
 
 from ctguard.evidence.bundle import capture, export, list_bundles
 from ctguard.evidence.review import show
-from ctguard.host.ctnetlink import _HDR, RECV_BUFFER, decode_all, dump_table, open_ctnetlink
+from ctguard.host.ctnetlink import _HDR, RECV_BUFFER, Aggregator, decode_all, dump_table, iter_entries, open_ctnetlink
 from helpers.kernelenv import NetnsPair, get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.wait import wait_for
 
@@ -279,12 +279,23 @@ def test_decoder_on_a_recorded_real_dump() -> None:
     with known_flows() as k:
         sock = open_ctnetlink(k.netns_path)
         try:
-            raw = _raw_dump(sock)
+            chunks = _raw_dump(sock)
         finally:
             sock.close()
         live = dump_table(k.netns_path, budget=10, top=5)
-    entries = decode_all(bytes(raw))
+    entries = decode_all(b"".join(chunks))
     assert len(entries) == k.total == live.entries
+    # The real messages read by their learned shapes count what the general decoder counts.
+    assert len(chunks) >= 2, "the table should span more than one batch"
+    fast, slow = Aggregator(top=5), Aggregator(top=5)
+    by_shape = 0
+    for chunk in chunks:
+        by_shape += fast.shapes.read(chunk, len(chunk)) is not None
+        fast.feed_batch(memoryview(chunk), len(chunk))
+        slow.feed(iter_entries(chunk))
+    assert by_shape == len(chunks) - 1  # all but the first, which taught the shapes
+    assert fast.result(cut_short=False, seconds=0, expected=None) == slow.result(cut_short=False, seconds=0, expected=None)
+    assert live.by_proto == fast.result(cut_short=False, seconds=0, expected=None).by_proto
     by_proto: dict[int, int] = {}
     for e in entries:
         by_proto[e.proto] = by_proto.get(e.proto, 0) + 1
@@ -295,18 +306,18 @@ def test_decoder_on_a_recorded_real_dump() -> None:
     assert {e.tcp_state for e in entries if e.proto == 6 and e.dport == 9} == {1}
 
 
-def _raw_dump(sock) -> bytes:
-    """Every recv buffer of one dump, concatenated, up to and including NLMSG_DONE."""
+def _raw_dump(sock) -> list[bytes]:
+    """Every recv buffer of one dump, up to and including NLMSG_DONE."""
     sock.send(_HDR.pack(20, 0x0101, 0x301, 1, 0) + struct.pack("=BBH", 0, 0, 0))
-    raw = bytearray()
+    raw: list[bytes] = []
     while True:
         chunk = sock.recv(RECV_BUFFER)
-        raw += chunk
+        raw.append(chunk)
         off = 0
         while off + 16 <= len(chunk):
             length, kind = _HDR.unpack_from(chunk, off)[:2]
             if kind == 3:
-                return bytes(raw)
+                return raw
             off += (length + 3) & ~3
 
 

@@ -3,16 +3,19 @@
 Only the attributes the evidence needs are decoded (original tuple, status, TCP state, mark,
 zone); everything else is skipped by length. Nothing per entry is kept: exact totals go to small
 dictionaries keyed by protocol / state, and the unbounded dimensions (sources, destinations,
-destination ports, marks, zones) go to Space-Saving summaries of fixed size.
+destination ports, marks, zones) go to Misra-Gries summaries of fixed size (core.topk).
 
-Why a hand-written decoder: pyroute2's generic message parser (NFCTSocket.dump(), which builds
-an nla object tree per entry) measured 14,000-16,000 entries/s on the 2-vCPU test VM
-(bench/capture.md), so a 262,144-entry table would take ~17 s, longer than the whole default
-budget. On the same table this module measured: kernel + recv 0.42 s, decode 0.66-0.89 s,
-decode + aggregation 1.1-1.3 s, dump_table() end to end 1.33-1.55 s (170,000-200,000
-entries/s; the reader thread overlaps the kernel's share with decoding), which puts the whole
-capture at 0.50-0.56x the time of the manual `conntrack -L | awk | sort | uniq -c` pipeline
-(the same figures by hand; bench/capture.md).
+Two decoders, one result. The general one (`iter_entries`) walks each message's attributes in
+the interpreter; it reads the first batch of every dump, any batch holding a message of a shape
+not seen before, and relief's trim. The batches after that are read whole by the message shapes
+the general one learned (`ctshapes`: one regular expression per shape, counted with
+`collections.Counter`, both in C). Unit and real-kernel tests hold the two to the same result.
+
+Why hand-written at all: pyroute2's generic message parser (NFCTSocket.dump(), which builds an
+nla object tree per entry) measured 14,000-16,000 entries/s on the 2-vCPU test VM, so a
+262,144-entry table would take ~17 s, longer than the whole default budget. The figures of this
+module against the shell playbook's three `conntrack -L | awk | sort | uniq -c` pipelines are in
+bench/capture.md.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from ctguard.host.netns import run_in_netns
-from ctguard.core.topk import HeavyHitter, SpaceSaving
+from ctguard.core.topk import Frequent, HeavyHitter
+from ctguard.host.ctshapes import Shapes
 
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
@@ -253,12 +259,12 @@ def tcp_state_name(num: int | None) -> str:
 
 @dataclass(frozen=True)
 class Top:
-    """A Space-Saving result ready for the manifest: rows plus the bound that qualifies them."""
+    """A heavy-hitter summary ready for the manifest: rows plus the bound that qualifies them."""
 
     rows: tuple[HeavyHitter, ...]
     exact: bool
     capacity: int
-    tracked: int  # counters in use
+    tracked: int  # distinct keys seen, up to capacity
 
 
 @dataclass(frozen=True)
@@ -285,8 +291,20 @@ class TableBreakdown:
     tcp_unreplied_established: int = 0
 
 
+def _present(column: Sequence[bytes]) -> Counter[bytes]:
+    """The values of a column counted, without the b"" of entries whose shape has none."""
+    counts = Counter(column)
+    counts.pop(b"", None)
+    return counts
+
+
 class Aggregator:
-    """Exact totals for the small dimensions, Space-Saving for the unbounded ones."""
+    """Exact totals for the small dimensions, Misra-Gries summaries for the unbounded ones.
+
+    Batches go through the learned message shapes (`ctshapes`, decoded and counted in C) and,
+    when a batch is not wholly made of known shapes, through the general decoder, which teaches
+    the shapes it meets.
+    """
 
     def __init__(self, top: int = 20, capacity: int | None = None) -> None:
         self.top = top
@@ -299,20 +317,76 @@ class Aggregator:
         self.assured = 0
         self.udp_assured = 0
         self.tcp_unreplied_established = 0
-        self.sources: SpaceSaving[bytes] = SpaceSaving(cap)
-        self.destinations: SpaceSaving[bytes] = SpaceSaving(cap)
-        self.dports: SpaceSaving[int] = SpaceSaving(cap)
-        self.marks: SpaceSaving[int] = SpaceSaving(1024)
-        self.zones: SpaceSaving[int] = SpaceSaving(1024)
+        self.interrupted = False
+        self.sources: Frequent[bytes] = Frequent(cap)
+        self.destinations: Frequent[bytes] = Frequent(cap)
+        self.dports: Frequent[int] = Frequent(cap)
+        self.marks: Frequent[int] = Frequent(1024)
+        self.zones: Frequent[int] = Frequent(1024)
+        self.shapes = Shapes()
+
+    def feed_batch(self, buf: memoryview | bytes, n: int) -> bool:
+        """Consume one recv's worth of messages; True when the end-of-dump marker was met."""
+        batch = self.shapes.read(buf, n)
+        if batch is None:
+            self._teach(buf, n)
+            return self.feed(iter_entries(buf, n))
+        self.interrupted = self.interrupted or batch.interrupted
+        for family, k in batch.families.items():
+            key = 6 if family == socket.AF_INET6 else 4
+            self.by_family[key] = self.by_family.get(key, 0) + k
+        by_proto, by_state = self.by_proto, self.by_tcp_state
+        for kind, k in Counter(batch.kinds).items():
+            if not kind:
+                continue
+            p, st = kind[0], int.from_bytes(kind[-4:], "big")
+            self.entries += k
+            by_proto[p] = by_proto.get(p, 0) + k
+            if p == 6:
+                s = kind[1] if len(kind) == 6 else None
+                by_state[s] = by_state.get(s, 0) + k
+                if s == 3 and not st & IPS_SEEN_REPLY:
+                    self.tcp_unreplied_established += k
+            if not st & IPS_SEEN_REPLY:
+                self.unreplied += k
+            if st & IPS_ASSURED:
+                self.assured += k
+                if p == 17:
+                    self.udp_assured += k
+        self.sources.update(_present(batch.sources))
+        self.destinations.update(_present(batch.destinations))
+        ports: dict[int, int] = {}
+        for key, k in _present(batch.ports).items():
+            if key[0] in PORT_PROTOS:
+                port = (key[0] << 16) | (key[1] << 8) | key[2]
+                ports[port] = ports.get(port, 0) + k
+        self.dports.update(ports)
+        for column, summary in ((batch.marks, self.marks), (batch.zones, self.zones)):
+            if len(column) > column.count(b"") + column.count(b"\0\0\0\0") + column.count(b"\0\0"):
+                summary.update({int.from_bytes(v, "big"): k for v, k in _present(column).items() if any(v)})
+        return batch.done
+
+    def _teach(self, buf: memoryview | bytes, n: int) -> None:
+        """Learn the shapes of the messages no known shape matches; note an interrupted dump."""
+        off = 0
+        while off + 16 <= n:
+            mlen, mtype, flags = _HDR.unpack_from(buf, off)[:3]
+            if mlen < 16 or off + mlen > n:
+                return
+            if flags & NLM_F_DUMP_INTR:
+                self.interrupted = True
+            if mtype == CT_NEW_TYPE and not self.shapes.matches(buf, off, off + mlen):
+                self.shapes.teach(buf[off : off + mlen])
+            off += (mlen + 3) & ~3
 
     def feed(self, entries: Iterator[tuple]) -> bool:
-        """Consume decoded entries; True when the end-of-dump marker was met."""
+        """Consume decoded entries (the general path); True when the end-of-dump marker was met."""
         by_family, by_proto, by_state = self.by_family, self.by_proto, self.by_tcp_state
-        add_src, add_dst, add_port = self.sources.add, self.destinations.add, self.dports.add
-        # Hits on an already-counted key are the common case for destinations and ports; doing
-        # them here saves a method call per entry (the misses, and `total`, go through add()).
-        dst_counts, port_counts = self.destinations._counts, self.dports._counts
-        dst_hits = port_hits = 0
+        srcs: Counter[bytes] = Counter()
+        dsts: Counter[bytes] = Counter()
+        ports: Counter[int] = Counter()
+        marks: Counter[int] = Counter()
+        zones: Counter[int] = Counter()
         n = unreplied = assured = udp_assured = loose = 0
         done = False
         for e in entries:
@@ -333,27 +407,19 @@ class Aggregator:
                 assured += 1
                 if proto == 17:
                     udp_assured += 1
-            add_src(src)
-            c = dst_counts.get(dst)
-            if c is None:
-                add_dst(dst)
-            else:
-                dst_counts[dst] = c + 1
-                dst_hits += 1
+            srcs[src] += 1
+            dsts[dst] += 1
             if dport is not None and proto in PORT_PROTOS:
-                key = (proto << 16) | dport
-                c = port_counts.get(key)
-                if c is None:
-                    add_port(key)
-                else:
-                    port_counts[key] = c + 1
-                    port_hits += 1
+                ports[(proto << 16) | dport] += 1
             if mark:
-                self.marks.add(mark)
+                marks[mark] += 1
             if zone:
-                self.zones.add(zone)
-        self.destinations.total += dst_hits
-        self.dports.total += port_hits
+                zones[zone] += 1
+        self.sources.update(srcs)
+        self.destinations.update(dsts)
+        self.dports.update(ports)
+        self.marks.update(marks)
+        self.zones.update(zones)
         self.entries += n
         self.unreplied += unreplied
         self.assured += assured
@@ -363,9 +429,9 @@ class Aggregator:
 
     def result(self, *, cut_short: bool, seconds: float, expected: int | None, interrupted: bool = False,
                notes: tuple[str, ...] = ()) -> TableBreakdown:
-        def top_of(ss: SpaceSaving, fmt: Callable[[object], str], n: int) -> Top:
+        def top_of(ss: Frequent, fmt: Callable[[object], str], n: int) -> Top:
             rows = tuple(HeavyHitter(fmt(h.key), h.count, h.error) for h in ss.top(n))
-            return Top(rows, ss.exact, ss.capacity, len(ss))
+            return Top(rows, ss.exact, ss.capacity, ss.tracked)
 
         def port_key(k: object) -> str:
             k = int(k)  # type: ignore[arg-type]
@@ -415,6 +481,28 @@ def open_ctnetlink(netns_path: str | None) -> socket.socket:
     return run_in_netns(netns_path, make)
 
 
+_DONE_HEAD = _HDR.pack(20, NLMSG_DONE, 0, 0, 0)[:6]
+
+
+def ends_dump(buf: bytearray | bytes, n: int) -> bool:
+    """True when this batch ends the dump: an error or NLMSG_DONE (the last message of the last batch)."""
+    if n < 16:
+        return True
+    length, kind = _HDR.unpack_from(buf, 0)[:2]
+    if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
+        return True
+    if n < 20 or buf[n - 20 : n - 14] != _DONE_HEAD:
+        return False
+    # What looks like NLMSG_DONE at the tail is confirmed at a message boundary (a walk, once a dump).
+    off = 0
+    while off + 16 <= n:
+        length, kind = _HDR.unpack_from(buf, off)[:2]
+        if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
+            return True
+        off += (length + 3) & ~3
+    return False
+
+
 class _Reader(threading.Thread):
     """Receives the dump into a small ring of buffers while the caller decodes.
 
@@ -431,38 +519,30 @@ class _Reader(threading.Thread):
         self.ring = [bytearray(RECV_BUFFER) for _ in range(self.QUEUE + 2)]
         self.batches: queue.Queue[tuple[int, int] | BaseException | None] = queue.Queue(self.QUEUE)
         self.stop = threading.Event()
-        self.interrupted = False
 
     def run(self) -> None:
         try:
             i = 0
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
             while not self.stop.is_set():
+                # Mid-dump a recv never waits (the kernel fills the next batch inside it); the
+                # poll only matters if the end was missed here, so the decoder's stop is seen.
+                if not poller.poll(250):
+                    continue
                 slot = i % len(self.ring)
                 buf = self.ring[slot]
                 n = self.sock.recv_into(buf, RECV_BUFFER, socket.MSG_TRUNC)
                 if n > RECV_BUFFER:
                     raise OSError(errno.EMSGSIZE, f"a netlink batch of {n} bytes does not fit the {RECV_BUFFER}-byte buffer")
-                last = self._scan(buf, n)
                 self._put((slot, n))
-                if n == 0 or last:
+                if n == 0 or ends_dump(buf, n):
                     break
                 i += 1
         except BaseException as exc:  # handed to the decoding thread
             self._put(exc)
         finally:
             self._put(None)
-
-    def _scan(self, buf: bytearray, n: int) -> bool:
-        """True when this batch ends the dump (NLMSG_DONE or an error)."""
-        off = 0
-        while off + 16 <= n:
-            length, kind, flags = _HDR.unpack_from(buf, off)[:3]
-            if flags & NLM_F_DUMP_INTR:
-                self.interrupted = True
-            if kind == NLMSG_DONE or kind == NLMSG_ERROR or length < 16:
-                return True
-            off += (length + 3) & ~3
-        return False
 
     def _put(self, item: tuple[int, int] | BaseException | None) -> None:
         while True:
@@ -508,7 +588,7 @@ def dump_table(
             if isinstance(item, BaseException):
                 raise item
             slot, n = item
-            if agg.feed(iter_entries(views[slot], n)):
+            if agg.feed_batch(views[slot], n):
                 break
             now = time.monotonic()
             if now >= deadline:
@@ -530,9 +610,9 @@ def dump_table(
     if cut_short:
         how_far = f"{agg.entries} of about {expected}" if expected else f"{agg.entries}"
         notes.append(f"dump cut short after {seconds:.2f} s (budget {budget:.2f} s): {how_far} entries seen")
-    if reader.interrupted:
+    if agg.interrupted:
         notes.append("the kernel flagged the dump as interrupted: the table changed while it was read")
-    return agg.result(cut_short=cut_short, seconds=seconds, expected=expected, interrupted=reader.interrupted,
+    return agg.result(cut_short=cut_short, seconds=seconds, expected=expected, interrupted=agg.interrupted,
                       notes=tuple(notes))
 
 
