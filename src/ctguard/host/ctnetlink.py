@@ -324,12 +324,16 @@ class Aggregator:
         self.marks: Frequent[int] = Frequent(1024)
         self.zones: Frequent[int] = Frequent(1024)
         self.shapes = Shapes()
+        self._batches = 0
 
     def feed_batch(self, buf: memoryview | bytes, n: int) -> bool:
         """Consume one recv's worth of messages; True when the end-of-dump marker was met."""
         batch = self.shapes.read(buf, n)
+        self._batches += 1
         if batch is None:
-            self._teach(buf, n)
+            # A table of one batch is done before shapes would pay for their compiling.
+            if self.shapes.study(buf, n, learn=self._batches > 1):
+                self.interrupted = True
             return self.feed(iter_entries(buf, n))
         self.interrupted = self.interrupted or batch.interrupted
         for family, k in batch.families.items():
@@ -366,27 +370,15 @@ class Aggregator:
                 summary.update({int.from_bytes(v, "big"): k for v, k in _present(column).items() if any(v)})
         return batch.done
 
-    def _teach(self, buf: memoryview | bytes, n: int) -> None:
-        """Learn the shapes of the messages no known shape matches; note an interrupted dump."""
-        off = 0
-        while off + 16 <= n:
-            mlen, mtype, flags = _HDR.unpack_from(buf, off)[:3]
-            if mlen < 16 or off + mlen > n:
-                return
-            if flags & NLM_F_DUMP_INTR:
-                self.interrupted = True
-            if mtype == CT_NEW_TYPE and not self.shapes.matches(buf, off, off + mlen):
-                self.shapes.teach(buf[off : off + mlen])
-            off += (mlen + 3) & ~3
-
     def feed(self, entries: Iterator[tuple]) -> bool:
         """Consume decoded entries (the general path); True when the end-of-dump marker was met."""
         by_family, by_proto, by_state = self.by_family, self.by_proto, self.by_tcp_state
-        srcs: Counter[bytes] = Counter()
-        dsts: Counter[bytes] = Counter()
-        ports: Counter[int] = Counter()
-        marks: Counter[int] = Counter()
-        zones: Counter[int] = Counter()
+        srcs: dict[bytes, int] = {}
+        dsts: dict[bytes, int] = {}
+        ports: dict[int, int] = {}
+        marks: dict[int, int] = {}
+        zones: dict[int, int] = {}
+        src_get, dst_get = srcs.get, dsts.get
         n = unreplied = assured = udp_assured = loose = 0
         done = False
         for e in entries:
@@ -407,14 +399,15 @@ class Aggregator:
                 assured += 1
                 if proto == 17:
                     udp_assured += 1
-            srcs[src] += 1
-            dsts[dst] += 1
+            srcs[src] = src_get(src, 0) + 1
+            dsts[dst] = dst_get(dst, 0) + 1
             if dport is not None and proto in PORT_PROTOS:
-                ports[(proto << 16) | dport] += 1
+                key = (proto << 16) | dport
+                ports[key] = ports.get(key, 0) + 1
             if mark:
-                marks[mark] += 1
+                marks[mark] = marks.get(mark, 0) + 1
             if zone:
-                zones[zone] += 1
+                zones[zone] = zones.get(zone, 0) + 1
         self.sources.update(srcs)
         self.destinations.update(dsts)
         self.dports.update(ports)

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 NLMSG_DONE = 3
+CT_NEW_TYPE = 0x0100  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
+NLM_F_MULTI = b"\x02\x00"  # the flags of every dump message (little-endian), unless interrupted
+NLM_F_DUMP_INTR = 0x10
 
 # Where each field the evidence counts lives: the path of attribute types from the message's
 # top level (enum ctattr_type, ctattr_tuple, ctattr_ip, ctattr_l4proto, ctattr_protoinfo(_tcp)).
@@ -134,8 +137,6 @@ class Batch:
     interrupted: bool
 
 
-NLM_F_MULTI = b"\x02\x00"  # the flags of every dump message (little-endian), unless interrupted
-NLM_F_DUMP_INTR = 0x10
 
 
 def _joined(pieces: list[Sequence[bytes]]) -> Sequence[bytes]:
@@ -174,9 +175,21 @@ class Shapes:
         self._regex = re.compile(b"|".join(alternatives), re.DOTALL)
         return True
 
-    def matches(self, buf: memoryview | bytes, start: int, end: int) -> bool:
-        """Whether the message at `start` is one of the known shapes (it may not be decodable this way)."""
-        return self._regex is not None and self._regex.match(buf, start, end) is not None
+    def study(self, buf: memoryview | bytes, n: int, *, learn: bool = True) -> bool:
+        """Walk a batch the known shapes could not read: learn the new shapes in it (when `learn`);
+        True when a message carries NLM_F_DUMP_INTR (the table changed while it was dumped)."""
+        interrupted = False
+        off = 0
+        while off + 16 <= n:
+            mlen, mtype, flags = _HDR.unpack_from(buf, off)[:3]
+            if mlen < 16 or off + mlen > n:
+                break
+            interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+            if (learn and not self._full and mtype == CT_NEW_TYPE
+                    and (self._regex is None or self._regex.match(buf, off, off + mlen) is None)):
+                self.teach(buf[off : off + mlen])
+            off += (mlen + 3) & ~3
+        return interrupted
 
     def read(self, buf: memoryview | bytes, n: int) -> Batch | None:
         """The batch's columns, or None when the batch is not wholly made of known shapes."""
