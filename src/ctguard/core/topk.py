@@ -89,8 +89,8 @@ class Frequent(Generic[K]):
 
     @property
     def tracked(self) -> int:
-        """min(distinct keys seen, capacity): the summary held more than that at some point."""
-        return min(self._held_most, self.capacity)
+        """Distinct keys seen: exact while `exact`, else a lower bound (the most held at once)."""
+        return self._held_most
 
     @property
     def exact(self) -> bool:

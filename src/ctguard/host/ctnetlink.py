@@ -264,7 +264,7 @@ class Top:
     rows: tuple[HeavyHitter, ...]
     exact: bool
     capacity: int
-    tracked: int  # distinct keys seen, up to capacity
+    tracked: int  # distinct keys seen: exact while `exact`, else at least this many
 
 
 @dataclass(frozen=True)
