@@ -2,8 +2,9 @@
 
 A table of a million entries from a million distinct sources must not cost a million-key
 dictionary. The summary counts exactly until it holds `slack x capacity` keys; then it subtracts
-the (capacity+1)-th largest count from every counter and keeps only the counters still positive
-(at most `capacity`), adding what it subtracted to `decrement` (Misra & Gries 1982, in the
+the (capacity+1)-th largest count from every counter and keeps the largest `capacity` counters
+(those still positive, and enough at 0 to show `capacity` rows), adding what it subtracted to
+`decrement` (Misra & Gries 1982, in the
 batched form of Agarwal et al., "Mergeable summaries", 2012). So for every key reported, the
 true count is in `[count - error, count]` with `error = decrement`, `decrement <= total /
 (capacity + 1)`, and any key whose true count exceeds `total / capacity` is guaranteed to be in
@@ -80,9 +81,12 @@ class Frequent(Generic[K]):
     def _prune(self) -> None:
         # Every counter loses the (capacity+1)-th largest count; at least capacity+1 keys lose
         # all of it, so the total subtracted is at least (capacity+1) x cut: the error bound.
-        cut = heapq.nlargest(self.capacity + 1, self._counts.values())[-1]
+        # The largest `capacity` stay even when that leaves them at 0 (true count in [0, error]):
+        # a table of distinct keys still shows its top rows, each with its bound, as before.
+        keep = heapq.nlargest(self.capacity + 1, self._counts.items(), key=itemgetter(1))
+        cut = keep[-1][1]
         self._decrement += cut
-        self._counts = {k: n - cut for k, n in self._counts.items() if n > cut}
+        self._counts = {k: n - cut for k, n in keep[:-1]}
 
     def __len__(self) -> int:
         return len(self._counts)

@@ -92,3 +92,13 @@ def test_keys_already_held_add_up_across_batches() -> None:
 def test_bad_sizes_are_refused(capacity: int, slack: int) -> None:
     with pytest.raises(ValueError):
         Frequent(capacity, slack=slack)
+
+
+def test_distinct_keys_still_show_their_top_rows_with_their_bound() -> None:
+    # Every key seen once: Misra-Gries subtracts everything, yet `capacity` rows stay, each
+    # saying "at most `error`" (lower bound 0), as a table of spoofed sources should read.
+    f: Frequent[int] = Frequent(3, slack=2)
+    feed(f, list(range(1000)), 10)
+    rows = f.top(5)
+    assert len(rows) >= 3 and all(h.lower >= 0 and h.count == h.error == f.max_error for h in rows)
+    assert 0 < f.max_error <= 1000 // 4
