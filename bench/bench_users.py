@@ -76,8 +76,8 @@ def n(x) -> str:
 
 def table(results: dict, order: list[str]) -> str:
     head = ("| scenario | arm | completed (median) | x ideal (median, spread) | errors + timeouts | p99 ms | "
-            "p99 x ideal | gw drop | gw early_drop | final max | ctguard CPU s | long-lived cuts | long-lived min s left |")
-    out = [head, "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+            "p99 x ideal | gw drop | gw early_drop | final max | ctguard CPU s | of it daemon + children | long-lived cuts | long-lived min s left |")
+    out = [head, "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for scen, rounds in results.items():
         for label in order:
             rows = [r[label] for r in rounds if label in r]
@@ -98,6 +98,7 @@ def table(results: dict, order: list[str]) -> str:
                 " / ".join(n(o.kernel.of("gateway").early_drop) for o in rows),
                 " / ".join(n(o.kernel.final_max) for o in rows),
                 " / ".join(f"{o.agent.cpu_s:.2f}" for o in rows) if rows[0].agent else "-",
+                cpu_split(rows),
                 " / ".join(map(str, cuts)) if cuts else "-",
                 " / ".join(str(o.longlived.min_timeout_left) for o in rows if o.longlived) or "-",
             ]) + " |")
@@ -121,6 +122,34 @@ def notes(results: dict) -> str:
             shape = o.get("states")
             if shape:
                 out.append(f"  - gateway table at 3/4 of the run: {shape}, {o.get('sources')} sources")
+    return "\n".join(out)
+
+
+def cpu_split(rows: list) -> str:
+    """The daemon's own CPU and its children's (captures, relief's trims), per round."""
+    if not rows[0].agent or not rows[0].agent.cpu_split:
+        return "-"
+    return " / ".join("+".join(f"{v:.2f}" for _, v in o.agent.cpu_split) for o in rows)
+
+
+def profiles(folder: Path, top: int = 15) -> str:
+    """Where each profiled daemon's own CPU went: its functions by own time, ctguard's and the
+    standard library's alike (cProfile sees the main thread: the loop)."""
+    import pstats
+
+    out = []
+    for path in sorted(folder.glob("*.prof")):
+        st = pstats.Stats(str(path))
+        total = st.total_tt or 1e-9
+        out.append(f"#### {path.stem}: {total:.2f} s in the daemon's main thread (under cProfile)")
+        out.append("")
+        out.append("| own s | share | cumulative s | calls | function |")
+        out.append("|---:|---:|---:|---:|---|")
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+        for (file, line, func), (_cc, nc, tt, ct, _callers) in rows:
+            where = file.split("/src/", 1)[-1] if "/src/" in file else Path(file).name
+            out.append(f"| {tt:.3f} | {tt / total:.0%} | {ct:.3f} | {nc:,} | `{where}:{line} {func}` |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -154,6 +183,9 @@ def main() -> int:
                          "udp_timeout_stream in force: at 30 s, a 60 s keepalive would be cut)")
     ap.add_argument("--json", type=Path, default=None, help="write every outcome here")
     ap.add_argument("--quick", action="store_true", help="1 run of 4 s per scenario and arm (smoke)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="run each ctguard daemon under cProfile, its files in this folder, and print where its "
+                         "own CPU went (cProfile slows the daemon: its CPU figures are not the unprofiled ones)")
     a = ap.parse_args()
     # SIGTERM/SIGINT unwind through the lab's `finally` blocks: namespaces deleted, servers
     # stopped, nf_conntrack_max, hashsize and timeouts restored.
@@ -187,6 +219,9 @@ def main() -> int:
                 kw = dict(kw)
                 if a.longlived:
                     kw["longlived"] = a.longlived
+                if a.profile and arm == "ctguard":
+                    a.profile.mkdir(parents=True, exist_ok=True)
+                    kw["profile"] = a.profile / f"{name}-{label.replace(' ', '-')}-{r + 1}.prof"
                 t0 = time.monotonic()
                 o = scen[name](arm, **kw)
                 got[label] = o
@@ -196,6 +231,9 @@ def main() -> int:
     print(table(results, [s[0] for s in arms(a, names[0])]))
     print()
     print(notes(results))
+    if a.profile:
+        print()
+        print(profiles(a.profile))
     if a.json:
         a.json.write_text(json.dumps({k: [{lbl: dataclasses.asdict(o) for lbl, o in r.items()} for r in v]
                                       for k, v in results.items()}, indent=1, default=str))

@@ -103,6 +103,7 @@ import sys
 import tempfile
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -242,6 +243,7 @@ class AgentView:
     bundles: tuple[tuple[str, str, tuple[str, ...]], ...]   # (id, verdict, finding ids)
     timeouts_left_changed: tuple[str, ...]   # gateway timeouts not back to the original after stop
     log_tail: str
+    cpu_split: tuple[tuple[str, float], ...] = ()   # cpu_s as (daemon, its children), during the load
 
     def count(self, kind: str) -> int:
         return dict(self.events).get(kind, 0)
@@ -858,25 +860,31 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu(pid: int) -> float:
-    """utime+stime of `pid`, its reaped children and its live descendants, in seconds."""
+def cpu_parts(pid: int) -> dict[str, float]:
+    """utime+stime in seconds: of `pid` itself ("daemon"), and of its reaped children and live
+    descendants ("children": its captures and relief's trims)."""
     tck = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    parts = {"daemon": 0.0, "children": 0.0}
     for i, p in enumerate([pid] + _descendants(pid)):
         try:
             f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(f[11]) + int(f[12])
+        parts["daemon" if i == 0 else "children"] += (int(f[11]) + int(f[12])) / tck
         if i == 0:
-            total += int(f[13]) + int(f[14])
-    return total / tck
+            parts["children"] += (int(f[13]) + int(f[14])) / tck
+    return parts
+
+
+def tree_cpu(pid: int) -> float:
+    """utime+stime of `pid`, its reaped children and its live descendants, in seconds."""
+    return sum(cpu_parts(pid).values())
 
 
 class Agent:
     """`python3 -m ctguard run --policy P` for the lab (isolated, see _ISOLATE)."""
 
-    def __init__(self, lab: Lab, ceiling: int, overrides: dict | None) -> None:
+    def __init__(self, lab: Lab, ceiling: int, overrides: dict | None, profile: Path | None = None) -> None:
         self.lab = lab
         self.folder = lab.dir / "ctguard"
         self.policy = lab_policy(self.folder, ceiling, overrides)
@@ -888,8 +896,10 @@ class Agent:
         # --kill-child and PR_SET_PDEATHSIG: a lab killed mid-run takes its daemon with it (a daemon
         # orphaned here went on moving the global nf_conntrack_max under other tests' locks).
         cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM", sys.executable, "-c", _ISOLATE,
-               str(self.folder / "netns-view"), *lab.names, "--",
-               sys.executable, "-m", "ctguard", "run", "--policy", str(self.policy)]
+               str(self.folder / "netns-view"), *lab.names, "--", sys.executable,
+               # cProfile writes its file when the daemon returns from SIGTERM (the main thread only).
+               *(["-m", "cProfile", "-o", str(profile)] if profile else []),
+               "-m", "ctguard", "run", "--policy", str(self.policy)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self._logf, env=env, preexec_fn=_die_with_parent)
         self.pid = self._daemon_pid()
@@ -911,10 +921,13 @@ class Agent:
         raise RuntimeError("unshare did not start the daemon")
 
     def cpu(self) -> float:
+        return sum(self.cpu_parts().values())
+
+    def cpu_parts(self) -> dict[str, float]:
         try:
-            return tree_cpu(self.pid)
+            return cpu_parts(self.pid)
         except OSError:
-            return 0.0
+            return {"daemon": 0.0, "children": 0.0}
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(SRC)}
@@ -1051,7 +1064,7 @@ def _host_timeouts() -> dict[Path, str]:
 
 @contextlib.contextmanager
 def scenario(arm: str, table: int, ceiling: int, overrides: dict | None = None, hosts: int = 200,
-             nat_pool: int = 4, keep: bool = False) -> Iterator["Run"]:
+             nat_pool: int = 4, keep: bool = False, profile: Path | None = None) -> Iterator["Run"]:
     """The lock, the kernel values saved, a fresh lab; yields a `Run` that starts the arm."""
     if arm not in ("none", "ctguard", "ideal"):
         raise ValueError(f"unknown arm {arm!r}")
@@ -1063,6 +1076,7 @@ def scenario(arm: str, table: int, ceiling: int, overrides: dict | None = None, 
             with Lab(hosts=hosts, nat_pool=nat_pool, keep=keep) as lab:
                 run = Run(lab, arm, table, ceiling, overrides)
                 run.lock_wait = lock_wait
+                run.profile = profile
                 try:
                     yield run
                 finally:
@@ -1080,13 +1094,15 @@ class Run:
         self.ll_proc: subprocess.Popen | None = None
         self.ll_watch: _LongLivedWatch | None = None
         self.ll_interval = 0.0
+        self.profile: Path | None = None   # cProfile output of the daemon (the ctguard arm)
+        self.cpu_split: dict[str, float] = {}
 
     def start_arm(self) -> None:
         """Set the table and start the agent; call after the servers are up (and warm)."""
         self.gw_timeouts = self.lab.timeouts(self.lab.gw)
         kernelenv.set_max(IDEAL if self.arm == "ideal" else self.table)
         if self.arm == "ctguard":
-            self.agent = Agent(self.lab, self.ceiling, self.overrides)
+            self.agent = Agent(self.lab, self.ceiling, self.overrides, self.profile)
 
     def start_longlived(self, interval: float, duration: float) -> None:
         self.lab.start_echo()
@@ -1104,12 +1120,14 @@ class Run:
         start_max = kernelenv.get_max()
         sampler = _Sampler(self.lab)
         sampler.start()
-        cpu0 = self.agent.cpu() if self.agent else 0.0
+        parts0 = self.agent.cpu_parts() if self.agent else {}
         try:
             res = load()
         finally:
             sampler.stop()
-        cpu = (self.agent.cpu() - cpu0) if self.agent else 0.0
+        parts = self.agent.cpu_parts() if self.agent else {}
+        self.cpu_split = {k: round(parts[k] - parts0.get(k, 0.0), 2) for k in parts}
+        cpu = sum(self.cpu_split.values())
         after = self.lab.counters()
         kv = KernelView(tuple((r, after[r] - before[r]) for r in after), sampler.peak, self.lab.count(),
                         start_max, kernelenv.get_max(), max(sampler.maxes or [start_max]))
@@ -1131,7 +1149,7 @@ class Run:
         bumps = tuple(m for m in dict.fromkeys(x[2] for x in self.series) if m != self.table)
         v = self.agent.view(cpu, bumps, self.gw_timeouts, capture_wait)
         self.agent = None
-        return v
+        return dataclasses.replace(v, cpu_split=tuple(self.cpu_split.items()))
 
     def close(self) -> None:
         if self.ll_watch is not None:
@@ -1196,9 +1214,10 @@ def _finish(run: Run, scenario_name: str, rate: float, duration: float, users: U
 
 def flash_crowd(arm: str, rate: float = 0, duration: float = 20, table: int = 8192, ceiling: int = 1_048_576,
                 connections: int = 200, overrides: dict | None = None, longlived: float | None = None,
-                probe: bool = True, capture_wait: float = 15, keep: bool = False) -> Outcome:
+                probe: bool = True, capture_wait: float = 15, keep: bool = False,
+                profile: Path | None = None) -> Outcome:
     """nginx in the server, wrk in the client, a new TCP connection per request, through the NAT."""
-    with scenario(arm, table, ceiling, overrides, keep=keep) as run:
+    with scenario(arm, table, ceiling, overrides, keep=keep, profile=profile) as run:
         lab = run.lab
         lab.start_nginx()
         if longlived:
@@ -1219,10 +1238,11 @@ def flash_crowd(arm: str, rate: float = 0, duration: float = 20, table: int = 81
 
 def dns(arm: str, rate: float = 3000, duration: float = 20, table: int = 8192, ceiling: int = 1_048_576,
         local: bool = False, timeout: float = 2.0, overrides: dict | None = None, longlived: float | None = None,
-        nat_pool: int = 4, clients: int = 2, capture_wait: float = 15, keep: bool = False) -> Outcome:
+        nat_pool: int = 4, clients: int = 2, capture_wait: float = 15, keep: bool = False,
+        profile: Path | None = None) -> Outcome:
     """unbound answering a local zone, stub clients with a new source port per query; through the
     NAT to the server, or `local`: unbound in the gateway itself (its input path)."""
-    with scenario(arm, table, ceiling, overrides, nat_pool=nat_pool, keep=keep) as run:
+    with scenario(arm, table, ceiling, overrides, nat_pool=nat_pool, keep=keep, profile=profile) as run:
         lab = run.lab
         addr = GW_IN if local else SERVER_ADDR
         lab.start_unbound(lab.gw if local else lab.server, addr)
@@ -1254,10 +1274,10 @@ def _merge_dns(rs: list[dict]) -> UsersView:
 def dead_upstream(arm: str, rate: float = 2000, duration: float = 20, table: int = 8192,
                   ceiling: int = 1_048_576, give_up: float = 3.0, web_rate: float = 500,
                   overrides: dict | None = None, longlived: float | None = None, capture_wait: float = 15,
-                  keep: bool = False) -> Outcome:
+                  keep: bool = False, profile: Path | None = None) -> Outcome:
     """Internal clients retrying a dead upstream through the NAT (SYN_SENT from many sources to one
     destination), beside users of a live web server (wrk paced at `web_rate` and the probe)."""
-    with scenario(arm, table, ceiling, overrides, keep=keep) as run:
+    with scenario(arm, table, ceiling, overrides, keep=keep, profile=profile) as run:
         lab = run.lab
         lab.start_nginx()
         if longlived:
@@ -1286,10 +1306,11 @@ def dead_upstream(arm: str, rate: float = 2000, duration: float = 20, table: int
 
 def syn_flood(arm: str, rate: float = 5000, duration: float = 20, table: int = 8192, ceiling: int = 1_048_576,
               sources: int = 4096, web_rate: float = 500, overrides: dict | None = None,
-              longlived: float | None = None, capture_wait: float = 15, keep: bool = False) -> Outcome:
+              longlived: float | None = None, capture_wait: float = 15, keep: bool = False,
+              profile: Path | None = None) -> Outcome:
     """Spoofed-source SYN flood (raw, from `sources` addresses) at nginx through the gateway,
     beside users of the same web server."""
-    with scenario(arm, table, ceiling, overrides, keep=keep) as run:
+    with scenario(arm, table, ceiling, overrides, keep=keep, profile=profile) as run:
         lab = run.lab
         lab.start_nginx()
         if longlived:
@@ -1318,10 +1339,11 @@ def syn_flood(arm: str, rate: float = 5000, duration: float = 20, table: int = 8
 
 def cgnat_mix(arm: str, rate: float = 5000, duration: float = 20, table: int = 8192, ceiling: int = 1_048_576,
               web_rate: float = 1000, dns_rate: float = 500, overrides: dict | None = None,
-              longlived: float | None = None, capture_wait: float = 15, keep: bool = False) -> Outcome:
+              longlived: float | None = None, capture_wait: float = 15, keep: bool = False,
+              profile: Path | None = None) -> Outcome:
     """A CGNAT-like mix: `rate` unanswered UDP flows/s from many internal sources (P2P/QUIC
     probes to dropped ports), beside web users (wrk paced at `web_rate`) and DNS stubs."""
-    with scenario(arm, table, ceiling, overrides, keep=keep) as run:
+    with scenario(arm, table, ceiling, overrides, keep=keep, profile=profile) as run:
         lab = run.lab
         lab.start_nginx()
         lab.start_unbound()
@@ -1407,5 +1429,7 @@ def summary(o: Outcome) -> str:
     if o.longlived:
         s += f" | longlived cuts {o.longlived.cuts} min_left {o.longlived.min_timeout_left}"
     if o.agent:
-        s += f" | ctguard cpu {o.agent.cpu_s:.2f}s bumps {o.agent.bumps} status {o.agent.status!r}"
+        split = ", ".join(f"{k} {v:.2f}" for k, v in o.agent.cpu_split)
+        s += (f" | ctguard cpu {o.agent.cpu_s:.2f}s{f' ({split})' if split else ''} bumps {o.agent.bumps}"
+              f" status {o.agent.status!r}")
     return s

@@ -128,6 +128,8 @@ def build(policy: Policy, sample: Sample, history: History, now: Instant, role=N
         "host_role": None if role is None else role.as_dict(),
         "relief": relieved,
         "relief_mode": policy.relief.mode,
+        # The classes relief writes in enforce mode; the others it only advises.
+        "relief_enforced": list(policy.relief.enforce) if policy.relief.mode == "enforce" else [],
         "raised_timeouts": [t.as_dict() for t in (timeouts or [])],
         "last_bundle": last_bundle,
         # Which peaks sizing uses (issue 22): legitimate load only.

@@ -61,3 +61,19 @@ def test_status_tells_a_drop_from_an_eviction(history, says, not_says) -> None:
     view = status_mod.build(p, status_sample(8192, 100), history, now(10))
     text = status_cli.render_text(view)
     assert says in text and not_says not in view.headline, text
+
+
+@pytest.mark.parametrize(
+    "policy_text, mode, enforced",
+    [
+        ("", "enforce", ["udp", "tcp_syn_sent", "tcp_syn_recv", "tcp_time_wait", "tcp_fin_wait", "tcp_close_wait",
+                         "tcp_last_ack"]),
+        ('[relief]\nenforce = ["udp"]', "enforce", ["udp"]),
+        ('[relief]\nmode = "advise"', "advise", []),
+    ],
+)
+def test_status_json_names_the_classes_relief_writes(policy_text: str, mode: str, enforced: list[str]) -> None:
+    p = policy_mod.loads(policy_text, "t.toml")
+    data = json.loads(status_cli.render_json(status_mod.build(p, status_sample(8192, 100), History(), now(10))))
+    assert data["relief_mode"] == mode
+    assert data["relief_enforced"] == enforced
