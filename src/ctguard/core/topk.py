@@ -75,18 +75,21 @@ class Frequent(Generic[K]):
         if len(held) > self._limit:
             self._prune()
 
-    def add(self, key: K, weight: int = 1) -> None:
-        self.update({key: weight})
-
     def _prune(self) -> None:
         # Every counter loses the (capacity+1)-th largest count; at least capacity+1 keys lose
         # all of it, so the total subtracted is at least (capacity+1) x cut: the error bound.
         # The largest `capacity` stay even when that leaves them at 0 (true count in [0, error]):
         # a table of distinct keys still shows its top rows, each with its bound, as before.
-        keep = heapq.nlargest(self.capacity + 1, self._counts.items(), key=itemgetter(1))
-        cut = keep[-1][1]
+        held = self._counts
+        cut = heapq.nlargest(self.capacity + 1, held.values())[-1]
         self._decrement += cut
-        self._counts = {k: n - cut for k, n in keep[:-1]}
+        kept = {k: n - cut for k, n in held.items() if n > cut}
+        for k, n in held.items():
+            if len(kept) >= self.capacity:
+                break
+            if n == cut:
+                kept[k] = 0
+        self._counts = kept
 
     def __len__(self) -> int:
         return len(self._counts)

@@ -36,36 +36,14 @@ from ipaddress import IPv4Address, IPv6Address
 from ctguard.host.netns import run_in_netns
 from ctguard.core.topk import Frequent, HeavyHitter
 from ctguard.host.ctshapes import Shapes
-
-NETLINK_NETFILTER = 12
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLM_F_DUMP_INTR = 0x10
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
-IPCTNL_MSG_CT_GET = 1
-CT_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-
-# enum ctattr_type
-CTA_TUPLE_ORIG = 1
-CTA_STATUS = 3
-CTA_PROTOINFO = 4
-CTA_TIMEOUT = 7
-CTA_MARK = 8
-CTA_ZONE = 18
-# enum ctattr_tuple / ctattr_ip / ctattr_l4proto / ctattr_protoinfo(_tcp)
-CTA_TUPLE_IP = 1
-CTA_TUPLE_PROTO = 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
-CTA_PROTOINFO_TCP = 1
-CTA_PROTOINFO_TCP_STATE = 1
-
-NLA_TYPE_MASK = 0x3FFF
-IPS_SEEN_REPLY = 1 << 1
-IPS_ASSURED = 1 << 2
+from ctguard.host.ctwire import (
+    BE16 as _BE16, BE32 as _BE32, CT_NEW_TYPE, CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC,
+    CTA_MARK, CTA_PROTO_DST_PORT, CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTOINFO, CTA_PROTOINFO_TCP,
+    CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_ZONE,
+    DONE_HEAD, ERRNO as _ERRNO, IPCTNL_MSG_CT_GET, IPS_ASSURED, IPS_SEEN_REPLY, NETLINK_NETFILTER,
+    NFNL_SUBSYS_CTNETLINK, NLA_HEADER as _NLA, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE,
+    NLMSG_ERROR, NLMSG_HEADER as _HDR,
+)
 
 PROTO_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 # Protocols whose tuple carries ports (others have none or ICMP ids).
@@ -76,11 +54,6 @@ TCP_STATES = (
     "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
 )
 
-_HDR = NLMSG_HEADER = struct.Struct("=IHHII")  # nlmsghdr
-_NLA = struct.Struct("=HH")
-_BE32 = struct.Struct(">I")
-_BE16 = struct.Struct(">H")
-_ERRNO = struct.Struct("=i")
 # The usual IPv4 original tuple, attribute headers included: IP nest {src, dst}, PROTO nest
 # {num, sport, dport}. Checked field by field before it is trusted; anything else takes the
 # general path.
@@ -474,9 +447,6 @@ def open_ctnetlink(netns_path: str | None) -> socket.socket:
     return run_in_netns(netns_path, make)
 
 
-_DONE_HEAD = _HDR.pack(20, NLMSG_DONE, 0, 0, 0)[:6]
-
-
 def ends_dump(buf: bytearray | bytes, n: int) -> bool:
     """True when this batch ends the dump: an error or NLMSG_DONE (the last message of the last batch)."""
     if n < 16:
@@ -484,7 +454,7 @@ def ends_dump(buf: bytearray | bytes, n: int) -> bool:
     length, kind = _HDR.unpack_from(buf, 0)[:2]
     if kind in (NLMSG_DONE, NLMSG_ERROR) or length < 16:
         return True
-    if n < 20 or buf[n - 20 : n - 14] != _DONE_HEAD:
+    if n < 20 or buf[n - 20 : n - 14] != DONE_HEAD:
         return False
     # What looks like NLMSG_DONE at the tail is confirmed at a message boundary (a walk, once a dump).
     off = 0

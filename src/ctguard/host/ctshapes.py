@@ -22,40 +22,41 @@ aggregation took 1.6 s; this, 0.3 s.
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-NLA_F_NESTED = 0x8000
-NLA_TYPE_MASK = 0x3FFF
-NLMSG_DONE = 3
-CT_NEW_TYPE = 0x0100  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
-NLM_F_MULTI = b"\x02\x00"  # the flags of every dump message (little-endian), unless interrupted
-NLM_F_DUMP_INTR = 0x10
+from ctguard.host.ctwire import (
+    CT_NEW_TYPE, CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_MARK, CTA_PROTO_DST_PORT,
+    CTA_PROTO_NUM, CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TUPLE_IP,
+    CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_ZONE, DONE_HEAD, NLA_F_NESTED, NLA_HEADER as _NLA, NLA_TYPE_MASK,
+    NLM_F_DUMP_INTR, NLM_F_MULTI, NLMSG_HEADER as _HDR,
+)
+
+# The flags of every dump message as they are on the wire (little-endian), unless interrupted.
+MULTI_FLAGS = NLM_F_MULTI.to_bytes(2, "little")
 
 # Where each field the evidence counts lives: the path of attribute types from the message's
 # top level (enum ctattr_type, ctattr_tuple, ctattr_ip, ctattr_l4proto, ctattr_protoinfo(_tcp)).
+_ORIG_IP, _ORIG_PROTO = (CTA_TUPLE_ORIG, CTA_TUPLE_IP), (CTA_TUPLE_ORIG, CTA_TUPLE_PROTO)
 FIELD_AT: dict[tuple[int, ...], str] = {
-    (1, 1, 1): "src", (1, 1, 3): "src",      # CTA_TUPLE_ORIG / CTA_TUPLE_IP / V4_SRC, V6_SRC
-    (1, 1, 2): "dst", (1, 1, 4): "dst",      # ... V4_DST, V6_DST
-    (1, 2, 1): "proto",                      # CTA_TUPLE_ORIG / CTA_TUPLE_PROTO / CTA_PROTO_NUM
-    (1, 2, 3): "dport",                      # ... CTA_PROTO_DST_PORT
-    (3,): "status",                          # CTA_STATUS
-    (8,): "mark",                            # CTA_MARK
-    (18,): "zone",                           # CTA_ZONE
-    (4, 1, 1): "state",                      # CTA_PROTOINFO / CTA_PROTOINFO_TCP / _TCP_STATE
+    (*_ORIG_IP, CTA_IP_V4_SRC): "src", (*_ORIG_IP, CTA_IP_V6_SRC): "src",
+    (*_ORIG_IP, CTA_IP_V4_DST): "dst", (*_ORIG_IP, CTA_IP_V6_DST): "dst",
+    (*_ORIG_PROTO, CTA_PROTO_NUM): "proto",
+    (*_ORIG_PROTO, CTA_PROTO_DST_PORT): "dport",
+    (CTA_STATUS,): "status",
+    (CTA_MARK,): "mark",
+    (CTA_ZONE,): "zone",
+    (CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE): "state",
 }
 # Value lengths the aggregation reads; another length is not a shape we can count.
-FIELD_BYTES = {"proto": 1, "dport": 2, "status": 4, "mark": 4, "zone": 2, "state": 1}
+FIELD_SIZES = {"src": (4, 16), "dst": (4, 16), "proto": (1,), "dport": (2,), "status": (4,), "mark": (4,),
+               "zone": (2,), "state": (1,)}
 
 # Shapes kept at most: a table of more shapes than this reads the rest through the general path.
 MAX_SHAPES = 24
 
-_NLA = struct.Struct("=HH")
-_HDR = struct.Struct("=IHHII")
-
 # NLMSG_DONE with its 4-byte status, as netlink_dump() appends it at the very end of a dump.
-_DONE = rb"(\x14\x00\x00\x00\x03\x00).{14}"
+_DONE = b"(" + re.escape(DONE_HEAD) + b").{14}"
 # Messages that could not be learned before the learning stops for this dump (each try walks one).
 MAX_FAILED = 64
 
@@ -103,7 +104,7 @@ def _walk(msg: bytes, a: int, end: int, path: tuple[int, ...], parts: list[bytes
         else:
             field = FIELD_AT.get(here)
             size = alen - 4
-            if field is not None and FIELD_BYTES.get(field, size) == size and (field not in ("src", "dst") or size in (4, 16)):
+            if field is not None and size in FIELD_SIZES[field]:
                 parts.append(b"(" + _any(size) + b")")
                 fields.append(field)
             elif size:
@@ -214,7 +215,7 @@ class Shapes:
                 continue
             covered += count * shape.length
             families[shape.family] = families.get(shape.family, 0) + count
-            if count != flags.count(NLM_F_MULTI):
+            if count != flags.count(MULTI_FLAGS):
                 interrupted = interrupted or any(f and f[0] & NLM_F_DUMP_INTR for f in flags)
             present.append((shape, dict(zip(shape.fields, mine))))
         done = len(rows) - cols[g].count(b"")

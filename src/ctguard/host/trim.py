@@ -35,11 +35,10 @@ import time
 from ctguard.core.relief import TRIMMABLE
 from ctguard.core.timeouts import classify
 from ctguard.host import ctnetlink as ct
+from ctguard.host import ctwire as wire
 from ctguard.host import procs
 from ctguard.host.netns import setns
 
-NLM_F_ACK = 0x4
-_ERRNO = struct.Struct("=i")
 
 
 def key_of(proto: int, status: int, tcp_state: int | None) -> str | None:
@@ -48,7 +47,7 @@ def key_of(proto: int, status: int, tcp_state: int | None) -> str | None:
     key = classify(proto, tcp_state, status)
     if key not in TRIMMABLE:
         return None
-    if key in ("tcp_syn_sent", "tcp_syn_recv") and status & ct.IPS_ASSURED:
+    if key in ("tcp_syn_sent", "tcp_syn_recv") and status & wire.IPS_ASSURED:
         return None
     return key
 
@@ -108,14 +107,11 @@ def select(caps: dict[str, tuple[int, int]], limit: int, deadline: float) -> tup
 
 
 BATCH = 256     # requests sent per write; the kernel answers each with an ack
-IPCTNL_MSG_CT_DELETE = 2
-NLA_F_NESTED = 0x8000
-_NLA = struct.Struct("=HH")
 _PORTS = struct.Struct("=HHB3xHH2sxxHH2sxx")     # CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
-    return _NLA.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+    return wire.NLA_HEADER.pack(4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
 
 
 def request(family: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int, zone: int, timeout: int,
@@ -124,19 +120,20 @@ def request(family: int, proto: int, src: bytes, dst: bytes, sport: int, dport: 
     CTA_TIMEOUT (IPCTNL_MSG_CT_NEW without NLM_F_CREATE, what `conntrack -U --timeout` sends), or
     with `timeout` 0 its deletion (IPCTNL_MSG_CT_DELETE, what `conntrack -D` sends)."""
     v6 = family == 6
-    ip = _nla(ct.CTA_IP_V6_SRC if v6 else ct.CTA_IP_V4_SRC, src) + _nla(ct.CTA_IP_V6_DST if v6 else ct.CTA_IP_V4_DST, dst)
-    ports = _PORTS.pack(5, ct.CTA_PROTO_NUM, proto, 6, ct.CTA_PROTO_SRC_PORT, sport.to_bytes(2, "big"),
-                        6, ct.CTA_PROTO_DST_PORT, dport.to_bytes(2, "big"))
-    body = _nla(ct.CTA_TUPLE_ORIG | NLA_F_NESTED,
-                _nla(ct.CTA_TUPLE_IP | NLA_F_NESTED, ip) + _nla(ct.CTA_TUPLE_PROTO | NLA_F_NESTED, ports))
+    ip = (_nla(wire.CTA_IP_V6_SRC if v6 else wire.CTA_IP_V4_SRC, src)
+          + _nla(wire.CTA_IP_V6_DST if v6 else wire.CTA_IP_V4_DST, dst))
+    ports = _PORTS.pack(5, wire.CTA_PROTO_NUM, proto, 6, wire.CTA_PROTO_SRC_PORT, sport.to_bytes(2, "big"),
+                        6, wire.CTA_PROTO_DST_PORT, dport.to_bytes(2, "big"))
+    body = _nla(wire.CTA_TUPLE_ORIG | wire.NLA_F_NESTED,
+                _nla(wire.CTA_TUPLE_IP | wire.NLA_F_NESTED, ip) + _nla(wire.CTA_TUPLE_PROTO | wire.NLA_F_NESTED, ports))
     if zone:
-        body += _nla(ct.CTA_ZONE, zone.to_bytes(2, "big"))
-    kind = ct.IPCTNL_MSG_CT_NEW if timeout else IPCTNL_MSG_CT_DELETE
+        body += _nla(wire.CTA_ZONE, zone.to_bytes(2, "big"))
+    kind = wire.IPCTNL_MSG_CT_NEW if timeout else wire.IPCTNL_MSG_CT_DELETE
     if timeout:
-        body += _nla(ct.CTA_TIMEOUT, timeout.to_bytes(4, "big"))
+        body += _nla(wire.CTA_TIMEOUT, timeout.to_bytes(4, "big"))
     af = socket.AF_INET6 if v6 else socket.AF_INET
-    return (ct.NLMSG_HEADER.pack(20 + len(body), (ct.NFNL_SUBSYS_CTNETLINK << 8) | kind, ct.NLM_F_REQUEST | NLM_F_ACK,
-                                 seq, 0)
+    return (wire.NLMSG_HEADER.pack(20 + len(body), (wire.NFNL_SUBSYS_CTNETLINK << 8) | kind,
+                                   wire.NLM_F_REQUEST | wire.NLM_F_ACK, seq, 0)
             + struct.pack("=BBH", af, 0, 0) + body)
 
 
@@ -149,7 +146,7 @@ def update(chosen: list[tuple], deadline: float) -> tuple[int, int, int, int, bo
     entries), most of it the library building the message; these few lines cost ~0.01 ms
     (bench/README.md, "Relief: users served past the ceiling").
     """
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, ct.NETLINK_NETFILTER)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, wire.NETLINK_NETFILTER)
     sock.bind((0, 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.settimeout(5.0)
@@ -170,11 +167,11 @@ def update(chosen: list[tuple], deadline: float) -> tuple[int, int, int, int, bo
                 data = sock.recv(1 << 20)
                 off = 0
                 while off + 16 <= len(data):
-                    length, kind, _flags, got_seq, _pid = ct.NLMSG_HEADER.unpack_from(data, off)
+                    length, kind, _flags, got_seq, _pid = wire.NLMSG_HEADER.unpack_from(data, off)
                     if length < 16:
                         break
-                    if kind == ct.NLMSG_ERROR:
-                        (code,) = _ERRNO.unpack_from(data, off + 16)
+                    if kind == wire.NLMSG_ERROR:
+                        (code,) = wire.ERRNO.unpack_from(data, off + 16)
                         acked += 1
                         i = got_seq - (seq - len(part) + 1)
                         if code == 0:

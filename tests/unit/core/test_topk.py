@@ -72,11 +72,11 @@ def test_heavy_hitter_found_among_many_distinct_in_bounded_memory() -> None:
     assert 4 * 256 < f.tracked <= 200_000 and not f.exact
 
 
-def test_weighted_updates_and_single_adds() -> None:
+def test_weighted_updates_one_key_at_a_time() -> None:
     f: Frequent[str] = Frequent(1, slack=2)
-    f.add("a", 10)
-    f.add("b", 1)
-    f.add("c", 2)  # three keys held > 2: every counter loses the 2nd largest (2); a keeps 8
+    f.update({"a": 10})
+    f.update({"b": 1})
+    f.update({"c": 2})  # three keys held > 2: every counter loses the 2nd largest (2); a keeps 8
     assert [(h.key, h.count, h.error) for h in f.top(3)] == [("a", 10, 2)]
     assert f.max_error == 2 and f.total == 13
 
