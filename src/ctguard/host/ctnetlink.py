@@ -448,7 +448,9 @@ def open_ctnetlink(netns_path: str | None) -> socket.socket:
 
 
 def ends_dump(buf: bytearray | bytes, n: int) -> bool:
-    """True when this batch ends the dump: an error or NLMSG_DONE (the last message of the last batch)."""
+    """True when this batch ends the dump: an error or NLMSG_DONE (the last message of the last
+    batch: netlink_dump() in net/netlink/af_netlink.c puts it after the final entries, in the same
+    skb when it fits, and sends nothing after it)."""
     if n < 16:
         return True
     length, kind = _HDR.unpack_from(buf, 0)[:2]

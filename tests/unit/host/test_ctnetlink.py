@@ -69,7 +69,11 @@ def test_aggregator_totals() -> None:
 
 
 class FakeSock:
-    """Stands in for the netlink socket: hands out prepared batches, one per recv."""
+    """Stands in for the netlink socket: hands out prepared batches, one per recv.
+
+    Why a fake: these tests need exact batch boundaries, a kernel error on demand and a budget
+    cut after a known batch, which a live table cannot be made to give; the same code against the
+    real kernel is tests/kernel/test_evidence_kernel.py."""
 
     def __init__(self, batches: list[bytes]) -> None:
         self.batches = list(batches)
