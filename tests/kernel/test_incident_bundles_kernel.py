@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ctguard.config.policy import Evidence
 from helpers.daemon import Running, ctguard
 from helpers.kernelenv import get_max, needs_kernel, netns_pair, saved_kernel_values, set_max
 from helpers.policy import write_policy
@@ -123,10 +124,10 @@ udp = 5
                    and "entering relief" in e.get("text", "")]
         assert 'action = "ShortenTimeout"' in manifest or entered, "the decision that led here: relief's action"
         # Bounded: however many turns the incident lasted, at most [evidence] incident_captures
-        # (5) bundles of it, and the relief moment once.
+        # (the default) bundles of it, and the relief moment once.
         of_incident = [b for b in bundles(policy) if b["incident"] == incident_id]
         print("bundles of the incident:", [b["id"] for b in of_incident])
-        assert len(of_incident) <= 5, [b["id"] for b in of_incident]
+        assert len(of_incident) <= Evidence().incident_captures, [b["id"] for b in of_incident]
         assert sum(b["id"].endswith("-relief") for b in of_incident) == 1, [b["id"] for b in of_incident]
     assert HOST_UDP.read_text() == host_before, "the host namespace's timeout never moved"
 

@@ -87,3 +87,19 @@ def test_parallel_a_and_aaaa_from_one_socket_clash_and_are_resolved():
     why = f"\n{lab.summary(o)}"
     assert gw.clash_resolve + gw.insert_failed > 0, "no clash in 3,000 rounds: the race was not reproduced" + why
     assert o.users.timeouts == 0 and o.users.completed == o.users.attempted, "an answer was lost" + why
+
+
+def test_cgnat_mix_through_ctguard_keeps_users_and_a_bundle_shows_the_udp_that_filled_the_table():
+    """Unanswered UDP from 8,192 inside sources beside web and DNS users, ctguard from 8,192. Its
+    first bump can come on predicted growth while the table still holds mostly the web clients'
+    TIME_WAIT (bench_users.py: 403 entries); the incident then gets a `grown` bundle once the table
+    holds 4 times that, and its verdict names the UDP that filled it."""
+    o = lab.cgnat_mix("ctguard", rate=5000, duration=10, table=8192, web_rate=500, dns_rate=300, capture_wait=15)
+    why = f"\n{lab.summary(o)}\nbundles: {[(b[0], b[1][:160]) for b in o.agent.bundles]}"
+    assert o.users.errors == 0 and o.users.timeouts == 0 and o.users.completed > 0, why
+    assert all(u.completed >= 0.99 * u.attempted for u in o.others), "DNS queries went unanswered" + why
+    assert o.kernel.of("gateway").drop == 0 and o.kernel.final_max > 8192, why
+    grown = [b for b in o.agent.bundles if b[0].endswith("-grown")]
+    print(why)
+    assert len(grown) == 1, why
+    assert grown[0][1].startswith("UDP"), why

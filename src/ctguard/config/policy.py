@@ -135,7 +135,7 @@ class Evidence:
     max_bytes: int = 268435456
     top: int = 20
     budget: float = 15.0
-    incident_captures: int = 5      # bundles per incident: the first bump, each worse moment (refused, drops, relief), its end
+    incident_captures: int = 6      # bundles per incident: the first bump, each worse moment (refused, drops, relief, grown), its end
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ctguard.core.model import (
-    Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, Outcome, Persist,
+    Action, BumpRecord, Capture, Decision, History, Incident, Instant, KernelLimits, NamespaceReading, Outcome, Persist,
     RefusalMark, Refuse, Sample, SetBuckets, SetMax, ShortenTimeout, TableFull, TableShape, Trigger, Warn,
 )
 from ctguard.core.sizing import DECAY_EVERY, DECAY_MIN_MINUTES, GROWTH_COVER, Advice, BumpSize, advice, bump_size, entry_bytes, kernel_default_buckets, \
@@ -445,6 +445,8 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
             actions.append(Capture(reason="drops-began", netns=worst_inode))
         elif _worsens(history, "relief") and (relieved := _relief_moment(history, relief_actions)) is not None:
             actions.append(Capture(reason="relief", netns=relieved))
+        elif _worsens(history, "grown") and _grown(history, worst):
+            actions.append(Capture(reason="grown", netns=worst_inode))
     summary = _summary(sample, fill, rate, actions)
     left = limits.max - (worst.count if worst else 0)
     to_full = left / rate if rate > 0 else math.inf
@@ -695,10 +697,15 @@ def shape_judgement(g: Any, shape: TableShape) -> str | None:
 
 # The moments an incident gets worse, each worth its own bundle once per incident (the
 # recorder's [evidence] incident_captures bounds them): a bump refused at a bound, the kernel's
-# first drops, relief's first shortening.
+# first drops, relief's first shortening, and the table grown GROWN_FACTOR-fold since the first
+# bundle. The first bundle comes with the first bump, which growth can bring while the table is
+# still small: in the lab's CGNAT mix (bench_users.py) it came at 403 entries, mostly the web
+# clients' TIME_WAIT, and its verdict named them; the unanswered UDP that filled the table to
+# ~99,000 was in no bundle, as the run ended before the incident did.
 WORSENING_REFUSALS = ("ceiling", "memory", "guard")
-WORSENING_CAPTURES = ("refused-ceiling", "refused-memory", "refused-guard", "drops-began", "relief")
-WORSENING_MOMENTS = 3       # refused (any bound), drops-began, relief
+WORSENING_CAPTURES = ("refused-ceiling", "refused-memory", "refused-guard", "drops-began", "relief", "grown")
+WORSENING_MOMENTS = 4       # refused (any bound), drops-began, relief, grown
+GROWN_FACTOR = 4
 
 
 def _worsens(history: History, what: str) -> bool:
@@ -708,8 +715,16 @@ def _worsens(history: History, what: str) -> bool:
     inc = history.incident
     if inc is None:
         return False
-    slug = {"refused": "-refused-", "drops": "-drops-began", "relief": "-relief"}[what]
+    slug = {"refused": "-refused-", "drops": "-drops-began", "relief": "-relief", "grown": "-grown"}[what]
     return not any(slug in b or b.endswith(slug) for b in inc.bundles)
+
+
+def _grown(history: History, worst: NamespaceReading | None) -> bool:
+    """The worst namespace holds GROWN_FACTOR times what it held when the open incident's first
+    bundle was asked for: that bundle shows an earlier, smaller table."""
+    inc = history.incident
+    return (inc is not None and worst is not None and inc.first_bundle_count > 0
+            and worst.count >= GROWN_FACTOR * inc.first_bundle_count)
 
 
 def _relief_moment(history: History, relief_actions: Sequence[Action]) -> int | None:
@@ -893,6 +908,9 @@ def _incident_turn(h: History, sample: Sample | None, events: Sequence[TableFull
                                                     if o.ok and isinstance(o.action, SetMax)])
     if active:
         upd["last_active"] = now
+    if not inc.first_bundle_count and sample is not None and sample.worst is not None and any(
+            o.ok and isinstance(o.action, Capture) for o in outcomes):
+        upd["first_bundle_count"] = max(1, sample.worst.count)
     inc = _replace(inc, upd)
     if not active and _calm_for(inc, now) >= policy.thresholds.calm:
         changes["incident"] = None

@@ -383,6 +383,9 @@ class Incident:
     # out of what sizing persists, and the sizing peak goes back to `sizing_base`, its value before.
     attack: str = ""
     sizing_base: int = 0
+    # The worst namespace's count when the incident's first bundle was asked for (0: none yet): a
+    # table that has since grown GROWN_FACTOR-fold gets a bundle of its own (core.decide, "grown").
+    first_bundle_count: int = 0
 
     @property
     def id(self) -> str:

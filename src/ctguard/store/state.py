@@ -43,7 +43,7 @@ def _incident_json(i: Incident | None) -> dict | None:
             "bumps": i.bumps, "refusals": i.refusals, "max_now": i.max_now, "rate": i.rate,
             "bundles": list(i.bundles), "loss_base": [list(x) for x in i.loss_base],
             "last_active": _instant_json(i.last_active), "ended": _instant_json(i.ended),
-            "attack": i.attack, "sizing_base": i.sizing_base}
+            "attack": i.attack, "sizing_base": i.sizing_base, "first_bundle_count": i.first_bundle_count}
 
 
 def _incident(d: dict | None) -> Incident | None:
@@ -62,6 +62,7 @@ def _incident(d: dict | None) -> Incident | None:
         loss_base=tuple((int(a), int(b)) for a, b in d.get("loss_base", [])),
         last_active=_instant(d.get("last_active")), ended=_instant(d.get("ended")),
         attack=str(d.get("attack", "")), sizing_base=int(d.get("sizing_base", 0)),
+        first_bundle_count=int(d.get("first_bundle_count", 0)),
     )
 
 

@@ -1,13 +1,14 @@
 """Issue 24: besides the first bump and the end, the daemon asks for a bundle when an incident
-gets worse (a bump refused at a bound, the kernel's first drops, relief's first shortening),
-each once per incident, bounded by [evidence] incident_captures (ctguard.daemon.recorder)."""
+gets worse (a bump refused at a bound, the kernel's first drops, relief's first shortening, the
+table grown 4-fold since the first bundle), each once per incident, bounded by [evidence]
+incident_captures (ctguard.daemon.recorder)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ctguard.config import policy as policy_mod
-from ctguard.core.decide import decide
+from ctguard.core.decide import GROWN_FACTOR, advance, decide
 from ctguard.core.model import (
     Capture, History, Incident, Instant, KernelLimits, NamespaceReading, Outcome, Sample, SetMax,
 )
@@ -28,9 +29,9 @@ def sample(t: float, max_: int, count: int, drop: int = 0) -> Sample:
 
 
 def history(*, drops: int = 0, refusals: int = 0, last_capture: float | None = 0.0, base_drop: int = 0,
-            bundles: tuple[str, ...] = ("20260101T000000Z-bump",)) -> History:
+            bundles: tuple[str, ...] = ("20260101T000000Z-bump",), first_bundle_count: int = 0) -> History:
     inc = Incident(at(0), NS, "gw", max_at_start=8192, bumps=1, refusals=refusals, drops=drops, max_now=8192,
-                   bundles=bundles, last_active=at(9))
+                   bundles=bundles, last_active=at(9), first_bundle_count=first_bundle_count)
     return History(incident=inc, last_capture=at(last_capture) if last_capture is not None else None,
                    drops=((4026531000, 0), (NS, base_drop)))
 
@@ -131,14 +132,57 @@ def test_relief_that_entered_beside_another_capture_gets_its_bundle_once_the_gap
     assert "relief" not in captures(decide(policy, calm, before, at(9))), "relief of an earlier incident"
 
 
-@pytest.mark.parametrize("per_incident", [1, 2, 3, 5, 7])
+def test_the_first_bundle_of_an_incident_records_the_count_it_saw() -> None:
+    # What a "grown" moment compares with: the worst count in the turn the first capture was asked
+    # for (the bump's turn, which also opens the incident), kept by later captures.
+    s = sample(10, 8192, 403)
+    bump = Outcome(SetMax(8192, 16384, "growth", NS, 0.05, "x"), True, read_back=16384)
+    h = advance(History(), s, [], [bump, Outcome(Capture("bump", NS), True, "capture queued")], at(10), POLICY)
+    assert h.incident is not None and h.incident.first_bundle_count == 403
+    later = advance(h, sample(20, 16384, 9000), [], [Outcome(Capture("drops-began", NS), True, "capture queued")],
+                    at(20), POLICY)
+    assert later.incident is not None and later.incident.first_bundle_count == 403
+    none = advance(History(), s, [], [bump], at(10), POLICY)
+    assert none.incident is not None and none.incident.first_bundle_count == 0, "no bundle asked for, nothing to compare"
+
+
+GROWN = [
+    # (what, worst count now, bundles taken, last capture (s ago), drops in this turn, expected captures)
+    ("the table grew 4-fold since the first bundle (403 -> 1,612)", 4 * 403, ("T0-bump",), 9.0, 0, ["grown"]),
+    ("3.99-fold: not yet", 4 * 403 - 1, ("T0-bump",), 9.0, 0, []),
+    ("99,000 entries, grown bundle already taken: once", 99000, ("T0-bump", "T5-grown"), 9.0, 0, []),
+    ("grown, but within the 5 s gap of the last capture: next turn", 99000, ("T0-bump",), 2.0, 0, []),
+    ("grown in the turn the drops began: the drops' bundle first", 99000, ("T0-bump",), 9.0, 500, ["drops-began"]),
+]
+
+
+@pytest.mark.parametrize("what, count, bundles, ago, drop, expected", GROWN, ids=[g[0] for g in GROWN])
+def test_a_table_grown_since_the_first_bundle_gets_one_of_its_own(what, count, bundles, ago, drop, expected) -> None:
+    # The lab's CGNAT mix: the first bump came on predicted growth at 403 entries (the web clients'
+    # TIME_WAIT); the unanswered UDP that filled the table later was in no bundle.
+    policy = policy_mod.loads("[bump]\nceiling = 1048576\ncooldown = 60\n", "t.toml")
+    h = history(bundles=bundles, last_capture=10.0 - ago, first_bundle_count=403)
+    d = decide(policy, sample(10, 1 << 20, count, drop=drop), h, at(10))
+    assert captures(d) == expected, (what, captures(d))
+    assert GROWN_FACTOR == 4
+
+
+def test_no_grown_moment_without_a_first_bundle_count() -> None:
+    # A state file written before the count was kept (first_bundle_count 0): nothing to compare with.
+    policy = policy_mod.loads("[bump]\nceiling = 1048576\ncooldown = 60\n", "t.toml")
+    d = decide(policy, sample(10, 1 << 20, 99000), history(first_bundle_count=0), at(10))
+    assert "grown" not in captures(d)
+
+
+@pytest.mark.parametrize("per_incident", [1, 2, 3, 5, 6, 7])
 def test_an_incident_of_many_bumps_takes_at_most_incident_captures_bundles(per_incident: int) -> None:
     # Issue 21 item 4: each bundle dumps the whole table once (bounded by [evidence] budget);
     # an incident of 30 bumps, each asking for a bundle, with every worse moment on the way,
     # takes at most [evidence] incident_captures bundles, its end included, never one a bump.
     r = FlightRecorder()
     taken = []
-    moments = {3: "refused-ceiling", 6: "drops-began", 9: "relief", 12: "refused-guard", 15: "drops-began"}
+    moments = {3: "refused-ceiling", 6: "drops-began", 9: "relief", 12: "refused-guard", 15: "drops-began",
+               18: "grown", 21: "grown"}
     for i in range(30):
         reason = moments.get(i, "bump")
         outs = [Outcome(SetMax(4096 << i, 8192 << i, "fill", NS, 0.9, "x"), True, read_back=8192 << i)]
@@ -155,3 +199,5 @@ def test_an_incident_of_many_bumps_takes_at_most_incident_captures_bundles(per_i
     if per_incident >= 5:
         assert {"refused-ceiling", "drops-began", "relief"} <= set(taken), "each worse moment once"
         assert taken.count("drops-began") == 1 and "refused-guard" not in taken, taken
+    if per_incident >= 6:
+        assert taken.count("grown") == 1, taken
