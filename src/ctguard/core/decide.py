@@ -407,10 +407,12 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
                 needs_shape = netns
         elif action.kind not in ("cooldown",) and (
                 _capture_due(policy, history, now)
-                or (history.incident is not None and history.incident.refusals == 0
-                    and _worsens(history, "refused") and action.kind in WORSENING_REFUSALS and _gap_ok(history, now))):
-            # The first bump refused at a bound in an incident is a worse moment than the first
-            # bump: captured again (once; the recorder bounds it per incident).
+                or (_worsens(history, "refused") and action.kind in WORSENING_REFUSALS and _gap_ok(history, now))):
+            # A bump refused at a bound in an incident is a worse moment than the first bump:
+            # captured again, once (until the incident has a refused bundle; the recorder bounds
+            # it per incident). A refusal that came within MIN_CAPTURE_GAP of another capture
+            # (the first bump's, or a `grown` one) is taken at the next refused turn the gap
+            # allows: the table still stands at the bound.
             actions.append(Capture(reason=f"refused-{action.kind}", netns=netns))
 
     for e in events:

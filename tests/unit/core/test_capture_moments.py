@@ -68,8 +68,19 @@ def test_the_first_refusal_at_the_ceiling_is_captured_inside_the_cooldown() -> N
     # moment than the first bump and gets its bundle all the same.
     d = decide(POLICY, sample(9, 8192, 8100), history(last_capture=0.0), at(9))
     assert "refused-ceiling" in captures(d), [type(a).__name__ for a in d.actions]
-    again = decide(POLICY, sample(9, 8192, 8100), history(last_capture=0.0, refusals=1), at(9))
-    assert "refused-ceiling" not in captures(again)
+    taken = ("20260101T000000Z-bump", "20260101T000009Z-refused-ceiling")
+    again = decide(POLICY, sample(15, 8192, 8100), history(last_capture=9.0, refusals=1, bundles=taken), at(15))
+    assert "refused-ceiling" not in captures(again), "once"
+
+
+def test_a_refusal_inside_the_gap_is_taken_at_the_next_refused_turn_the_gap_allows() -> None:
+    # The DNS lab past the ceiling: a `grown` bundle 2 s before the first refusal at the ceiling
+    # took the gap, and the refusal's moment was lost (it was taken only at the first refusal).
+    taken = ("20260101T000000Z-bump", "20260101T000007Z-grown")
+    inside = decide(POLICY, sample(9, 8192, 8100), history(last_capture=7.0, bundles=taken), at(9))
+    assert "refused-ceiling" not in captures(inside), "within 5 s of the grown bundle"
+    later = decide(POLICY, sample(13, 8192, 8100), history(last_capture=7.0, refusals=1, bundles=taken), at(13))
+    assert "refused-ceiling" in captures(later), [type(a).__name__ for a in later.actions]
 
 
 def test_no_capture_within_the_minimum_gap() -> None:
