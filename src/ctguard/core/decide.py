@@ -443,7 +443,7 @@ def decide(policy: Policy, sample: Sample, history: History, now: Instant,
     if not any(isinstance(a, Capture) for a in actions) and _gap_ok(history, now):
         # The incident worsened since its first bundle: the kernel began dropping, or relief
         # acts. The bundle of that moment tells more than the first bump's.
-        if _worsens(history, "drops") and (_new_drops(history, sample) > 0 or _new_early(history, sample) > 0):
+        if _worsens(history, "drops-began") and (_new_drops(history, sample) > 0 or _new_early(history, sample) > 0):
             actions.append(Capture(reason="drops-began", netns=worst_inode))
         elif _worsens(history, "relief") and (relieved := _relief_moment(history, relief_actions)) is not None:
             actions.append(Capture(reason="relief", netns=relieved))
@@ -706,8 +706,15 @@ def shape_judgement(g: Any, shape: TableShape) -> str | None:
 # ~99,000 was in no bundle, as the run ended before the incident did.
 WORSENING_REFUSALS = ("ceiling", "memory", "guard")
 WORSENING_CAPTURES = ("refused-ceiling", "refused-memory", "refused-guard", "drops-began", "relief", "grown")
-WORSENING_MOMENTS = 4       # refused (any bound), drops-began, relief, grown
 GROWN_FACTOR = 4
+
+
+def moment_of(reason: str) -> str:
+    """The worsening moment a capture reason stands for: a refusal at any bound is one moment."""
+    return "refused" if reason.startswith("refused-") else reason
+
+
+WORSENING_MOMENTS = len({moment_of(r) for r in WORSENING_CAPTURES})    # refused, drops-began, relief, grown
 
 
 def _worsens(history: History, what: str) -> bool:
@@ -717,7 +724,7 @@ def _worsens(history: History, what: str) -> bool:
     inc = history.incident
     if inc is None:
         return False
-    slug = {"refused": "-refused-", "drops": "-drops-began", "relief": "-relief", "grown": "-grown"}[what]
+    slug = "-refused-" if what == "refused" else f"-{what}"
     return not any(slug in b or b.endswith(slug) for b in inc.bundles)
 
 

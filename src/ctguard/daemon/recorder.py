@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctguard.core.decide import WORSENING_CAPTURES, WORSENING_MOMENTS
+from ctguard.core.decide import WORSENING_CAPTURES, WORSENING_MOMENTS, moment_of
 from ctguard.core import refusals
 from ctguard.core.model import Capture, Outcome, Refuse, Sample, SetBuckets, SetMax, TableFull
 
@@ -236,7 +236,7 @@ class FlightRecorder:
         if self.incident_captures >= max(1, per_incident - 1):
             return False
         if reason in WORSENING_CAPTURES:
-            moment = "refused" if reason.startswith("refused-") else reason
+            moment = moment_of(reason)
             if moment in self.incident_reasons:
                 return False
             self.incident_reasons.add(moment)
